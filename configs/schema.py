@@ -1,0 +1,62 @@
+"""Building blocks shared by every stage config.
+
+Every config is strict (unknown keys are errors, so a typo in a recipe fails at load time rather than silently
+using a default) and every field carries a description: Prefect renders these models as the flow-run form.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    """Where the records come from."""
+
+    path: str = Field(description="Alpaca/ShareGPT/messages JSON or JSONL file, a .parquet file, or a saved HF dataset folder.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="Record format; 'auto' detects it from the first record's fields.")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="'raise' stops at the first bad record; 'skip' writes bad records to rejects.jsonl and counts them.")
+    limit: int | None = Field(None, ge=1, description="Keep only the first N valid records (for quick trials).")
+
+
+class ModelConfig(StrictModel):
+    """A causal LM: a local folder, a hub name (when a hub is reachable), a GGUF file, or a tiny random model."""
+
+    name_or_path: str = Field(
+        description="Local folder or hub name; 'tiny:<seed>' builds a tiny random Llama with a freshly trained tokenizer.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `name_or_path` to load instead of safetensors.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = float32 on CPU (the fast dtype there), bfloat16 on CUDA.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = CUDA when available, else CPU.")
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint. Off unless you trust it.")
+
+
+class Budget(StrictModel):
+    """How many samples a selection keeps: a fixed count or a share."""
+
+    budget: int | None = Field(None, ge=1, description="Keep exactly this many samples (fewer if fewer remain).")
+    share: float | None = Field(None, gt=0, le=1, description="Keep this share of the samples instead of a fixed count.")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.budget is None) == (self.share is None):
+            raise ValueError("give exactly one of 'budget' or 'share'")
+        return self
+
+    def count(self, n: int) -> int:
+        """The number to keep out of n candidates."""
+        if self.budget is not None:
+            return min(self.budget, n)
+        return min(n, int(n * self.share))
+
+
+class TrackingConfig(StrictModel):
+    experiment: str | None = Field(None, description="MLflow experiment; defaults to the recipe name.")
+    enabled: bool = Field(True, description="Log params, metrics and artifacts to MLflow.")

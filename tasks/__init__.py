@@ -1,0 +1,1 @@
+"""Stage logic as plain functions, with thin Prefect @task wrappers beside them."""

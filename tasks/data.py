@@ -1,0 +1,376 @@
+"""Records in, records out: Alpaca, ShareGPT, OpenAI `messages`, parquet and saved HF datasets.
+
+Every reader produces the same canonical `Record` (a conversation of role/content messages with a stable
+content-hash id) and keeps the user's original row, so a selected subset is written back in the format it came in,
+and as `messages` for TRL. Bad rows raise a `RecordError` naming file, line/record and field; with
+`on_error="skip"` they are counted and written to a rejects file instead. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from configs.errors import RecordError
+from tasks.store import atomic_write_text, file_digest, run_stage, stage_task
+
+Format = Literal["alpaca", "sharegpt", "messages"]
+OnError = Literal["raise", "skip"]
+
+_ROLE_ALIASES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+    "model": "assistant", "chatgpt": "assistant", "system": "system",
+}
+_SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+@dataclass
+class Record:
+    """One conversation. `messages` is the canonical form; `source` is the user's row as read."""
+
+    id: str
+    messages: list[dict[str, str]]
+    source_format: Format
+    source: dict[str, Any]
+    location: str = ""
+
+    # --- views the methods need -------------------------------------------------------------------------
+    @property
+    def system(self) -> str | None:
+        return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None
+
+    def turns(self) -> list[tuple[str, str | None]]:
+        """(user, assistant) pairs in order; the assistant side is None for an unanswered last instruction."""
+        body = [m for m in self.messages if m["role"] != "system"]
+        pairs: list[tuple[str, str | None]] = []
+        for i in range(0, len(body), 2):
+            reply = body[i + 1]["content"] if i + 1 < len(body) else None
+            pairs.append((body[i]["content"], reply))
+        return pairs
+
+    def alpaca_fields(self) -> tuple[str, str, str]:
+        """(instruction, input, output) of the first turn, as the Cherry/Superfiltering templates need them.
+
+        Alpaca rows keep their own split of instruction and input; other formats put the whole user message in
+        `instruction` and leave `input` empty.
+        """
+        if self.source_format == "alpaca":
+            return self.source["instruction"], self.source.get("input") or "", self.source.get("output") or ""
+        user, reply = self.turns()[0]
+        return user, "", reply or ""
+
+    @property
+    def instruction(self) -> str:
+        return self.turns()[0][0]
+
+    @property
+    def response(self) -> str | None:
+        return self.turns()[-1][1]
+
+    def with_response(self, response: str) -> "Record":
+        """The same record with its last assistant reply replaced (or added); the id follows the content."""
+        messages = [dict(m) for m in self.messages]
+        if messages[-1]["role"] == "assistant":
+            messages[-1]["content"] = response
+        else:
+            messages.append({"role": "assistant", "content": response})
+        source = json.loads(json.dumps(self.source))
+        if self.source_format == "alpaca":
+            source["output"] = response
+        elif self.source_format == "sharegpt":
+            source["conversations"] = _to_sharegpt(messages)
+        else:
+            source["messages"] = messages
+        return Record(record_id(messages), messages, self.source_format, source, self.location)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "messages": self.messages, "source_format": self.source_format,
+                "source": self.source, "location": self.location}
+
+    @classmethod
+    def from_json(cls, row: dict) -> "Record":
+        return cls(row["id"], row["messages"], row["source_format"], row["source"], row.get("location", ""))
+
+
+def record_id(messages: list[dict[str, str]]) -> str:
+    """Stable content hash of a conversation: same roles and texts, same id, on every machine."""
+    canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------- reading
+@dataclass
+class ReadResult:
+    records: list[Record]
+    rejects: list[dict] = field(default_factory=list)
+    format: Format | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        reasons = Counter(r["reason"].split(":")[0] for r in self.rejects)
+        out = {"records_read": len(self.records) + len(self.rejects), "records_kept": len(self.records),
+               "records_rejected": len(self.rejects)}
+        out.update({f"rejected[{k}]": v for k, v in sorted(reasons.items())})
+        return out
+
+
+def read_records(path: str | os.PathLike, fmt: Format | Literal["auto"] = "auto", on_error: OnError = "raise",
+                 require_response: bool = True) -> ReadResult:
+    """Read a file (or saved HF dataset folder) into canonical records.
+
+    `require_response=False` accepts instruction-only rows (input for response generation).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(str(path), "file", None, "no such file or folder")
+    result = ReadResult(records=[])
+    seen: dict[str, str] = {}
+    for location, raw in _raw_rows(path, on_error, result.rejects):
+        try:
+            if not isinstance(raw, dict):
+                raise RecordError(str(path), location, None, f"wrong type: expected a JSON object, got {type(raw).__name__}", raw)
+            row_fmt = fmt if fmt != "auto" else (result.format or detect_format(raw, str(path), location))
+            result.format = result.format or row_fmt
+            messages = _to_messages(raw, row_fmt, str(path), location, require_response)
+            rid = record_id(messages)
+            if rid in seen:
+                raise RecordError(str(path), location, "id", f"duplicate id {rid}: same conversation as {seen[rid]}", raw)
+            seen[rid] = location
+            result.records.append(Record(rid, messages, row_fmt, raw, location))
+        except RecordError as err:
+            if on_error == "raise":
+                raise
+            result.rejects.append(err.as_reject())
+    return result
+
+
+def detect_format(row: dict, file: str = "", location: str = "") -> Format:
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    raise RecordError(file, location, None,
+                      f"unknown format: expected a 'messages', 'conversations' or 'instruction' field, found {sorted(row)}", row)
+
+
+def _raw_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[tuple[str, Any]]:
+    if path.is_dir():
+        yield from _hf_rows(path)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"row {i}", row
+    elif path.suffix == ".jsonl":
+        yield from _jsonl_rows(path, on_error, rejects)
+    else:
+        yield from _json_rows(path)
+
+
+def _hf_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield f"row {i}", row
+
+
+def _jsonl_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as fh:
+        for lineno, raw_line in enumerate(fh, start=1):
+            if not raw_line.strip():
+                continue
+            try:
+                try:
+                    text = raw_line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise RecordError(str(path), f"line {lineno}", None,
+                                      f"not UTF-8: byte {raw_line[exc.start]:#04x} at column {exc.start + 1}",
+                                      raw_line.decode("utf-8", "replace")) from None
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise RecordError(str(path), f"line {lineno}", None, f"invalid JSON: {exc.msg} at column {exc.colno}",
+                                      text.rstrip("\n")) from None
+            except RecordError as err:
+                if on_error == "raise":
+                    raise
+                rejects.append(err.as_reject())
+                continue
+            yield f"line {lineno}", row
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecordError(str(path), f"line {line}", None, f"not UTF-8: byte {data[exc.start]:#04x}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # A broken JSON array cannot be read past the error, so this is fatal even with on_error=skip.
+        raise RecordError(str(path), f"line {exc.lineno}", None, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        doc = doc["data"]  # {"Meta_Info":..., "data": [...]} files, as Cherry's logs are written
+    if not isinstance(doc, list):
+        raise RecordError(str(path), "top level", None, f"wrong type: expected a JSON array of records, got {type(doc).__name__}")
+    for i, row in enumerate(doc):
+        yield f"record {i}", row
+
+
+def _text(row: dict, key: str, file: str, location: str, required: bool = True, where: str | None = None) -> str:
+    name = where or key
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise RecordError(file, location, name, "missing field", row)
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(file, location, name, f"wrong type: expected a string, got {type(value).__name__}", row)
+    if required and not value.strip():
+        raise RecordError(file, location, name, "empty field", row)
+    return value
+
+
+def _to_messages(row: dict, fmt: str, file: str, location: str, require_response: bool) -> list[dict[str, str]]:
+    if fmt == "alpaca":
+        instruction = _text(row, "instruction", file, location)
+        extra = _text(row, "input", file, location, required=False)
+        output = _text(row, "output", file, location, required=require_response)
+        messages: list[dict[str, str]] = []
+        system = _text(row, "system", file, location, required=False)
+        if system:
+            messages.append({"role": "system", "content": system})
+        history = row.get("history") or []
+        if not isinstance(history, list):
+            raise RecordError(file, location, "history", "wrong type: expected a list of [instruction, response] pairs", row)
+        for j, pair in enumerate(history):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) and t.strip() for t in pair)):
+                raise RecordError(file, location, f"history[{j}]", "expected a pair of non-empty strings", row)
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        messages.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction})
+        if output:
+            messages.append({"role": "assistant", "content": output})
+        return messages
+    if fmt == "sharegpt":
+        return _conversation(row, "conversations", "from", "value", file, location, require_response)
+    if fmt == "messages":
+        return _conversation(row, "messages", "role", "content", file, location, require_response)
+    raise RecordError(file, location, None, f"unknown format {fmt!r}")
+
+
+def _conversation(row: dict, key: str, role_key: str, text_key: str, file: str, location: str,
+                  require_response: bool) -> list[dict[str, str]]:
+    turns = row.get(key)
+    if turns is None:
+        raise RecordError(file, location, key, "missing field", row)
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(file, location, key, "wrong type: expected a non-empty list of turns", row)
+    messages = []
+    for j, turn in enumerate(turns):
+        where = f"{key}[{j}]"
+        if not isinstance(turn, dict):
+            raise RecordError(file, location, where, f"wrong type: expected an object, got {type(turn).__name__}", row)
+        role_raw = turn.get(role_key)
+        role = _ROLE_ALIASES.get(role_raw) if isinstance(role_raw, str) else None
+        if role is None:
+            raise RecordError(file, location, f"{where}.{role_key}", f"unknown role {role_raw!r}", row)
+        content = _text(turn, text_key, file, location, where=f"{where}.{text_key}")
+        messages.append({"role": role, "content": content})
+    body = [m["role"] for m in messages if m["role"] != "system"]
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise RecordError(file, location, key, "a system message may only come first", row)
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
+    if body != expected:
+        raise RecordError(file, location, key, f"roles must alternate user/assistant, got {body}", row)
+    if require_response and body[-1] != "assistant":
+        raise RecordError(file, location, key, "the conversation has no final assistant response", row)
+    return messages
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def _to_sharegpt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"from": _SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in messages]
+
+
+def to_format(record: Record, fmt: Format | Literal["source"]) -> dict:
+    """The record as a row of the given format; "source" is the user's own row, unchanged."""
+    if fmt == "source":
+        return record.source
+    if fmt == "messages":
+        return {"messages": record.messages}
+    if fmt == "sharegpt":
+        return {"conversations": _to_sharegpt(record.messages)}
+    if fmt == "alpaca":
+        instruction, extra, output = record.alpaca_fields()
+        row = {"instruction": instruction, "input": extra, "output": output}
+        if record.system:
+            row["system"] = record.system
+        if len(record.turns()) > 1:
+            row["history"] = [list(t) for t in record.turns()[:-1]]
+            row["instruction"], row["input"], row["output"] = record.turns()[-1][0], "", record.turns()[-1][1] or ""
+        return row
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_records(records: Iterable[Record], path: str | os.PathLike, fmt: Format | Literal["source"] = "source") -> int:
+    """Write records as JSONL (or a JSON array when the path ends in .json)."""
+    rows = [to_format(r, fmt) for r in records]
+    if str(path).endswith(".json"):
+        atomic_write_text(path, json.dumps(rows, ensure_ascii=False, indent=1))
+        return len(rows)
+    return write_jsonl(path, rows)
+
+
+def save_canonical(records: Iterable[Record], path: str | os.PathLike) -> int:
+    return write_jsonl(path, (r.to_json() for r in records))
+
+
+def load_canonical(path: str | os.PathLike) -> list[Record]:
+    return [Record.from_json(row) for row in read_jsonl(path)]
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+def prepare_records(data, require_response: bool = True):
+    """Stage `records`: read the user's file into canonical `records.jsonl` (+ `rejects.jsonl` with reasons)."""
+    def body(folder: Path) -> dict:
+        result = read_records(data.path, data.format, data.on_error, require_response)
+        records = result.records[: data.limit] if data.limit else result.records
+        save_canonical(records, folder / "records.jsonl")
+        write_jsonl(folder / "rejects.jsonl", result.rejects)
+        counts = result.counts
+        counts["records_used"] = len(records)
+        summary = (f"Read **{counts['records_read']}** records ({result.format}) from `{data.path}`: "
+                   f"{len(records)} used, {counts['records_rejected']} rejected (see rejects.jsonl).")
+        return {"metrics": counts, "params": {"source_format": result.format or "none"},
+                "artifacts": ["rejects.jsonl"], "summary": summary}
+
+    config = {"data": data, "source_digest": file_digest(data.path), "require_response": require_response}
+    return run_stage("records", config, [], body, digest_of=["records.jsonl"])
+
+
+prepare_records_task = stage_task(prepare_records, name="prepare-records")

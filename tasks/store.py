@@ -1,0 +1,199 @@
+"""Content-addressed stage outputs, shards with a manifest, and the cache key Prefect uses.
+
+A stage's output folder is `<store>/<stage>/<key>/` with key = hash(stage name, stage config, digests of its
+inputs, CODE_VERSION). A finished stage writes `_SUCCESS` (its `StageOutput` as JSON); seeing it, a rerun returns
+at once. Long stages write `part-NNNNN.parquet` shards and a manifest, each atomically, so a killed run resumes
+at the first missing shard. The Prefect cache key is the same hash, so the UI shows reused stages as Cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from configs.settings import CODE_VERSION, prefect_results_dir, store_root
+
+SUCCESS = "_SUCCESS"
+MANIFEST = "manifest.json"
+# Parameters that say where to report, not what to compute: never part of a cache key.
+_NOT_IN_KEY = frozenset({"parent_run_id", "tracking", "fail_at"})
+
+
+class StageOutput(BaseModel):
+    """What passes between tasks: small, hashable, and enough to find and trust the files."""
+
+    stage: str
+    key: str
+    path: str
+    digest: str = Field(description="sha256 over the stage's output files")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    artifacts: list[str] = Field(default_factory=list, description="files (relative to path) to log to MLflow")
+    datasets: list[dict[str, str]] = Field(default_factory=list, description="{name, file, context} to log as MLflow inputs")
+    summary: str = Field("", description="a short markdown summary for the Prefect UI")
+
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file and rename, so a killed run never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+
+def canonical(obj: Any) -> Any:
+    """A JSON-able, order-stable view of a config or task input, for hashing."""
+    if isinstance(obj, StageOutput):
+        return {"stage": obj.stage, "digest": obj.digest}
+    if isinstance(obj, BaseModel):
+        return canonical(obj.model_dump(mode="json"))
+    if isinstance(obj, dict):
+        return {str(k): canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [canonical(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def content_digest(obj: Any) -> str:
+    blob = json.dumps(canonical(obj), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, or of a folder's relative paths and file bytes (markers and temp files excluded)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f.name == SUCCESS or f.name.startswith("."):
+            continue
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def stage_key(stage: str, config: Any, inputs: Iterable[Any] = ()) -> str:
+    return content_digest({"stage": stage, "config": config, "inputs": list(inputs), "code": CODE_VERSION})[:20]
+
+
+def stage_dir(stage: str, key: str) -> Path:
+    return store_root() / stage / key
+
+
+def load_finished(folder: Path) -> StageOutput | None:
+    marker = folder / SUCCESS
+    if not marker.exists():
+        return None
+    return StageOutput.model_validate_json(marker.read_text())
+
+
+def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Path], dict[str, Any]],
+              digest_of: Iterable[str] | None = None) -> StageOutput:
+    """Run `body(folder)` once per (stage, config, inputs); later calls return the recorded output.
+
+    `body` writes its files into `folder` and returns StageOutput fields (metrics, artifacts, ...). The output
+    digest covers the files named in `digest_of` (default: the whole folder).
+    """
+    inputs = list(inputs)
+    key = stage_key(stage, config, inputs)
+    folder = stage_dir(stage, key)
+    finished = load_finished(folder)
+    if finished is not None:
+        return finished
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = body(folder)
+    if digest_of is None:
+        digest = file_digest(folder)
+    else:
+        digest = content_digest([file_digest(folder / name) for name in digest_of])
+    out = StageOutput(stage=stage, key=key, path=str(folder), digest=digest, **fields)
+    atomic_write_text(folder / SUCCESS, out.model_dump_json(indent=1))
+    return out
+
+
+def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache key: the task's name plus its inputs, configs and upstream digests, plus CODE_VERSION.
+
+    Data files named by a `DataConfig` enter by content digest, so an edited file is a new key.
+    """
+    from configs.schema import DataConfig
+
+    material = {}
+    for name, value in parameters.items():
+        if name in _NOT_IN_KEY:
+            continue
+        material[name] = canonical(value)
+        if isinstance(value, DataConfig) and Path(value.path).exists():
+            material[name + ".digest"] = file_digest(value.path)
+    task_name = getattr(getattr(context, "task", None), "name", "task")
+    return f"{task_name}-{stage_key(task_name, material)}"
+
+
+def stage_task(fn: Callable, name: str, **options: Any):
+    """Wrap a stage function as a Prefect task cached on `stage_cache_key`, results persisted in POMONA_HOME."""
+    from prefect import task
+
+    return task(fn, name=name, cache_key_fn=stage_cache_key, persist_result=True,
+                result_storage=prefect_results_dir(), **options)
+
+
+# ----------------------------------------------------------------------------------------------------- shards
+class ShardedTable:
+    """Rows written in numbered parquet shards with a manifest; resume skips the shards already written."""
+
+    def __init__(self, folder: str | os.PathLike, prefix: str = "part"):
+        self.folder = Path(folder)
+        self.prefix = prefix
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / f"{self.prefix}-{MANIFEST}"
+
+    def manifest(self) -> dict[str, Any]:
+        if self.manifest_path.exists():
+            return json.loads(self.manifest_path.read_text())
+        return {"shards": {}}
+
+    def done(self) -> set[int]:
+        return {int(k) for k in self.manifest()["shards"]}
+
+    def shard_path(self, index: int) -> Path:
+        return self.folder / f"{self.prefix}-{index:05d}.parquet"
+
+    def write(self, index: int, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self.shard_path(index)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, path)
+        manifest = self.manifest()
+        manifest["shards"][str(index)] = {"rows": len(rows), "sha256": file_digest(path)}
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+
+    def read(self) -> list[dict[str, Any]]:
+        """All rows, in shard order."""
+        import pyarrow.parquet as pq
+
+        rows: list[dict[str, Any]] = []
+        for index in sorted(self.done()):
+            rows.extend(pq.read_table(self.shard_path(index)).to_pylist())
+        return rows

@@ -1,0 +1,192 @@
+"""MLflow tracking: one experiment per recipe, a parent run per pipeline run, a child run per stage.
+
+Plain functions over `MlflowClient` (explicit run ids, so they work from any Prefect worker thread), and thin
+tasks that the flows call. The embedded default is SQLite in POMONA_HOME with an explicit artifact folder
+(MLflow 3.13+ refuses `file:` stores); `MLFLOW_TRACKING_URI` points it at a server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from configs.settings import pomona_home
+from tasks.store import StageOutput, content_digest
+
+MAX_PARAM_CHARS = 6000
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{pomona_home() / 'mlflow.db'}"
+
+
+def client():
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, creating it with an explicit artifact location when the store is a local database."""
+    mlc = client()
+    found = mlc.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if not tracking_uri().startswith(("http://", "https://", "databricks")):
+        location = (pomona_home() / "mlartifacts" / name).as_uri()
+    return mlc.create_experiment(name, artifact_location=location)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"}, as MLflow params."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    value = json.dumps(obj) if isinstance(obj, list) else str(obj)
+    out[prefix.rstrip(".")] = value[:MAX_PARAM_CHARS]
+    return out
+
+
+def sanitize_metric_key(key: str) -> str:
+    """MLflow accepts only alphanumerics and `_ - . space : /` in keys (lm-eval's `acc,none` is refused)."""
+    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def start_parent_run(experiment: str, run_name: str, config: Any, flow_run_id: str | None) -> str:
+    """Open the pipeline's parent run, log the whole config (flattened params + the recipe YAML) and tags."""
+    from mlflow.entities import Param
+
+    mlc = client()
+    exp_id = ensure_experiment(experiment)
+    tags = {"pomona.config_hash": content_digest(config)[:16], "pomona.git_commit": git_commit(),
+            "prefect.flow_run_id": flow_run_id or "none"}
+    run = mlc.create_run(exp_id, run_name=run_name, tags=tags)
+    params = [Param(k, v) for k, v in flatten(config).items()]
+    for i in range(0, len(params), 100):
+        mlc.log_batch(run.info.run_id, params=params[i:i + 100])
+    mlc.log_text(run.info.run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    return run.info.run_id
+
+
+def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cached: bool = False,
+                  extra_tags: dict[str, str] | None = None, run_id: str | None = None) -> str:
+    """A child run for one stage: its config as params, metrics, artifacts and dataset inputs.
+
+    `run_id` logs into a child run the stage opened itself (training opens one first, so the Trainer's curves
+    land in it) instead of creating one.
+    """
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag, Metric, Param
+
+    mlc = client()
+    parent = mlc.get_run(parent_run_id)
+    tags = {"mlflow.parentRunId": parent_run_id, "pomona.stage": out.stage, "pomona.stage_key": out.key,
+            "pomona.output_digest": out.digest, "pomona.cached": str(cached).lower(),
+            "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "none"),
+            "pomona.config_hash": parent.data.tags.get("pomona.config_hash", "")}
+    tags.update(extra_tags or {})
+    if run_id is None:
+        run_id = mlc.create_run(parent.info.experiment_id, run_name=out.stage, tags=tags).info.run_id
+    else:
+        for key, value in tags.items():
+            mlc.set_tag(run_id, key, value)
+    params = {**(flatten(config) if config is not None else {}), **{k: str(v)[:MAX_PARAM_CHARS] for k, v in out.params.items()}}
+    plist = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(plist), 100):
+        mlc.log_batch(run_id, params=plist[i:i + 100])
+    metrics = [Metric(sanitize_metric_key(k), float(v), int(__import__("time").time() * 1000), 0) for k, v in out.metrics.items()]
+    for i in range(0, len(metrics), 500):
+        mlc.log_batch(run_id, metrics=metrics[i:i + 500])
+    for rel in out.artifacts:
+        path = out.file(rel)
+        if path.is_dir():
+            mlc.log_artifacts(run_id, str(path), artifact_path=rel)
+        elif path.exists():
+            mlc.log_artifact(run_id, str(path), artifact_path=str(Path(rel).parent) if Path(rel).parent != Path(".") else None)
+    inputs = []
+    for ds in out.datasets:
+        frame = dataset_frame(out.file(ds["file"]))
+        dataset = mlflow.data.from_pandas(frame, source=str(out.file(ds["file"])), name=ds["name"],
+                                          digest=ds.get("digest") or out.digest[:16])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                   tags=[InputTag("mlflow.data.context", ds.get("context", "selection"))]))
+    if inputs:
+        mlc.log_inputs(run_id, datasets=inputs)
+        mlc.log_inputs(parent_run_id, datasets=inputs)
+    mlc.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def dataset_frame(path: Path):
+    """A JSONL file as a DataFrame with nested values as JSON strings (what MLflow's dataset schema can hold)."""
+    import pandas as pd
+
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                row = json.loads(line)
+                rows.append({k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, ensure_ascii=False)
+                             for k, v in row.items()})
+    return pd.DataFrame(rows)
+
+
+def run_link(run_id: str) -> str:
+    """A link to the run in the MLflow UI when tracking is a server, else the run id."""
+    uri = tracking_uri()
+    if uri.startswith("http"):
+        run = client().get_run(run_id)
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"run {run_id} in {uri}"
+
+
+# -------------------------------------------------------------------------------------------------- tasks
+@task(cache_policy=NO_CACHE, name="start-tracking")
+def start_tracking(experiment: str, run_name: str, config: Any) -> str:
+    from prefect.runtime import flow_run
+
+    return start_parent_run(experiment, run_name, config, flow_run.get_id())
+
+
+@task(cache_policy=NO_CACHE, name="log-stage")
+def log_stage(parent_run_id: str, out: StageOutput, config: Any = None, cached: bool = False,
+              run_id: str | None = None) -> str:
+    """Log a stage to MLflow and publish its summary as a Prefect artifact (with the MLflow link)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    run_id = log_stage_run(parent_run_id, out, config, cached, run_id=run_id)
+    note = " (reused: cached)" if cached else ""
+    create_markdown_artifact(
+        key=f"{out.stage}-summary".replace("_", "-").lower(),
+        markdown=f"## {out.stage}{note}\n\n{out.summary}\n\nMLflow: {run_link(run_id)}\n\nOutput: `{out.path}`",
+        description=f"{out.stage} summary")
+    return run_id
+
+
+@task(cache_policy=NO_CACHE, name="finish-tracking")
+def finish_tracking(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status)

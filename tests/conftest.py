@@ -1,0 +1,51 @@
+"""Test set-up: an isolated POMONA_HOME (before any pomona module is imported) and a Prefect test server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Must precede pomona imports: Prefect tasks capture their result folder at import time.
+os.environ["POMONA_HOME"] = tempfile.mkdtemp(prefix="pomona-test-")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+from configs.settings import prepare_environment  # noqa: E402
+
+prepare_environment()
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API for the whole session (about 12 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """A tiny random Llama saved to disk, loaded in tests through the normal loader."""
+    from models.tiny import build_tiny_model
+
+    return build_tiny_model(Path(os.environ["POMONA_HOME"]) / "tiny-fixture-0", seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    skip_slow = pytest.mark.skip(reason="slow: run with -m slow")
+    wants_slow = "slow" in (config.getoption("-m") or "")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not wants_slow:
+            item.add_marker(skip_slow)

