@@ -1,0 +1,113 @@
+"""Likelihood engine vs the reference's one-sample loop: tokens/s, speed-up, and share of the machine's limit.
+
+    .venv/bin/python bench/likelihood_bench.py --model tiny:0 --records 200
+    .venv/bin/python bench/likelihood_bench.py --model /path/to/smollm2-135m --records 32
+
+Both score the same requests (Cherry `wiz` pairs of real Alpaca rows from ../shared/data, conditioned + direct).
+"tokens" = every token of every scored sequence (the forward pass covers them all). The limit is
+2 x parameters x tokens FLOPs at the matrix-multiply rate measured in this same run (fp32 on CPU, the model's dtype
+on CUDA), so "of limit" = achieved 2·P·tokens/s over that rate. Timings are wall clock on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def matmul_flops(device: str, dtype, size: int = 1024, seconds: float = 2.0) -> float:
+    """Best sustained FLOP/s of a square matmul (the arithmetic ceiling this run can hope for)."""
+    import torch
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10 if device == "cuda" else 2):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        reps = 10 if device == "cuda" else 2
+        best = max(best, reps * 2 * size ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny:0", help="tiny:<seed>, a local HF folder, or a hub name")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "alpaca_cherry_5pct.json"))
+    parser.add_argument("--records", type=int, default=200)
+    parser.add_argument("--template", default="wiz")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    parser.add_argument("--loop-records", type=int, default=None, help="score only this many records with the loop")
+    args = parser.parse_args()
+
+    import torch
+
+    from configs.schema import ModelConfig
+    from configs.settings import prepare_environment
+    from models.likelihood import reference_scores, score_requests
+    from models.loading import load_model
+    from models.templates import build_pair
+
+    prepare_environment()
+    model, tok = load_model(ModelConfig(name_or_path=args.model))
+    device = str(next(model.parameters()).device).split(":")[0]
+    dtype = next(model.parameters()).dtype
+    params = sum(p.numel() for p in model.parameters())
+    rows = json.loads(Path(args.data).read_text())[:args.records]
+    pairs = [build_pair(args.template, tok, r["instruction"], r.get("input", ""), r["output"], args.max_length) for r in rows]
+    requests = [q for p in pairs if p.skip_reason is None for q in (p.conditioned, p.direct)]
+    loop_requests = requests[:2 * args.loop_records] if args.loop_records else requests
+    tokens = sum(len(r.input_ids) for r in requests)
+    loop_tokens = sum(len(r.input_ids) for r in loop_requests)
+
+    def timed(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    pad = int(tok.pad_token_id or 0)
+    score_requests(model, requests[:4], batch_size=args.batch_size, pad_id=pad)  # warm-up
+    reference_scores(model, requests[:2])
+    limit = matmul_flops(device, torch.float32 if device == "cpu" else dtype)
+    engine, t_engine = timed(lambda: score_requests(model, requests, batch_size=args.batch_size, pad_id=pad,
+                                                    max_batch_tokens=args.max_batch_tokens))
+    loop, t_loop = timed(lambda: reference_scores(model, loop_requests))
+    limit_after = matmul_flops(device, torch.float32 if device == "cpu" else dtype)
+    limit = max(limit, limit_after)
+    diff = max(abs(a.mean_nll - b.mean_nll) for a, b in zip(engine, loop))
+
+    def row(name, n_tok, secs, base):
+        rate = n_tok / secs
+        return f"| {name} | {n_tok} | {secs:.2f} | {rate:,.0f} | {rate / base:.2f}x | {2 * params * rate / 1e9:.1f} | {2 * params * rate / limit:.0%} |"
+
+    loop_rate = loop_tokens / t_loop
+    print(f"\nmodel {args.model} ({params / 1e6:.1f}M params, {dtype}, {device}, {torch.get_num_threads()} threads); "
+          f"{len(rows)} records, template {args.template}, max_length {args.max_length}, "
+          f"{len(requests)} sequences; matmul limit {limit / 1e9:.1f} GFLOP/s\n")
+    print("| method | tokens | seconds | tokens/s | vs loop | GFLOP/s (2·P·tok/s) | of limit |")
+    print("|---|---|---|---|---|---|---|")
+    print(row("one-sample loop (reference)", loop_tokens, t_loop, loop_rate))
+    print(row(f"engine (batch {args.batch_size}, {args.max_batch_tokens} tok)", tokens, t_engine, loop_rate))
+    print(f"\nmax |mean NLL engine - loop| over {len(loop)} sequences: {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Configs of the likelihood scoring stage and of the two IFD selections (Cherry, Superfiltering)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from configs.schema import Budget, DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.train import SFTStageConfig
+
+
+class ScoringConfig(StrictModel):
+    """How the likelihood stage scores every sample: conditioned on its prompt and direct (see models/templates.py)."""
+
+    scorer: ModelConfig = Field(description="The model whose likelihoods are measured.")
+    template: Literal["wiz", "alpaca", "superfilter", "chat"] = Field(
+        "wiz", description="Prompt format: Cherry's 'wiz' or 'alpaca', Superfiltering's plain 'superfilter' "
+                           "({instruction}\\n{input}\\n), or the scorer's own 'chat' template.")
+    max_length: int = Field(512, ge=8, description="Token limit of a scored sequence (Cherry 512, Superfiltering 1024).")
+    overlong: Literal["truncate", "skip"] = Field(
+        "truncate", description="Prompt + answer longer than max_length: 'truncate' as the reference does (counted "
+                                "as truncated) or 'skip' the sample (written to rejects).")
+    batch_size: int = Field(16, ge=1, description="Most sequences per forward pass.")
+    max_batch_tokens: int = Field(8192, ge=64, description="Most padded tokens per forward pass (bounds memory).")
+    shard_size: int = Field(512, ge=1, description="Samples per parquet shard; a killed run resumes at the next unfinished shard.")
+
+
+class IFDRule(StrictModel):
+    """Which IFD, which samples pass, and how many are kept."""
+
+    threshold: float = Field(1.0, gt=0, description="Samples with IFD above this are dropped (the papers use 1).")
+    strict: bool = Field(False, description="Also drop IFD equal to the threshold (Superfiltering keeps ifd < 1; Cherry drops ifd > 1).")
+    share_of: Literal["all", "filtered"] = Field(
+        "filtered", description="What `share` is a share of: 'all' scored-or-not samples, or those left after the "
+                                "threshold (Cherry's reference).")
+
+
+class PreExperienceConfig(StrictModel):
+    """Cherry's pre-experienced scorer: cluster instruction embeddings, pick mid-perplexity samples, brief SFT."""
+
+    n_clusters: int = Field(100, ge=1, description="KMeans clusters over the mean-pooled instruction embeddings.")
+    per_cluster: int = Field(10, ge=1, description="Samples taken per cluster, at an even stride over the band.")
+    band: tuple[float, float] = Field((25.0, 75.0), description="Perplexity percentile band kept inside each cluster.")
+    seed: int = Field(0, description="KMeans random_state (the reference uses 0).")
+    n_init: int = Field(10, ge=1, description="KMeans restarts (scikit-learn's default when the reference was written).")
+    embed_batch_size: int = Field(16, ge=1, description="Instructions per forward pass when embedding.")
+    sft: SFTStageConfig = Field(
+        default_factory=lambda: SFTStageConfig(num_train_epochs=1.0),
+        description="The brief SFT of the scorer on the picked samples (the reference trains 1 epoch).")
+
+    @model_validator(mode="after")
+    def _band(self):
+        low, high = self.band
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"band must satisfy 0 <= low < high <= 100, got {self.band}")
+        if self.sft.lora is not None and not self.sft.merge_adapter:
+            raise ValueError("sft with lora needs merge_adapter: true, so the pre-experienced scorer is a full model")
+        return self
+
+
+class CherrySelection(Budget):
+    """Cherry (IFD v1): ratio of mean losses, scored by a pre-experienced model, drop IFD > 1, keep the top."""
+
+    method: Literal["cherry"] = "cherry"
+    scoring: ScoringConfig = Field(description="Scorer model, template ('wiz' by default) and truncation.")
+    rule: IFDRule = Field(default_factory=IFDRule, description="Threshold, strictness and what the share counts.")
+    pre_experience: PreExperienceConfig | None = Field(
+        default_factory=PreExperienceConfig,
+        description="Train the scorer briefly on clustered mid-perplexity samples first; None scores with the raw model.")
+
+
+class DiversityConfig(StrictModel):
+    """Superfiltering.D: facility-location selection over embeddings of the IFD-selected samples."""
+
+    budget: int = Field(ge=1, description="Samples kept after the diversity step (at most the IFD step's count).")
+    embedder: ModelConfig | None = Field(None, description="Model for the sentence embeddings; None = the scorer.")
+    pooling: Literal["mean", "last"] = Field("mean", description="How hidden states become one vector per sample.")
+    batch_size: int = Field(16, ge=1, description="Texts per forward pass when embedding.")
+    max_length: int = Field(512, ge=8, description="Token limit of an embedded text (instruction + input + output).")
+
+
+class SuperfilterSelection(Budget):
+    """Superfiltering (IFD v2): ratio of perplexities from a small scorer, keep ifd < 1, top share; optional D step."""
+
+    method: Literal["superfilter"] = "superfilter"
+    scoring: ScoringConfig = Field(description="Small scorer model; template 'superfilter' and max_length 1024 as the paper.")
+    rule: IFDRule = Field(default_factory=lambda: IFDRule(strict=True, share_of="all"),
+                          description="Threshold, strictness and what the share counts.")
+    diversity: DiversityConfig | None = Field(None, description="Facility-location step to a second, smaller budget.")
+
+    @model_validator(mode="after")
+    def _second_budget(self):
+        if self.diversity is not None and self.budget is not None and self.diversity.budget > self.budget:
+            raise ValueError(f"diversity.budget ({self.diversity.budget}) exceeds the IFD budget ({self.budget})")
+        return self
+
+
+class _IFDFlowBase(StrictModel):
+    data: DataConfig
+    output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
+        "source", description="Format of subset.jsonl: 'source' writes each record as the user's own row.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name  # type: ignore[attr-defined]
+
+
+class CherryFlowConfig(_IFDFlowBase):
+    """Cherry on its own (the `pomona-cherry` flow): records -> pre-experience -> scores -> IFD subset."""
+
+    name: str = Field("cherry", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
+    selection: CherrySelection
+
+
+class SuperfilterFlowConfig(_IFDFlowBase):
+    """Superfiltering on its own (the `pomona-superfilter` flow): records -> scores -> IFD subset (-> diversity)."""
+
+    name: str = Field("superfilter", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
+    selection: SuperfilterSelection

@@ -1,0 +1,179 @@
+"""The likelihood engine: per-sample NLL of target tokens given everything before them.
+
+Cherry/IFD, Superfiltering and GRAPE all reduce to this one operation. Callers build token sequences (templates
+and truncation rules live in `models/templates.py`); the engine batches them and returns sums and counts.
+
+How it is fast without changing the numbers:
+- requests are sorted by length and cut into batches under a token budget, so padding is small and each batch is
+  one large matrix multiply per layer (right padding under the plain causal mask: real tokens never see pads);
+- the transformer body runs once per batch, and the LM head (vocabulary projection, about a fifth of a small
+  model's FLOPs) runs only on the positions that predict a target token, in chunks, in float32;
+- no gradients (`inference_mode`), fp32 on CPU and the model's bf16/fp16 on CUDA (the loader picks the dtype).
+
+`reference_scores` is the reference implementations' way (one sample at a time, `model(ids, labels=...).loss`);
+tests and the benchmark hold the engine against it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from configs.errors import ScoringError
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """`input_ids` is the whole sequence; tokens at positions >= `target_start` are scored (position 0 never is)."""
+
+    input_ids: tuple[int, ...]
+    target_start: int
+
+    @property
+    def n_targets(self) -> int:
+        return max(0, len(self.input_ids) - max(1, self.target_start))
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    nll_sum: float
+    n_tokens: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.n_tokens if self.n_tokens else math.nan
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.nll_sum)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped longest-first so each batch holds similar lengths (padded width x rows <= max_batch_tokens)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]  # longest-first: the first row sets the width
+        too_many_tokens = max_batch_tokens is not None and current and width * (len(current) + 1) > max_batch_tokens
+        if current and (len(current) >= batch_size or too_many_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def split_head(model):
+    """(transformer body, LM head) of a *ForCausalLM, so the head can run on target positions only."""
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or head is None or body is model:
+        raise ScoringError(f"{type(model).__name__}: cannot split the transformer body from its LM head; "
+                           "call score_requests(..., head_on_targets_only=False)")
+    return body, head
+
+
+def _check_requests(requests: Sequence[ScoreRequest]) -> None:
+    for i, r in enumerate(requests):
+        if r.n_targets <= 0:
+            raise ScoringError(f"request {i}: no target tokens (length {len(r.input_ids)}, target_start "
+                               f"{r.target_start}); templates must skip such samples before scoring")
+
+
+def score_requests(model, requests: Sequence[ScoreRequest], batch_size: int = 8, pad_id: int = 0,
+                   progress: bool = False, max_batch_tokens: int | None = None,
+                   head_on_targets_only: bool = True, head_chunk: int = 2048,
+                   nonfinite: Literal["raise", "return"] = "raise") -> list[TokenScores]:
+    """Sum of NLL and count of scored tokens for every request, in request order.
+
+    `max_batch_tokens` caps padded tokens per forward pass (on top of `batch_size` rows). `nonfinite="return"`
+    hands back a NaN/inf `nll_sum` for the caller to report (never to use as a score); "raise" stops.
+    """
+    import torch
+
+    _check_requests(requests)
+    device = next(model.parameters()).device
+    body, head = split_head(model) if head_on_targets_only else (None, None)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    results: list[TokenScores | None] = [None] * len(requests)
+    batches = length_batches([len(r.input_ids) for r in requests], batch_size, max_batch_tokens)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(r.input_ids) for r in requests), desc="score", unit="tok", unit_scale=True)
+    with torch.inference_mode():
+        for idx in batches:
+            lengths = [len(requests[i].input_ids) for i in idx]
+            width = max(lengths)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            target = torch.zeros((len(idx), width), dtype=torch.bool)
+            for row, i in enumerate(idx):
+                ids[row, :lengths[row]] = torch.tensor(requests[i].input_ids, dtype=torch.long)
+                target[row, max(1, requests[i].target_start):lengths[row]] = True
+            ids = ids.to(device)
+            # No attention mask: pads sit after every real token (right padding), so the causal mask alone keeps
+            # them out of every real token's view, and attention keeps its fused causal kernel (an explicit mask
+            # makes it fall back to materialising B x H x L x L scores). Pad positions are never read.
+            mask = None
+            # One row of positions, broadcast over the batch: rotary tables are computed once, not per row.
+            positions = torch.arange(width, device=device).unsqueeze(0)
+            # position p predicts token p + 1
+            rows, cols = target[:, 1:].nonzero(as_tuple=True)
+            rows, cols = rows.to(device), cols.to(device)
+            labels = ids[rows, cols + 1]
+            if head_on_targets_only:
+                hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+                picked = hidden[rows, cols]
+                del hidden
+                nll = torch.empty(len(labels), dtype=torch.float32, device=device)
+                for start in range(0, len(labels), head_chunk):
+                    logits = head(picked[start:start + head_chunk]).float()
+                    if softcap is not None:
+                        logits = torch.tanh(logits / softcap) * softcap
+                    nll[start:start + head_chunk] = torch.nn.functional.cross_entropy(
+                        logits, labels[start:start + head_chunk], reduction="none")
+            else:
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[rows, cols].float()
+                nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, nll.double())
+            counts = torch.bincount(rows, minlength=len(idx))
+            for row, i in enumerate(idx):
+                value = float(sums[row])
+                if not math.isfinite(value) and nonfinite == "raise":
+                    raise ScoringError(f"request {i}: the model produced a non-finite loss ({value})")
+                results[i] = TokenScores(value, int(counts[row]))
+            if bar is not None:
+                bar.update(sum(lengths))
+    if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+def reference_scores(model, requests: Sequence[ScoreRequest], progress: bool = False) -> list[TokenScores]:
+    """The reference implementations' loop: one sample per forward pass, labels -100 before the target, HF's loss.
+
+    Kept as the yardstick for tests and `bench/likelihood_bench.py`; do not use it to score data.
+    """
+    import torch
+
+    _check_requests(requests)
+    device = next(model.parameters()).device
+    out = []
+    items = requests
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(requests, desc="score (one by one)")
+    with torch.inference_mode():
+        for r in items:
+            ids = torch.tensor([r.input_ids], dtype=torch.long, device=device)
+            labels = ids.clone()
+            labels[0, :r.target_start] = -100
+            loss = float(model(ids, labels=labels).loss)
+            out.append(TokenScores(loss * r.n_targets, r.n_targets))
+    return out

@@ -1,0 +1,310 @@
+"""IFD selection (Cherry v1 and Superfiltering v2), Cherry's pre-experience, and Superfiltering's diversity step.
+
+Plain functions first (tested without Prefect), then the stages built on them:
+- `cherry-instructions`: perplexity and mean-pooled embedding of every templated instruction (raw scorer);
+- `cherry-pick`: KMeans on the embeddings, mid-perplexity band per cluster, an even stride -> pre-experience set;
+- `cherry-sft`: the brief SFT of the scorer on that set (tasks.train.sft_train) -> the pre-experienced model;
+- `select-cherry` / `select-superfilter`: IFD from the `score` stage, threshold, budget, subset (input order);
+- `select-superfilter-d`: facility location over embeddings of the IFD-selected samples, to a second budget.
+
+Definitions (REFERENCE.md): Cherry IFD = mean NLL(answer | prompt) / mean NLL(answer | direct text), a ratio of
+mean losses; Superfiltering IFD = exp(L_cond) / exp(L_direct), a ratio of perplexities (computed as
+exp(L_cond - L_direct): the same number without overflow). Both drop IFD above the threshold. Unlike the references,
+samples that could not be scored never enter the ranking with a made-up 0; they are counted and listed in rejects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from configs.errors import ConfigError, ScoringError
+from configs.ifd import CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig, SuperfilterSelection
+from configs.schema import Budget
+from tasks.data import Record, load_canonical, read_jsonl, write_jsonl, write_records
+from tasks.score import STATUS_SCORED, read_scores, score_counts, scorer_model
+from tasks.select import SUBSET_FILES, write_subset
+from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
+
+IFDKind = Literal["cherry", "superfilter"]
+
+
+# ------------------------------------------------------------------------------------------------ IFD maths
+def ifd_value(kind: IFDKind, cond_mean_nll: float, direct_mean_nll: float) -> float:
+    """Cherry: ratio of mean losses. Superfiltering: ratio of perplexities."""
+    if kind == "cherry":
+        if direct_mean_nll == 0:
+            raise ScoringError("direct loss is exactly 0: Cherry's IFD (a ratio of losses) is undefined")
+        return cond_mean_nll / direct_mean_nll
+    if kind == "superfilter":
+        return math.exp(cond_mean_nll - direct_mean_nll)
+    raise ValueError(f"unknown IFD kind {kind!r}")
+
+
+def ifd_scores(rows: Sequence[dict[str, Any]], kind: IFDKind) -> list[float | None]:
+    """IFD per score-table row (None where the sample was not scored)."""
+    return [ifd_value(kind, r["cond_mean_nll"], r["direct_mean_nll"]) if r["status"] == STATUS_SCORED else None
+            for r in rows]
+
+
+def passes_threshold(ifd: float, rule: IFDRule) -> bool:
+    return ifd < rule.threshold if rule.strict else ifd <= rule.threshold
+
+
+def select_by_ifd(ids: Sequence[str], ifd: Sequence[float | None], rule: IFDRule, budget: Budget) -> tuple[list[str], dict[str, float]]:
+    """Top-IFD ids among those passing the threshold, returned in input order, and the counts behind them.
+
+    The kept count is `budget.count(n)` with n = all samples (`share_of="all"`) or the samples left after the
+    threshold (`"filtered"`), never more than are left. Ties keep input order.
+    """
+    passing = [i for i, v in enumerate(ifd) if v is not None and passes_threshold(v, rule)]
+    scored = sum(v is not None for v in ifd)
+    base = len(ids) if rule.share_of == "all" else len(passing)
+    keep = min(budget.count(base), len(passing))
+    ranked = sorted(passing, key=lambda i: (-ifd[i], i))[:keep]  # type: ignore[operator]
+    chosen = set(ranked)
+    counts = {"ifd_scored": scored, "dropped_above_threshold": scored - len(passing), "passing_threshold": len(passing),
+              "share_base": base, "selected": keep}
+    return [ids[i] for i in range(len(ids)) if i in chosen], counts
+
+
+# --------------------------------------------------------------------------------------- Cherry pre-experience
+def band_stride_pick(values: np.ndarray, per_cluster: int, low: float, high: float) -> np.ndarray:
+    """Positions (into `values`) inside the [low, high] percentile band, sorted by value, `per_cluster` at an even stride."""
+    lo, hi = np.percentile(values, low), np.percentile(values, high)
+    middle = np.where((values >= lo) & (values <= hi))[0]
+    ordered = middle[np.argsort(values[middle], kind="stable")]
+    if len(ordered) <= per_cluster:
+        return ordered
+    step = len(ordered) // per_cluster
+    return ordered[::step][:per_cluster]
+
+
+def pick_pre_experience(embeddings: np.ndarray, perplexities: np.ndarray, config: PreExperienceConfig) -> list[int]:
+    """Cherry's pre-experience set: KMeans clusters, then mid-perplexity samples at an even stride in each; sorted."""
+    from sklearn.cluster import KMeans
+
+    if len(embeddings) < config.n_clusters:
+        raise ConfigError(f"pre_experience.n_clusters={config.n_clusters} but only {len(embeddings)} instructions "
+                          "could be embedded; lower n_clusters")
+    labels = KMeans(n_clusters=config.n_clusters, random_state=config.seed, n_init=config.n_init).fit_predict(embeddings)
+    picked: list[int] = []
+    for cluster in range(config.n_clusters):
+        members = np.where(labels == cluster)[0]
+        picked.extend(int(i) for i in members[band_stride_pick(perplexities[members], config.per_cluster, *config.band)])
+    return sorted(picked)
+
+
+# ------------------------------------------------------------------------------------ Superfiltering.D
+def facility_location(embeddings: np.ndarray, k: int, chunk: int = 2048) -> list[int]:
+    """Greedy facility location: repeatedly add the sample that most raises sum_i max_{j in S} cos(i, j).
+
+    Cover starts at 0, so negative similarities add nothing. Returns indices in the order chosen.
+    """
+    x = embeddings.astype(np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ScoringError("an embedding has zero norm: cosine similarity is undefined")
+    x = x / norms
+    n = len(x)
+    cover = np.zeros(n, dtype=np.float32)
+    chosen: list[int] = []
+    available = np.ones(n, dtype=bool)
+    for _ in range(min(k, n)):
+        gains = np.empty(n, dtype=np.float32)
+        for start in range(0, n, chunk):  # gain of candidate j over all i, a block of candidates at a time
+            sim = x @ x[start:start + chunk].T
+            gains[start:start + chunk] = np.maximum(sim - cover[:, None], 0).sum(axis=0)
+        gains[~available] = -np.inf
+        best = int(np.argmax(gains))
+        chosen.append(best)
+        available[best] = False
+        cover = np.maximum(cover, x @ x[best])
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------- stages
+def _model_label(out: StageOutput) -> str:
+    return str(out.params.get("scorer", ""))
+
+
+def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: PreExperienceConfig) -> StageOutput:
+    """Stage `cherry-instructions`: per instruction, perplexity (whole text) and the mean of its last hidden state."""
+    from models.embeddings import embed_texts
+    from models.likelihood import score_requests
+    from models.templates import instruction_request, instruction_text
+
+    def body(folder: Path) -> dict:
+        from models.loading import load_model
+
+        records = load_canonical(records_out.file("records.jsonl"))
+        model, tokenizer = load_model(scoring.scorer)
+        fields = [r.alpaca_fields() for r in records]
+        requests = [instruction_request(scoring.template, tokenizer, ins, inp, scoring.max_length) for ins, inp, _ in fields]
+        usable = [i for i, req in enumerate(requests) if req.n_targets > 0]
+        rejects = [{"id": records[i].id, "location": records[i].location,
+                    "reason": "instruction has a single token: no perplexity"} for i in range(len(records)) if requests[i].n_targets <= 0]
+        scores = score_requests(model, [requests[i] for i in usable], batch_size=scoring.batch_size,
+                                pad_id=int(tokenizer.pad_token_id or 0), progress=True,
+                                max_batch_tokens=scoring.max_batch_tokens)
+        texts = [instruction_text(scoring.template, tokenizer, *fields[i][:2]) for i in usable]
+        # Chat-template text carries its own special tokens; embed_texts adds the tokenizer's, as the reference's encode does.
+        emb = embed_texts(model, tokenizer, texts, pooling="mean", batch_size=pre.embed_batch_size, normalize=False,
+                          progress=True, max_length=scoring.max_length)
+        np.save(folder / "embeddings.npy", emb)
+        write_jsonl(folder / "perplexity.jsonl", ({"id": records[i].id, "perplexity": math.exp(s.mean_nll)}
+                                                  for i, s in zip(usable, scores)))
+        write_jsonl(folder / "rejects.jsonl", rejects)
+        return {"metrics": {"instructions": len(records), "profiled": len(usable), "skipped": len(rejects)},
+                "params": {"scorer": scoring.scorer.name_or_path, "template": scoring.template},
+                "artifacts": ["rejects.jsonl"],
+                "summary": f"Profiled **{len(usable)}** of {len(records)} instructions (perplexity + mean embedding)."}
+
+    return run_stage("cherry-instructions", {"scoring": scoring, "embed_batch_size": pre.embed_batch_size},
+                     [records_out], body, digest_of=["embeddings.npy", "perplexity.jsonl"])
+
+
+def pre_experience_pick(records_out: StageOutput, profile_out: StageOutput, pre: PreExperienceConfig) -> StageOutput:
+    """Stage `cherry-pick`: the pre-experience set as `pre_experience.messages.jsonl` (+ ids), ready for SFT."""
+
+    def body(folder: Path) -> dict:
+        from tasks.plots import bar_chart
+
+        records = {r.id: r for r in load_canonical(records_out.file("records.jsonl"))}
+        ppl_rows = read_jsonl(profile_out.file("perplexity.jsonl"))
+        emb = np.load(profile_out.file("embeddings.npy"))
+        ppl = np.array([row["perplexity"] for row in ppl_rows], dtype=np.float64)
+        picked = pick_pre_experience(emb, ppl, pre)
+        ids = [ppl_rows[i]["id"] for i in picked]
+        atomic_write_text(folder / "pre_experience_ids.txt", "".join(i + "\n" for i in ids))
+        write_records([records[i] for i in ids], folder / "pre_experience.messages.jsonl", "messages")
+        bar_chart(["candidates", "picked"], [len(ppl_rows), len(ids)], folder / "pre_experience.png",
+                  "Cherry pre-experience set", "samples")
+        return {"metrics": {"candidates": len(ppl_rows), "picked": len(ids)},
+                "params": {"n_clusters": pre.n_clusters, "per_cluster": pre.per_cluster, "band": list(pre.band)},
+                "artifacts": ["pre_experience_ids.txt", "pre_experience.png"],
+                "summary": f"Picked **{len(ids)}** pre-experience samples from {pre.n_clusters} clusters "
+                           f"(perplexity band {pre.band[0]:g}-{pre.band[1]:g} pct)."}
+
+    config = {k: v for k, v in pre.model_dump(mode="json").items() if k != "sft"}
+    return run_stage("cherry-pick", config, [records_out, profile_out], body,
+                     digest_of=["pre_experience.messages.jsonl"])
+
+
+def pre_experience_sft(pick_out: StageOutput, scoring: ScoringConfig, pre: PreExperienceConfig) -> StageOutput:
+    """Stage `cherry-sft`: the brief SFT of the scorer on the pre-experience set; params.model_dir is the result."""
+    from tasks.train import MERGED_DIR, read_train_result, sft_train
+
+    def body(folder: Path) -> dict:
+        model_dir = sft_train(pick_out.file("pre_experience.messages.jsonl"), scoring.scorer, pre.sft, folder / "train")
+        if pre.sft.lora is not None:
+            model_dir = folder / "train" / MERGED_DIR
+        result = read_train_result(folder / "train")
+        metrics = {"examples": float(result.get("examples", 0)), "global_step": float(result.get("global_step", 0))}
+        if result.get("train_loss") is not None:
+            metrics["train_loss"] = float(result["train_loss"])
+        return {"metrics": metrics, "params": {"model_dir": str(model_dir), "base_model": scoring.scorer.name_or_path},
+                "summary": f"Pre-experienced `{scoring.scorer.name_or_path}` on {int(metrics['examples'])} samples "
+                           f"({int(metrics['global_step'])} steps): `{model_dir}`."}
+
+    return run_stage("cherry-sft", {"scorer": scoring.scorer, "sft": pre.sft}, [pick_out], body,
+                     digest_of=["train/train_result.json"])
+
+
+def ifd_selection(records_out: StageOutput, scores_out: StageOutput, selection: CherrySelection | SuperfilterSelection,
+                  output_format: str = "source") -> StageOutput:
+    """Stage `select-cherry` / `select-superfilter`: IFD, threshold, budget, subset, histogram and counts."""
+    kind: IFDKind = selection.method
+
+    def body(folder: Path) -> dict:
+        from tasks.plots import histogram
+
+        records = load_canonical(records_out.file("records.jsonl"))
+        rows = read_scores(scores_out)
+        if [r["id"] for r in rows] != [r.id for r in records]:
+            raise RuntimeError("score table and records disagree on ids/order: were they scored from these records?")
+        ifd = ifd_scores(rows, kind)
+        ids, counts = select_by_ifd([r.id for r in records], ifd, selection.rule, selection)
+        chosen = set(ids)
+        write_jsonl(folder / "ifd_scores.jsonl", (
+            {"id": row["id"], "ifd": value, "status": row["status"], "reason": row["reason"],
+             "truncated": row["truncated"], "cond_mean_nll": row["cond_mean_nll"],
+             "direct_mean_nll": row["direct_mean_nll"], "selected": row["id"] in chosen}
+            for row, value in zip(rows, ifd)))
+        write_jsonl(folder / "rejects.jsonl", ({"id": r["id"], "status": r["status"], "reason": r["reason"]}
+                                               for r in rows if r["status"] != STATUS_SCORED))
+        values = [v for v in ifd if v is not None]
+        histogram(values, folder / "ifd_histogram.png", f"{kind} IFD ({len(values)} scored)", "IFD",
+                  threshold=selection.rule.threshold)
+        fields = write_subset(records, ids, folder, kind, output_format)
+        metrics = score_counts(rows)
+        metrics.update(counts)
+        metrics.update(fields["metrics"])
+        if values:
+            metrics.update(ifd_mean=float(np.mean(values)), ifd_median=float(np.median(values)))
+        fields["metrics"] = metrics
+        fields["artifacts"] += ["ifd_histogram.png", "ifd_scores.jsonl", "rejects.jsonl"]
+        fields["params"] = {"ifd": kind, "scorer": _model_label(scores_out), "template": selection.scoring.template,
+                            "threshold": selection.rule.threshold, "strict": selection.rule.strict,
+                            "share_of": selection.rule.share_of}
+        fields["summary"] = (
+            f"{kind} IFD with `{_model_label(scores_out)}` (template `{selection.scoring.template}`): "
+            f"{int(metrics['scored'])} scored, {int(counts['dropped_above_threshold'])} dropped with IFD above "
+            f"{selection.rule.threshold:g}, {int(metrics['skipped'])} skipped, {int(metrics['nonfinite'])} non-finite, "
+            f"{int(metrics['truncated'])} truncated; kept **{len(ids)}** of {len(records)}.")
+        return fields
+
+    config = {"selection": selection.model_dump(mode="json", include={"budget", "share", "rule", "method"}),
+              "template": selection.scoring.template, "output_format": output_format}
+    return run_stage(f"select-{kind}", config, [records_out, scores_out], body, digest_of=SUBSET_FILES)
+
+
+def diversity_text(record: Record) -> str:
+    """instruction + input + output, the text Superfiltering.D embeds."""
+    instruction, input_text, output = record.alpaca_fields()
+    return "\n".join(part for part in (instruction, input_text, output) if part)
+
+
+def diversity_selection(records_out: StageOutput, ifd_out: StageOutput, selection: SuperfilterSelection,
+                        output_format: str = "source") -> StageOutput:
+    """Stage `select-superfilter-d`: facility location over embeddings of the IFD-selected samples."""
+    diversity: DiversityConfig = selection.diversity  # type: ignore[assignment]
+    embedder = diversity.embedder or selection.scoring.scorer
+
+    def body(folder: Path) -> dict:
+        from models.embeddings import embed_texts
+        from models.loading import load_model
+
+        records = load_canonical(records_out.file("records.jsonl"))
+        chosen = set(ifd_out.file("selected_ids.txt").read_text().split())
+        pool = [r for r in records if r.id in chosen]
+        model, tokenizer = load_model(embedder)
+        emb = embed_texts(model, tokenizer, [diversity_text(r) for r in pool], pooling=diversity.pooling,
+                          batch_size=diversity.batch_size, normalize=True, progress=True, max_length=diversity.max_length)
+        order = facility_location(emb, diversity.budget)
+        ids = [pool[i].id for i in order]
+        atomic_write_text(folder / "facility_location_order.json", json.dumps(ids))
+        fields = write_subset(records, ids, folder, "superfilter-d", output_format)
+        fields["metrics"].update(ifd_selected=len(pool))
+        fields["artifacts"].append("facility_location_order.json")
+        fields["params"] = {"embedder": embedder.name_or_path, "pooling": diversity.pooling,
+                            "diversity_budget": diversity.budget}
+        fields["summary"] = (f"Superfiltering.D: facility location kept **{len(ids)}** of the {len(pool)} "
+                             f"IFD-selected samples (embedder `{embedder.name_or_path}`).")
+        return fields
+
+    return run_stage("select-superfilter-d", {"diversity": diversity, "embedder": embedder,
+                                              "output_format": output_format},
+                     [records_out, ifd_out], body, digest_of=SUBSET_FILES)
+
+
+instruction_profile_task = stage_task(instruction_profile, name="cherry-instructions")
+pre_experience_pick_task = stage_task(pre_experience_pick, name="cherry-pick")
+pre_experience_sft_task = stage_task(pre_experience_sft, name="cherry-sft")
+ifd_selection_task = stage_task(ifd_selection, name="select-ifd")
+diversity_selection_task = stage_task(diversity_selection, name="select-superfilter-d")

@@ -1,0 +1,132 @@
+"""Stage `score`: conditioned and direct NLL of every record under a scorer model, in resumable parquet shards.
+
+Records are cut into shards of `shard_size` in input order; each shard is templated, scored by the batched engine
+and written atomically (`scores/part-NNNNN.parquet` + manifest) before the next starts, so a killed run resumes at
+the next unfinished shard. Batches never cross shards, so a resumed table is identical to an uninterrupted one.
+
+A sample the template cannot score (reason from models/templates.py) or whose loss is NaN/inf gets status
+`skipped` / `nonfinite`, no numbers, and a line in `rejects.jsonl`; it is never given a score.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from configs.ifd import ScoringConfig
+from configs.schema import ModelConfig
+from models.likelihood import score_requests
+from models.templates import build_pair
+from tasks.data import Record, load_canonical, write_jsonl
+from tasks.store import ShardedTable, StageOutput, run_stage, stage_task
+
+SCORES_DIR = "scores"
+STATUS_SCORED, STATUS_SKIPPED, STATUS_NONFINITE = "scored", "skipped", "nonfinite"
+
+
+def scorer_model(scoring: ScoringConfig, scorer_stage: StageOutput | None) -> ModelConfig:
+    """The scoring model: the configured one, or the model folder an upstream stage trained (Cherry's pre-experience)."""
+    if scorer_stage is None:
+        return scoring.scorer
+    return scoring.scorer.model_copy(update={"name_or_path": scorer_stage.params["model_dir"], "gguf_file": None})
+
+
+def score_shard(model, tokenizer, records: list[Record], first_index: int, scoring: ScoringConfig,
+                progress: bool = False) -> list[dict[str, Any]]:
+    """One row per record: status, reason, token counts and NLL sums of both passes (None when not scored)."""
+    pairs = [build_pair(scoring.template, tokenizer, *r.alpaca_fields(), scoring.max_length, scoring.overlong)
+             for r in records]
+    requests = [req for p in pairs if p.skip_reason is None for req in (p.conditioned, p.direct)]
+    scores = score_requests(model, requests, batch_size=scoring.batch_size, pad_id=int(tokenizer.pad_token_id or 0),
+                            progress=progress, max_batch_tokens=scoring.max_batch_tokens, nonfinite="return")
+    rows, k = [], 0
+    for offset, (record, pair) in enumerate(zip(records, pairs)):
+        row: dict[str, Any] = {
+            "index": first_index + offset, "id": record.id, "status": STATUS_SKIPPED, "reason": pair.skip_reason,
+            "truncated": pair.truncated, "instruction_tokens": pair.instruction_tokens,
+            "cond_nll_sum": None, "cond_tokens": None, "cond_mean_nll": None,
+            "direct_nll_sum": None, "direct_tokens": None, "direct_mean_nll": None, "seq_tokens": 0,
+        }
+        if pair.skip_reason is None:
+            cond, direct = scores[k], scores[k + 1]
+            k += 2
+            row["seq_tokens"] = len(pair.conditioned.input_ids) + len(pair.direct.input_ids)
+            if cond.finite and direct.finite:
+                row.update(status=STATUS_SCORED, cond_nll_sum=cond.nll_sum, cond_tokens=cond.n_tokens,
+                           cond_mean_nll=cond.mean_nll, direct_nll_sum=direct.nll_sum,
+                           direct_tokens=direct.n_tokens, direct_mean_nll=direct.mean_nll)
+            else:
+                row.update(status=STATUS_NONFINITE,
+                           reason=f"non-finite loss (conditioned {cond.nll_sum}, direct {direct.nll_sum})")
+        rows.append(row)
+    return rows
+
+
+def read_scores(scores_out: StageOutput) -> list[dict[str, Any]]:
+    """The score table of a finished stage, in input order."""
+    return ShardedTable(Path(scores_out.path) / SCORES_DIR).read()
+
+
+def score_counts(rows: list[dict[str, Any]]) -> dict[str, float]:
+    reasons = Counter(r["reason"].split(" (")[0] for r in rows if r["status"] != STATUS_SCORED)
+    counts: dict[str, float] = {
+        "samples": len(rows),
+        "scored": sum(r["status"] == STATUS_SCORED for r in rows),
+        "skipped": sum(r["status"] == STATUS_SKIPPED for r in rows),
+        "nonfinite": sum(r["status"] == STATUS_NONFINITE for r in rows),
+        "truncated": sum(bool(r["truncated"]) for r in rows),
+        "tokens_scored": sum(r["seq_tokens"] for r in rows),
+    }
+    counts.update({f"skipped[{reason}]": n for reason, n in sorted(reasons.items())})
+    return counts
+
+
+def score_records(records_out: StageOutput, scoring: ScoringConfig, scorer_stage: StageOutput | None = None,
+                  progress: bool = True) -> StageOutput:
+    """Stage `score`: see the module docstring. `scorer_stage` (a trained model) replaces `scoring.scorer`."""
+    model_cfg = scorer_model(scoring, scorer_stage)
+
+    def body(folder: Path) -> dict:
+        records = load_canonical(records_out.file("records.jsonl"))
+        table = ShardedTable(folder / SCORES_DIR)
+        starts = list(range(0, len(records), scoring.shard_size))
+        todo = [s for n, s in enumerate(starts) if n not in table.done()]
+        if todo:
+            from models.loading import load_model
+
+            model, tokenizer = load_model(model_cfg)
+            shards = todo
+            if progress:
+                from tqdm.auto import tqdm
+
+                shards = tqdm(todo, desc=f"score shards ({len(starts) - len(todo)} done before)", unit="shard")
+            for start in shards:
+                chunk = records[start:start + scoring.shard_size]
+                table.write(start // scoring.shard_size, score_shard(model, tokenizer, chunk, start, scoring))
+        rows = table.read()
+        if len(rows) != len(records):
+            raise RuntimeError(f"score table has {len(rows)} rows for {len(records)} records in {folder}")
+        by_id = {r.id: r for r in records}
+        write_jsonl(folder / "rejects.jsonl",
+                    ({"id": row["id"], "location": by_id[row["id"]].location, "status": row["status"],
+                      "reason": row["reason"]} for row in rows if row["status"] != STATUS_SCORED))
+        counts = score_counts(rows)
+        scored = [r for r in rows if r["status"] == STATUS_SCORED]
+        if scored:
+            counts["mean_cond_nll"] = sum(r["cond_mean_nll"] for r in scored) / len(scored)
+            counts["mean_direct_nll"] = sum(r["direct_mean_nll"] for r in scored) / len(scored)
+        summary = (f"Scored **{int(counts['scored'])}** of {len(rows)} samples with `{model_cfg.name_or_path}` "
+                   f"(template `{scoring.template}`, max_length {scoring.max_length}): {int(counts['skipped'])} "
+                   f"skipped, {int(counts['nonfinite'])} non-finite (see rejects.jsonl), "
+                   f"{int(counts['truncated'])} truncated.")
+        return {"metrics": counts, "artifacts": ["rejects.jsonl"], "summary": summary,
+                "params": {"scorer": model_cfg.name_or_path, "template": scoring.template,
+                           "max_length": scoring.max_length}}
+
+    inputs: list[Any] = [records_out] + ([scorer_stage] if scorer_stage is not None else [])
+    return run_stage("score", {"scoring": scoring, "pre_experienced": scorer_stage is not None}, inputs, body)
+
+
+score_task = stage_task(score_records, name="score-likelihood")
+

@@ -1,0 +1,84 @@
+"""The Cherry and Superfiltering flows on the tiny model: every step a cached stage, a failed step reruns alone,
+and MLflow gets the histogram, counts, subset and scorer/template params."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs.ifd import (CherryFlowConfig, CherrySelection, DiversityConfig, PreExperienceConfig, ScoringConfig,
+                         SuperfilterFlowConfig, SuperfilterSelection)
+from configs.schema import DataConfig, ModelConfig, TrackingConfig
+from configs.train import SFTStageConfig
+from tests.conftest import DATA
+
+DATA_CFG = DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=24)
+
+
+def _task_states(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def _child_runs(experiment):
+    from tasks.track import client
+
+    mlc = client()
+    exp = mlc.get_experiment_by_name(experiment)
+    return mlc, [r for r in mlc.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_cherry_flow_failed_sft_reruns_alone_and_logs_ifd(prefect_server):
+    from flows.cherry import cherry_flow
+
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"), template="wiz", max_length=256, shard_size=8)
+    pre = PreExperienceConfig(n_clusters=2, per_cluster=3, n_init=2,
+                              sft=SFTStageConfig(max_steps=2, per_device_train_batch_size=2, max_length=128,
+                                                 logging_steps=1, register_model=False))
+    config = CherryFlowConfig(data=DATA_CFG, selection=CherrySelection(scoring=scoring, pre_experience=pre, share=0.5),
+                              tracking=TrackingConfig(experiment="cherry-flow-test"))
+    failed = cherry_flow(config, fail_at="cherry-sft", return_state=True)
+    assert failed.is_failed()
+    states = _task_states(failed.state_details.flow_run_id)
+    assert states["cherry-instructions"] == "Completed" and states["cherry-pick"] == "Completed"
+    assert states["cherry-sft"] == "Failed" and "score-likelihood" not in states
+
+    rerun = cherry_flow(config, return_state=True)
+    assert rerun.is_completed()
+    states = _task_states(rerun.state_details.flow_run_id)
+    assert states["prepare-records"] == states["cherry-instructions"] == states["cherry-pick"] == "Cached"
+    assert states["cherry-sft"] == states["score-likelihood"] == states["select-ifd"] == "Completed"
+    out = rerun.result()
+    sft_dir = out["pre_experience_sft"].params["model_dir"]
+    assert out["scores"].params["scorer"] == sft_dir  # IFD comes from the pre-experienced model
+    assert len(out["pre_experience"].file("pre_experience_ids.txt").read_text().split()) == 6
+    selection = out["selection"]
+    assert selection.metrics["selected"] == int(selection.metrics["passing_threshold"] * 0.5)
+
+    mlc, children = _child_runs("cherry-flow-test")
+    select = next(c for c in children if c.data.tags["pomona.stage"] == "select-cherry")
+    assert select.data.params["scorer"] == sft_dir and select.data.params["template"] == "wiz"
+    assert {"scored", "dropped_above_threshold", "truncated", "skipped", "selected"} <= set(select.data.metrics)
+    assert {"ifd_histogram.png", "selected_ids.txt", "subset.jsonl"} <= {a.path for a in mlc.list_artifacts(select.info.run_id)}
+    assert select.inputs.dataset_inputs[0].dataset.name == "cherry-subset"
+
+
+def test_superfilter_flow_with_diversity_step(prefect_server):
+    from flows.superfilter import superfilter_flow
+
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:1"), template="superfilter", max_length=300)
+    selection = SuperfilterSelection(scoring=scoring, budget=8, diversity=DiversityConfig(budget=4, max_length=128))
+    config = SuperfilterFlowConfig(data=DATA_CFG, selection=selection,
+                                   tracking=TrackingConfig(experiment="superfilter-flow-test"))
+    out = superfilter_flow(config)
+    ifd_ids = out["ifd_selection"].file("selected_ids.txt").read_text().split()
+    final = out["selection"].file("selected_ids.txt").read_text().split()
+    assert out["selection"].stage == "select-superfilter-d" and len(final) == 4 and set(final) <= set(ifd_ids)
+    _, children = _child_runs("superfilter-flow-test")
+    assert {c.data.tags["pomona.stage"] for c in children} == {
+        "records", "score", "select-superfilter", "select-superfilter-d"}
+    score = next(c for c in children if c.data.tags["pomona.stage"] == "score")
+    assert score.data.params["scorer"] == "tiny:1" and score.data.params["template"] == "superfilter"

@@ -1,0 +1,113 @@
+"""IFD maths and selection rules, Cherry's pre-experience picking, facility location, and the IFD stage outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from configs.ifd import (CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig,
+                         SuperfilterSelection)
+from configs.schema import Budget, DataConfig, ModelConfig
+from configs.train import LoraSettings, SFTStageConfig
+from tasks.ifd import band_stride_pick, facility_location, ifd_value, pick_pre_experience, select_by_ifd
+from tests.conftest import DATA
+
+
+def test_the_two_ifd_definitions_rank_differently():
+    # (conditioned, direct) mean losses: A has the lower loss ratio, B the lower perplexity ratio
+    a, b = (1.0, 2.0), (4.0, 6.0)
+    assert ifd_value("cherry", *a) == 0.5 and ifd_value("cherry", *b) == pytest.approx(4 / 6)
+    assert ifd_value("superfilter", *a) == pytest.approx(math.exp(1.0) / math.exp(2.0))
+    assert ifd_value("superfilter", *b) == pytest.approx(math.exp(4.0) / math.exp(6.0))
+    assert (ifd_value("cherry", *a) < ifd_value("cherry", *b)) != (ifd_value("superfilter", *a) < ifd_value("superfilter", *b))
+
+
+def test_select_by_ifd_threshold_strictness_share_base_and_input_order():
+    ids = list("abcdefgh")
+    ifd = [0.9, 1.0, 1.2, None, 0.5, 0.95, 0.3, 0.99]  # d could not be scored
+    loose = IFDRule(threshold=1.0, strict=False, share_of="filtered")
+    chosen, counts = select_by_ifd(ids, ifd, loose, Budget(share=0.5))
+    # 6 pass (<= 1, c dropped, d unscored); half of those = 3 highest: b (1.0), h (0.99), f (0.95); input order
+    assert chosen == ["b", "f", "h"]
+    assert counts == {"ifd_scored": 7, "dropped_above_threshold": 1, "passing_threshold": 6, "share_base": 6, "selected": 3}
+    strict = IFDRule(threshold=1.0, strict=True, share_of="all")
+    chosen, counts = select_by_ifd(ids, ifd, strict, Budget(share=0.5))
+    # strict also drops b; share of all 8 = 4: h, f, a, e
+    assert chosen == ["a", "e", "f", "h"] and counts["share_base"] == 8 and counts["dropped_above_threshold"] == 2
+    chosen, _ = select_by_ifd(ids, ifd, strict, Budget(budget=100))  # a budget never exceeds what passes
+    assert chosen == ["a", "e", "f", "g", "h"]
+
+
+def test_band_stride_pick_takes_the_middle_band_at_an_even_stride():
+    values = np.array([50.0, 1.0, 9.0, 3.0, 7.0, 100.0, 5.0, 2.0, 8.0, 4.0, 6.0, 10.0])
+    picked = band_stride_pick(values, per_cluster=3, low=25, high=75)
+    lo, hi = np.percentile(values, 25), np.percentile(values, 75)
+    band = sorted(v for v in values if lo <= v <= hi)  # [4..9]: 6 values -> stride 2 -> 4, 6, 8
+    assert list(values[picked]) == band[::2][:3] == [4.0, 6.0, 8.0]
+    assert list(values[band_stride_pick(values[:3], 10, 25, 75)]) == [9.0]  # fewer than asked: all of the band
+
+
+def test_pick_pre_experience_clusters_then_picks_per_cluster():
+    rng = np.random.default_rng(0)
+    centers = np.array([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
+    emb = np.concatenate([c + rng.normal(size=(20, 2)) for c in centers])
+    ppl = rng.uniform(1, 100, size=60)
+    picked = pick_pre_experience(emb, ppl, PreExperienceConfig(n_clusters=3, per_cluster=4))
+    assert picked == sorted(picked) and len(picked) == 12
+    assert sorted(np.bincount(np.array(picked) // 20).tolist()) == [4, 4, 4]  # 4 from each blob
+    for blob in range(3):
+        members = ppl[blob * 20:(blob + 1) * 20]
+        lo, hi = np.percentile(members, 25), np.percentile(members, 75)
+        assert all(lo <= ppl[i] <= hi for i in picked if i // 20 == blob)
+    assert picked == pick_pre_experience(emb, ppl, PreExperienceConfig(n_clusters=3, per_cluster=4))  # fixed seed
+
+
+def test_facility_location_covers_every_cluster_first():
+    rng = np.random.default_rng(1)
+    dirs = np.eye(4)
+    emb = np.concatenate([d + 0.05 * rng.normal(size=(10, 4)) for d in dirs] + [dirs[0] + 0.05 * rng.normal(size=(30, 4))])
+    order = facility_location(emb, 4)
+    groups = {0 if i >= 40 else i // 10 for i in order}
+    assert groups == {0, 1, 2, 3} and len(set(order)) == 4
+
+
+def test_configs_refuse_invalid_combinations():
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"))
+    with pytest.raises(ValidationError, match="exactly one"):
+        CherrySelection(scoring=scoring)
+    with pytest.raises(ValidationError, match="band"):
+        PreExperienceConfig(band=(75, 25))
+    with pytest.raises(ValidationError, match="merge_adapter"):
+        PreExperienceConfig(sft=SFTStageConfig(lora=LoraSettings()))
+    with pytest.raises(ValidationError, match="diversity.budget"):
+        SuperfilterSelection(scoring=scoring, budget=10, diversity=DiversityConfig(budget=20))
+    assert SuperfilterSelection(scoring=scoring, share=0.1).rule.strict is True
+
+
+def test_ifd_and_diversity_stages_write_subset_histogram_and_counts():
+    from tasks.data import prepare_records, read_jsonl
+    from tasks.ifd import diversity_selection, ifd_selection
+    from tasks.score import score_records
+
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=24))
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"), template="superfilter", max_length=300,
+                            shard_size=12)
+    scores = score_records(records, scoring, progress=False)
+    selection = SuperfilterSelection(scoring=scoring, budget=8, diversity=DiversityConfig(budget=3, max_length=128))
+    out = ifd_selection(records, scores, selection)
+    rows = read_jsonl(out.file("ifd_scores.jsonl"))
+    kept = [r for r in rows if r["selected"]]
+    assert len(kept) == out.metrics["selected"] == min(8, out.metrics["passing_threshold"])
+    assert all(r["ifd"] < 1 for r in kept)
+    assert min(r["ifd"] for r in kept) >= max(r["ifd"] for r in rows if not r["selected"] and r["ifd"] < 1)
+    assert out.file("selected_ids.txt").read_text().split() == [r["id"] for r in kept]  # input order
+    assert out.file("ifd_histogram.png").stat().st_size > 0 and "ifd_histogram.png" in out.artifacts
+    assert out.metrics["truncated"] > 0 and out.metrics["scored"] + out.metrics["skipped"] == 24
+    assert out.params["scorer"] == "tiny:0" and out.params["template"] == "superfilter"
+    assert out.datasets and out.datasets[0]["file"] == "subset.messages.jsonl"
+    diverse = diversity_selection(records, out, selection)
+    picked = diverse.file("selected_ids.txt").read_text().split()
+    assert len(picked) == 3 and set(picked) <= {r["id"] for r in kept}

@@ -1,0 +1,170 @@
+"""The likelihood engine against the reference's one-sample loop, the templates' exact texts, and resumable scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from configs.errors import ScoringError
+from configs.ifd import ScoringConfig
+from configs.schema import DataConfig, ModelConfig
+from models.likelihood import ScoreRequest, length_batches, reference_scores, score_requests
+from models.templates import (SKIP_EMPTY_OUTPUT, SKIP_INSTRUCTION_TOO_LONG, SKIP_OVERLONG, TEMPLATES, build_pair,
+                              instruction_request)
+from tests.conftest import DATA
+
+# Real Alpaca rows (Cherry's own 5% subset, tests/data/README.md); 10 of the 40 have an input.
+CHERRY_ROWS = json.loads((DATA / "alpaca_cherry_40.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from models.loading import load_model
+
+    return load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+
+
+def _pairs(tokenizer, template, rows, max_length):
+    return [build_pair(template, tokenizer, r["instruction"], r.get("input", ""), r["output"], max_length) for r in rows]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_engine_agrees_with_one_sample_loop_on_every_sample(tiny, template):
+    model, tok = tiny
+    rows = CHERRY_ROWS[:8] + [r for r in CHERRY_ROWS if r.get("input")][:4]
+    pairs = _pairs(tok, template, rows, max_length=512)
+    assert all(p.skip_reason is None for p in pairs)
+    assert 0 < sum(p.truncated for p in pairs) < len(pairs)  # both the truncated and the whole path are covered
+    requests = [req for p in pairs for req in (p.conditioned, p.direct)]
+    engine = score_requests(model, requests, batch_size=5, pad_id=tok.pad_token_id, max_batch_tokens=2048)
+    loop = reference_scores(model, requests)
+    for i, (a, b) in enumerate(zip(engine, loop)):
+        assert a.n_tokens == b.n_tokens == requests[i].n_targets
+        assert abs(a.mean_nll - b.mean_nll) < 1e-5, (template, i, a.mean_nll, b.mean_nll)
+
+
+def test_full_logits_path_equals_head_on_targets(tiny):
+    model, tok = tiny
+    requests = [req for p in _pairs(tok, "alpaca", CHERRY_ROWS[:4], 200) for req in (p.conditioned, p.direct)]
+    fast = score_requests(model, requests, batch_size=3, pad_id=tok.pad_token_id)
+    full = score_requests(model, requests, batch_size=3, pad_id=tok.pad_token_id, head_on_targets_only=False)
+    assert [round(a.nll_sum, 3) for a in fast] == [round(b.nll_sum, 3) for b in full]
+
+
+def test_wiz_texts_spans_and_truncation_follow_the_reference(tiny):
+    _, tok = tiny
+    row = next(r for r in CHERRY_ROWS if r.get("input"))
+    ins, inp, out = row["instruction"], row["input"], row["output"]
+    whole = ins + "\nInput:" + inp + "\n\n### Response:" + out
+    pair = build_pair("wiz", tok, ins, inp, out, max_length=4096)
+    assert list(pair.conditioned.input_ids) == tok.encode(whole)
+    # the reference's boundary: the prefix tokenized on its own, BOS included
+    assert pair.conditioned.target_start == len(tok.encode(whole[:whole.rfind(out)]))
+    direct = "### Response:" + out
+    assert list(pair.direct.input_ids) == tok.encode(direct)
+    assert pair.direct.target_start == len(tok.encode("### Response:"))
+    assert pair.instruction_tokens == len(tok.encode(ins))  # wiz counts the raw instruction, not its input
+    # truncation: whole text at max_length, direct text at max_length - instruction tokens + 4
+    short = build_pair("wiz", tok, ins, inp, out, max_length=120)
+    assert short.truncated and len(short.conditioned.input_ids) == 120
+    assert list(short.direct.input_ids) == tok.encode(direct)[:120 - pair.instruction_tokens + 4]
+
+
+def test_alpaca_superfilter_and_chat_texts(tiny):
+    _, tok = tiny
+    ins, out = "Name a color.", "Blue is a color."
+    alpaca = build_pair("alpaca", tok, ins, "", out, 512)
+    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\nName a color.\n\n### Response:")
+    assert tok.decode(alpaca.conditioned.input_ids, skip_special_tokens=True) == prompt + out
+    assert alpaca.instruction_tokens == len(tok.encode(prompt))
+    plain = build_pair("superfilter", tok, ins, "red", out, 512)
+    assert list(plain.conditioned.input_ids) == tok.encode("Name a color.\nred\n" + out)
+    assert list(plain.direct.input_ids) == tok.encode(out) and plain.direct.target_start == 0
+    assert tok.decode(build_pair("superfilter", tok, ins, "", out, 512).conditioned.input_ids,
+                      skip_special_tokens=True) == "Name a color.\n" + out
+    chat = build_pair("chat", tok, ins, "", out, 512)
+    full = tok.apply_chat_template([{"role": "user", "content": ins}, {"role": "assistant", "content": out}],
+                                   tokenize=False)
+    turn_tail = full[full.rfind(out):]  # the answer and the template's end-of-turn tokens
+    assert turn_tail.startswith(out + "<|end|>")
+    assert tok.decode(chat.conditioned.input_ids) == full
+    assert tok.decode(chat.conditioned.input_ids[chat.conditioned.target_start:]) == turn_tail
+    assert tok.decode(chat.direct.input_ids) == "<|bos|><|assistant|>\n" + turn_tail
+    pre = instruction_request("alpaca", tok, ins, "", 512)
+    assert list(pre.input_ids) == tok.encode(prompt) and pre.target_start == 0
+
+
+def test_unscorable_samples_are_skipped_with_a_reason(tiny):
+    _, tok = tiny
+    long_instruction = "word " * 300
+    assert build_pair("wiz", tok, long_instruction, "", "ok", 64).skip_reason == SKIP_INSTRUCTION_TOO_LONG
+    assert build_pair("superfilter", tok, long_instruction, "", "ok", 64).skip_reason == SKIP_INSTRUCTION_TOO_LONG
+    assert build_pair("alpaca", tok, "hi", "", "", 64).skip_reason == SKIP_EMPTY_OUTPUT
+    kept = build_pair("wiz", tok, "hi", "", "answer " * 100, 64)
+    assert kept.skip_reason is None and kept.truncated
+    assert build_pair("wiz", tok, "hi", "", "answer " * 100, 64, overlong="skip").skip_reason == SKIP_OVERLONG
+
+
+def test_non_finite_losses_raise_or_are_returned_never_scored(tiny_model_dir):
+    import torch
+
+    from models.loading import load_model
+    from tasks.data import read_records
+    from tasks.score import STATUS_NONFINITE, score_shard
+
+    model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    req = [ScoreRequest(tuple(tok.encode("a short text to score")), 2)]
+    with pytest.raises(ScoringError, match="non-finite"):
+        score_requests(model, req, pad_id=tok.pad_token_id)
+    assert math.isnan(score_requests(model, req, pad_id=tok.pad_token_id, nonfinite="return")[0].nll_sum)
+    records = read_records(DATA / "alpaca_cherry_40.json").records[:2]
+    rows = score_shard(model, tok, records, 0, ScoringConfig(scorer=ModelConfig(name_or_path="x"), max_length=128))
+    assert [r["status"] for r in rows] == [STATUS_NONFINITE] * 2
+    assert all(r["cond_mean_nll"] is None and "non-finite" in r["reason"] for r in rows)
+
+
+def test_length_batches_cover_every_request_within_the_token_budget():
+    lengths = [5, 90, 12, 40, 41, 7, 88, 3, 60]
+    batches = length_batches(lengths, batch_size=3, max_batch_tokens=130)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3 and max(lengths[i] for i in b) * len(b) <= 130 or len(b) == 1
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+
+
+def test_killed_scoring_resumes_at_the_next_shard_with_identical_results(tmp_path, monkeypatch):
+    import tasks.score as score_mod
+    from tasks.data import prepare_records
+
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=20))
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"), template="superfilter", max_length=96,
+                            shard_size=4)
+    real_shard = score_mod.score_shard
+    calls: list[int] = []
+
+    def dies_after_two_shards(model, tokenizer, chunk, first_index, config, progress=False):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-run")
+        calls.append(first_index)
+        return real_shard(model, tokenizer, chunk, first_index, config)
+
+    monkeypatch.setattr(score_mod, "score_shard", dies_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        score_mod.score_records(records, scoring, progress=False)
+    calls_before = list(calls)
+    calls.clear()
+    monkeypatch.setattr(score_mod, "score_shard", lambda *a, **k: (calls.append(a[3]), real_shard(*a[:5]))[1])
+    resumed = score_mod.score_records(records, scoring, progress=False)
+    assert calls_before == [0, 4] and calls == [8, 12, 16]  # only the unfinished shards ran again
+    # the uninterrupted run, in a fresh store
+    monkeypatch.setenv("POMONA_HOME", str(tmp_path / "fresh"))
+    fresh = score_mod.score_records(records, scoring, progress=False)
+    assert fresh.path != resumed.path
+    assert score_mod.read_scores(resumed) == score_mod.read_scores(fresh)
+    assert resumed.digest == fresh.digest
+    assert resumed.metrics["scored"] == 20 and resumed.params["template"] == "superfilter"
