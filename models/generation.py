@@ -1,0 +1,292 @@
+"""Response generation backends: transformers (batched), vLLM (optional, CUDA) and OpenAI-compatible HTTP.
+
+Every backend takes conversations (role/content messages ending with a user turn) and a seed, and returns one
+`Generation` per conversation, in order, with token counts and why it stopped. A backend either answers every
+conversation of a call or raises `GenerationError`: the caller writes whole shards, so a failure never leaves a
+half-written shard and a rerun resumes at the first missing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from configs.errors import ConfigError, PomonaError
+from configs.grape import EndpointConfig, GeneratorConfig, SamplingConfig
+
+Messages = list[dict[str, str]]
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class GenerationError(PomonaError):
+    """A generator could not answer (endpoint down after retries, a malformed reply, a failed model)."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int | None
+    response_tokens: int | None
+    finish_reason: str
+    seed: int
+
+
+def derive_seed(base: int, *parts: object) -> int:
+    """A stable 31-bit seed from a base seed and a position (shard, request): same inputs, same seed, anywhere."""
+    digest = hashlib.sha256(":".join(str(p) for p in (base, *parts)).encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, conversations: Sequence[Messages], seed: int, progress: bool = False) -> list[Generation]: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+class TransformersGenerator:
+    """Batched `generate` with left padding under the model's chat template; the shard seed seeds torch once."""
+
+    def __init__(self, config: GeneratorConfig):
+        from models.loading import load_model
+
+        self.name = config.name
+        self.sampling = config.sampling
+        self.batch_size = config.batch_size
+        self.model, self.tokenizer = load_model(config.model)
+        self.tokenizer.padding_side = "left"  # generation continues from the last position of every row
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    def _decoding_kwargs(self) -> dict:
+        s = self.sampling
+        if s.temperature == 0:
+            return {"do_sample": False, "repetition_penalty": s.repetition_penalty}
+        # Explicit values everywhere: a checkpoint's generation_config must not change what was recorded.
+        return {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k or 0,
+                "repetition_penalty": s.repetition_penalty}
+
+    def generate(self, conversations: Sequence[Messages], seed: int, progress: bool = False) -> list[Generation]:
+        import torch
+        from tqdm.auto import tqdm
+
+        from models.fit import render_prompt
+
+        torch.manual_seed(seed)
+        texts = [render_prompt(self.tokenizer, c) for c in conversations]
+        device = next(self.model.parameters()).device
+        out: list[Generation] = []
+        for start in tqdm(range(0, len(texts), self.batch_size), desc=f"generate {self.name}", disable=not progress):
+            batch = self.tokenizer(texts[start:start + self.batch_size], add_special_tokens=False, padding=True,
+                                   return_tensors="pt").to(device)
+            with torch.no_grad():
+                ids = self.model.generate(**batch, max_new_tokens=self.sampling.max_new_tokens,
+                                          pad_token_id=self.tokenizer.pad_token_id, **self._decoding_kwargs())
+            width = batch["input_ids"].shape[1]
+            prompt_lengths = batch["attention_mask"].sum(-1).tolist()
+            for row, new in enumerate(ids[:, width:].tolist()):
+                stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+                kept = new if stop is None else new[:stop]
+                text = self.tokenizer.decode(kept, skip_special_tokens=True)
+                out.append(Generation(text, int(prompt_lengths[row]), len(new) if stop is None else stop + 1,
+                                      "length" if stop is None else "stop", seed))
+        return out
+
+    def close(self) -> None:
+        self.model = None  # let the weights go before the next generator loads
+
+
+# ------------------------------------------------------------------------------------------------------ vLLM
+class VllmGenerator:
+    """vLLM offline inference (optional extra `pomona[vllm]`, CUDA only); one seed per request."""
+
+    def __init__(self, config: GeneratorConfig):
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"generator {config.name!r}: backend 'vllm' needs the optional extra "
+                              "(pip install 'pomona[vllm]') on a CUDA machine; use backend 'transformers' or serve the "
+                              "model with any OpenAI-compatible server and use backend 'openai'")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"generator {config.name!r}: backend 'vllm' needs a CUDA GPU and none is visible")
+        if config.model.gguf_file:
+            raise ConfigError(f"generator {config.name!r}: backend 'vllm' does not load gguf_file here; "
+                              "import the model into a folder first (pomona import-smollm2 / save_pretrained)")
+        from vllm import LLM
+
+        from models.loading import resolve_model_path
+
+        self.name = config.name
+        self.sampling = config.sampling
+        dtype = "auto" if config.model.dtype == "auto" else config.model.dtype
+        self.llm = LLM(model=resolve_model_path(config.model), dtype=dtype, seed=config.sampling.seed,
+                       trust_remote_code=config.model.trust_remote_code)
+
+    def generate(self, conversations: Sequence[Messages], seed: int, progress: bool = False) -> list[Generation]:
+        from vllm import SamplingParams
+
+        s = self.sampling
+        params = [SamplingParams(n=1, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                 top_k=s.top_k or -1, repetition_penalty=s.repetition_penalty, seed=seed + i)
+                  for i in range(len(conversations))]
+        results = self.llm.chat(list(conversations), params, use_tqdm=progress)
+        out = []
+        for i, res in enumerate(results):
+            choice = res.outputs[0]
+            out.append(Generation(choice.text, len(res.prompt_token_ids), len(choice.token_ids),
+                                  str(choice.finish_reason), seed + i))
+        return out
+
+    def close(self) -> None:
+        self.llm = None
+
+
+# ------------------------------------------------------------------------------------------------------ HTTP
+class OpenAIChatGenerator:
+    """POST <base_url>/chat/completions with retries (exponential backoff), a concurrency limit and timeouts."""
+
+    def __init__(self, config: GeneratorConfig, sleep=time.sleep):
+        import httpx
+
+        self.name = config.name
+        self.endpoint: EndpointConfig = config.endpoint
+        self.sampling: SamplingConfig = config.sampling
+        self._sleep = sleep
+        headers = {"Content-Type": "application/json"}
+        if self.endpoint.api_key_env:
+            key = os.environ.get(self.endpoint.api_key_env)
+            if not key:
+                raise ConfigError(f"generator {self.name!r}: environment variable {self.endpoint.api_key_env} "
+                                  "(endpoint.api_key_env) is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(self.endpoint.timeout_s),
+                                   limits=httpx.Limits(max_connections=self.endpoint.concurrency))
+        self.url = f"{self.endpoint.base_url}/chat/completions"
+        self._in_flight = 0
+        self.max_in_flight = 0  # observed, for the summary (and the concurrency test)
+        self._lock = threading.Lock()
+
+    def _body(self, messages: Messages, seed: int) -> dict:
+        s = self.sampling
+        body = {"model": self.endpoint.model, "messages": messages, "max_tokens": s.max_new_tokens,
+                "temperature": s.temperature, "top_p": s.top_p, "seed": seed, "n": 1}
+        if s.top_k is not None:  # not in the OpenAI API; vLLM and llama.cpp servers accept it
+            body["top_k"] = s.top_k
+        if s.repetition_penalty != 1.0:
+            body["repetition_penalty"] = s.repetition_penalty
+        return body
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(float(retry_after), self.endpoint.max_backoff_s)
+            except ValueError:
+                pass  # an HTTP-date Retry-After: fall back to our own schedule
+        return min(self.endpoint.backoff_s * 2 ** attempt, self.endpoint.max_backoff_s)
+
+    def request(self, messages: Messages, seed: int) -> Generation:
+        """One chat completion, retried on timeouts, connection errors, 408/409/429 and 5xx."""
+        import httpx
+
+        last = "no attempt"
+        for attempt in range(self.endpoint.max_retries + 1):
+            retry_after = None
+            with self._lock:
+                self._in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            try:
+                response = self.client.post(self.url, json=self._body(messages, seed))
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                response = None
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+            if response is not None:
+                if response.status_code == 200:
+                    return self._parse(response, seed)
+                last = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code not in RETRYABLE_STATUS:
+                    raise GenerationError(f"generator {self.name!r}: {self.url} refused the request ({last}); "
+                                          "not retried: check the endpoint, model name and API key")
+                retry_after = response.headers.get("Retry-After")
+            if attempt < self.endpoint.max_retries:
+                self._sleep(self._delay(attempt, retry_after))
+        raise GenerationError(f"generator {self.name!r}: {self.url} failed after {self.endpoint.max_retries + 1} "
+                              f"attempts; last error: {last}")
+
+    def _parse(self, response, seed: int) -> Generation:
+        try:
+            doc = response.json()
+            choice = doc["choices"][0]
+            text = choice["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError(f"message.content is {type(text).__name__}")
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise GenerationError(f"generator {self.name!r}: {self.url} answered 200 with an unexpected body "
+                                  f"({type(exc).__name__}: {exc}): {response.text[:300]}") from None
+        usage = doc.get("usage") or {}
+        return Generation(text, usage.get("prompt_tokens"), usage.get("completion_tokens"),
+                          str(choice.get("finish_reason")), seed)
+
+    def generate(self, conversations: Sequence[Messages], seed: int, progress: bool = False) -> list[Generation]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        failed = threading.Event()
+
+        def one(messages: Messages, request_seed: int) -> Generation | None:
+            if failed.is_set():  # after the first failure the shard is lost anyway: send nothing more
+                return None
+            try:
+                return self.request(messages, request_seed)
+            except GenerationError:
+                failed.set()
+                raise
+
+        pool = ThreadPoolExecutor(max_workers=self.endpoint.concurrency, thread_name_prefix=f"gen-{self.name}")
+        try:
+            futures = [pool.submit(one, c, seed + i) for i, c in enumerate(conversations)]
+            return [f.result() for f in tqdm(futures, desc=f"generate {self.name}", disable=not progress)]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_generator(config: GeneratorConfig) -> Generator:
+    """The backend a generator config names, ready to generate."""
+    if config.backend == "transformers":
+        return TransformersGenerator(config)
+    if config.backend == "vllm":
+        return VllmGenerator(config)
+    if config.backend == "openai":
+        return OpenAIChatGenerator(config)
+    raise ConfigError(f"unknown generation backend {config.backend!r}")
+
+
+def generation_params(config: GeneratorConfig) -> dict:
+    """What a candidate row records about how it was generated (never an API key)."""
+    params = {"backend": config.backend, **config.sampling.model_dump(),
+              "seed_scope": "shard" if config.backend == "transformers" else "request"}
+    if config.model is not None:
+        params["model"] = config.model.name_or_path
+    if config.endpoint is not None:
+        params.update({"endpoint": config.endpoint.base_url, "model": config.endpoint.model})
+    return params
+
+
+__all__ = ["Generation", "GenerationError", "OpenAIChatGenerator", "TransformersGenerator", "VllmGenerator",
+           "derive_seed", "generation_params", "make_generator"]

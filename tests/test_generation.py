@@ -1,0 +1,244 @@
+"""Generation backends and the resumable `generate` stage: tiny transformers models, and a fake OpenAI server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from configs.errors import ConfigError
+from configs.grape import EndpointConfig, GeneratorConfig, SamplingConfig
+from configs.schema import DataConfig, ModelConfig
+from models.generation import GenerationError, OpenAIChatGenerator, TransformersGenerator, make_generator
+from tasks.data import prepare_records
+from tasks.generate import generate_candidates, read_parquet
+from tests.conftest import DATA
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on the shared 2-core box: thread wake-ups cost more than the work."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CONVERSATIONS = [[{"role": "user", "content": "What is the capital of France?"}],
+                 [{"role": "user", "content": "Write a short poem about the sea and the silver moon."}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
+
+
+# ------------------------------------------------------------------------------------------ a fake server
+class FakeChatServer:
+    """A local OpenAI-compatible /v1/chat/completions with scripted failures, delays and a request log."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.script: list[tuple[int, dict]] = []  # (status, headers) answered before normal replies
+        self.fail_after: int | None = None  # answer 400 once this many requests succeeded
+        self.delay_s = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append(body)
+                    server.headers.append(dict(self.headers))
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    scripted = server.script.pop(0) if server.script else None
+                    ok = sum(1 for r in server.requests if r.get("_ok"))
+                    refuse = server.fail_after is not None and ok >= server.fail_after
+                    if scripted is None and not refuse:
+                        body["_ok"] = True
+                try:
+                    time.sleep(server.delay_s)
+                    if self.path != "/v1/chat/completions":
+                        return self._send(404, {"error": "not found"})
+                    if scripted is not None:
+                        return self._send(scripted[0], {"error": "scripted"}, scripted[1])
+                    if refuse:
+                        return self._send(400, {"error": "bad request"})
+                    text = f"echo {body['messages'][-1]['content'][:20]} seed={body['seed']}"
+                    self._send(200, {"choices": [{"message": {"role": "assistant", "content": text},
+                                                  "finish_reason": "stop"}],
+                                     "usage": {"prompt_tokens": 11, "completion_tokens": 7}})
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _send(self, status, doc, headers=None):
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_server():
+    server = FakeChatServer()
+    yield server
+    server.close()
+
+
+def http_generator(url: str, name: str = "remote", **endpoint) -> GeneratorConfig:
+    settings = {"base_url": url, "model": "fake-model", "timeout_s": 2.0, "max_retries": 3, "backoff_s": 0.01,
+                **endpoint}
+    return GeneratorConfig(name=name, backend="openai", endpoint=EndpointConfig(**settings),
+                           sampling=SamplingConfig(max_new_tokens=16, temperature=0.5, seed=7))
+
+
+# ------------------------------------------------------------------------------------------ transformers
+def test_two_seeded_tiny_generators_differ_are_reproducible_and_left_padded():
+    def gen(seed: int) -> TransformersGenerator:
+        return TransformersGenerator(GeneratorConfig(
+            name=f"tiny{seed}", model=ModelConfig(name_or_path=f"tiny:{seed}"), batch_size=3,
+            sampling=SamplingConfig(max_new_tokens=8, temperature=0.8, top_k=50, seed=3)))
+
+    one, two = gen(1), gen(2)
+    a, b = one.generate(CONVERSATIONS, seed=11), two.generate(CONVERSATIONS, seed=11)
+    assert [g.text for g in a] != [g.text for g in b]  # different weights, different answers
+    assert [g.text for g in a] == [g.text for g in one.generate(CONVERSATIONS, seed=11)]  # same seed, same answers
+    for g in a:
+        assert g.seed == 11 and g.finish_reason in {"stop", "length"} and 1 <= g.response_tokens <= 8
+        assert g.finish_reason == "stop" or g.response_tokens == 8
+    # Left padding: greedy answers of a padded batch equal the answers generated one prompt at a time.
+    one.sampling = SamplingConfig(max_new_tokens=8, temperature=0)
+    batched = one.generate(CONVERSATIONS, seed=0)
+    one.batch_size = 1
+    assert [g.text for g in batched] == [g.text for g in one.generate(CONVERSATIONS, seed=0)]
+    assert len({g.prompt_tokens for g in batched}) == 3  # prompt lengths differ, so padding was exercised
+
+
+def test_vllm_backend_selected_without_it_is_a_clear_error():
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    config = GeneratorConfig(name="v", backend="vllm", model=ModelConfig(name_or_path="tiny:1"))
+    with pytest.raises(ConfigError, match=r"pomona\[vllm\]"):
+        make_generator(config)
+
+
+@pytest.mark.gpu
+def test_vllm_generates_on_cuda():
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    backend = make_generator(GeneratorConfig(name="v", backend="vllm", model=ModelConfig(name_or_path="tiny:1"),
+                                             sampling=SamplingConfig(max_new_tokens=8, seed=1)))
+    out = backend.generate(CONVERSATIONS, seed=5)
+    assert len(out) == 3 and [g.seed for g in out] == [5, 6, 7]
+
+
+def test_generator_config_checks_backend_fields():
+    with pytest.raises(ValueError, match="needs 'endpoint'"):
+        GeneratorConfig(name="x", backend="openai", model=ModelConfig(name_or_path="tiny:1"))
+    with pytest.raises(ValueError, match="needs 'model'"):
+        GeneratorConfig(name="x", backend="transformers")
+    with pytest.raises(ValueError, match="metric key"):
+        GeneratorConfig(name="bad name", model=ModelConfig(name_or_path="tiny:1"))
+
+
+# -------------------------------------------------------------------------------------------------- HTTP
+def test_http_backend_retries_with_exponential_backoff_then_answers(fake_server, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "sekrit")
+    fake_server.script = [(503, {}), (429, {}), (502, {})]
+    delays: list[float] = []
+    backend = OpenAIChatGenerator(http_generator(fake_server.url, api_key_env="FAKE_KEY"), sleep=delays.append)
+    [answer] = backend.generate(CONVERSATIONS[:1], seed=40)
+    assert delays == [0.01, 0.02, 0.04]  # doubled each retry
+    assert answer.text == "echo What is the capital  seed=40"
+    assert (answer.prompt_tokens, answer.response_tokens, answer.finish_reason) == (11, 7, "stop")
+    sent = fake_server.requests[-1]
+    assert sent["model"] == "fake-model" and sent["max_tokens"] == 16 and sent["temperature"] == 0.5
+    assert fake_server.headers[-1]["Authorization"] == "Bearer sekrit"
+
+
+def test_http_backend_honours_retry_after_and_gives_up_with_a_clear_error(fake_server):
+    fake_server.script = [(503, {"Retry-After": "0.5"})] * 4
+    delays: list[float] = []
+    backend = OpenAIChatGenerator(http_generator(fake_server.url), sleep=delays.append)
+    with pytest.raises(GenerationError, match=r"failed after 4 attempts; last error: HTTP 503"):
+        backend.generate(CONVERSATIONS[:1], seed=0)
+    assert delays == [0.5, 0.5, 0.5]
+
+
+def test_http_backend_does_not_retry_a_refusal(fake_server):
+    fake_server.fail_after = 0
+    backend = OpenAIChatGenerator(http_generator(fake_server.url), sleep=lambda s: None)
+    with pytest.raises(GenerationError, match="refused the request .*HTTP 400.*not retried"):
+        backend.generate(CONVERSATIONS[:1], seed=0)
+    assert len(fake_server.requests) == 1
+
+
+def test_http_backend_times_out_and_limits_concurrency(fake_server):
+    fake_server.delay_s = 0.6
+    slow = OpenAIChatGenerator(http_generator(fake_server.url, timeout_s=0.2, max_retries=1), sleep=lambda s: None)
+    with pytest.raises(GenerationError, match="ReadTimeout"):
+        slow.generate(CONVERSATIONS[:1], seed=0)
+    while fake_server.in_flight:  # let the timed-out requests finish on the server side
+        time.sleep(0.05)
+    fake_server.delay_s = 0.15
+    fake_server.max_in_flight = 0
+    backend = OpenAIChatGenerator(http_generator(fake_server.url, concurrency=2))
+    out = backend.generate(CONVERSATIONS * 2, seed=100)
+    assert fake_server.max_in_flight == 2  # six requests, never more than two at once
+    assert [g.seed for g in out] == [100, 101, 102, 103, 104, 105]  # one seed per request, in order
+    assert [g.text.split(" seed=")[1] for g in out] == ["100", "101", "102", "103", "104", "105"]
+
+
+def test_missing_api_key_is_a_config_error(fake_server, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    with pytest.raises(ConfigError, match="NO_SUCH_KEY"):
+        OpenAIChatGenerator(http_generator(fake_server.url, api_key_env="NO_SUCH_KEY"))
+
+
+# ---------------------------------------------------------------------------------------- stage: generate
+def test_generate_stage_resumes_at_the_failed_shard(fake_server):
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=10), require_response=False)
+    generator = http_generator(fake_server.url, name="remote-resume", max_retries=0, concurrency=1)
+    fake_server.fail_after = 6  # shards of 4: shard 0 succeeds, shard 1 is refused at its 3rd request
+    with pytest.raises(GenerationError, match="refused"):
+        generate_candidates(records, generator, shard_size=4, progress=False)
+    assert len(fake_server.requests) == 7
+    fake_server.fail_after = None
+    out = generate_candidates(records, generator, shard_size=4, progress=False)
+    assert out.metrics["shards"] == 3 and out.metrics["shards_resumed"] == 1 and out.metrics["responses"] == 10
+    assert len(fake_server.requests) == 7 + 6  # shard 0 was not asked again
+    rows = read_parquet(out.file("generated.parquet"))
+    assert len({r["instruction_id"] for r in rows}) == 10
+    params = json.loads(rows[0]["params"])
+    assert params["backend"] == "openai" and params["temperature"] == 0.5 and params["seed"] == 7
+    assert params["seed_scope"] == "request" and "sekrit" not in rows[0]["params"]
+    assert all(r["response"].startswith("echo ") and r["response_tokens"] == 7 for r in rows)
+    # the seeds of one shard run on from the shard's derived seed
+    shard0 = [r["seed"] for r in rows[:4]]
+    assert shard0 == list(range(shard0[0], shard0[0] + 4))
+    again = generate_candidates(records, generator, shard_size=4, progress=False)
+    assert again.digest == out.digest and len(fake_server.requests) == 13  # finished: nothing re-sent

@@ -1,0 +1,313 @@
+"""GRAPE: candidate ingestion, fit scoring with prefix reuse, selection vs a direct per-candidate loop, DPO pairs,
+and the flow end to end (two seeded tiny generators, one failing endpoint) with its MLflow record."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from configs.errors import RecordError
+from configs.grape import CandidatesFile, GrapeRecipe, GrapeSelection
+from configs.schema import ModelConfig
+from models.fit import CandidateGroup, candidate_tokens, fit_plain, fit_with_prefix_reuse
+from models.loading import load_model
+from tasks.data import read_jsonl
+from tasks.generate import read_parquet
+from tasks.grape import (
+    CandidateFit, dpo_pairs, grape_select, ingest_candidates, rank_candidates, read_candidates_file,
+    score_candidate_fit,
+)
+from tests.conftest import DATA, SHARED
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on the shared 2-core box: thread wake-ups cost more than the work."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SLICE = DATA / "vicuna_two_models_12.json"
+PROMPT_FIELD = {"vicuna": "text", "koala": "prompt", "lima": "conversations", "sinstruct": "instruction",
+                "wizardlm": "Instruction"}
+
+
+# ------------------------------------------------------------------------------------------------ ingestion
+@pytest.mark.parametrize("name", sorted(PROMPT_FIELD))
+def test_shared_candidate_files_ingest_with_their_prompt_field(name):
+    path = SHARED / "candidates" / f"{name}_two_models.json"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    raw = json.loads(path.read_text())["data"]
+    instructions, rows, rejects = read_candidates_file(CandidatesFile(path=str(path)))
+    assert len(instructions) + sum(1 for r in rejects if r["field"] is None) == len(raw)
+    assert len(rows) == 2 * len(instructions) - sum(1 for r in rejects if r["field"] in ("Answer1", "Answer2"))
+    first = instructions[0]
+    assert first.messages == [{"role": "user", "content": raw[0][PROMPT_FIELD[name]]}]
+    mine = [r for r in rows if r["instruction_id"] == first.id]
+    assert [(r["generator"], r["response"]) for r in mine] == [("Answer1", raw[0]["Answer1"]),
+                                                               ("Answer2", raw[0]["Answer2"])]
+    reasons = Counter(r["reason"] for r in rejects)
+    expected = {"koala": {"empty response": 2}, "sinstruct": {"duplicate": 1}, "wizardlm": {"duplicate": 1}}
+    for reason, count in expected.get(name, {}).items():
+        assert sum(n for k, n in reasons.items() if k.startswith(reason)) == count
+    if name not in expected:
+        assert not rejects
+
+
+def test_bundled_slice_labels_limit_and_formats(tmp_path):
+    labels = {"Answer1": "cherry-5pct", "Answer2": "alpaca-7b"}
+    instructions, rows, rejects = read_candidates_file(CandidatesFile(path=str(SLICE), generator_labels=labels,
+                                                                      limit=5))
+    assert len(instructions) == 5 and len(rows) == 10 and not rejects
+    assert Counter(r["generator"] for r in rows) == {"cherry-5pct": 5, "alpaca-7b": 5}
+    # Self-Instruct rows carry their input in instances[0]; UltraFeedback rows list completions.
+    sinstruct = tmp_path / "s.json"
+    sinstruct.write_text(json.dumps({"Meta_Info": {}, "data": [
+        {"instruction": "Fix the grammar.", "instances": [{"input": "he go home", "output": "He goes home."}],
+         "Answer1": "He goes home.", "Answer2": "He went home."}]}))
+    [inst], rows, _ = read_candidates_file(CandidatesFile(path=str(sinstruct)))
+    assert inst.messages[0]["content"] == "Fix the grammar.\n\nhe go home" and len(rows) == 2
+    ultra = tmp_path / "u.jsonl"
+    ultra.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "Name a colour.", "completions": [{"model": "gpt-4", "response": "Blue."},
+                                                          {"model": "llama-2-7b-chat", "response": "Red."},
+                                                          {"model": "wizardlm-7b", "response": ""}]},
+        {"source": "x", "completions": [{"model": "a", "response": "b"}]},
+    ]) + "\n")
+    [inst], rows, rejects = read_candidates_file(CandidatesFile(path=str(ultra)))
+    assert [r["generator"] for r in rows] == ["gpt-4", "llama-2-7b-chat"]
+    assert [(r["field"], r["reason"].split(":")[0]) for r in rejects] == [
+        ("completions[2].response", "empty response"), (None, "no prompt field")]
+    with pytest.raises(RecordError, match=r"u.jsonl, line 1, field 'completions\[2\].response': empty response"):
+        read_candidates_file(CandidatesFile(path=str(ultra), on_error="raise"))
+
+
+# ---------------------------------------------------------------------------------------------- fit scoring
+def test_prefix_reuse_equals_one_pass_per_candidate(tiny_model_dir):
+    model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    prompts = ["What is the capital of France?", "Write a short poem about the sea and the moon, please.", "Hi"]
+    answers = [["Paris.", "The capital of France is Paris, a very big city.", "x"], ["Waves roll in.", "Blue sea"],
+               ["Hello there, how can I help you today?"]]
+    groups = []
+    for prompt, responses in zip(prompts, answers):
+        tokens = candidate_tokens(tok, [{"role": "user", "content": prompt}], responses)
+        groups.append(CandidateGroup(tokens[0].prompt_ids, tuple(t.target_ids(True) for t in tokens)))
+    plain = fit_plain(model, groups, batch_size=4, pad_id=tok.pad_token_id)
+    for batch_size in (1, 2, 8):
+        reused = fit_with_prefix_reuse(model, groups, batch_size=batch_size, pad_id=tok.pad_token_id)
+        for a_group, b_group in zip(plain, reused):
+            for a, b in zip(a_group, b_group):
+                assert a.n_tokens == b.n_tokens
+                assert b.nll_sum == pytest.approx(a.nll_sum, rel=1e-5, abs=1e-4)
+
+
+def _direct_fits(model, tok, messages, response):
+    """Independent reference: the whole conversation tokenized at once, one unbatched forward pass."""
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    ids = tok(full.rstrip(), add_special_tokens=False)["input_ids"]
+    start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    picked = [logprobs[i - 1, ids[i]].item() for i in range(start, len(ids))]
+    return {"mean_logprob": sum(picked) / len(picked), "sum_logprob": sum(picked),
+            "per_byte": sum(picked) / len(response.encode())}
+
+
+@pytest.fixture(scope="module")
+def scored_slice(tiny_model_dir):
+    selection = GrapeSelection(target=ModelConfig(name_or_path=str(tiny_model_dir)), scoring_shard_size=4,
+                               candidates=CandidatesFile(path=str(SLICE), limit=8), batch_size=3)
+    candidates = ingest_candidates(selection.candidates)
+    fit = score_candidate_fit(candidates, selection, progress=False)
+    return selection, candidates, fit
+
+
+def _with(selection: GrapeSelection, **changes) -> GrapeSelection:
+    return GrapeSelection.model_validate({**selection.model_dump(), **changes})
+
+
+@pytest.fixture(scope="module")
+def direct_fits(tiny_model_dir):
+    """Per slice row, per answer: the fits by every criterion, from the direct loop."""
+    model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    out = []
+    for row in json.loads(SLICE.read_text())["data"][:8]:
+        messages = [{"role": "user", "content": row["text"]}]
+        out.append((row, messages, [_direct_fits(model, tok, messages, row[k]) for k in ("Answer1", "Answer2")]))
+    return out
+
+
+@pytest.mark.parametrize("criterion", ["mean_logprob", "sum_logprob", "per_byte"])
+def test_selection_equals_the_argmax_of_a_direct_per_candidate_loop(scored_slice, direct_fits, criterion):
+    selection, candidates, fit = scored_slice
+    selection = _with(selection, criterion=criterion)
+    out = grape_select(candidates, fit, selection)
+    expected = []
+    for row, messages, by_answer in direct_fits:
+        fits = [f[criterion] for f in by_answer]
+        expected.append({"messages": messages + [{"role": "assistant",
+                                                  "content": row["Answer1" if fits[0] > fits[1] else "Answer2"]}]})
+    assert read_jsonl(out.file("subset.messages.jsonl")) == expected
+    table = {(r["instruction_id"], r["candidate_index"]): r for r in read_parquet(out.file("candidate_fit.parquet"))}
+    assert len(table) == 16 and sum(r["selected"] for r in table.values()) == 8
+    assert out.metrics["wins/Answer1"] + out.metrics["wins/Answer2"] == 8 == out.metrics["selected"]
+    for name in ("winners_by_generator.png", "candidate_fit_hist.png", "margin_hist.png", "candidate_fit.parquet"):
+        assert name in out.artifacts and out.file(name).stat().st_size > 0
+    assert out.datasets[0]["name"] == "grape-subset" and len(out.datasets[0]["digest"]) == 16
+
+
+def test_fit_rows_match_the_direct_loop_and_count_response_tokens(scored_slice, tiny_model_dir):
+    _, candidates, fit = scored_slice
+    model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    rows = read_parquet(fit.file("fit.parquet"))
+    assert fit.metrics["candidates_scored"] == 16 and fit.metrics["shards"] == 2
+    responses = {(c["instruction_id"], c["candidate_index"]): c["response"]
+                 for c in read_parquet(candidates.file("candidates.parquet"))}
+    for row in rows[:4]:
+        response = responses[(row["instruction_id"], row["candidate_index"])]
+        assert row["response_tokens"] == len(tok(response, add_special_tokens=False)["input_ids"])
+        assert row["scored_tokens"] == row["response_tokens"] + row["tail_tokens"] and row["tail_tokens"] == 1
+        assert row["response_bytes"] == len(response.encode())
+    # the stage is resumable and cached: a second call returns the recorded output
+    again = score_candidate_fit(candidates, scored_slice[0], progress=False)
+    assert again.digest == fit.digest
+
+
+def test_too_long_and_empty_candidates_are_rejected_not_scored(tiny_model_dir, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data": [{"text": "Say hi.", "Answer1": "hi", "Answer2": "hello " * 200},
+                                         {"text": "Say bye.", "Answer1": "   ", "Answer2": "bye"}]}))
+    selection = GrapeSelection(target=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=64,
+                               candidates=CandidatesFile(path=str(path)))
+    candidates = ingest_candidates(selection.candidates)
+    assert candidates.metrics["candidates_rejected"] == 1  # the blank answer, at ingestion
+    fit = score_candidate_fit(candidates, selection, progress=False)
+    rejects = read_jsonl(fit.file("rejects.jsonl"))
+    assert [r["reason"].split(":")[0] for r in rejects] == ["too long"]
+    assert fit.metrics["candidates_scored"] == 2
+    out = grape_select(candidates, fit, selection)
+    assert out.metrics["single_candidate_instructions"] == 2 and out.metrics["selected"] == 2
+
+
+# ------------------------------------------------------------------------------------------ ranking and DPO
+def test_tie_break_is_deterministic_and_independent_of_input_order():
+    rows = [{"instruction_id": "i", "candidate_index": k, "generator": g, "nll_sum": 6.0, "scored_tokens": 3,
+             "response_bytes": 10} for k, g in enumerate(["zeta", "alpha", "mid"])]
+    for ordering in (rows, rows[::-1]):
+        ranked = rank_candidates(ordering, "mean_logprob")["i"]
+        assert [c.generator for c in ranked] == ["alpha", "mid", "zeta"]
+
+
+def test_dpo_pairs_follow_the_scores_and_the_margin(scored_slice):
+    selection, candidates, fit = scored_slice
+    out = grape_select(candidates, fit, _with(selection, dpo={"enabled": True, "min_margin": 0.0}))
+    pairs, meta = read_jsonl(out.file("pairs.jsonl")), read_jsonl(out.file("pairs_meta.jsonl"))
+    ranked = rank_candidates(read_parquet(fit.file("fit.parquet")), "mean_logprob")
+    responses = {(c["instruction_id"], c["candidate_index"]): c["response"]
+                 for c in read_parquet(candidates.file("candidates.parquet"))}
+    assert len(pairs) == len(meta) == out.metrics["dpo_pairs"] == 8
+    for pair, info in zip(pairs, meta):
+        assert set(pair) == {"prompt", "chosen", "rejected"} and pair["prompt"][-1]["role"] == "user"
+        best, worst = ranked[info["instruction_id"]][0], ranked[info["instruction_id"]][-1]
+        assert pair["chosen"] == [{"role": "assistant", "content": responses[(best.instruction_id, best.candidate_index)]}]
+        assert pair["rejected"][0]["content"] == responses[(worst.instruction_id, worst.candidate_index)]
+        assert info["margin"] == pytest.approx(best.fit - worst.fit) and info["margin"] > 0
+    margins = sorted(m["margin"] for m in meta)
+    strict = grape_select(candidates, fit, _with(selection, dpo={"enabled": True, "min_margin": margins[4]}))
+    assert strict.metrics["dpo_pairs"] == 4 and strict.metrics["dpo_skipped[margin]"] == 4
+    # a tie or identical texts never make a pair
+    ranked = {"a": [CandidateFit("a", 0, "g1", -1.0), CandidateFit("a", 1, "g2", -1.0)],
+              "b": [CandidateFit("b", 0, "g1", -1.0), CandidateFit("b", 1, "g2", -2.0)]}
+    texts = {("a", 0): "x", ("a", 1): "y", ("b", 0): "same", ("b", 1): "same"}
+    pairs, _, skipped = dpo_pairs(ranked, texts, {"a": [], "b": []})
+    assert pairs == [] and skipped == {"margin": 1, "identical_texts": 1}
+
+
+def test_budget_keeps_the_instructions_whose_winner_fits_best(scored_slice):
+    selection, candidates, fit = scored_slice
+    out = grape_select(candidates, fit, _with(selection, budget=3))
+    table = read_parquet(out.file("candidate_fit.parquet"))
+    best = sorted((r["fit"] for r in table if r["rank"] == 0), reverse=True)
+    kept = sorted((r["fit"] for r in table if r["selected"]), reverse=True)
+    assert out.metrics["selected"] == 3 and kept == best[:3]
+
+
+def test_config_requires_one_candidate_source_and_the_demo_recipe_loads():
+    from configs.pipeline import load_recipe
+    from tests.conftest import REPO
+
+    demo = load_recipe(REPO / "configs/recipes/grape_vicuna_smollm2.yaml", model=GrapeRecipe)
+    assert demo.selection.candidates.path.endswith("vicuna_two_models.json") and demo.selection.dpo.enabled
+    target = ModelConfig(name_or_path="tiny:0")
+    with pytest.raises(ValueError, match="exactly one of 'generators'"):
+        GrapeSelection(target=target)
+    with pytest.raises(ValueError, match="need 'data'"):
+        GrapeRecipe(name="x", selection={"target": target, "generators": [
+            {"name": "g", "model": {"name_or_path": "tiny:1"}}]})
+
+
+# ------------------------------------------------------------------------------------------------ the flow
+def test_flow_two_seeded_tiny_generators_one_failing_endpoint(prefect_server):
+    from flows.grape import grape_flow
+    from models.generation import GenerationError
+    from tasks.track import client
+
+    def recipe(policy: str) -> GrapeRecipe:
+        sampling = {"max_new_tokens": 5, "temperature": 0.9, "seed": 1}
+        return GrapeRecipe.model_validate({
+            "name": "grape-flow-test",
+            "data": {"path": str(DATA / "alpaca_cherry_40.json"), "limit": 3},
+            "selection": {
+                "target": {"name_or_path": "tiny:0"}, "on_generator_failure": policy, "generation_shard_size": 2,
+                "dpo": {"enabled": True},
+                "generators": [
+                    {"name": "tiny1", "model": {"name_or_path": "tiny:1"}, "sampling": sampling},
+                    {"name": "tiny2", "model": {"name_or_path": "tiny:2"}, "sampling": sampling},
+                    {"name": "down", "backend": "openai", "sampling": sampling,
+                     "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "max_retries": 0}}]},
+            "output_format": "alpaca"})
+
+    with pytest.raises(GenerationError, match=r"1 of 3 generators failed: down: .*rerun to resume"):
+        grape_flow(recipe("fail"))
+    state = grape_flow(recipe("continue"), return_state=True)
+    assert state.is_completed()
+    out = state.result()
+    cands = read_parquet(out["candidates"].file("candidates.parquet"))
+    assert Counter(c["generator"] for c in cands) == {"tiny1": 3, "tiny2": 3}
+    by_instruction: dict[str, dict[str, str]] = {}
+    for c in cands:
+        by_instruction.setdefault(c["instruction_id"], {})[c["generator"]] = c["response"]
+    assert any(v["tiny1"] != v["tiny2"] for v in by_instruction.values())  # differently seeded models differ
+    assert json.loads(out["candidates"].file("failed_generators.json").read_text()).keys() == {"down"}
+    assert out["candidates"].metrics["generators_failed"] == 1 and "down" in out["candidates"].summary
+    sel = out["selection"]
+    subset = read_jsonl(sel.file("subset.jsonl"))
+    assert len(subset) == 3 and set(subset[0]) == {"instruction", "input", "output"}
+    winners = {r["instruction_id"]: r["generator"] for r in read_parquet(sel.file("candidate_fit.parquet"))
+               if r["selected"]}
+    assert {by_instruction[i][g] for i, g in winners.items()} == {r["output"] for r in subset}
+
+    mlc = client()
+    exp = mlc.get_experiment_by_name("grape-flow-test")
+    runs = mlc.search_runs([exp.experiment_id])
+    select = next(r for r in runs if r.data.tags.get("pomona.stage") == "select-grape")
+    assert select.data.metrics["wins/tiny1"] + select.data.metrics["wins/tiny2"] == 3
+    assert select.data.params["criterion"] == "mean_logprob"
+    artifacts = {a.path for a in mlc.list_artifacts(select.info.run_id)}
+    assert {"winners_by_generator.png", "candidate_fit_hist.png", "margin_hist.png", "subset.jsonl"} <= artifacts
+    names = {d.dataset.name: d.dataset.digest for d in select.inputs.dataset_inputs}
+    assert names["grape-subset"] == sel.datasets[0]["digest"]
+    assert not math.isnan(select.data.metrics["margin_mean"])
+    # the generators that finished in the failed run were reused by the second
+    generated = [r for r in runs if r.data.tags.get("pomona.stage", "").startswith("generate-")]
+    assert sorted((r.data.tags["pomona.stage"], r.data.tags["pomona.cached"]) for r in generated) == [
+        ("generate-tiny1", "false"), ("generate-tiny1", "true"), ("generate-tiny2", "false"), ("generate-tiny2", "true")]
