@@ -1,0 +1,219 @@
+"""Deita scorers: the expected complexity / quality score read off one next-token distribution.
+
+A scorer model sees the reference prompt (below, exactly as in Deita's code) and the score is
+`sum_i p_i * i` for i in 1..6, with `p = softmax` over the logits of the six tokens "1".."6" at the first generated
+position (the position after the prompt's last token). Deita's reference returns 3.0 silently whenever a lookup
+fails; here a digit that is not one token, a non-finite logit or an over-long prompt is an error.
+
+The released scorers (`hkust-nlp/deita-complexity-scorer`, `hkust-nlp/deita-quality-scorer`) are used when their
+weights are present; any other causal LM works as an *approximate* scorer (it was not trained for the prompt), and
+the scorer says which it is in `params()` so the run records it.
+
+Differences from the reference, on purpose: the reference reads `generate(...).scores[0]`, i.e. logits after the
+generation config's logits processors; we read the raw logits (identical for greedy decoding without penalties,
+which is how the released scorers are configured). Prompts are batched with right padding; each prompt's score
+comes from its own last real token, so batching does not change scores beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from configs.errors import ConfigError, ScoringError
+
+Dimension = Literal["complexity", "quality"]
+ScorerKind = Literal["auto", "reference", "approximate"]
+
+# Exactly the reference's Python string literals (deita/selection/scorer/llama_scorer.py).
+COMPLEXITY_TEMPLATE = ("You are a helpful assistant. Please identify the complexity score of the following user query. \n"
+                       "##Query: {instruction}  \n##Complexity: ")
+QUALITY_TEMPLATE = ("You are a helpful assistant. Please identify the quality score of the Response corresponding to the "
+                    "Question. \n #Question#:\n{instruction}\n#Response#:\n{output} \n##Quality: ")
+SCORE_TOKENS = ("1", "2", "3", "4", "5", "6")
+REFERENCE_SCORERS = {"complexity": "hkust-nlp/deita-complexity-scorer", "quality": "hkust-nlp/deita-quality-scorer"}
+
+
+def complexity_prompt(instruction: str) -> str:
+    return COMPLEXITY_TEMPLATE.format(instruction=instruction)
+
+
+def quality_prompt(instruction: str, output: str) -> str:
+    return QUALITY_TEMPLATE.format(instruction=instruction, output=output)
+
+
+def score_token_ids(tokenizer) -> list[int]:
+    """The vocabulary ids of "1".."6", looked up in this tokenizer; an error when a digit is not one token.
+
+    The vocabulary entry is preferred (for Llama's SentencePiece this is the bare digit piece the reference uses,
+    id 29896 for "1"); otherwise the digit must encode to exactly one token.
+    """
+    ids: list[int] = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for digit in SCORE_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(digit)
+        if token_id is None or token_id == unk or tokenizer.decode([token_id]).strip() != digit:
+            encoded = tokenizer.encode(digit, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ScoringError(
+                    f"score token {digit!r} is not a single token in this tokenizer (it encodes to {encoded}): "
+                    "the Deita score cannot be read off one next-token distribution; use another scorer model")
+            token_id = encoded[0]
+        ids.append(int(token_id))
+    if len(set(ids)) != len(ids):
+        raise ScoringError(f"score tokens 1..6 map to repeated ids {ids}: the tokenizer cannot tell the scores apart")
+    return ids
+
+
+def expected_scores(score_logits) -> np.ndarray:
+    """[n, 6] logits of the tokens "1".."6" -> [n] expected scores sum_i softmax(logits)_i * i (float64)."""
+    logits = np.asarray(score_logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] != len(SCORE_TOKENS):
+        raise ValueError(f"expected logits of shape [n, {len(SCORE_TOKENS)}], got {logits.shape}")
+    if not np.isfinite(logits).all():
+        bad = np.nonzero(~np.isfinite(logits).all(axis=1))[0]
+        raise ScoringError(f"prompts {bad[:5].tolist()}: non-finite score-token logits")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs @ np.arange(1, len(SCORE_TOKENS) + 1, dtype=np.float64)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def next_token_logits(model, sequences: Sequence[Sequence[int]], token_ids: Sequence[int], pad_id: int,
+                      batch_size: int = 8, progress: bool = False) -> np.ndarray:
+    """Logits of `token_ids` at the position after each sequence's last token: [n, len(token_ids)] float32.
+
+    Sequences are sorted by length for batching and right-padded; the head is applied only at each row's last
+    real position when the model supports `logits_to_keep` (the vocabulary projection is the big activation).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    wanted = torch.tensor(list(token_ids), dtype=torch.long, device=device)
+    out = np.zeros((len(sequences), len(token_ids)), dtype=np.float32)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    slice_head = _accepts_logits_to_keep(model)
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="deita scores", unit="batch")
+    for start in batches:
+        idx = order[start:start + batch_size]
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            if not sequences[i]:
+                raise ScoringError(f"prompt {i} has no tokens")
+            ids[row, :len(sequences[i])] = torch.tensor(list(sequences[i]), dtype=torch.long)
+            mask[row, :len(sequences[i])] = 1
+        last = (mask.sum(dim=1) - 1).to(device)
+        with torch.no_grad():
+            if slice_head:
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               logits_to_keep=last.unsqueeze(1)).logits[:, 0]
+            else:
+                full = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                logits = full[torch.arange(len(idx), device=device), last]
+        out[idx] = logits.float().index_select(1, wanted).cpu().numpy()
+    return out
+
+
+def detect_kind(name_or_path: str, dimension: Dimension, kind: ScorerKind) -> Literal["reference", "approximate"]:
+    """Whether a model is a released Deita scorer for `dimension`; a scorer of the other dimension is refused."""
+    base = Path(name_or_path.rstrip("/")).name.lower()
+    other = "quality" if dimension == "complexity" else "complexity"
+    if f"deita-{other}-scorer" in base:
+        raise ConfigError(f"{name_or_path!r} is Deita's {other} scorer but is configured to score {dimension}")
+    if kind != "auto":
+        return kind
+    return "reference" if f"deita-{dimension}-scorer" in base else "approximate"
+
+
+class DeitaScorer:
+    """A loaded scorer model for one dimension; scores prompts in batches, raises instead of defaulting."""
+
+    def __init__(self, model, tokenizer, dimension: Dimension, name: str, kind: Literal["reference", "approximate"],
+                 batch_size: int = 8, max_prompt_tokens: int | None = None):
+        if dimension not in ("complexity", "quality"):
+            raise ValueError(f"unknown Deita dimension {dimension!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dimension = dimension
+        self.name = name
+        self.kind = kind
+        self.batch_size = batch_size
+        self.token_ids = score_token_ids(tokenizer)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        limits = [v for v in (max_prompt_tokens, positions) if v]
+        self.max_prompt_tokens = min(limits) if limits else None
+
+    @classmethod
+    def load(cls, model_config, dimension: Dimension, kind: ScorerKind = "auto", batch_size: int = 8,
+             max_prompt_tokens: int | None = None) -> "DeitaScorer":
+        from models.loading import load_model
+
+        resolved = detect_kind(model_config.name_or_path, dimension, kind)
+        model, tokenizer = load_model(model_config)
+        return cls(model, tokenizer, dimension, model_config.name_or_path, resolved, batch_size, max_prompt_tokens)
+
+    def params(self) -> dict[str, str]:
+        """What the run should record about this scorer."""
+        return {f"{self.dimension}_scorer": self.name, f"{self.dimension}_scorer_kind": self.kind,
+                f"{self.dimension}_score_token_ids": ",".join(map(str, self.token_ids)),
+                f"{self.dimension}_prompt": COMPLEXITY_TEMPLATE if self.dimension == "complexity" else QUALITY_TEMPLATE}
+
+    def prompt(self, instruction: str, output: str | None = None) -> str:
+        if self.dimension == "complexity":
+            return complexity_prompt(instruction)
+        if output is None:
+            raise ValueError("a quality prompt needs the response")
+        return quality_prompt(instruction, output)
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        # With special tokens, as the reference's `tokenizer.encode(user_input)` (BOS for Llama).
+        return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+    def too_long(self, encoded: Sequence[Sequence[int]]) -> list[int]:
+        """Indices of prompts longer than the scorer can read (they must be rejected, not truncated)."""
+        if self.max_prompt_tokens is None:
+            return []
+        return [i for i, ids in enumerate(encoded) if len(ids) > self.max_prompt_tokens]
+
+    def score_encoded(self, encoded: Sequence[Sequence[int]], progress: bool = False) -> np.ndarray:
+        long = self.too_long(encoded)
+        if long:
+            raise ScoringError(f"prompts {long[:5]} are longer than {self.max_prompt_tokens} tokens")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        logits = next_token_logits(self.model, encoded, self.token_ids, pad, self.batch_size, progress)
+        return expected_scores(logits)
+
+    def score_prompts(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
+        return self.score_encoded(self.encode(prompts), progress)
+
+    def score_turns(self, conversations: Sequence[Sequence[tuple[str, str | None]]], progress: bool = False) -> list[list[float]]:
+        """Per-turn scores of each conversation: every (instruction, response) pair is scored on its own."""
+        prompts, owners = [], []
+        for c, turns in enumerate(conversations):
+            if not turns:
+                raise ValueError(f"conversation {c} has no turns")
+            for instruction, response in turns:
+                prompts.append(self.prompt(instruction, response))
+                owners.append(c)
+        scores = self.score_prompts(prompts, progress)
+        grouped: list[list[float]] = [[] for _ in conversations]
+        for owner, value in zip(owners, scores.tolist()):
+            if not math.isfinite(value):
+                raise ScoringError(f"conversation {owner}: non-finite score {value}")
+            grouped[owner].append(float(value))
+        return grouped

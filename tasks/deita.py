@@ -1,0 +1,488 @@
+"""Deita: complexity and quality scores, the evol score, conversation embeddings, and the diversity filter.
+
+Stages (each content-addressed and resumable):
+  `deita-complexity` / `deita-quality`: per-turn expected scores of every record (`scores.jsonl`, `rejects.jsonl`);
+  `deita-embed`: one L2-normalised vector per record (`embeddings.npy`, `ids.txt`, `embedding-meta.json`);
+  `select-deita`: rank by the chosen score and keep greedily unless too similar to a kept sample (`ranking.jsonl`
+  and the subset files every selection writes).
+
+The filter's definition is sequential: walk the candidates by score, descending (ties keep input order), and keep
+one unless its cosine similarity to ANY already-kept sample is > tau; stop at the budget. `diversity_filter` is the
+blocked implementation of that definition and returns exactly the selection of `diversity_filter_sequential`:
+both compare in float32 and settle any similarity within `margin` of tau with the same exactly rounded float64
+dot product, so rounding differences between a matrix product and a vector product cannot flip a decision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from configs.deita import DeitaEmbeddingConfig, DeitaScorerConfig, DeitaSelection
+from configs.errors import ScoringError
+from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, write_jsonl
+from tasks.select import SUBSET_FILES, write_subset
+from tasks.store import ShardedTable, StageOutput, run_stage, stage_task
+
+EMBEDDING_TEMPLATE = "vicuna_v1.1"
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+# ------------------------------------------------------------------------------------------------ scores
+def evol_scores(complexity: Sequence[Sequence[float]] | None, quality: Sequence[Sequence[float]] | None,
+                variant: str = "evol") -> np.ndarray:
+    """Per-record ranking score from per-turn scores: 'evol' = sum_t c_t * q_t, else the sum of one dimension."""
+    if variant == "evol":
+        if complexity is None or quality is None:
+            raise ValueError("the evol score needs both complexity and quality scores")
+        out = []
+        for i, (c, q) in enumerate(zip(complexity, quality, strict=True)):
+            if len(c) != len(q):
+                raise ScoringError(f"record {i}: {len(c)} complexity scores but {len(q)} quality scores")
+            out.append(sum(a * b for a, b in zip(c, q)))
+        return np.asarray(out, dtype=np.float64)
+    per_turn = {"complexity": complexity, "quality": quality}.get(variant)
+    if per_turn is None:
+        raise ValueError(f"score variant {variant!r} needs its scores (or is unknown: evol, complexity, quality)")
+    return np.asarray([sum(t) for t in per_turn], dtype=np.float64)
+
+
+def ranking_order(scores: np.ndarray) -> np.ndarray:
+    """Indices by score, descending; equal scores keep input order (a stable sort, so reruns agree)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise ScoringError(f"non-finite ranking scores at {np.nonzero(~np.isfinite(scores))[0][:5].tolist()}")
+    return np.argsort(-scores, kind="stable")
+
+
+# -------------------------------------------------------------------------------------- diversity filter
+@dataclass
+class FilterResult:
+    selected: np.ndarray  # row indices of the kept samples, in the order they were kept
+    examined: int         # candidates looked at before the budget was reached (all of them otherwise)
+
+    @property
+    def rejected(self) -> int:
+        """Candidates the filter looked at and refused as too similar to a kept sample."""
+        return self.examined - len(self.selected)
+
+
+def unit_rows(x) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32). Row-wise, so a block gives the same rows as the whole matrix."""
+    x64 = np.asarray(x, dtype=np.float64)
+    norms = np.sqrt(np.sum(x64 * x64, axis=1, keepdims=True))
+    if (norms == 0).any() or not np.isfinite(norms).all():
+        raise ScoringError("an embedding is zero or non-finite: cosine similarity is undefined")
+    return (x64 / norms).astype(np.float32)
+
+
+def exact_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Dot product of two float32 vectors, correctly rounded: float32 x float32 products are exact in float64
+    and `math.fsum` sums them exactly, so every caller gets the same number for the same pair."""
+    return math.fsum((a.astype(np.float64) * b.astype(np.float64)).tolist())
+
+
+def float32_margin(dim: int) -> float:
+    """A bound on |float32 dot - exact dot| for unit vectors of this dimension (about dim x unit roundoff, x2)."""
+    import torch
+
+    reduced = torch.get_float32_matmul_precision() != "highest"  # TF32 / bf16 matmuls on GPU are far coarser
+    return 2e-2 if reduced else max(1e-5, 2.0 * dim * 2.0 ** -24)
+
+
+def _too_similar(sims: np.ndarray, vec: np.ndarray, other, tau: float, margin: float) -> bool:
+    """Is any similarity > tau? float32 `sims` decide unless within `margin` of tau; those are recomputed exactly
+    against `other(j)`, the j-th compared vector."""
+    if sims.size == 0:
+        return False
+    if sims.max() > tau + margin:
+        return True
+    return any(exact_similarity(vec, other(j)) > tau for j in np.nonzero(sims >= tau - margin)[0])
+
+
+def _examined(n_candidates: int, n_selected: int, count: int, position_of_last: int) -> int:
+    """The sequential walk stops right after the budget-filling sample; otherwise it looks at every candidate."""
+    return position_of_last + 1 if n_selected >= count else n_candidates
+
+
+def diversity_filter_sequential(embeddings, order: Sequence[int], tau: float, count: int) -> FilterResult:
+    """The definition, one candidate at a time: the reference the fast filter must match exactly."""
+    order = np.asarray(order, dtype=np.int64)
+    dim = embeddings.shape[1]
+    margin = float32_margin(dim)
+    count = min(count, len(order))
+    kept_vectors = np.empty((count, dim), dtype=np.float32)
+    selected: list[int] = []
+    last = -1
+    for position, index in enumerate(order):
+        if len(selected) >= count:
+            break
+        vec = unit_rows(embeddings[index:index + 1])[0]
+        kept = kept_vectors[:len(selected)]
+        if not _too_similar(kept @ vec, vec, kept.__getitem__, tau, margin):
+            kept_vectors[len(selected)] = vec
+            selected.append(int(index))
+            last = position
+    return FilterResult(np.asarray(selected, dtype=np.int64), _examined(len(order), len(selected), count, last))
+
+
+def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, block_size: int = 1024,
+                     device: str | None = None, max_chunk_bytes: int = 256 << 20, progress: bool = False) -> FilterResult:
+    """The same selection as `diversity_filter_sequential`, computed a block of candidates at a time.
+
+    Per block: one matrix product against the kept samples (in column chunks, so memory stays bounded by the
+    block, the chunk and the kept set, never n x n), then the block's survivors are settled among themselves
+    sequentially on the small block-by-block similarity matrix. `embeddings` may be a memory-mapped array:
+    only the rows of the current block are read.
+    """
+    import torch
+
+    order = np.asarray(order, dtype=np.int64)
+    n_rows, dim = embeddings.shape
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    margin = float32_margin(dim)
+    count = min(count, len(order))
+    kept = torch.empty((count, dim), dtype=torch.float32, device=device)
+
+    def kept_row(c: int) -> np.ndarray:  # for the rare exact re-checks (a view on CPU)
+        return kept[c].cpu().numpy()
+
+    selected: list[int] = []
+    last = -1
+    chunk = max(1, max_chunk_bytes // (4 * max(1, block_size)))
+    starts = range(0, len(order), block_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=count, desc="diversity filter (kept)", unit="sample")
+    for start in starts:
+        if len(selected) >= count:
+            break
+        block_index = order[start:start + block_size]
+        # Read rows in storage order (fast on a memory map), then put them back in ranking order.
+        by_storage = np.argsort(block_index, kind="stable")
+        rows = np.empty((len(block_index), dim), dtype=np.float32)
+        rows[by_storage] = unit_rows(embeddings[block_index[by_storage]])
+        block = torch.from_numpy(rows).to(device)
+        n_kept = len(selected)
+
+        # 1. block vs everything kept before this block
+        rejected = torch.zeros(len(block_index), dtype=torch.bool, device=device)
+        band: dict[int, list[int]] = {}
+        for c0 in range(0, n_kept, chunk):
+            sims = block @ kept[c0:min(n_kept, c0 + chunk)].T
+            rejected |= (sims > tau + margin).any(dim=1)
+            near = (sims >= tau - margin) & ~rejected[:, None]
+            if bool(near.any()):
+                for r, c in torch.nonzero(near).tolist():
+                    band.setdefault(r, []).append(c0 + c)
+        rejected_host = rejected.cpu().numpy()
+        for r, columns in band.items():
+            if not rejected_host[r] and any(exact_similarity(rows[r], kept_row(c)) > tau for c in columns):
+                rejected_host[r] = True
+
+        # 2. survivors among themselves, in ranking order
+        survivors = np.nonzero(~rejected_host)[0]
+        if len(survivors) == 0:
+            continue
+        gram = (block[survivors] @ block[survivors].T).cpu().numpy()
+        # Only pairs that may exceed tau can conflict; rows without such a pair to an earlier survivor are kept.
+        maybe = np.tril(gram >= tau - margin, -1)
+        keep = np.ones(len(survivors), dtype=bool)
+        for s in np.nonzero(maybe.any(axis=1))[0]:
+            earlier = np.nonzero(maybe[s, :s] & keep[:s])[0]  # decided before s, as in the sequential walk
+            if earlier.size and _too_similar(gram[s, earlier], rows[survivors[s]],
+                                             lambda j: rows[survivors[earlier[j]]], tau, margin):
+                keep[s] = False
+        new = survivors[np.nonzero(keep)[0][:count - len(selected)]]  # block rows kept, up to the budget
+        if len(new):
+            selected.extend(int(i) for i in block_index[new])
+            last = start + int(new[-1])
+            kept[n_kept:n_kept + len(new)] = block[torch.from_numpy(new).to(device)]
+            if bar is not None:
+                bar.update(len(new))
+    if bar is not None:
+        bar.close()
+    return FilterResult(np.asarray(selected, dtype=np.int64), _examined(len(order), len(selected), count, last))
+
+
+# ------------------------------------------------------------------------------------------- conversations
+def conversation_turns(record: Record) -> list[tuple[str, str]]:
+    """(instruction, response) pairs; Deita scores each pair on its own."""
+    turns = record.turns()
+    if any(reply is None for _, reply in turns):
+        raise ScoringError(f"record {record.id} ({record.location}) has an unanswered turn: Deita scores answered pairs")
+    return [(user, reply) for user, reply in turns]  # type: ignore[misc]
+
+
+def vicuna_text(record: Record, eos: str) -> str:
+    """The whole conversation in FastChat's vicuna_v1.1 layout, as Deita's embedder reads it.
+
+    `eos` stands for the template's literal "</s>" (Llama's EOS text); a record's own system message replaces
+    the vicuna system line.
+    """
+    text = (record.system or VICUNA_SYSTEM) + " "
+    for user, reply in record.turns():
+        text += f"USER: {user} ASSISTANT:"
+        if reply is not None:
+            text += f" {reply}{eos}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------- scoring stages
+def _scorer_stage_config(dimension: str, scorer: DeitaScorerConfig) -> dict:
+    # batch size changes no score: kept out of the key so a rerun with another batch size reuses the stage
+    return {"dimension": dimension, "scorer": scorer.model_dump(mode="json", exclude={"batch_size"})}
+
+
+def score_dimension(dimension: str, records_out: StageOutput, scorer_config: DeitaScorerConfig,
+                    progress: bool = True) -> StageOutput:
+    """Stage `deita-<dimension>`: per-turn expected scores of every record, sharded and resumable.
+
+    Writes `scores.jsonl` ({id, scores: [per turn]}) and `rejects.jsonl` (records whose prompt is too long for
+    the scorer: rejected, never truncated and never given a default score).
+    """
+    from models.deita import DeitaScorer
+    from tasks.plots import histogram
+
+    def body(folder: Path) -> dict:
+        records = load_canonical(records_out.file("records.jsonl"))
+        scorer = DeitaScorer.load(scorer_config.model, dimension, scorer_config.kind,
+                                  scorer_config.batch_size, scorer_config.max_prompt_tokens)
+        table = ShardedTable(folder / "shards")
+        size = scorer_config.shard_size
+        todo = [s for s in range(math.ceil(len(records) / size)) if s not in table.done()]
+        shards = todo
+        if progress:
+            from tqdm.auto import tqdm
+
+            shards = tqdm(todo, desc=f"deita {dimension} (shards)", unit="shard")
+        for shard in shards:
+            part = records[shard * size:(shard + 1) * size]
+            encoded = [scorer.encode([scorer.prompt(u, a) for u, a in conversation_turns(r)]) for r in part]
+            rows, flat, owners = [], [], []
+            for r, prompts in zip(part, encoded):
+                long = scorer.too_long(prompts)
+                if long:
+                    lengths = [len(prompts[t]) for t in long]
+                    rows.append({"id": r.id, "scores": [], "reject": f"prompt too long: turn {long[0]} has "
+                                 f"{lengths[0]} tokens > {scorer.max_prompt_tokens}"})
+                    continue
+                rows.append({"id": r.id, "scores": [], "reject": ""})
+                owners += [len(rows) - 1] * len(prompts)
+                flat += prompts
+            if flat:
+                values = scorer.score_encoded(flat)
+                for owner, value in zip(owners, values.tolist()):
+                    rows[owner]["scores"].append(float(value))
+            table.write(shard, rows)
+        rows = table.read()
+        by_id = {r.id: r for r in records}
+        scored = [{"id": row["id"], "scores": row["scores"]} for row in rows if not row["reject"]]
+        rejects = [{"id": row["id"], "location": by_id[row["id"]].location, "stage": f"deita-{dimension}",
+                    "reason": row["reject"]} for row in rows if row["reject"]]
+        write_jsonl(folder / "scores.jsonl", scored)
+        write_jsonl(folder / "rejects.jsonl", rejects)
+        turn_scores = np.asarray([v for row in scored for v in row["scores"]], dtype=np.float64)
+        artifacts = ["rejects.jsonl", "scores.jsonl"]
+        metrics = {"records": len(records), "scored": len(scored), "rejected": len(rejects), "turns": len(turn_scores)}
+        if len(turn_scores):
+            histogram(turn_scores, folder / f"{dimension}_hist.png", f"Deita {dimension} (per turn)",
+                      f"expected {dimension} score (1-6)")
+            artifacts.append(f"{dimension}_hist.png")
+            metrics.update({f"{dimension}_mean": float(turn_scores.mean()), f"{dimension}_std": float(turn_scores.std()),
+                            f"{dimension}_min": float(turn_scores.min()), f"{dimension}_max": float(turn_scores.max())})
+        note = " (approximate: not a released Deita scorer)" if scorer.kind == "approximate" else ""
+        summary = (f"Deita {dimension} with `{scorer.name}`{note}: scored **{len(scored)}** of {len(records)} records "
+                   f"({len(turn_scores)} turns), {len(rejects)} rejected (see rejects.jsonl).")
+        return {"metrics": metrics, "params": scorer.params(), "artifacts": artifacts, "summary": summary}
+
+    return run_stage(f"deita-{dimension}", _scorer_stage_config(dimension, scorer_config), [records_out], body,
+                     digest_of=["scores.jsonl", "rejects.jsonl"])
+
+
+def score_complexity(records_out: StageOutput, scorer_config: DeitaScorerConfig) -> StageOutput:
+    return score_dimension("complexity", records_out, scorer_config)
+
+
+def score_quality(records_out: StageOutput, scorer_config: DeitaScorerConfig) -> StageOutput:
+    return score_dimension("quality", records_out, scorer_config)
+
+
+# --------------------------------------------------------------------------------------- embedding stage
+class ArrayShards(ShardedTable):
+    """`ShardedTable`'s manifest and resume, with float32 `.npy` shards (a 4096-wide vector per row)."""
+
+    def shard_path(self, index: int) -> Path:
+        return self.folder / f"{self.prefix}-{index:05d}.npy"
+
+    def write_array(self, index: int, array: np.ndarray) -> None:
+        import os
+
+        from tasks.store import file_digest
+
+        path = self.shard_path(index)
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+        np.save(tmp, np.ascontiguousarray(array, dtype=np.float32))
+        os.replace(tmp, path)
+        manifest = self.manifest()
+        manifest["shards"][str(index)] = {"rows": int(array.shape[0]), "sha256": file_digest(path)}
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+
+    def read_array(self, index: int) -> np.ndarray:
+        return np.load(self.shard_path(index))
+
+
+def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, progress: bool = True) -> StageOutput:
+    """Stage `deita-embed`: one L2-normalised vector per record, in record order, shard by shard.
+
+    Output: `embeddings.npy` (float32 [n, hidden], memory-mappable), `ids.txt`, `embedding-meta.json`.
+    """
+    from models.embeddings import embed_texts
+    from models.loading import load_model
+
+    def body(folder: Path) -> dict:
+        import os
+
+        records = load_canonical(records_out.file("records.jsonl"))
+        model, tokenizer = load_model(embedding.model)
+        dim = int(model.config.hidden_size)
+        shards = ArrayShards(folder / "shards")
+        size = embedding.shard_size
+        n_shards = math.ceil(len(records) / size)
+        final = folder / "embeddings.npy"
+        if not final.exists():  # written last and atomically: present means every shard went into it
+            eos = tokenizer.eos_token or ""
+            todo = [s for s in range(n_shards) if s not in shards.done()]
+            loop = todo
+            if progress:
+                from tqdm.auto import tqdm
+
+                loop = tqdm(todo, desc="deita embed (shards)", unit="shard")
+            for shard in loop:
+                part = records[shard * size:(shard + 1) * size]
+                vectors = embed_texts(model, tokenizer, [vicuna_text(r, eos) for r in part], pooling=embedding.pooling,
+                                      batch_size=embedding.batch_size, normalize=True, max_length=embedding.max_length)
+                shards.write_array(shard, vectors)
+            # One memory-mappable matrix for the filter; the shards go once it exists (digests stay in the manifest).
+            tmp = folder / f".embeddings.tmp-{os.getpid()}.npy"
+            matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(records), dim))
+            for shard in range(n_shards):
+                matrix[shard * size:(shard + 1) * size] = shards.read_array(shard)
+            matrix.flush()
+            del matrix
+            os.replace(tmp, final)
+        for shard in range(n_shards):
+            shards.shard_path(shard).unlink(missing_ok=True)
+        atomic_write_text(folder / "ids.txt", "".join(r.id + "\n" for r in records))
+        meta = {"model": embedding.model.name_or_path, "pooling": embedding.pooling, "template": EMBEDDING_TEMPLATE,
+                "max_length": embedding.max_length, "dim": dim, "normalized": True, "rows": len(records)}
+        atomic_write_text(folder / "embedding-meta.json", json.dumps(meta, indent=1))
+        return {"metrics": {"records": len(records), "dim": dim},
+                "params": {"embedding_model": embedding.model.name_or_path, "embedding_pooling": embedding.pooling,
+                           "embedding_template": EMBEDDING_TEMPLATE},
+                "artifacts": ["embedding-meta.json"],
+                "summary": f"Embedded **{len(records)}** conversations with `{embedding.model.name_or_path}` "
+                           f"({embedding.pooling} pooling, {EMBEDDING_TEMPLATE} template, dim {dim})."}
+
+    key_config = embedding.model_dump(mode="json", exclude={"batch_size"})
+    return run_stage("deita-embed", {"embedding": key_config, "template": EMBEDDING_TEMPLATE}, [records_out], body,
+                     digest_of=["embeddings.npy", "ids.txt"])
+
+
+# ------------------------------------------------------------------------------------------ filter stage
+def _per_turn(out: StageOutput | None) -> tuple[dict[str, list[float]], list[dict]]:
+    if out is None:
+        return {}, []
+    scores = {row["id"]: row["scores"] for row in read_jsonl(out.file("scores.jsonl"))}
+    return scores, read_jsonl(out.file("rejects.jsonl"))
+
+
+def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, quality_out: StageOutput | None,
+                 embeddings_out: StageOutput, selection: DeitaSelection, output_format: str = "source",
+                 progress: bool = True) -> StageOutput:
+    """Stage `select-deita`: rank by the configured score, run the diversity filter, write the subset."""
+    from tasks.plots import histogram, scatter
+
+    def body(folder: Path) -> dict:
+        records = load_canonical(records_out.file("records.jsonl"))
+        complexity, rejects_c = _per_turn(complexity_out)
+        quality, rejects_q = _per_turn(quality_out)
+        needed = [s for s, out in (("complexity", complexity_out), ("quality", quality_out)) if out is not None]
+        if (selection.score in ("evol", "complexity") and complexity_out is None) or \
+                (selection.score in ("evol", "quality") and quality_out is None):
+            raise ValueError(f"score {selection.score!r} needs the scores it is built from")
+        ids = Path(embeddings_out.file("ids.txt")).read_text().split()
+        if ids != [r.id for r in records]:
+            raise ValueError("the embeddings were computed for other records than these (ids.txt differs)")
+        embeddings = np.load(embeddings_out.file("embeddings.npy"), mmap_mode="r")
+        tables = [{"complexity": complexity, "quality": quality}[s] for s in needed]
+        rows = [i for i, r in enumerate(records) if all(r.id in table for table in tables)]
+        cand = [records[i] for i in rows]
+        c_turns = [complexity[r.id] for r in cand] if complexity_out is not None else None
+        q_turns = [quality[r.id] for r in cand] if quality_out is not None else None
+        scores = evol_scores(c_turns, q_turns, selection.score)
+        order = np.asarray(rows, dtype=np.int64)[ranking_order(scores)]
+        count = selection.count(len(cand))
+        device = None if selection.filter_device == "auto" else selection.filter_device
+        result = diversity_filter(embeddings, order, selection.tau, count, selection.filter_block_size, device,
+                                  progress=progress)
+
+        score_of = dict(zip(rows, scores.tolist()))
+        kept = set(result.selected.tolist())
+        ranking = []
+        for rank, i in enumerate(order.tolist()):
+            status = "selected" if i in kept else ("rejected_similar" if rank < result.examined else "not_examined")
+            ranking.append({"rank": rank, "id": records[i].id, "score": score_of[i], "status": status,
+                            "complexity": complexity.get(records[i].id), "quality": quality.get(records[i].id)})
+        write_jsonl(folder / "ranking.jsonl", ranking)
+        write_jsonl(folder / "rejects.jsonl", rejects_c + rejects_q)
+        fields = write_subset(records, [records[i].id for i in result.selected], folder, "deita", output_format)
+
+        artifacts = ["ranking.jsonl", "rejects.jsonl"]
+        if len(scores):
+            selected_scores = [score_of[i] for i in result.selected.tolist()]
+            cutoff = min(selected_scores) if selected_scores else None
+            histogram(scores, folder / "score_hist.png", f"Deita {selection.score} score", f"{selection.score} score",
+                      threshold=cutoff)
+            artifacts.append("score_hist.png")
+        if c_turns is not None and q_turns is not None and len(cand):
+            scatter([v for t in c_turns for v in t], [v for t in q_turns for v in t], folder / "complexity_vs_quality.png",
+                    "Deita complexity vs quality (per turn)", "complexity", "quality")
+            artifacts.append("complexity_vs_quality.png")
+        fields["artifacts"] = artifacts + fields["artifacts"]
+        fields["metrics"].update({
+            "candidates": len(cand), "unscored": len(records) - len(cand), "budget": count,
+            "examined": result.examined, "rejected_similar": result.rejected,
+            "not_examined": len(cand) - result.examined, "tau": selection.tau,
+        })
+        if len(result.selected):
+            fields["metrics"]["selected_score_mean"] = float(np.mean([score_of[i] for i in result.selected.tolist()]))
+        if len(scores):
+            fields["metrics"]["candidate_score_mean"] = float(scores.mean())
+        fields["params"] = {"score": selection.score, "tau": selection.tau, "budget": count}
+        fields["summary"] = (
+            f"Deita ({selection.score} score, tau {selection.tau}): kept **{len(result.selected)}** of {len(cand)} "
+            f"scored candidates (budget {count}); the filter rejected **{result.rejected}** as near-duplicates of "
+            f"kept samples, {len(cand) - result.examined} were not reached, {len(records) - len(cand)} records "
+            "had no score (see rejects.jsonl).")
+        return fields
+
+    config = {"selection": selection.model_dump(mode="json", include={"budget", "share", "score", "tau"}),
+              "output_format": output_format}
+    return run_stage("select-deita", config, [records_out, complexity_out, quality_out, embeddings_out], body,
+                     digest_of=SUBSET_FILES)
+
+
+# ---------------------------------------------------------------------------------------- Prefect tasks
+deita_complexity_task = stage_task(score_complexity, name="deita-complexity")
+deita_quality_task = stage_task(score_quality, name="deita-quality")
+deita_embed_task = stage_task(embed_records, name="deita-embed")
+deita_select_task = stage_task(select_deita, name="select-deita")

@@ -1,0 +1,311 @@
+"""Deita: the expected-score formula, per-turn scoring, the diversity filter against a plain loop, the flow."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from configs.deita import DeitaEmbeddingConfig, DeitaFlowConfig, DeitaScorerConfig, DeitaSelection
+from configs.errors import ConfigError, ScoringError
+from configs.schema import DataConfig, ModelConfig
+from models.deita import (COMPLEXITY_TEMPLATE, QUALITY_TEMPLATE, DeitaScorer, detect_kind, expected_scores,
+                          score_token_ids)
+from models.loading import load_model
+from tasks.deita import (diversity_filter, diversity_filter_sequential, evol_scores, exact_similarity, ranking_order,
+                         unit_rows)
+
+from conftest import DATA
+from test_embeddings import one_torch_thread  # noqa: F401  (fixture)
+
+
+# ------------------------------------------------------------------------------------------- the formula
+def test_prompts_are_the_reference_string_literals():
+    # Copied character for character from deita/selection/scorer/llama_scorer.py (see REFERENCE.md).
+    assert COMPLEXITY_TEMPLATE == ("You are a helpful assistant. Please identify the complexity score of the following "
+                                   "user query. \n##Query: {instruction}  \n##Complexity: ")
+    assert QUALITY_TEMPLATE == ("You are a helpful assistant. Please identify the quality score of the Response "
+                                "corresponding to the Question. \n #Question#:\n{instruction}\n#Response#:\n{output} "
+                                "\n##Quality: ")
+
+
+def test_expected_score_equals_hand_computation():
+    # logits 0..5 for "1".."6": p_i = e^(i-1) / sum_j e^(j-1); score = sum_i i p_i
+    e = [1.0, 2.718281828, 7.389056099, 20.08553692, 54.59815003, 148.4131591]
+    by_hand = sum((i + 1) * v for i, v in enumerate(e)) / sum(e)  # = 5.4329...
+    got = expected_scores([[0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0], [50, 0, 0, 0, 0, 0], [2.0, 2.0, -1e4, -1e4, -1e4, -1e4]])
+    assert got[0] == pytest.approx(by_hand, abs=1e-8) and round(by_hand, 4) == 5.4329
+    assert got[1] == pytest.approx(3.5)          # uniform over 1..6
+    assert got[2] == pytest.approx(1.0)          # all mass on "1"
+    assert got[3] == pytest.approx(1.5)          # half on "1", half on "2"
+    with pytest.raises(ScoringError, match="non-finite"):
+        expected_scores([[0, 1, 2, 3, float("nan"), 5]])
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tiny_model_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
+    return DeitaScorer.load(cfg, "complexity", batch_size=3), DeitaScorer.load(cfg, "quality", batch_size=2)
+
+
+def test_model_score_is_the_formula_on_the_next_token_logits(tiny_scorer):
+    scorer, _ = tiny_scorer
+    tok = scorer.tokenizer
+    assert scorer.token_ids == [tok.convert_tokens_to_ids(d) for d in "123456"]
+    assert scorer.kind == "approximate" and scorer.params()["complexity_scorer_kind"] == "approximate"
+    instructions = ["Give three tips for staying healthy.", "What is 2+2?",
+                    "Write a short poem about the sea, the moon and the stars over the quiet harbour."]
+    batched = scorer.score_prompts([scorer.prompt(i) for i in instructions])
+    for instruction, score in zip(instructions, batched):
+        ids = torch.tensor([tok(COMPLEXITY_TEMPLATE.format(instruction=instruction))["input_ids"]])
+        with torch.no_grad():
+            logits = scorer.model(input_ids=ids).logits[0, -1, scorer.token_ids].double()
+        p = torch.softmax(logits, dim=0)
+        assert score == pytest.approx(float((p * torch.arange(1, 7)).sum()), abs=1e-5)
+
+
+def test_multi_turn_conversations_are_scored_per_turn(tiny_scorer):
+    complexity, quality = tiny_scorer
+    conversations = [[("What is 2+2?", "4."), ("And times 3?", "12.")], [("Name a fruit.", "Apple.")]]
+    c = complexity.score_turns(conversations)
+    q = quality.score_turns(conversations)
+    assert [len(t) for t in c] == [2, 1] and [len(t) for t in q] == [2, 1]
+    alone = quality.score_prompts([quality.prompt("And times 3?", "12.")])[0]
+    assert q[0][1] == pytest.approx(alone, abs=1e-6)
+    assert q[0][0] != pytest.approx(q[0][1], abs=1e-9)  # each pair on its own, not the conversation's prefix
+    evol = evol_scores(c, q, "evol")
+    assert evol[0] == pytest.approx(c[0][0] * q[0][0] + c[0][1] * q[0][1])
+    assert evol_scores(c, q, "complexity")[0] == pytest.approx(sum(c[0]))
+    assert evol_scores(c, q, "quality")[1] == pytest.approx(q[1][0])
+
+
+class _NoDigitTokenizer:
+    unk_token_id = 0
+
+    def convert_tokens_to_ids(self, token):
+        return 0
+
+    def decode(self, ids):
+        return "<unk>"
+
+    def encode(self, text, add_special_tokens=False):
+        return [5, 6]  # a digit split into two pieces
+
+
+def test_a_digit_that_is_not_one_token_is_an_error():
+    with pytest.raises(ScoringError, match="not a single token"):
+        score_token_ids(_NoDigitTokenizer())
+
+
+def test_released_scorers_are_recognised_and_misuse_refused():
+    assert detect_kind("hkust-nlp/deita-complexity-scorer", "complexity", "auto") == "reference"
+    assert detect_kind("/models/deita-quality-scorer/", "quality", "auto") == "reference"
+    assert detect_kind("/models/smollm2", "quality", "auto") == "approximate"
+    with pytest.raises(ConfigError, match="quality scorer"):
+        detect_kind("hkust-nlp/deita-quality-scorer", "complexity", "auto")
+
+
+# ---------------------------------------------------------------------------------------- the filter
+def plain_loop(embeddings: np.ndarray, scores: np.ndarray, tau: float, budget: int) -> list[int]:
+    """Deita's definition in plain Python: by score (stable), keep unless cos > tau with any kept one."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    unit = [v / math.sqrt(sum(float(x) * float(x) for x in v)) for v in embeddings.astype(np.float64)]
+    kept: list[int] = []
+    for i in order:
+        if len(kept) == budget:
+            break
+        if all(float(np.dot(unit[i], unit[j])) <= tau for j in kept):
+            kept.append(i)
+    return kept
+
+
+def planted(n: int, d: int, n_dups: int, seed: int):
+    """Random vectors, near-duplicates straddling tau = 0.9, and scores with many ties."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    src, dst = rng.choice(n, n_dups, replace=False), rng.choice(n, n_dups, replace=False)
+    noise = rng.standard_normal((n_dups, d)) / math.sqrt(d)
+    x[dst] = (x[src] / np.linalg.norm(x[src], axis=1, keepdims=True)
+              + rng.uniform(0.15, 0.5, (n_dups, 1)) * noise).astype(np.float32)
+    scores = rng.integers(0, 20, n).astype(np.float64) / 4  # about 25 samples per score value: ties everywhere
+    return x, scores
+
+
+@pytest.mark.parametrize("budget", [10_000, 150, 1])
+def test_filter_equals_plain_sequential_loop(budget, one_torch_thread):
+    x, scores = planted(600, 48, 200, seed=budget)
+    expected = plain_loop(x, scores, 0.9, budget)
+    order = ranking_order(scores)
+    assert order.tolist() == sorted(range(len(scores)), key=lambda i: -scores[i])  # ties keep input order
+    reference = diversity_filter_sequential(x, order, 0.9, budget)
+    assert reference.selected.tolist() == expected
+    for block in (1, 13, 256, 4096):
+        fast = diversity_filter(x, order, 0.9, budget, block_size=block, max_chunk_bytes=1 << 14)
+        assert fast.selected.tolist() == expected, f"block {block}"
+        assert fast.examined == reference.examined
+    if budget == 10_000:  # no budget: the walk covers everything and near-duplicates are rejected
+        assert reference.examined == len(x) and 0 < reference.rejected < 200
+    elif budget == 150:   # budget exhausted: stops right after the 150th kept sample
+        assert len(reference.selected) == 150 and reference.examined < len(x)
+        assert reference.examined - 1 == order.tolist().index(expected[-1])
+    else:
+        assert reference.selected.tolist() == [int(order[0])] and reference.examined == 1
+
+
+def test_similarities_at_the_threshold_are_settled_exactly(one_torch_thread):
+    # pairs whose cosine lies within float32 noise of tau: both implementations decide by the exact value
+    rng = np.random.default_rng(7)
+    d = 256
+    base = unit_rows(rng.standard_normal((40, d)))
+    ortho = unit_rows(rng.standard_normal((40, d)))
+    ortho = unit_rows(ortho - (ortho * base).sum(1, keepdims=True) * base)
+    tau = 0.9
+    target = tau + rng.uniform(-3e-7, 3e-7, (40, 1))
+    near = unit_rows(target * base + np.sqrt(1 - target ** 2) * ortho)
+    x = np.concatenate([base, near])
+    scores = np.concatenate([np.full(40, 2.0), np.full(40, 1.0)])
+    order = ranking_order(scores)
+    units = unit_rows(x)
+    truth = [i for i in range(40)] + [40 + i for i in range(40) if exact_similarity(units[40 + i], units[i]) <= tau]
+    assert 0 < len(truth) - 40 < 40  # some near pairs fall on each side of tau
+    seq = diversity_filter_sequential(x, order, tau, 1000)
+    fast = diversity_filter(x, order, tau, 1000, block_size=16)
+    assert sorted(seq.selected.tolist()) == truth and fast.selected.tolist() == seq.selected.tolist()
+
+
+def test_unit_rows_is_row_wise():
+    x = np.random.default_rng(1).standard_normal((50, 33)).astype(np.float32)
+    whole = unit_rows(x)
+    assert np.array_equal(whole[17:29], unit_rows(x[17:29])) and np.array_equal(whole[5], unit_rows(x[5:6])[0])
+    with pytest.raises(ScoringError):
+        unit_rows(np.zeros((2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_config_defaults_and_validation():
+    emb = DeitaEmbeddingConfig(model=ModelConfig(name_or_path="tiny:0"))
+    scorer = DeitaScorerConfig(model=ModelConfig(name_or_path="tiny:0"))
+    sel = DeitaSelection(complexity_scorer=scorer, quality_scorer=scorer, embedding=emb)
+    assert sel.budget == 6000 and sel.tau == 0.9 and sel.score == "evol" and sel.embedding.pooling == "last"
+    assert DeitaSelection(share=0.1, complexity_scorer=scorer, quality_scorer=scorer, embedding=emb).budget is None
+    assert DeitaSelection(score="complexity", complexity_scorer=scorer, embedding=emb).quality_scorer is None
+    with pytest.raises(ValueError, match="quality_scorer"):
+        DeitaSelection(complexity_scorer=scorer, embedding=emb)
+    with pytest.raises(ValueError):
+        DeitaSelection(complexity_scorer=scorer, quality_scorer=scorer, embedding=emb, tau=1.5)
+
+
+# ------------------------------------------------------------------------------------ stages resume
+def test_scoring_and_embedding_stages_resume_from_their_shards(tiny_model_dir, monkeypatch, one_torch_thread):
+    from pathlib import Path
+
+    import models.embeddings
+    from tasks.data import load_canonical, prepare_records
+    from tasks.deita import embed_records, score_dimension, vicuna_text
+
+    records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=9))
+    tiny = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
+    scorer = DeitaScorerConfig(model=tiny, shard_size=4)
+    first = score_dimension("complexity", records_out, scorer, progress=False)
+    folder = Path(first.path)
+    (folder / "_SUCCESS").unlink()      # as if killed after writing its last shard
+    (folder / "scores.jsonl").unlink()
+    monkeypatch.setattr(DeitaScorer, "score_encoded", lambda *a, **k: pytest.fail("a finished shard was rescored"))
+    assert score_dimension("complexity", records_out, scorer, progress=False).digest == first.digest
+    monkeypatch.undo()
+
+    real_embed, calls = models.embeddings.embed_texts, []
+
+    def dies_on_second_shard(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_embed(*args, **kwargs)
+
+    embedding = DeitaEmbeddingConfig(model=tiny, shard_size=4, max_length=128)
+    monkeypatch.setattr(models.embeddings, "embed_texts", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        embed_records(records_out, embedding, progress=False)
+    calls.clear()
+    monkeypatch.setattr(models.embeddings, "embed_texts", lambda *a, **k: (calls.append(len(a[2])), real_embed(*a, **k))[1])
+    out = embed_records(records_out, embedding, progress=False)
+    assert calls == [4, 1]  # shard 0 was kept from the killed run
+    records = load_canonical(records_out.file("records.jsonl"))
+    model, tokenizer = load_model(tiny)
+    direct = real_embed(model, tokenizer, [vicuna_text(r, tokenizer.eos_token) for r in records], max_length=128)
+    np.testing.assert_allclose(np.load(out.file("embeddings.npy")), direct, atol=1e-5)
+    assert out.file("ids.txt").read_text().split() == [r.id for r in records]
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def _multi_turn_file(tmp_path):
+    rows = json.loads((DATA / "alpaca_demo_200.json").read_text())[:14]
+    convs = [{"conversations": [{"from": "human", "value": r["instruction"] + ("\n" + r["input"] if r["input"] else "")},
+                                {"from": "gpt", "value": r["output"][:400]}]} for r in rows]
+    # two multi-turn conversations and one exact duplicate of another sample's content under a new id
+    convs.append({"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."},
+                                    {"from": "human", "value": "And times 3?"}, {"from": "gpt", "value": "12."}]})
+    convs.append({"conversations": [{"from": "human", "value": "Name a fruit."}, {"from": "gpt", "value": "Apple."},
+                                    {"from": "human", "value": "Another?"}, {"from": "gpt", "value": "Pear."}]})
+    path = tmp_path / "convs.json"
+    path.write_text(json.dumps(convs))
+    return path
+
+
+def test_deita_flow_end_to_end_on_the_tiny_model(prefect_server, tmp_path, one_torch_thread):
+    from flows.deita import deita_flow
+    from tasks.data import read_jsonl
+    from tasks.track import client
+
+    tiny = ModelConfig(name_or_path="tiny:0")
+    config = DeitaFlowConfig(
+        name="deita-test", data=DataConfig(path=str(_multi_turn_file(tmp_path))),
+        selection=DeitaSelection(
+            budget=4, tau=0.9,
+            complexity_scorer=DeitaScorerConfig(model=tiny, batch_size=4, shard_size=5),
+            quality_scorer=DeitaScorerConfig(model=tiny, batch_size=4, shard_size=5, max_prompt_tokens=300),
+            embedding=DeitaEmbeddingConfig(model=tiny, shard_size=5, max_length=256)))
+    out = deita_flow(config)
+    sel = out["selection"]
+    ranking = read_jsonl(sel.file("ranking.jsonl"))
+    rejects = read_jsonl(sel.file("rejects.jsonl"))
+    selected = sel.file("selected_ids.txt").read_text().split()
+    # long responses exceed the quality scorer's 300 tokens: rejected with a reason, never scored by default
+    assert rejects and all(r["reason"].startswith("prompt too long") and r["stage"] == "deita-quality" for r in rejects)
+    assert len(ranking) + len(rejects) == 16
+    assert len(selected) == 4 == sel.metrics["selected"]
+    assert sel.metrics["rejected_similar"] == sum(r["status"] == "rejected_similar" for r in ranking)
+    assert sel.metrics["examined"] == 4 + sel.metrics["rejected_similar"] <= sel.metrics["candidates"]
+    # ranking is by evol score descending; multi-turn records carry one score per turn
+    assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
+    two_turn = [r for r in ranking if len(r["complexity"]) == 2]
+    assert len(two_turn) == 2
+    for r in two_turn:
+        assert r["score"] == pytest.approx(sum(c * q for c, q in zip(r["complexity"], r["quality"])))
+    # the selection is the sequential filter's on the stored embeddings
+    emb = np.load(out["embeddings"].file("embeddings.npy"))
+    assert json.loads(out["embeddings"].file("embedding-meta.json").read_text())["pooling"] == "last"
+    ids = [r["id"] for r in read_jsonl(out["records"].file("records.jsonl"))]
+    order = [ids.index(r["id"]) for r in ranking]
+    expected = diversity_filter_sequential(emb, order, 0.9, 4)
+    assert sorted(ids[i] for i in expected.selected) == sorted(selected)
+    # MLflow: the filter's child run has the rejected count, the plots and the subset with its digest
+    mlc = client()
+    exp = mlc.get_experiment_by_name("deita-test")
+    runs = {r.info.run_name: r for r in mlc.search_runs([exp.experiment_id])}
+    assert {"deita-complexity", "deita-quality", "deita-embed", "select-deita"} <= set(runs)
+    select_run = runs["select-deita"]
+    assert select_run.data.metrics["rejected_similar"] == sel.metrics["rejected_similar"]
+    logged = {a.path for a in mlc.list_artifacts(select_run.info.run_id)}
+    assert {"complexity_vs_quality.png", "score_hist.png", "subset.jsonl"} <= logged
+    assert "quality_hist.png" in {a.path for a in mlc.list_artifacts(runs["deita-quality"].info.run_id)}
+    assert runs["deita-embed"].data.params["embedding_pooling"] == "last"
+    assert runs["deita-complexity"].data.params["complexity_scorer_kind"] == "approximate"
+    inputs = select_run.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.name == "deita-subset" and inputs[0].dataset.digest == sel.datasets[0]["digest"]
+    # a second run reuses every stage
+    again = deita_flow(config)
+    assert again["selection"].digest == sel.digest
