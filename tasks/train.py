@@ -1,0 +1,522 @@
+"""Training: TRL SFT and DPO on a selected subset, with PEFT, DeepSpeed and a launcher; logged and resumable.
+
+Two layers, as everywhere in pomona:
+- `sft_train` / `dpo_train`: plain functions (data file, base model, stage config, output folder) -> the saved
+  model folder. Checkpoints go to `<out_dir>/checkpoints`; when a previous attempt left some there, training
+  resumes from the last one (`resume_from_checkpoint`) instead of step 0. Metrics go to the active MLflow run
+  (in-process) or, for `torchrun` / `accelerate launch` subprocesses, to the run named by `MLFLOW_RUN_ID`.
+- `sft_stage` / `dpo_stage`: content-addressed stages on `tasks.store.run_stage`. They open the stage's MLflow child
+  run before training (so the Trainer's loss and learning-rate curves land in it), log the model folder as an
+  artifact and register it in the model registry with the selection method and dataset digest as tags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from configs.errors import ConfigError, ModelLoadError
+from configs.schema import ModelConfig
+from configs.train import ACCELERATE_FILES, DPOStageConfig, SFTStageConfig, TrainStageConfig
+from tasks.data import read_jsonl, write_jsonl
+from tasks.store import StageOutput, atomic_write_text, file_digest, run_stage, stage_task
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["sft", "dpo"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = "model"
+MERGED_DIR = "merged"
+CHECKPOINT_DIR = "checkpoints"
+RESULT_FILE = "train_result.json"
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Distributed variables DeepSpeed needs even for one process (without them it looks for MPI and fails).
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ------------------------------------------------------------------------------------------------- data
+def has_generation_markers(tokenizer) -> bool:
+    """True when the chat template marks assistant text with {% generation %} (what assistant_only_loss needs)."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default", "")
+    return bool(template) and bool(_GENERATION_MARKER.search(template))
+
+
+def sft_rows(messages_path: Path, tokenizer, config: SFTStageConfig) -> tuple[list[dict], str]:
+    """Rows for SFTTrainer and how the loss is masked ('assistant', 'completion' or 'all').
+
+    `assistant_only_loss` needs generation markers in the chat template. Without them the recipe decides: raise,
+    or train on prompt/completion rows (loss on the final assistant reply only), said in the log and in MLflow.
+    """
+    rows = [{"messages": row["messages"]} for row in read_jsonl(messages_path)]
+    if not rows:
+        raise ConfigError(f"{messages_path}: no training examples")
+    if not config.assistant_only_loss:
+        return rows, "all"
+    if has_generation_markers(tokenizer):
+        return rows, "assistant"
+    if config.without_generation_markers == "raise":
+        raise ConfigError(
+            "assistant_only_loss is on but the model's chat template has no {% generation %} markers; set "
+            "`without_generation_markers: prompt_completion` (loss on the final reply) or `assistant_only_loss: false`")
+    log.warning("chat template has no {%% generation %%} markers: training on prompt/completion rows, "
+                "loss on the final assistant reply only (%d examples)", len(rows))
+    return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows], "completion"
+
+
+# ------------------------------------------------------------------------------------------------- model
+def training_device(model: ModelConfig) -> str:
+    from models.loading import resolve_device
+
+    return resolve_device(model)
+
+
+def load_for_training(model: ModelConfig, config: TrainStageConfig, device: str):
+    """The base model to train. A PEFT adapter folder (an SFT LoRA output) is merged into its base first, so DPO
+    starts from the SFT model and its adapter-disabled reference is that SFT model."""
+    from transformers import AutoModelForCausalLM
+
+    from models.loading import resolve_dtype, resolve_model_path
+
+    path = Path(resolve_model_path(model))
+    dtype = resolve_dtype(model, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model.trust_remote_code}
+    if model.gguf_file:
+        kwargs["gguf_file"] = model.gguf_file
+    if config.qlora:
+        kwargs["quantization_config"] = quantization_config(device, dtype)
+    adapter_config = path / "adapter_config.json"
+    try:
+        if adapter_config.exists():
+            from peft import PeftModel
+
+            if config.qlora:
+                raise ConfigError(f"{path} is a LoRA adapter; QLoRA cannot merge it into 4-bit weights: "
+                                  "train SFT with merge_adapter: true and start from its merged/ folder")
+            base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+            log.info("%s is a LoRA adapter: merging it into its base %s before training", path, base)
+            loaded = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+            loaded = PeftModel.from_pretrained(loaded, str(path)).merge_and_unload()
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {model.name_or_path!r} for training: {exc}") from exc
+    return loaded
+
+
+def quantization_config(device: str, dtype):
+    """4-bit NF4 weights for QLoRA; only bitsandbytes on CUDA can do it."""
+    if device != "cuda":
+        raise ConfigError("qlora needs CUDA (bitsandbytes 4-bit); this machine trains on CPU: set qlora: false "
+                          "(plain LoRA works on CPU)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("qlora needs the bitsandbytes package: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def trl_config(kind: Kind, config: TrainStageConfig, out_dir: Path, device: str, dtype_name: str, report: bool):
+    """SFTConfig / DPOConfig from the stage config, with device, precision, checkpoints and reporting set."""
+    from trl import DPOConfig, SFTConfig
+
+    args = config.trl_arguments()
+    bf16 = device == "cuda" and dtype_name in ("auto", "bfloat16")
+    args.update(
+        output_dir=str(out_dir / CHECKPOINT_DIR), save_strategy="steps", logging_strategy="steps",
+        use_cpu=device == "cpu", bf16=bf16, fp16=device == "cuda" and dtype_name == "float16",
+        report_to=["mlflow"] if report else "none", deepspeed=config.deepspeed_file(),
+        run_name=f"{kind}-{out_dir.name}", disable_tqdm=False,
+    )
+    if kind == "sft":
+        assert isinstance(config, SFTStageConfig)
+        args.update(packing=config.packing)
+        return SFTConfig(**args)
+    return DPOConfig(**args)
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = out_dir / CHECKPOINT_DIR
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reporting_to_mlflow() -> bool:
+    """Report to MLflow when a run is active here, or a launcher handed us one through MLFLOW_RUN_ID."""
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return True
+    import mlflow
+
+    return mlflow.active_run() is not None
+
+
+# ------------------------------------------------------------------------------------------- in-process
+def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig, out_dir: Path,
+                     callbacks: list | None = None) -> Path:
+    """Train in this process (also the body of every launched worker); returns `<out_dir>/model`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = training_device(model)
+    if config.deepspeed != "none":
+        _set_single_process_distributed_env()
+    # TrainingArguments first: with ZeRO-3 it must exist before from_pretrained to partition the weights.
+    args = trl_config(kind, config, out_dir, device, model.dtype, _reporting_to_mlflow())
+    from models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    policy = load_for_training(model, config, device)
+    peft_config = config.lora.peft_config() if config.lora else None
+    info: dict[str, Any] = {"kind": kind}
+    if kind == "sft":
+        from datasets import Dataset
+        from trl import SFTTrainer
+
+        assert isinstance(config, SFTStageConfig)
+        rows, loss_mask = sft_rows(Path(data_path), tokenizer, config)
+        args.assistant_only_loss = loss_mask == "assistant"
+        args.completion_only_loss = True if loss_mask == "completion" else None
+        info["loss_mask"] = loss_mask
+        trainer = SFTTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    else:
+        from datasets import Dataset
+        from trl import DPOTrainer
+
+        rows = read_jsonl(data_path)
+        if not rows:
+            raise ConfigError(f"{data_path}: no preference pairs")
+        # ref_model=None: with a peft_config the reference is the adapter-disabled policy; without one TRL copies it.
+        trainer = DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    info["examples"] = len(rows)
+    resume = last_checkpoint(out_dir)
+    if resume:
+        log.info("resuming %s training from %s", kind, resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    model_dir = out_dir / MODEL_DIR
+    trainer.save_model(str(model_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(model_dir))
+        info.update(global_step=trainer.state.global_step, resumed_from=resume, train_loss=result.training_loss,
+                    adapter=config.lora is not None, qlora=config.qlora, base_model=str(model.name_or_path),
+                    device=device, deepspeed=config.deepspeed, log_history=trainer.state.log_history)
+        if config.merge_adapter:
+            merge_adapter(model_dir, out_dir / MERGED_DIR, model, device)
+            info["merged"] = MERGED_DIR
+        atomic_write_text(out_dir / RESULT_FILE, json.dumps(info, indent=1, default=str))
+    return model_dir
+
+
+def merge_adapter(adapter_dir: Path, merged_dir: Path, base: ModelConfig, device: str) -> Path:
+    """Base weights (full precision, also after QLoRA) with the adapter folded in, saved as a normal model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from models.loading import load_tokenizer, resolve_dtype, resolve_model_path
+
+    loaded = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=resolve_dtype(base, device),
+                                                  trust_remote_code=base.trust_remote_code)
+    merged = PeftModel.from_pretrained(loaded, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(merged_dir))
+    load_tokenizer(base).save_pretrained(str(merged_dir))
+    return merged_dir
+
+
+def _set_single_process_distributed_env() -> None:
+    """DeepSpeed wants a process group even for one process: gloo on CPU, from these variables (kept if a
+    launcher set them)."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+
+
+# -------------------------------------------------------------------------------------------- launchers
+def launch_command(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig,
+                   out_dir: Path) -> list[str]:
+    """`torchrun` / `accelerate launch` running `tasks.train_entry` in `num_processes` workers."""
+    spec = out_dir / f"{kind}-launch.json"
+    atomic_write_text(spec, json.dumps({"kind": kind, "data_path": str(data_path), "out_dir": str(out_dir),
+                                        "model": model.model_dump(mode="json"),
+                                        "config": config.model_dump(mode="json")}, indent=1))
+    bindir = Path(sys.executable).parent
+    entry = ["-m", "tasks.train_entry", str(spec)]
+    if config.launcher == "torchrun":
+        return [str(bindir / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(config.num_processes),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry]
+    cpu = training_device(model) == "cpu"
+    return [str(bindir / "accelerate"), "launch", "--config_file", str(ACCELERATE_FILES[config.deepspeed]),
+            "--num_processes", str(config.num_processes), "--main_process_port", str(free_port()),
+            *(["--cpu"] if cpu and config.deepspeed == "none" else []), *entry]
+
+
+def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig, out_dir: Path) -> Path:
+    """Run the launcher as a child process; its output goes to `<out_dir>/launcher.log` and to our stdout."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = launch_command(kind, data_path, model, config, out_dir)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for name in _DIST_VARS:  # the launcher sets its own
+        env.pop(name, None)
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None:
+        env["MLFLOW_RUN_ID"] = active.info.run_id
+        env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    log.info("launching: %s", " ".join(command))
+    log_path = out_dir / "launcher.log"
+    with open(log_path, "a", encoding="utf-8") as sink:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sink.write(line)
+            sys.stdout.write(line)
+        code = proc.wait()
+    if code != 0:
+        tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{config.launcher} {kind} training failed with exit code {code}; log {log_path}:\n{tail}")
+    model_dir = out_dir / MODEL_DIR
+    if not (out_dir / RESULT_FILE).exists():
+        raise RuntimeError(f"{config.launcher} exited 0 but wrote no {RESULT_FILE} in {out_dir}")
+    return model_dir
+
+
+def _train(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig, out_dir: Path,
+           callbacks: list | None) -> Path:
+    if config.launcher == "inprocess":
+        return train_in_process(kind, Path(data_path), model, config, Path(out_dir), callbacks)
+    if callbacks:
+        raise ValueError("callbacks cannot cross into a launched subprocess; use launcher 'inprocess'")
+    return train_subprocess(kind, Path(data_path).resolve(), model, config, Path(out_dir).resolve())
+
+
+def sft_train(messages_path: Path, model: ModelConfig, config: SFTStageConfig, out_dir: Path,
+              callbacks: list | None = None) -> Path:
+    """SFT on a `messages` JSONL file; returns the saved model (or adapter) folder `<out_dir>/model`."""
+    return _train("sft", messages_path, model, config, out_dir, callbacks)
+
+
+def dpo_train(pairs_path: Path, model: ModelConfig, config: DPOStageConfig, out_dir: Path,
+              callbacks: list | None = None) -> Path:
+    """DPO on conversational preference rows (prompt / chosen / rejected JSONL, see tasks.preferences); returns
+    `<out_dir>/model`. `model` may be an SFT output folder, a LoRA adapter folder included."""
+    return _train("dpo", pairs_path, model, config, out_dir, callbacks)
+
+
+def read_train_result(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / RESULT_FILE).read_text())
+
+
+# ------------------------------------------------------------------------------------------------ stages
+class TrainingInterrupted(RuntimeError):
+    """Raised by `interrupt_after_step`: stops training as a crash would, leaving its checkpoints behind."""
+
+
+def _interrupt_callback(step: int):
+    from transformers import TrainerCallback
+
+    class InterruptAfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                raise TrainingInterrupted(f"training interrupted on purpose after step {state.global_step}; "
+                                          "rerun the stage to resume from its last checkpoint")
+
+    return InterruptAfterStep()
+
+
+def selection_tags(selection: StageOutput, data_file: Path) -> dict[str, str]:
+    """What a trained model traces back to: the selection method and the digest of the exact training file."""
+    method = selection.stage.removeprefix("select-")
+    for dataset in selection.datasets:
+        if dataset.get("context") == "training" and dataset["name"].endswith("-subset"):
+            method = dataset["name"].removesuffix("-subset")
+    return {"selection_method": method, "selection_stage": selection.stage,
+            "dataset_digest": file_digest(data_file)[:16]}
+
+
+@contextmanager
+def training_run(parent_run_id: str | None, stage: str, tags: dict[str, str]) -> Iterator[str | None]:
+    """The stage's MLflow child run, opened before training and active in this thread while it trains.
+
+    The flow logs the stage's config, metrics and dataset into the same run afterwards (tasks.track.log_stage with
+    run_id). A failed attempt's run is marked FAILED; the rerun opens a new one and resumes the checkpoints.
+    """
+    if not parent_run_id:
+        yield None
+        return
+    import mlflow
+
+    from tasks.track import client, tracking_uri
+
+    mlc = client()
+    parent = mlc.get_run(parent_run_id)
+    run = mlc.create_run(parent.info.experiment_id, run_name=stage,
+                         tags={"mlflow.parentRunId": parent_run_id, "pomona.stage": stage, **tags})
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        with mlflow.start_run(run_id=run.info.run_id):
+            yield run.info.run_id
+            mlflow.flush_async_logging()
+    except BaseException:
+        mlflow.flush_async_logging()
+        mlc.set_terminated(run.info.run_id, "FAILED")
+        raise
+
+
+def log_trained_model(run_id: str, folder: Path, stage: str, config: TrainStageConfig, tags: dict[str, str]) -> dict:
+    """Log `model/` (and `merged/`) as run artifacts and register a model version carrying the tags."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.track import client
+
+    mlc = client()
+    mlc.log_artifacts(run_id, str(folder / MODEL_DIR), artifact_path=MODEL_DIR)
+    if (folder / MERGED_DIR).is_dir():
+        mlc.log_artifacts(run_id, str(folder / MERGED_DIR), artifact_path=MERGED_DIR)
+    if not config.register_model:
+        return {}
+    run = mlc.get_run(run_id)
+    name = config.registered_model_name or f"{mlc.get_experiment(run.info.experiment_id).name}-{stage}"
+    try:
+        mlc.create_registered_model(name, description=f"pomona {stage} models")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source_dir = MERGED_DIR if (folder / MERGED_DIR).is_dir() else MODEL_DIR
+    version = mlc.create_model_version(name, source=f"{run.info.artifact_uri}/{source_dir}", run_id=run_id,
+                                       tags={**tags, "adapter": str(config.lora is not None and source_dir == MODEL_DIR).lower()})
+    return {"train.registered_model": name, "train.registered_version": str(version.version)}
+
+
+def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, registered: dict,
+                  dataset: dict[str, str]) -> dict[str, Any]:
+    """StageOutput fields of a training stage, with the loss curve drawn from the trainer's log history."""
+    from tasks.plots import scatter
+
+    history = [h for h in info.get("log_history", []) if "loss" in h and "step" in h]
+    artifacts = [RESULT_FILE]
+    if history:
+        scatter([h["step"] for h in history], [h["loss"] for h in history], folder / "loss_curve.png",
+                title=f"{stage} training loss", xlabel="step", ylabel="loss")
+        artifacts.append("loss_curve.png")
+    resumed = info.get("resumed_from")
+    metrics = {"train.global_step": info["global_step"], "train.examples": info["examples"],
+               "train.mean_loss": info["train_loss"],
+               "train.resumed_from_step": int(resumed.rsplit("-", 1)[1]) if resumed else 0}
+    if history:
+        metrics["train.final_loss"] = history[-1]["loss"]
+    params = {"train.loss_mask": info.get("loss_mask", "dpo"), "train.model_dir": str(folder / MODEL_DIR), **registered}
+    if run_id:
+        params["train.mlflow_run_id"] = run_id
+    summary = (f"{stage}: **{info['global_step']}** steps on {info['examples']} examples, mean loss "
+               f"{info['train_loss']:.4f}" + (f", resumed from `{Path(resumed).name}`" if resumed else "")
+               + (f"; registered as {registered['train.registered_model']} v{registered['train.registered_version']}"
+                  if registered else "") + ".")
+    if info.get("loss_mask") == "completion":
+        summary += " The chat template has no generation markers: loss on the final assistant reply only."
+    return {"metrics": metrics, "params": params, "artifacts": artifacts, "datasets": [dataset], "summary": summary}
+
+
+def sft_stage(selection: StageOutput, model: ModelConfig, config: SFTStageConfig, tracking: str | None = None,
+              interrupt_after_step: int | None = None) -> StageOutput:
+    """Stage `train-sft`: SFT on a selection's `subset.messages.jsonl`.
+
+    `tracking` is the parent MLflow run id (not part of the cache key). `interrupt_after_step` stops the first
+    attempt as a crash would (for resume demos and tests); the rerun resumes from the last checkpoint.
+    """
+    source = selection.file("subset.messages.jsonl")
+    tags = selection_tags(selection, source)
+
+    def body(folder: Path) -> dict:
+        data = folder / "train.messages.jsonl"
+        shutil.copyfile(source, data)
+        callbacks = [_interrupt_callback(interrupt_after_step)] if interrupt_after_step else None
+        with training_run(tracking, "train-sft", tags) as run_id:
+            sft_train(data, model, config, folder, callbacks=callbacks)
+            registered = log_trained_model(run_id, folder, "sft", config, tags) if run_id else {}
+        info = read_train_result(folder)
+        dataset = {"name": f"{tags['selection_method']}-subset", "file": data.name, "context": "training",
+                   "digest": tags["dataset_digest"]}
+        return _stage_fields(folder, "train-sft", info, run_id, registered, dataset)
+
+    return run_stage("train-sft", {"model": model, "train": config}, [selection], body, digest_of=[MODEL_DIR])
+
+
+def dpo_stage(pairs: StageOutput | None, model: ModelConfig, config: DPOStageConfig, sft: StageOutput | None = None,
+              tracking: str | None = None, interrupt_after_step: int | None = None) -> StageOutput:
+    """Stage `train-dpo`: DPO on preference pairs, starting from the SFT stage's model when given.
+
+    Pairs come from `config.pairs_path` (ShareGPT DPO or GRAPE pairs file) or else from the selection stage's
+    `pairs.jsonl` (GRAPE with dpo pairs enabled).
+    """
+    from tasks.preferences import read_preference_pairs
+
+    if config.pairs_path:
+        source = Path(config.pairs_path)
+        inputs: list[Any] = [{"pairs_file": file_digest(source)}]
+        tags = {"selection_method": "given-pairs", "dataset_digest": file_digest(source)[:16]}
+    elif pairs is not None and pairs.file("pairs.jsonl").exists():
+        source = pairs.file("pairs.jsonl")
+        inputs = [pairs]
+        tags = selection_tags(pairs, source)
+    else:
+        raise ConfigError("DPO needs preference pairs: set dpo.pairs_path, or a selection that writes pairs.jsonl "
+                          "(GRAPE with dpo.enabled: true)")
+    start = model
+    if sft is not None:
+        merged = sft.file(MERGED_DIR)
+        start = model.model_copy(update={"name_or_path": str(merged if merged.is_dir() else sft.file(MODEL_DIR)),
+                                         "gguf_file": None})
+        inputs.append(sft)
+        tags["sft_stage_key"] = sft.key
+
+    def body(folder: Path) -> dict:
+        read = read_preference_pairs(source, on_error=config.on_error)
+        write_jsonl(folder / "pairs.jsonl", read.rows)
+        write_jsonl(folder / "rejects.jsonl", read.rejects)
+        callbacks = [_interrupt_callback(interrupt_after_step)] if interrupt_after_step else None
+        with training_run(tracking, "train-dpo", tags) as run_id:
+            dpo_train(folder / "pairs.jsonl", start, config, folder, callbacks=callbacks)
+            registered = log_trained_model(run_id, folder, "dpo", config, tags) if run_id else {}
+        info = read_train_result(folder)
+        dataset = {"name": f"{tags['selection_method']}-pairs", "file": "pairs.jsonl", "context": "training",
+                   "digest": tags["dataset_digest"]}
+        fields = _stage_fields(folder, "train-dpo", info, run_id, registered, dataset)
+        fields["metrics"].update({f"dpo.{k}": v for k, v in read.counts.items()})
+        fields["artifacts"].append("rejects.jsonl")
+        return fields
+
+    return run_stage("train-dpo", {"model": model, "train": config}, inputs, body, digest_of=[MODEL_DIR])
+
+
+def trained_model(out: StageOutput, base: ModelConfig) -> ModelConfig:
+    """The model a training stage produced (its merged folder when there is one), loadable like any model."""
+    folder = out.file(MERGED_DIR) if out.file(MERGED_DIR).is_dir() else out.file(MODEL_DIR)
+    return base.model_copy(update={"name_or_path": str(folder), "gguf_file": None})
+
+
+sft_stage_task = stage_task(sft_stage, name="train-sft")
+dpo_stage_task = stage_task(dpo_stage, name="train-dpo")

@@ -1,0 +1,292 @@
+"""Training: SFT full (in the flow test) and LoRA, DPO with LoRA from the SFT model, resume after an interruption, MLflow run and
+registry, preference-pair reading, config errors, and the SFT flow. All on the tiny model on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs.errors import ConfigError, RecordError
+from configs.pipeline import load_recipe
+from configs.schema import DataConfig, ModelConfig
+from configs.selection import FullSelection
+from configs.train import DPOStageConfig, LoraSettings, SFTFlowConfig, SFTStageConfig
+from tasks.data import prepare_records, write_jsonl
+from tasks.preferences import read_preference_pairs
+from tasks.select import baseline_selection
+from tasks.store import StageOutput
+from tasks.train import (TrainingInterrupted, dpo_stage, quantization_config, read_train_result, sft_rows, sft_stage,
+                         sft_train)
+
+from conftest import DATA
+
+TINY = ModelConfig(name_or_path="tiny:0")
+FAST = dict(per_device_train_batch_size=4, max_length=96, logging_steps=1, learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def selection() -> StageOutput:
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_demo_200.json"), limit=24))
+    return baseline_selection(records, FullSelection(), "messages")
+
+
+def generate(model, tokenizer) -> str:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Give three tips for staying healthy."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
+# ------------------------------------------------------------------------------------------ SFT, plain
+def test_sft_lora_saves_an_adapter_that_peft_applies_and_merges(selection, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.loading import resolve_model_path
+
+    config = SFTStageConfig(max_steps=3, save_steps=100, lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                            merge_adapter=True, **FAST)
+    folder = sft_train(selection.file("subset.messages.jsonl"), TINY, config, tmp_path)
+    assert (folder / "adapter_config.json").exists() and not (folder / "model.safetensors").exists()
+    adapter = weights(folder)
+    assert adapter and all("lora_" in k for k in adapter) and any("q_proj" in k for k in adapter)
+    assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: trained
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(TINY))
+    tuned = PeftModel.from_pretrained(base, str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    generate(tuned, tokenizer)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = tokenizer("What is the capital of France?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(tuned(ids).logits, merged(ids).logits, atol=1e-4)
+        with tuned.disable_adapter():
+            assert not torch.allclose(tuned(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+# ----------------------------------------------------------------- the stage: resume, MLflow, registry, DPO
+@pytest.fixture(scope="module")
+def parent_run():
+    from tasks.track import start_parent_run
+
+    return start_parent_run("train-tests", "train-tests", SFTStageConfig(), None)
+
+
+@pytest.fixture(scope="module")
+def resumed_sft(selection, parent_run):
+    """A LoRA SFT stage interrupted after step 3 (checkpoint at 2), then rerun: it resumes instead of restarting."""
+    config = SFTStageConfig(max_steps=5, save_steps=2, lora=LoraSettings(r=4, alpha=8), **FAST)
+    with pytest.raises(TrainingInterrupted):
+        sft_stage(selection, TINY, config, tracking=parent_run, interrupt_after_step=3)
+    out = sft_stage(selection, TINY, config, tracking=parent_run)
+    from tasks.track import log_stage_run
+
+    log_stage_run(parent_run, out, config={"sft": config}, run_id=out.params["train.mlflow_run_id"])
+    return out, config
+
+
+def metric_steps(run_id: str, key: str) -> list[int]:
+    from tasks.track import client
+
+    return sorted(m.step for m in client().get_metric_history(run_id, key))
+
+
+def test_rerun_of_an_interrupted_stage_resumes_from_its_checkpoint(resumed_sft, parent_run):
+    from tasks.track import client
+
+    out, _ = resumed_sft
+    result = read_train_result(Path(out.path))
+    assert Path(result["resumed_from"]).name == "checkpoint-2"
+    assert result["global_step"] == 5 and out.metrics["train.resumed_from_step"] == 2
+    # The resumed attempt logged steps 3..5 only; the interrupted attempt's run holds 1..2 and is marked FAILED.
+    assert metric_steps(out.params["train.mlflow_run_id"], "loss") == [3, 4, 5]
+    runs = client().search_runs([client().get_run(parent_run).info.experiment_id],
+                                f"tags.pomona.stage = 'train-sft' and tags.mlflow.parentRunId = '{parent_run}'")
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(failed) == 1 and metric_steps(failed[0].info.run_id, "loss") == [1, 2]
+    assert (Path(out.path) / "_SUCCESS").exists()
+
+
+def test_the_stage_run_holds_params_curves_model_and_a_tagged_registry_version(resumed_sft, selection):
+    import mlflow
+
+    from tasks.track import client
+
+    mlflow.flush_async_logging()
+    out, config = resumed_sft
+    mlc = client()
+    run = mlc.get_run(out.params["train.mlflow_run_id"])
+    assert run.data.params["sft.learning_rate"] == str(config.learning_rate)     # the stage config
+    assert float(run.data.params["learning_rate"]) == config.learning_rate       # the Trainer's own arguments
+    assert run.data.params["train.loss_mask"] == "assistant"
+    assert len(mlc.get_metric_history(run.info.run_id, "loss")) > 1
+    assert len(mlc.get_metric_history(run.info.run_id, "learning_rate")) > 1
+    assert run.data.metrics["train.global_step"] == 5
+    artifacts = {a.path for a in mlc.list_artifacts(run.info.run_id, "model")}
+    assert {"model/adapter_config.json", "model/adapter_model.safetensors"} <= artifacts
+    assert "loss_curve.png" in {a.path for a in mlc.list_artifacts(run.info.run_id)}
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["full-subset"]
+
+    name, version = out.params["train.registered_model"], out.params["train.registered_version"]
+    assert name == "train-tests-sft"
+    registered = mlc.get_model_version(name, version)
+    digest = selection.datasets[0]["digest"]
+    assert registered.tags["selection_method"] == "full" and registered.tags["dataset_digest"] == digest
+    assert registered.run_id == run.info.run_id and registered.tags["adapter"] == "true"
+
+
+def test_dpo_with_lora_starts_from_the_sft_adapter_and_reloads(resumed_sft, parent_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.track import client
+
+    sft, _ = resumed_sft
+    config = DPOStageConfig(max_steps=2, save_steps=100, beta=0.1, lora=LoraSettings(r=4, alpha=8),
+                            pairs_path=str(DATA / "dpo_en_20.json"), **{**FAST, "max_length": 128})
+    out = dpo_stage(None, TINY, config, sft=sft, tracking=parent_run)
+    result = read_train_result(Path(out.path))
+    assert result["global_step"] == 2 and result["kind"] == "dpo" and out.metrics["dpo.pairs_kept"] == 20
+    # The policy trains a fresh adapter on the merged SFT model; with the adapter disabled it IS the SFT model.
+    adapter_config = json.loads((Path(out.path) / "model" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA"
+    assert any("rewards/chosen" in h for h in result["log_history"])
+    assert len(client().get_metric_history(out.params["train.mlflow_run_id"], "rewards/margins")) >= 1
+
+    from tasks.train import load_for_training
+
+    sft_merged = load_for_training(ModelConfig(name_or_path=sft.params["train.model_dir"]), config, "cpu")
+    start = AutoModelForCausalLM.from_pretrained(sft_merged.config._name_or_path)  # the SFT's base (tiny)
+    tuned = PeftModel.from_pretrained(sft_merged, str(Path(out.path) / "model"))
+    tokenizer = AutoTokenizer.from_pretrained(Path(out.path) / "model")
+    generate(tuned, tokenizer)
+    ids = tokenizer("Write a short poem about the sea.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert not torch.allclose(start(ids).logits, sft_merged(ids).logits, atol=1e-5)  # SFT moved the base
+    registered = client().get_model_version(out.params["train.registered_model"], out.params["train.registered_version"])
+    assert registered.tags["selection_method"] == "given-pairs" and registered.tags["sft_stage_key"] == sft.key
+
+
+# --------------------------------------------------------------------------------------- preference pairs
+def test_sharegpt_dpo_pairs_become_conversational_preference_rows():
+    read = read_preference_pairs(DATA / "dpo_en_20.json")
+    assert read.format == "sharegpt" and read.counts == {"pairs_read": 20, "pairs_kept": 20, "pairs_rejected": 0}
+    raw = json.loads((DATA / "dpo_en_20.json").read_text())
+    first = read.rows[0]
+    assert first["prompt"] == [{"role": "user", "content": raw[0]["conversations"][0]["value"]}]
+    assert first["chosen"] == [{"role": "assistant", "content": raw[0]["chosen"]["value"]}]
+    assert first["rejected"] == [{"role": "assistant", "content": raw[0]["rejected"]["value"]}]
+    assert all(r["prompt"][-1]["role"] == "user" for r in read.rows)
+    assert max(len(r["prompt"]) for r in read.rows) > 1  # multi-turn prompts keep their history
+
+
+def test_grape_pairs_and_bad_rows_name_file_record_and_field(tmp_path):
+    good = {"prompt": [{"role": "user", "content": "Name a colour."}],
+            "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "No."}]}
+    rows = [good,
+            {**good, "chosen": [{"role": "user", "content": "Blue."}]},
+            {**good, "rejected": good["chosen"]},
+            {**good, "prompt": good["prompt"] + good["chosen"]},
+            {k: v for k, v in good.items() if k != "rejected"}]
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, rows)
+    with pytest.raises(RecordError) as err:
+        read_preference_pairs(path)
+    assert str(path) in str(err.value) and "line 2" in str(err.value) and "chosen[0].role" in str(err.value)
+    read = read_preference_pairs(path, on_error="skip")
+    assert read.format == "grape" and read.rows == [good]
+    assert [(r["location"], r["field"]) for r in read.rejects] == [
+        ("line 2", "chosen[0].role"), ("line 3", "rejected"), ("line 4", "prompt"), ("line 5", "rejected")]
+    assert "identical" in read.rejects[1]["reason"] and "missing" in read.rejects[3]["reason"]
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def test_configs_refuse_impossible_combinations(tmp_path):
+    with pytest.raises(ValueError, match="qlora needs a 'lora'"):
+        SFTStageConfig(qlora=True)
+    with pytest.raises(ValueError, match="merge_adapter needs 'lora'"):
+        SFTStageConfig(merge_adapter=True)
+    with pytest.raises(ValueError, match="torchrun"):
+        SFTStageConfig(num_processes=2)
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("name: x\ndata: {path: d.json}\nmodel: {name_or_path: 'tiny:0'}\nsft: {learning_rat: 0.1}\n")
+    with pytest.raises(ConfigError, match="sft.learning_rat"):
+        load_recipe(recipe, SFTFlowConfig)
+    recipe.write_text("name: x\ndata: {path: d.json}\nmodel: {name_or_path: 'tiny:0'}\n"
+                      "sft: {deepspeed: zero3, lora: {r: 8}, max_steps: 10}\n")
+    loaded = load_recipe(recipe, SFTFlowConfig)
+    assert loaded.sft.deepspeed_file().endswith("configs/deepspeed/zero3.json") and loaded.sft.lora.r == 8
+    assert loaded.sft.trl_arguments()["max_steps"] == 10 and loaded.sft.assistant_only_loss is True
+    with pytest.raises(ConfigError, match="qlora needs CUDA"):
+        quantization_config("cpu", torch.float32)
+
+
+def test_deepspeed_files_leave_batch_and_precision_to_the_trainer():
+    from configs.train import DEEPSPEED_FILES
+
+    for stage, path in DEEPSPEED_FILES.items():
+        ds = json.loads(path.read_text())
+        assert ds["zero_optimization"]["stage"] == int(stage[-1])
+        assert ds["train_micro_batch_size_per_gpu"] == ds["gradient_accumulation_steps"] == "auto"
+        assert ds["bf16"]["enabled"] == "auto"
+
+
+def test_a_template_without_generation_markers_is_said_not_silently_masked(selection):
+    from models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(TINY)
+    path = selection.file("subset.messages.jsonl")
+    rows, mask = sft_rows(path, tokenizer, SFTStageConfig())
+    assert mask == "assistant" and "messages" in rows[0]
+    tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    rows, mask = sft_rows(path, tokenizer, SFTStageConfig())
+    assert mask == "completion" and rows[0]["completion"][0]["role"] == "assistant"
+    assert rows[0]["prompt"][-1]["role"] == "user"
+    with pytest.raises(ConfigError, match="generation"):
+        sft_rows(path, tokenizer, SFTStageConfig(without_generation_markers="raise"))
+    rows, mask = sft_rows(path, tokenizer, SFTStageConfig(assistant_only_loss=False))
+    assert mask == "all"
+
+
+# ---------------------------------------------------------------------------------------------- the flow
+def test_sft_flow_trains_logs_and_reuses_the_stage(prefect_server, tmp_path):
+    from flows.train import sft
+    from tasks.track import client
+
+    config = SFTFlowConfig(name="sft-flow-test", data=DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=8),
+                           model=TINY, sft=SFTStageConfig(max_steps=2, save_steps=100, **FAST))
+    first = sft(config)["sft"]
+    again = sft(config)["sft"]
+    assert again.digest == first.digest and again.path == first.path
+    mlc = client()
+    exp = mlc.get_experiment_by_name("sft-flow-test")
+    runs = mlc.search_runs([exp.experiment_id], "tags.pomona.stage = 'train-sft'")
+    assert sorted(r.data.tags["pomona.cached"] for r in runs) == ["false", "true"]
+    trained = next(r for r in runs if r.data.tags["pomona.cached"] == "false")
+    assert trained.info.run_id == first.params["train.mlflow_run_id"]
+    assert trained.data.params["sft.max_steps"] == "2" and "loss" in trained.data.metrics
+    reused = next(r for r in runs if r.data.tags["pomona.cached"] == "true")
+    assert reused.data.tags["pomona.trained_in_run"] == trained.info.run_id
+
+    # A full fine-tune: every weight file is rewritten, and the folder reloads as a plain causal LM.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.loading import resolve_model_path
+
+    folder = Path(first.path) / "model"
+    result = read_train_result(Path(first.path))
+    assert result["global_step"] == 2 and result["loss_mask"] == "assistant" and result["adapter"] is False
+    assert [h["step"] for h in result["log_history"] if "loss" in h] == [1, 2]
+    before, after = weights(Path(resolve_model_path(TINY))), weights(folder)
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    generate(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
