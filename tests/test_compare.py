@@ -1,0 +1,88 @@
+"""The comparison flow end to end on the tiny model: random / longest / full at budget 10 of 40 records, 2 SFT
+steps each, evaluated; one extra branch fails on purpose and must not stop the others."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from configs.compare import CompareConfig
+from configs.pipeline import load_recipe
+from tasks.data import read_jsonl
+from tests.conftest import REPO
+
+
+def test_compare_config_shares_one_budget():
+    raw = {"name": "x", "data": {"path": "d.json"}, "budget": 5, "training": {"model": {"name_or_path": "tiny:0"}},
+           "evaluate": {}, "methods": [{"method": "random"}, {"method": "longest"}, {"method": "full"},
+                                       {"method": "random", "seed": 3}]}
+    cfg = CompareConfig.model_validate(raw)
+    assert [getattr(m, "budget", None) for m in cfg.methods] == [5, 5, None, 5]
+    assert cfg.labels() == ["random-1", "longest", "full", "random-2"]
+    with pytest.raises(ValueError, match="own budget"):
+        CompareConfig.model_validate({**raw, "methods": [{"method": "random", "budget": 7}]})
+    with pytest.raises(ValueError, match="exactly one"):
+        CompareConfig.model_validate({**raw, "share": 0.5})
+
+
+def test_smollm2_recipe_validates():
+    cfg = load_recipe(REPO / "configs/recipes/compare_smollm2.yaml", CompareConfig)
+    assert {m.method for m in cfg.methods} >= {"random", "longest", "full"}
+
+
+def test_compare_flow_end_to_end_with_a_failing_branch(prefect_server, tiny_model_dir, monkeypatch):
+    import flows.compare as compare_module
+    from prefect.client.orchestration import get_client
+    from tasks.track import client
+
+    real_select = compare_module.select_subset
+
+    def select_or_fail(selection, *args, **kwargs):
+        if selection.method == "random" and selection.seed == 1:
+            raise RuntimeError("selection exploded on purpose")
+        return real_select(selection, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "select_subset", select_or_fail)
+    cfg = load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig, overrides={
+        "data.path": str(REPO / "tests/data/alpaca_cherry_40.json"),
+        "training.model.name_or_path": str(tiny_model_dir),  # the session's tiny model (same as tiny:0, built once)
+        "evaluate.likelihood.data.path": str(REPO / "tests/data/alpaca_demo_200.json"),
+        "methods": [{"method": "random", "seed": 0}, {"method": "longest"}, {"method": "full"},
+                    {"method": "random", "seed": 1}]})
+
+    table = compare_module.compare(cfg)
+
+    rows = {r["method"]: r for r in read_jsonl(table.file("comparison.jsonl"))}
+    assert list(rows) == ["base", "random-1", "longest", "full", "random-2"]
+    assert rows["random-2"]["status"] == "failed" and "exploded on purpose" in rows["random-2"]["error"]
+    for label in ("base", "random-1", "longest", "full"):
+        assert rows[label]["status"] == "ok", rows[label]
+        assert math.isfinite(rows[label]["likelihood/mean_nll"])
+    assert [rows[m]["selected"] for m in ("random-1", "longest", "full")] == [10, 10, 40]
+    assert rows["base"]["selected"] is None
+    # Training moved the model: every trained row differs from the untrained base on held-out NLL.
+    assert all(rows[m]["likelihood/mean_nll"] != rows["base"]["likelihood/mean_nll"] for m in ("random-1", "full"))
+    assert table.file("comparison.csv").exists() and table.file("plots/likelihood__mean_nll.png").exists()
+    assert table.metrics["methods_failed"] == 1
+
+    mlc = client()
+    exp = mlc.get_experiment_by_name("compare-tiny")
+    runs = mlc.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "compare-tiny")
+    methods = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+               and r.info.run_name.startswith("method:")}
+    assert set(methods) == {"method:base", "method:random-1", "method:longest", "method:full", "method:random-2"}
+    assert methods["method:random-2"].info.status == "FAILED"
+    assert "exploded" in methods["method:random-2"].data.tags["pomona.error"]
+    assert methods["method:full"].info.status == "FINISHED"
+    assert methods["method:full"].data.metrics["selected"] == 40
+    # The method's stages nest under its run.
+    nested = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == methods["method:full"].info.run_id}
+    assert {"select-full", "train-sft", "eval-likelihood", "eval-table"} <= nested
+    assert {a.path for a in mlc.list_artifacts(parent.info.run_id)} >= {"comparison.csv", "plots"}
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts()
+    table_artifacts = [a for a in artifacts if a.key == "compare-compare-tiny"]
+    assert table_artifacts and table_artifacts[0].type == "table"

@@ -1,0 +1,242 @@
+"""Evaluation: the judge's order swapping, Deita quality formula, the HumanEval sandbox and pass@1, and each
+evaluation stage on the tiny model with small local files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from configs.evaluate import (BaselineAnswersFile, EvaluateConfig, EvaluateFlowConfig, GenerationSettings,
+                              HeldoutLikelihoodConfig, HumanEvalConfig, InstructionEvalConfig, JudgeConfig,
+                              LmEvalConfig)
+from configs.schema import DataConfig, ModelConfig, TrackingConfig
+from tests.conftest import DATA, SHARED
+
+# ------------------------------------------------------------------------------------------- fake judges
+
+
+class ScriptedJudge:
+    """A stand-in judge model: next-token logits come from a rule over the decoded prompt; prompts are recorded."""
+
+    def __init__(self, tokenizer, rule):
+        import torch
+
+        self.tokenizer = tokenizer
+        self.rule = rule
+        self.seen: list[str] = []
+        self.param = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(max_position_embeddings=4096)
+        self.forward = self.__call__
+
+    def parameters(self):
+        yield self.param
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], len(self.tokenizer))
+        for row in range(input_ids.shape[0]):
+            n = int(attention_mask[row].sum())
+            text = self.tokenizer.decode(input_ids[row, :n].tolist())
+            self.seen.append(text)
+            for token, value in self.rule(text).items():
+                logits[row, n - 1, self.tokenizer.convert_tokens_to_ids(token)] = value
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from models.tiny import train_tokenizer
+
+    return train_tokenizer()
+
+
+def _judge(tokenizer, rule, **kw):
+    from models.judge import LogitJudge
+
+    fake = ScriptedJudge(tokenizer, rule)
+    return LogitJudge(fake, tokenizer, name="scripted", batch_size=3, **kw), fake
+
+
+QUESTIONS = ["What is the capital of France?", "Give three tips for staying healthy.", "Write a short poem."]
+CANDIDATES = ["Paris is the capital.", "Eat well, exercise, sleep.", "The waves roll in."]
+BASELINES = ["I do not know.", "Be healthy.", "Sea."]
+
+
+def test_pairwise_judges_both_orders_and_a_position_biased_judge_ties(tokenizer):
+    judge, fake = _judge(tokenizer, lambda text: {"1": 4.0, "2": 0.0})  # always "Response 1 is better"
+    verdicts = judge.pairwise(QUESTIONS, CANDIDATES, BASELINES)
+
+    assert [v.outcome for v in verdicts] == ["tie", "tie", "tie"]
+    for v in verdicts:
+        assert v.p_candidate_first > 0.9 and v.p_candidate_second < 0.1
+    # Each pair was shown once with the candidate first and once with the baseline first.
+    assert len(fake.seen) == 2 * len(QUESTIONS)
+    for cand, base in zip(CANDIDATES, BASELINES):
+        first = [t for t in fake.seen if f"[Response 1]\n{cand}\n\n[Response 2]\n{base}" in t]
+        second = [t for t in fake.seen if f"[Response 1]\n{base}\n\n[Response 2]\n{cand}" in t]
+        assert len(first) == 1 and len(second) == 1
+
+
+def test_pairwise_content_judge_wins_and_loses_in_both_orders(tokenizer):
+    def prefers_paris(text):
+        first = text.split("[Response 1]")[1].split("[Response 2]")[0]
+        return {"1": 3.0, "2": 0.0} if "Paris" in first else {"1": 0.0, "2": 3.0}
+
+    judge, _ = _judge(tokenizer, prefers_paris)
+    verdicts = judge.pairwise(["q", "q"], ["Paris.", "Lyon."], ["Lyon.", "Paris."])
+    assert [v.outcome for v in verdicts] == ["win", "lose"]
+
+
+def test_combine_orders_rule():
+    from models.judge import combine_orders, order_outcome, summarize_pairwise, PairVerdict
+
+    assert combine_orders(1, 1) == "win" and combine_orders(1, 0) == "win"
+    assert combine_orders(1, -1) == "tie" and combine_orders(0, 0) == "tie"
+    assert combine_orders(-1, 0) == "lose" and combine_orders(-1, -1) == "lose"
+    assert order_outcome(0.55, tie_margin=0.1) == 0 and order_outcome(0.7, tie_margin=0.1) == 1
+    summary = summarize_pairwise([PairVerdict(.9, .9, "win"), PairVerdict(.9, .1, "tie"), PairVerdict(.1, .1, "lose"),
+                                  PairVerdict(.9, .9, "win")])
+    assert summary["win_rate"] == 0.5 and summary["tie_rate"] == 0.25 and summary["winning_score"] == 1.25
+
+
+def test_single_answer_score_is_deitas_expected_score(tokenizer):
+    uniform, _ = _judge(tokenizer, lambda text: {})
+    assert uniform.quality(["q"], ["a"]) == pytest.approx([3.5])
+    peaked, fake = _judge(tokenizer, lambda text: {"5": 50.0})
+    assert peaked.quality(["What is 2+2?"], ["4"]) == pytest.approx([5.0])
+    # Deita's quality prompt, exactly, with BOS as a plain encode adds it.
+    from models.deita import quality_prompt
+
+    assert fake.seen[0] == "<|bos|>" + quality_prompt("What is 2+2?", "4")
+
+
+# ---------------------------------------------------------------------------------------------- sandbox
+def test_sandbox_kills_a_looping_completion_and_its_children():
+    from tasks.evaluate import check_completion, load_humaneval
+
+    problem = load_humaneval(1)[0]
+    looping = ("    import subprocess, pathlib\n"
+               "    p = subprocess.Popen(['sleep', '60'])\n"
+               "    pathlib.Path('/tmp/pomona-sandbox-child-%d').write_text(str(p.pid))\n"
+               "    while True:\n        pass\n") % os.getpid()
+    start = time.monotonic()
+    result = check_completion(problem, looping, timeout_s=1)
+    assert result.status == "timed out"
+    assert time.monotonic() - start < 30
+    child = int(open(f"/tmp/pomona-sandbox-child-{os.getpid()}").read())
+    os.remove(f"/tmp/pomona-sandbox-child-{os.getpid()}")
+    time.sleep(0.2)
+    alive = os.path.exists(f"/proc/{child}") and "Z" not in open(f"/proc/{child}/stat").read().split()[2]
+    assert not alive, "the program's child process survived the timeout"
+
+
+def test_pass_at_1_on_known_correct_and_wrong_completions():
+    from tasks.evaluate import check_completion, load_humaneval, pass_at_k
+
+    problems = load_humaneval(2)
+    correct = ("    for i, a in enumerate(numbers):\n        for b in numbers[i + 1:]:\n"
+               "            if abs(a - b) < threshold:\n                return True\n    return False\n")
+    wrong = "    return []\n"
+    results = [check_completion(problems[0], correct, 10), check_completion(problems[1], wrong, 10)]
+    assert [r.status for r in results] == ["passed", "failed"]
+    assert "AssertionError" in results[1].detail
+    assert pass_at_k([[r.status == "passed"] for r in results], 1) == pytest.approx(0.5)
+    assert pass_at_k([[True, False, False, False]], 1) == pytest.approx(0.25)  # unbiased estimator with n=4
+
+
+# ------------------------------------------------------------------------------------- stages, tiny model
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return ModelConfig(name_or_path=str(tiny_model_dir))
+
+
+def test_lm_eval_stage_runs_local_mc_and_generate_tasks(tiny):
+    from tasks.evaluate import lm_eval_stage
+
+    out = lm_eval_stage(tiny, "digest-a", LmEvalConfig(limit=4))
+    assert set(out.metrics) >= {"pomona_mc/acc_none", "pomona_mc/acc_norm_none", "pomona_gen/exact_match_strip"}
+    assert all("," not in k for k in out.metrics)
+    assert 0.0 <= out.metrics["pomona_mc/acc_none"] <= 1.0
+    saved = json.loads(out.file("lm_eval_results.json").read_text())
+    assert saved["n-samples"]["pomona_mc"]["effective"] == 4
+    # The copied task file points at the data by absolute path.
+    assert str(out.file("lm_eval_tasks")) and "/configs/eval_tasks/data/pomona_mc.jsonl" in \
+        out.file("lm_eval_tasks/pomona_mc.yaml").read_text()
+
+
+def test_instruction_answers_judged_against_file_baseline(tiny):
+    from tasks.evaluate import answers_stage, judge_stage
+
+    inst = InstructionEvalConfig(
+        sets=["vicuna", "sinstruct"], data_dir=str(SHARED / "eval"), limit=2,
+        baseline_answers={"vicuna": BaselineAnswersFile(path=str(SHARED / "candidates/vicuna_two_models.json")),
+                          "sinstruct": BaselineAnswersFile(path=str(SHARED / "candidates/sinstruct_two_models.json"))})
+    gen = GenerationSettings(max_new_tokens=6, batch_size=4)
+    answers = answers_stage(tiny, "digest-a", inst, gen)
+    rows = [json.loads(line) for line in answers.file("answers.jsonl").read_text().splitlines()]
+    assert [(r["set"], r["index"]) for r in rows] == [("vicuna", 0), ("vicuna", 1), ("sinstruct", 0), ("sinstruct", 1)]
+    assert rows[0]["prompt"] == "How can I improve my time management skills?"
+    assert rows[2]["prompt"].endswith("please let me know.")  # Self-Instruct: instruction + the instance input
+
+    judged = judge_stage(answers, None, inst, JudgeConfig(model=tiny, max_answer_tokens=64))
+    out = [json.loads(line) for line in judged.file("judgments.jsonl").read_text().splitlines()]
+    assert len(out) == 4 and {r["outcome"] for r in out} <= {"win", "tie", "lose"}
+    assert out[0]["baseline_answer"].startswith(json.load(open(SHARED / "candidates/vicuna_two_models.json"))
+                                                ["data"][0]["Answer2"][:40])
+    assert all(1.0 <= r["quality"] <= 6.0 for r in out)
+    m = judged.metrics
+    assert m["all/win_rate"] + m["all/tie_rate"] + m["all/lose_rate"] == pytest.approx(1.0)
+    assert m["all/pairs"] == 4 and "vicuna/quality" in m
+
+
+def test_pairwise_needs_a_baseline():
+    with pytest.raises(ValueError, match="needs a baseline"):
+        InstructionEvalConfig(sets=["vicuna"])
+    with pytest.raises(ValueError, match="judge"):
+        EvaluateConfig(lm_eval=None, instruction=InstructionEvalConfig(sets=["vicuna"], pairwise=False))
+
+
+def test_humaneval_stage_generates_executes_and_scores(tiny):
+    from tasks.evaluate import humaneval_stage
+
+    out = humaneval_stage(tiny, "digest-a", HumanEvalConfig(limit=2, timeout_s=5, max_new_tokens=8),
+                          GenerationSettings(batch_size=2))
+    rows = [json.loads(line) for line in out.file("humaneval_results.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
+    assert {r["status"] for r in rows} <= {"passed", "failed", "timed out"}
+    assert out.metrics["pass@1"] == sum(r["status"] == "passed" for r in rows) / 2
+
+
+def test_heldout_likelihood_stage_is_deterministic_and_rejects_long_prompts(tiny):
+    from tasks.evaluate import likelihood_stage
+
+    cfg = HeldoutLikelihoodConfig(data=DataConfig(path=str(DATA / "alpaca_demo_200.json"), limit=8), max_length=96)
+    out = likelihood_stage(tiny, "digest-a", cfg)
+    rows = [json.loads(line) for line in out.file("heldout_scores.jsonl").read_text().splitlines()]
+    tokens = sum(r["n_tokens"] for r in rows)
+    assert out.metrics["mean_nll"] == pytest.approx(sum(r["nll_sum"] for r in rows) / tokens)
+    assert 4.0 < out.metrics["mean_nll"] < 9.0  # a random model over a ~600-token vocabulary: about ln(600)
+    assert out.metrics["records_scored"] + out.metrics["records_skipped"] == 8
+    rejects = [json.loads(line) for line in out.file("rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == out.metrics["records_skipped"] and all("max_length" in r["reason"] for r in rejects)
+    again = likelihood_stage(tiny, "digest-b", cfg)  # another model digest: recomputed, same weights, same numbers
+    assert again.path != out.path and again.metrics["mean_nll"] == pytest.approx(out.metrics["mean_nll"], abs=1e-6)
+
+
+def test_evaluate_flow_logs_table(prefect_server, tiny):
+    from flows.evaluate import evaluate
+    from tasks.track import client
+
+    cfg = EvaluateFlowConfig(name="eval-flow-test", model=tiny, evaluate=EvaluateConfig(
+        lm_eval=None, likelihood=HeldoutLikelihoodConfig(data=DataConfig(path=str(DATA / "alpaca_demo_200.json"), limit=4))),
+        tracking=TrackingConfig())
+    table = evaluate(cfg)
+    assert "likelihood/mean_nll" in table.metrics and math.isfinite(table.metrics["likelihood/mean_nll"])
+    runs = client().search_runs([client().get_experiment_by_name("eval-flow-test").experiment_id])
+    assert {r.info.run_name for r in runs} >= {"eval-flow-test", "eval-likelihood", "eval-table"}
