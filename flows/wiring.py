@@ -1,0 +1,92 @@
+"""The one helper flows share: run a stage task, then log it to MLflow (cached or not)."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+from tasks.store import StageOutput
+from tasks.track import log_stage
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the stage named in a flow's test-only `fail_at` parameter."""
+
+
+# Test-only switch: the Prefect task name (e.g. "select-baseline") that must fail on the run's first attempt.
+_FAIL_AT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pomona_fail_at", default=None)
+
+
+@contextlib.contextmanager
+def fail_at_stage(stage: str | None) -> Iterator[None]:
+    """Make the stage task named `stage` fail once it is Running, on the first attempt of this flow run only.
+
+    So a UI "Retry" (same flow run, run_count 2) or a new run with `fail_at=None` passes. Nothing of the failed
+    attempt is cached (Prefect caches only completed tasks; the stage writes no `_SUCCESS`). A name that matches
+    no stage is an error, so a typo cannot make a test pass silently.
+    """
+    if not stage:
+        yield
+        return
+    from prefect.runtime import flow_run
+
+    seen: dict = {"stage": stage, "first_attempt": flow_run.get_run_count() <= 1, "ran": []}
+    token = _FAIL_AT.set(seen)
+    try:
+        yield
+    finally:
+        _FAIL_AT.reset(token)
+    if stage not in seen["ran"]:
+        from configs.errors import ConfigError
+
+        raise ConfigError(f"fail_at={stage!r} matched no stage of this flow; stages run: {seen['ran']}")
+
+
+def _failing_copy(stage_task):
+    """A task with the stage's name and signature that raises once Running; never cached, so it always runs."""
+    from prefect import Task
+    from prefect.cache_policies import NO_CACHE
+
+    @functools.wraps(stage_task.fn)
+    def injected(*args: Any, **kwargs: Any):
+        raise InjectedFailure(f"stage {stage_task.name!r} failed on purpose (test-only switch fail_at={stage_task.name!r}); "
+                              "Retry the flow run or rerun it without fail_at")
+
+    return Task(fn=injected, name=stage_task.name, cache_policy=NO_CACHE, retries=0)
+
+
+def run_stage_task(stage_task, *args: Any, parent_run_id: str | None = None, log_config: Any = None,
+                   **kwargs: Any) -> StageOutput:
+    """Call a cached stage task; its child MLflow run is tagged `pomona.cached=true` when Prefect reused it."""
+    injected = _FAIL_AT.get()
+    if injected is not None:
+        injected["ran"].append(stage_task.name)
+        if injected["stage"] == stage_task.name and injected["first_attempt"]:
+            stage_task = _failing_copy(stage_task)
+    state = stage_task(*args, return_state=True, **kwargs)
+    out: StageOutput = state.result()  # raises the task's exception when it failed
+    if parent_run_id:
+        log_stage(parent_run_id, out, config=log_config, cached=state.name == "Cached")
+    return out
+
+
+
+def fail_at_switch(flow_fn):
+    """Decorate a flow function that has a `fail_at` parameter: arms `fail_at_stage` around its body."""
+    import inspect
+
+    # Resolved annotations: Prefect validates parameters against the wrapper, whose module globals are these.
+    signature = inspect.signature(flow_fn, eval_str=True)
+
+    @functools.wraps(flow_fn)
+    def wrapper(*args: Any, **kwargs: Any):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with fail_at_stage(bound.arguments.get("fail_at")):
+            return flow_fn(*args, **kwargs)
+
+    wrapper.__signature__ = signature
+    return wrapper

@@ -1,0 +1,76 @@
+"""Map a long stage over its shards with a Prefect task runner: threads here, or Dask (prefect-dask).
+
+A stage that writes a `ShardedTable` splits its input into shards and calls `map_shards(shard_rows, n, table,
+scale_out, ...)`. Each shard not yet in the table's manifest becomes one Prefect task run (`<name>-shard`, visible
+in the UI) on the configured runner; the rows it returns are written by the calling process, one shard at a time,
+so the manifest has a single writer however many workers compute. A killed or failed run resumes at the first
+shard missing from the manifest. Shard functions must be module-level (picklable) and load what they need from
+paths (a model per worker, cached in the worker), never receive a model object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from configs.runner import ScaleOutConfig
+from tasks.store import ShardedTable
+
+
+def task_runner(config: ScaleOutConfig):
+    """The Prefect task runner `config` selects (not started)."""
+    if config.engine == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=config.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if config.address:
+        return DaskTaskRunner(address=config.address)
+    return DaskTaskRunner(cluster_class=config.cluster_class,
+                          cluster_kwargs={"n_workers": config.workers, "threads_per_worker": config.threads_per_worker,
+                                          "processes": config.processes, "dashboard_address": None})
+
+
+def map_shards(shard_rows: Callable[..., list[dict[str, Any]]], shard_count: int, table: ShardedTable,
+               config: ScaleOutConfig, name: str, progress: bool = True, **shared: Any) -> dict[str, int]:
+    """Run `shard_rows(index, **shared)` for every shard index in range(shard_count) not yet in `table`.
+
+    `shared` holds small, picklable arguments (paths, configs). Returns counts: shards computed now, shards
+    reused from an earlier attempt, rows written now. The first shard that raises stops the stage (after the
+    shards already finished are written, so a rerun resumes from them).
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.futures import as_completed
+    from tqdm import tqdm
+
+    done = table.done()
+    todo = [i for i in range(shard_count) if i not in done]
+    counts = {"shards_computed": 0, "shards_reused": shard_count - len(todo), "rows_written": 0}
+    if not todo:
+        return counts
+    # Results travel back in memory: the shard files are the durable output, not Prefect's result store.
+    shard_task = task(shard_rows, name=f"{name}-shard", cache_policy=NO_CACHE, persist_result=False,
+                      task_run_name=f"{name}-shard-{{index:05d}}")
+    bar = tqdm(total=shard_count, initial=counts["shards_reused"], desc=name, unit="shard", disable=not progress)
+    with task_runner(config) as runner:
+        futures = {}
+        for index in todo:
+            futures[runner.submit(shard_task, parameters={"index": index, **shared})] = index
+        failure: BaseException | None = None
+        for future in as_completed(list(futures)):
+            index = futures[future]
+            try:
+                rows = future.result()
+            except Exception as exc:  # write the shards that did finish, then raise the first error
+                failure = failure or exc
+                continue
+            table.write(index, rows)
+            counts["shards_computed"] += 1
+            counts["rows_written"] += len(rows)
+            bar.update(1)
+    bar.close()
+    if failure is not None:
+        raise failure
+    return counts

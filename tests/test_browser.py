@@ -1,0 +1,76 @@
+"""Headless Chromium looks at what a user sees: the Prefect UI page of a finished run, the MLflow UI page of its
+experiment (the rerun scenario of test_operations). Screenshots are kept as test artifacts in
+`pomona-runs/screenshots/` (and the test's tmp dir).
+
+Needs Debian's chromium (`apt-get install -y chromium`); skipped without /usr/bin/chromium.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.live_servers import EXPERIMENT, rerun_scenario
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = REPO / "pomona-runs" / "screenshots"
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")
+
+
+def chromium(url: str, profile: Path, screenshot: Path, wait_ms: int = 15000) -> str:
+    """Load `url` headless, give its scripts `wait_ms` of virtual time, save a PNG, return the rendered DOM."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1600,1000",
+             f"--virtual-time-budget={wait_ms}", f"--screenshot={screenshot}", "--dump-dom"]
+    done = subprocess.run([str(CHROMIUM), *flags, url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def assert_not_blank(png: Path) -> None:
+    from PIL import Image
+
+    assert png.exists() and png.stat().st_size > 10_000, f"{png} missing or tiny"
+    with Image.open(png) as image:
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colors is not None and len(colors) > 50, f"{png} looks blank ({len(colors or [])} colours)"
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    """The rerun scenario of test_operations: a run that failed, was retried, and finished."""
+    return rerun_scenario()
+
+
+def keep(png: Path) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(png, SCREENSHOTS / png.name)
+
+
+def test_prefect_ui_shows_the_retried_run(scenario, tmp_path):
+    run = scenario.retried
+    png = tmp_path / "prefect-flow-run.png"
+    dom = chromium(f"{scenario.stack.prefect_ui}/runs/flow-run/{run.id}", tmp_path / "profile", png)
+    assert run.name in dom and "Completed" in dom and "pomona-pipeline" in dom
+    assert_not_blank(png)
+    keep(png)
+
+
+def test_mlflow_ui_shows_the_experiment(scenario, tmp_path):
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(scenario.stack.mlflow_url).get_experiment_by_name(EXPERIMENT)
+    png = tmp_path / "mlflow-experiment.png"
+    # The runs table (MLflow 3 opens experiments on a GenAI overview otherwise).
+    dom = chromium(f"{scenario.stack.mlflow_url}/#/experiments/{experiment.experiment_id}/runs",
+                   tmp_path / "profile", png)
+    # The experiment, its pipeline runs (named after the recipe) and the subset logged as their dataset input.
+    assert EXPERIMENT in dom and ">demo<" in dom and "random-subset" in dom
+    assert_not_blank(png)
+    keep(png)

@@ -1,0 +1,174 @@
+"""docker/: no Docker engine runs here, so check what can be checked without one.
+
+The compose file (services, backends, volumes, health-gated start order), the Dockerfiles (what they copy exists,
+the entry point is the script), and the entry point itself: every command it would run resolves in this venv and
+every option it passes is one the command accepts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+DOCKER = REPO / "docker"
+ENTRYPOINT = DOCKER / "entrypoint.sh"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def test_compose_has_the_production_services(compose):
+    services = compose["services"]
+    assert {"postgres", "prefect-server", "mlflow", "worker", "worker-gpu"} <= set(services)
+    assert services["worker-gpu"]["profiles"] == ["gpu"]  # only with --profile gpu
+    gpus = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpus["driver"] == "nvidia" and "gpu" in gpus["capabilities"]
+
+
+def test_servers_use_postgresql_databases_that_the_init_script_creates(compose):
+    services = compose["services"]
+    pg = services["postgres"]["environment"]
+    created = set(re.findall(r"CREATE DATABASE (\w+);", (DOCKER / "postgres-init.sql").read_text()))
+    init_mount = next(v for v in services["postgres"]["volumes"] if "docker-entrypoint-initdb.d" in v)
+    assert (DOCKER / init_mount.split(":")[0]).resolve() == DOCKER / "postgres-init.sql"
+
+    prefect_url = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    mlflow_url = services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    for url, driver in ((prefect_url, "postgresql+asyncpg"), (mlflow_url, "postgresql+psycopg2")):
+        m = re.fullmatch(r"(?P<driver>[\w+]+)://(?P<user>\w+):(?P<pw>\w+)@postgres:5432/(?P<db>\w+)", url)
+        assert m, url
+        assert m["driver"] == driver and m["user"] == pg["POSTGRES_USER"] and m["pw"] == pg["POSTGRES_PASSWORD"]
+        assert m["db"] in created
+    assert services["prefect-server"]["environment"]["PREFECT_UI_API_URL"] == "http://localhost:4200/api"
+
+
+def test_drivers_named_in_the_urls_are_installed():
+    import asyncpg  # noqa: F401  Prefect's PostgreSQL driver
+    import psycopg2  # noqa: F401  MLflow's (SQLAlchemy's plain postgresql:// wants psycopg 3, not installed)
+
+
+def test_state_lives_in_named_volumes(compose):
+    services, volumes = compose["services"], set(compose["volumes"])
+    mounts = {name: [v.split(":")[0] for v in svc.get("volumes", [])] for name, svc in services.items()}
+    assert "postgres-data" in mounts["postgres"]
+    assert "mlflow-artifacts" in mounts["mlflow"]
+    mlflow_dest = services["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"]
+    assert f"mlflow-artifacts:{mlflow_dest}" in services["mlflow"]["volumes"]
+    for worker in ("worker", "worker-gpu"):
+        home = services[worker]["environment"]["POMONA_HOME"]
+        assert f"pomona-data:{home}" in services[worker]["volumes"]
+    used = {m for ms in mounts.values() for m in ms if not m.startswith(".")}
+    assert used == volumes
+
+
+def test_start_order_waits_for_health(compose):
+    services = compose["services"]
+    for name, svc in services.items():
+        for dep, cond in svc.get("depends_on", {}).items():
+            assert cond["condition"] == "service_healthy", (name, dep)
+            assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no healthcheck"
+    assert set(services["worker"]["depends_on"]) == {"prefect-server", "mlflow"}
+    assert set(services["prefect-server"]["depends_on"]) == {"postgres"}
+    # Each health probe hits the port its server listens on.
+    assert "4200/api/health" in " ".join(services["prefect-server"]["healthcheck"]["test"])
+    assert "5000/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
+
+
+def test_ports_are_published_on_localhost_only(compose):
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
+
+
+def test_workers_reach_the_servers_by_service_name(compose):
+    env = compose["services"]["worker"]["environment"]
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    gpu_env = compose["services"]["worker-gpu"]["environment"]
+    assert gpu_env["POMONA_WORK_POOL"] != env["POMONA_WORK_POOL"]  # separate pools, separate deployments
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfiles_copy_what_exists_and_use_the_entrypoint(dockerfile, compose):
+    text = (DOCKER / dockerfile).read_text()
+    for src in re.findall(r"^COPY (\S+)", text, flags=re.M):
+        assert (REPO / src).exists(), f"{dockerfile} copies {src}, which is not in the repository"
+    assert 'ENTRYPOINT ["pomona-entrypoint"]' in text
+    assert "COPY docker/entrypoint.sh /usr/local/bin/pomona-entrypoint" in text
+    assert '"torch==2.13.0"' in text and "prefect-dask==" in text
+    builds = {svc["build"]["dockerfile"] for svc in compose["services"].values() if "build" in svc}
+    assert f"docker/{dockerfile}" in builds
+    if dockerfile.endswith("cuda"):
+        assert "vllm" in text and "DS_BUILD_FUSED_ADAM=1" in text and "ds_report" in text
+        assert re.search(r"^FROM \S+-devel-", text, flags=re.M)  # nvcc is needed to compile the DeepSpeed ops
+
+
+def entrypoint(role: str, **env: str) -> list[str]:
+    """The commands the entry point would run for `role`, one argv per line (dry run)."""
+    full = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "POMONA_ENTRYPOINT_DRY_RUN": "1", **env}
+    done = subprocess.run(["sh", str(ENTRYPOINT), role], capture_output=True, text=True, env=full, check=True)
+    return [shlex.split(line) for line in done.stdout.splitlines()]
+
+
+def help_text(argv: list[str]) -> str:
+    """`--help` of the command's subcommand: the argv up to its first option."""
+    words = []
+    for word in argv:
+        if word.startswith("-"):
+            break
+        words.append(word)
+    done = subprocess.run([str(BIN / words[0]), *words[1:], "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert done.returncode == 0, f"{' '.join(words)} --help failed: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+ROLES = [
+    ("worker", {}, [["pomona", "deploy", "--work-pool", "pomona", "--name", "pomona"],
+                    ["prefect", "worker", "start", "--pool", "pomona", "--type", "process"]]),
+    ("prefect-server", {}, [["prefect", "server", "start", "--host", "0.0.0.0", "--port", "4200"]]),
+    ("mlflow-server", {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:p@postgres:5432/mlflow"},
+     [["mlflow", "server", "--host", "0.0.0.0", "--port", "5000", "--workers", "1", "--backend-store-uri",
+       "postgresql+psycopg2://u:p@postgres:5432/mlflow", "--artifacts-destination", "/mlartifacts",
+       "--allowed-hosts", "mlflow,mlflow:5000,localhost:*,127.0.0.1:*"]]),
+    ("serve", {}, [["pomona", "serve"]]),
+]
+
+
+def test_entrypoint_commands_resolve_and_accept_their_options():
+    from concurrent.futures import ThreadPoolExecutor
+
+    commands = []
+    for role, env, expected in ROLES:
+        got = entrypoint(role, **env)
+        assert got == expected, role
+        commands.extend(got)
+    with ThreadPoolExecutor(4) as pool:  # each --help imports a large CLI; run them side by side
+        texts = list(pool.map(help_text, commands))
+    for argv, text in zip(commands, texts):
+        for option in (w for w in argv if w.startswith("--")):
+            assert option in text, f"`{' '.join(argv)}`: {option} is not an option of that command"
+
+
+def test_entrypoint_refuses_mlflow_without_a_backend():
+    full = {**os.environ, "POMONA_ENTRYPOINT_DRY_RUN": "1"}
+    full.pop("MLFLOW_BACKEND_STORE_URI", None)
+    done = subprocess.run(["sh", str(ENTRYPOINT), "mlflow-server"], capture_output=True, text=True, env=full)
+    assert done.returncode != 0 and "MLFLOW_BACKEND_STORE_URI" in done.stderr
+
+
+def test_entrypoint_runs_other_commands_as_given():
+    assert entrypoint("pomona") == [["pomona"]]
+    assert os.access(ENTRYPOINT, os.X_OK)

@@ -1,0 +1,98 @@
+"""The end-to-end pipeline on bundled data: MLflow parent/child runs, dataset inputs, and cached reruns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from configs.pipeline import load_recipe
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def two_runs(prefect_server):
+    from flows.pipeline import pipeline
+
+    config = load_recipe(REPO / "configs/recipes/demo.yaml",
+                         overrides={"selection.budget": 17, "tracking.experiment": "pipeline-test"})
+    first = pipeline(config, return_state=True)
+    second = pipeline(config, return_state=True)
+    return config, first, second
+
+
+def _task_states(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}  # "prepare-records-f64" -> "prepare-records"
+
+
+def test_second_run_reuses_every_stage(two_runs):
+    _, first, second = two_runs
+    assert first.is_completed() and second.is_completed()
+    out1, out2 = first.result(), second.result()
+    assert out1["selection"].digest == out2["selection"].digest
+    states1 = _task_states(first.state_details.flow_run_id)
+    states2 = _task_states(second.state_details.flow_run_id)
+    stages = ["prepare-records", "select-baseline", "train-sft", "eval-lm-eval", "eval-likelihood", "eval-table"]
+    assert {s: states1[s] for s in stages} == dict.fromkeys(stages, "Completed")
+    assert {s: states2[s] for s in stages} == dict.fromkeys(stages, "Cached")
+
+
+def test_the_trained_adapter_is_evaluated(two_runs):
+    _, first, _ = two_runs
+    out = first.result()
+    assert set(out) == {"records", "selection", "sft", "evaluation"}
+    assert out["sft"].metrics["train.global_step"] == 6
+    assert (out["sft"].file("model") / "adapter_config.json").exists()
+    metrics = out["evaluation"].metrics
+    assert 0 < metrics["likelihood/mean_nll"] < 20
+    assert any(k.startswith("lm_eval/pomona_mc") for k in metrics), sorted(metrics)
+
+
+def test_subset_files_follow_the_budget_in_input_order(two_runs):
+    config, first, _ = two_runs
+    sel = first.result()["selection"]
+    ids = sel.file("selected_ids.txt").read_text().split()
+    records = [json.loads(line)["id"] for line in open(first.result()["records"].file("records.jsonl"))]
+    assert len(ids) == 17 == len(set(ids))
+    assert ids == [i for i in records if i in set(ids)]
+    subset = [json.loads(line) for line in open(sel.file("subset.jsonl"))]
+    assert set(subset[0]) == {"instruction", "input", "output"}  # the user's Alpaca format
+    messages = [json.loads(line) for line in open(sel.file("subset.messages.jsonl"))]
+    assert messages[0]["messages"][-1]["role"] == "assistant"
+
+
+def test_mlflow_holds_parent_children_params_metrics_artifacts_and_dataset(two_runs):
+    from tasks.track import client
+
+    config, first, second = two_runs
+    mlc = client()
+    exp = mlc.get_experiment_by_name("pipeline-test")
+    assert exp.artifact_location.startswith("file://")
+    runs = mlc.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2
+    assert len(children) == 2 * 6, sorted(c.data.tags["pomona.stage"] for c in children)
+    parent = parents[-1]  # the first pipeline run (search_runs lists newest first)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["selection.budget"] == "17"
+    assert parent.data.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
+    mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+    select = next(c for c in mine if c.data.tags["pomona.stage"] == "select-random")
+    assert select.data.metrics["selected"] == 17 and select.data.params["budget"] == "17"
+    assert select.data.tags["pomona.cached"] == "false"
+    artifacts = {a.path for a in mlc.list_artifacts(select.info.run_id)}
+    assert {"selected_ids.txt", "subset.jsonl"} <= artifacts
+    inputs = select.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "random-subset"
+    assert inputs[0].dataset.digest == first.result()["selection"].datasets[0]["digest"]
+    assert any(t.value == "training" for t in inputs[0].tags)
+    cached = [c for c in children if c.data.tags["mlflow.parentRunId"] != parent.info.run_id]
+    assert {c.data.tags["pomona.cached"] for c in cached} == {"true"}
+    config_yaml = mlc.download_artifacts(parent.info.run_id, "config.yaml")
+    assert "budget: 17" in open(config_yaml).read()
