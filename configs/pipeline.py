@@ -11,11 +11,15 @@ from pydantic import Field, ValidationError, model_validator
 from configs.errors import ConfigError
 from configs.evaluate import EvaluateConfig
 from configs.schema import DataConfig, StrictModel, TrackingConfig
+from configs.deita import DeitaSelection
+from configs.grape import GrapeSelection
+from configs.ifd import CherrySelection, SuperfilterSelection
 from configs.selection import FullSelection, LongestSelection, RandomSelection
 from configs.train import TrainingConfig
 
 SelectionConfig = Annotated[
-    Union[RandomSelection, LongestSelection, FullSelection],
+    Union[RandomSelection, LongestSelection, FullSelection, CherrySelection, SuperfilterSelection, GrapeSelection,
+          DeitaSelection],
     Field(discriminator="method"),
 ]
 
@@ -24,7 +28,9 @@ class PipelineConfig(StrictModel):
     """End-to-end run: load -> select -> write the subset (-> train -> evaluate as those stages land)."""
 
     name: str = Field(description="Recipe name; also the MLflow experiment unless tracking.experiment is set.")
-    data: DataConfig
+    data: DataConfig | None = Field(
+        None, description="The candidate pool. Required, except for GRAPE reading a candidates file (the "
+                          "instructions and their responses then come from that file).")
     selection: SelectionConfig = Field(description="Selection method and its budget.")
     output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
         "source", description="Format of subset.jsonl: 'source' writes each record as the user's own row.")
@@ -38,6 +44,15 @@ class PipelineConfig(StrictModel):
     def _evaluate_needs_a_model(self):
         if self.evaluate is not None and self.train is None:
             raise ValueError("'evaluate' runs on the trained model: add a 'train' section")
+        return self
+
+    @model_validator(mode="after")
+    def _data_matches_selection(self):
+        from_candidates = isinstance(self.selection, GrapeSelection) and self.selection.candidates is not None
+        if from_candidates and self.data is not None:
+            raise ValueError("with selection.candidates the instructions come from that file: remove 'data'")
+        if not from_candidates and self.data is None:
+            raise ValueError(f"selection method {self.selection.method!r} needs 'data' (the candidate pool)")
         return self
 
     @property

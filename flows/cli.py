@@ -34,32 +34,46 @@ def main(home: Optional[Path] = typer.Option(None, help="State folder (stage sto
     prepare_environment()
 
 
+def _print_outputs(outputs) -> None:
+    """One line per stage: its folder and metrics."""
+    from tasks.store import StageOutput
+
+    if isinstance(outputs, StageOutput):
+        outputs = {outputs.stage: outputs}
+    for stage, out in (outputs or {}).items():
+        if out is not None:
+            metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.metrics.items()}
+            typer.echo(f"{stage:>20}: {out.path}  {json.dumps(metrics)}")
+
+
 @app.command()
-def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override a recipe value: a.b=value")):
-    """Run the end-to-end pipeline described by a recipe YAML."""
+def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override a recipe value: a.b=value"),
+        flow: str = typer.Option("pipeline", help="Which flow the recipe is for: pipeline, compare, cherry, "
+                                                 "superfilter, grape, deita, sft, dpo, evaluate.")):
+    """Run a recipe YAML: the end-to-end pipeline by default, or one stage flow / the comparison with --flow."""
     from configs.errors import PomonaError
     from configs.pipeline import load_recipe
+    from flows.serve import flow_by_name, flow_config_type
 
     try:
-        config = load_recipe(recipe, overrides=_overrides(set_))
-        from flows.pipeline import pipeline
-
-        outputs = pipeline(config)
+        flow_obj = flow_by_name(flow)
+        config = load_recipe(recipe, model=flow_config_type(flow_obj), overrides=_overrides(set_))
+        outputs = flow_obj(config)
     except PomonaError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    for stage, out in outputs.items():
-        typer.echo(f"{stage:>12}: {out.path}  {json.dumps({k: round(v, 4) for k, v in out.metrics.items()})}")
+    _print_outputs(outputs)
 
 
 @app.command()
-def validate(recipe: Path):
+def validate(recipe: Path, flow: str = typer.Option("pipeline", help="Which flow the recipe is for (see `run`).")):
     """Check a recipe against the schema without running anything."""
     from configs.errors import PomonaError
     from configs.pipeline import load_recipe
+    from flows.serve import flow_by_name, flow_config_type
 
     try:
-        config = load_recipe(recipe)
+        config = load_recipe(recipe, model=flow_config_type(flow_by_name(flow)))
     except PomonaError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -27,9 +27,14 @@ def pipeline(config: PipelineConfig, fail_at: str | None = None) -> dict[str, St
     """
     parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
     try:
-        records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
+        records = None
+        if config.data is not None:
+            # GRAPE's generators answer the instructions themselves: the pool may come without responses.
+            needs_responses = config.selection.method != "grape"
+            records = run_stage_task(prepare_records_task, config.data, needs_responses, parent_run_id=parent,
+                                     log_config=config.data)
         subset = select_subset(config.selection, records, config.output_format, parent_run_id=parent)
-        outputs = {"records": records, "selection": subset}
+        outputs = ({"records": records} if records is not None else {}) | {"selection": subset}
         if config.train is not None:
             outputs.update(training_stages(config.train, subset, parent_run_id=parent))
             if config.evaluate is not None:

@@ -72,6 +72,26 @@ def discover_flows() -> list[tuple[str, Any]]:
     return found
 
 
+def flow_config_type(flow_obj):
+    """The pydantic class of a flow's `config` parameter (None when it has none)."""
+    import inspect
+
+    from pydantic import BaseModel
+
+    parameter = inspect.signature(flow_obj.fn, eval_str=True).parameters.get("config")
+    config_type = parameter.annotation if parameter is not None else None
+    return config_type if isinstance(config_type, type) and issubclass(config_type, BaseModel) else None
+
+
+def flow_by_name(name: str):
+    """A pomona flow by its short name ('pipeline', 'compare', 'sft', ...) or full name ('pomona-sft')."""
+    found = {f.name.removeprefix("pomona-"): f for _, f in discover_flows()}
+    flow_obj = found.get(name.removeprefix("pomona-"))
+    if flow_obj is None:
+        raise ConfigError(f"no flow named {name!r}; pomona's flows are: {', '.join(sorted(found))}")
+    return flow_obj
+
+
 def recipe_defaults(flow_obj, stem: str) -> dict[str, Any]:
     """Form defaults from the first recipe in configs/recipes/ that validates as the flow's `config` type.
 
@@ -79,15 +99,10 @@ def recipe_defaults(flow_obj, stem: str) -> dict[str, Any]:
     click on Run does something real without editing. A flow without a matching recipe gets an empty form
     (still typed, with descriptions and schema defaults).
     """
-    import inspect
-
-    from pydantic import BaseModel
-
     from configs.pipeline import load_recipe
 
-    parameter = inspect.signature(flow_obj.fn, eval_str=True).parameters.get("config")
-    config_type = parameter.annotation if parameter is not None else None
-    if not (isinstance(config_type, type) and issubclass(config_type, BaseModel)):
+    config_type = flow_config_type(flow_obj)
+    if config_type is None:
         return {}
     candidates = sorted(RECIPES.glob("*.yaml"),
                         key=lambda p: (not p.stem.startswith(stem), "tiny" not in p.stem, p.name))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,11 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     inputs = []
     for ds in out.datasets:
         frame = dataset_frame(out.file(ds["file"]))
-        dataset = mlflow.data.from_pandas(frame, source=str(out.file(ds["file"])), name=ds["name"],
-                                          digest=ds.get("digest") or out.digest[:16])
+        with warnings.catch_warnings():
+            # mlflow registers its local-file source class twice and warns on every path; the source is a local file.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(frame, source=str(out.file(ds["file"])), name=ds["name"],
+                                              digest=ds.get("digest") or out.digest[:16])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(),
                                    tags=[InputTag("mlflow.data.context", ds.get("context", "selection"))]))
     if inputs:

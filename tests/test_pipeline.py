@@ -7,7 +7,7 @@ import json
 import pytest
 
 from configs.pipeline import load_recipe
-from tests.conftest import REPO
+from tests.conftest import DATA, REPO
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,41 @@ def test_mlflow_holds_parent_children_params_metrics_artifacts_and_dataset(two_r
     assert {c.data.tags["pomona.cached"] for c in cached} == {"true"}
     config_yaml = mlc.download_artifacts(parent.info.run_id, "config.yaml")
     assert "budget: 17" in open(config_yaml).read()
+
+
+def test_every_selection_method_is_a_pipeline_option():
+    import typing
+
+    from configs.pipeline import SelectionConfig
+
+    union = typing.get_args(SelectionConfig)[0]
+    methods = {cls.model_fields["method"].default for cls in typing.get_args(union)}
+    assert methods == {"random", "longest", "full", "cherry", "superfilter", "grape", "deita"}
+
+
+def test_data_is_required_except_for_grape_from_a_candidates_file():
+    from configs.pipeline import PipelineConfig
+
+    candidates = {"method": "grape", "target": {"name_or_path": "tiny:0"},
+                  "candidates": {"path": str(DATA / "vicuna_two_models_12.json")}}
+    assert PipelineConfig.model_validate({"name": "g", "selection": candidates}).data is None
+    with pytest.raises(ValueError, match="needs 'data'"):
+        PipelineConfig.model_validate({"name": "r", "selection": {"method": "random", "budget": 5}})
+    with pytest.raises(ValueError, match="remove 'data'"):
+        PipelineConfig.model_validate({"name": "g", "selection": candidates,
+                                       "data": {"path": str(DATA / "alpaca_demo_200.json")}})
+
+
+def test_pipeline_runs_grape_from_a_candidates_file(prefect_server):
+    from configs.pipeline import PipelineConfig
+    from flows.pipeline import pipeline
+
+    config = PipelineConfig.model_validate({
+        "name": "pipeline-grape",
+        "selection": {"method": "grape", "target": {"name_or_path": "tiny:0"},
+                      "candidates": {"path": str(DATA / "vicuna_two_models_12.json"), "limit": 6}},
+        "output_format": "messages"})
+    out = pipeline(config)
+    assert set(out) == {"selection"}
+    rows = [json.loads(line) for line in open(out["selection"].file("subset.jsonl"))]
+    assert len(rows) == 6 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
