@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--template", default="wiz")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    parser.add_argument("--max-batch-tokens", default="auto",
+                        help="padded tokens per forward pass: an integer, or 'auto' (the engine's device default)")
     parser.add_argument("--loop-records", type=int, default=None, help="score only this many records with the loop")
     args = parser.parse_args()
 
@@ -58,7 +59,7 @@ def main() -> None:
 
     from configs.schema import ModelConfig
     from configs.settings import prepare_environment
-    from models.likelihood import reference_scores, score_requests
+    from models.likelihood import batch_token_budget, reference_scores, score_requests
     from models.loading import load_model
     from models.templates import build_pair
 
@@ -84,6 +85,8 @@ def main() -> None:
         return out, time.perf_counter() - t0
 
     pad = int(tok.pad_token_id or 0)
+    args.max_batch_tokens = batch_token_budget(
+        device, args.max_batch_tokens if args.max_batch_tokens == "auto" else int(args.max_batch_tokens))
     score_requests(model, requests[:4], batch_size=args.batch_size, pad_id=pad)  # warm-up
     reference_scores(model, requests[:2])
     limit = matmul_flops(device, torch.float32 if device == "cpu" else dtype)

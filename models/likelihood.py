@@ -67,6 +67,19 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: in
     return batches
 
 
+CPU_BATCH_TOKENS = 2048
+"""Padded tokens per forward pass on CPU. Measured on SmolLM2-135M (2 cores): 2048 is 1.15x the one-by-one loop,
+8192 is 0.9x - bigger activations only spill the caches, and a CPU has no launch overhead to amortise."""
+CUDA_BATCH_TOKENS = 16384
+
+
+def batch_token_budget(device, requested: int | Literal["auto"] | None) -> int | None:
+    """`requested`, or for "auto" the measured sweet spot of the device type (None = no cap)."""
+    if requested != "auto":
+        return requested
+    return CUDA_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
+
+
 def split_head(model):
     """(transformer body, LM head) of a *ForCausalLM, so the head can run on target positions only."""
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
@@ -85,12 +98,13 @@ def _check_requests(requests: Sequence[ScoreRequest]) -> None:
 
 
 def score_requests(model, requests: Sequence[ScoreRequest], batch_size: int = 8, pad_id: int = 0,
-                   progress: bool = False, max_batch_tokens: int | None = None,
+                   progress: bool = False, max_batch_tokens: int | Literal["auto"] | None = "auto",
                    head_on_targets_only: bool = True, head_chunk: int = 2048,
                    nonfinite: Literal["raise", "return"] = "raise") -> list[TokenScores]:
     """Sum of NLL and count of scored tokens for every request, in request order.
 
-    `max_batch_tokens` caps padded tokens per forward pass (on top of `batch_size` rows). `nonfinite="return"`
+    `max_batch_tokens` caps padded tokens per forward pass (on top of `batch_size` rows; "auto" = the device's
+    measured sweet spot, see `batch_token_budget`; None = no cap). `nonfinite="return"`
     hands back a NaN/inf `nll_sum` for the caller to report (never to use as a score); "raise" stops.
     """
     import torch
@@ -100,6 +114,7 @@ def score_requests(model, requests: Sequence[ScoreRequest], batch_size: int = 8,
     body, head = split_head(model) if head_on_targets_only else (None, None)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     results: list[TokenScores | None] = [None] * len(requests)
+    max_batch_tokens = batch_token_budget(device, max_batch_tokens)
     batches = length_batches([len(r.input_ids) for r in requests], batch_size, max_batch_tokens)
     bar = None
     if progress:
