@@ -86,3 +86,31 @@ def test_compare_flow_end_to_end_with_a_failing_branch(prefect_server, tiny_mode
         artifacts = prefect.read_artifacts()
     table_artifacts = [a for a in artifacts if a.key == "compare-compare-tiny"]
     assert table_artifacts and table_artifacts[0].type == "table"
+
+
+def test_every_method_of_the_tiny_recipe_selects_trains_and_evaluates(prefect_server, tiny_model_dir):
+    from flows.compare import compare
+    from tasks.track import client
+
+    cfg = load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig, overrides={
+        "name": "compare-tiny-all", "evaluate_base": False,
+        "data.path": str(REPO / "tests/data/alpaca_cherry_40.json"),
+        "training.model.name_or_path": str(tiny_model_dir),
+        "evaluate.likelihood.data.path": str(REPO / "tests/data/alpaca_demo_200.json")})
+    assert [m.method for m in cfg.methods] == ["random", "longest", "full", "cherry", "superfilter", "deita", "grape"]
+
+    table = compare(cfg)
+
+    rows = {r["method"]: r for r in read_jsonl(table.file("comparison.jsonl"))}
+    assert {label: row["status"] for label, row in rows.items()} == dict.fromkeys(
+        ["random", "longest", "full", "cherry", "superfilter", "deita", "grape"], "ok"), rows
+    assert {label: row["selected"] for label, row in rows.items()} == {
+        "random": 10, "longest": 10, "full": 40, "cherry": 10, "superfilter": 10, "deita": 10, "grape": 10}
+    assert all(math.isfinite(row["likelihood/mean_nll"]) for row in rows.values())
+    # Different subsets train different models: at least the four paper methods do not all tie.
+    assert len({round(rows[m]["likelihood/mean_nll"], 6) for m in ("cherry", "superfilter", "deita", "grape")}) > 1
+
+    mlc = client()
+    runs = mlc.search_runs([mlc.get_experiment_by_name("compare-tiny-all").experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert {"select-cherry", "select-superfilter", "select-deita", "select-grape", "method:grape"} <= names, names
