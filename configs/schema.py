@@ -11,6 +11,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+RUNTIME_ONLY = {"pomona_runtime_only": True}
+"""`json_schema_extra` of a field that changes where or how fast a stage runs, never what it computes (e.g. the
+task runner): content keys leave it out, so switching it reuses finished stages."""
+
+
+def runtime_only(field) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("pomona_runtime_only"))
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

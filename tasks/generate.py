@@ -12,6 +12,7 @@ finish_reason. `instructions.jsonl` holds the instructions as canonical records 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -65,10 +66,40 @@ def write_candidates(folder: Path, instructions: list[Record], rows: list[dict],
 
 
 # ------------------------------------------------------------------------------------------- stage: generate
+def generation_rows(backend, generator: GeneratorConfig, records: list[Record], shard: int, shard_size: int,
+                    params: str) -> list[dict]:
+    """Shard `shard` of a generator's answers: one row per instruction."""
+    from models.generation import derive_seed
+
+    part = records[shard * shard_size:(shard + 1) * shard_size]
+    answers = backend.generate([instruction_messages(r) for r in part], seed=derive_seed(generator.sampling.seed, shard))
+    return [{"instruction_id": r.id, "generator": generator.name, "response": a.text, "params": params,
+             "seed": a.seed, "prompt_tokens": a.prompt_tokens, "response_tokens": a.response_tokens,
+             "finish_reason": a.finish_reason} for r, a in zip(part, answers)]
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_generator(generator_json: str):
+    """One generator backend per worker process (its shards share the loaded model)."""
+    from models.generation import make_generator
+
+    return make_generator(GeneratorConfig.model_validate_json(generator_json))
+
+
+def generation_shard_at(index: int, records_path: str, generator: GeneratorConfig, shard_size: int) -> list[dict]:
+    """Shard `index` of a generate stage, computed in whatever process the task runner chose."""
+    from models.generation import generation_params
+    from tasks.runner import worker_records
+
+    params = json.dumps(generation_params(generator), sort_keys=True)
+    return generation_rows(_worker_generator(generator.model_dump_json()), generator, worker_records(records_path),
+                           index, shard_size, params)
+
+
 def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, shard_size: int = 64,
                         progress: bool = True) -> StageOutput:
     """Stage `generate`: one generator's answers to every instruction, in resumable shards."""
-    from models.generation import derive_seed, generation_params, make_generator
+    from models.generation import generation_params, make_generator
 
     def body(folder: Path) -> dict:
         from tqdm.auto import tqdm
@@ -79,18 +110,18 @@ def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, sh
         done = table.done()
         todo = [s for s in range(n_shards) if s not in done]
         params = json.dumps(generation_params(generator), sort_keys=True)
-        backend = make_generator(generator) if todo else None  # a finished run needs no model
-        try:
-            for shard in tqdm(todo, desc=f"generate {generator.name} (shards)", disable=not progress):
-                part = records[shard * shard_size:(shard + 1) * shard_size]
-                seed = derive_seed(generator.sampling.seed, shard)
-                answers = backend.generate([instruction_messages(r) for r in part], seed=seed)
-                table.write(shard, [
-                    {"instruction_id": r.id, "generator": generator.name, "response": a.text, "params": params,
-                     "seed": a.seed, "prompt_tokens": a.prompt_tokens, "response_tokens": a.response_tokens,
-                     "finish_reason": a.finish_reason} for r, a in zip(part, answers)])
-        finally:
-            if backend is not None:
+        if todo and generator.scale_out is not None:
+            from tasks.runner import map_shards
+
+            map_shards(generation_shard_at, n_shards, table, generator.scale_out, name=f"generate-{generator.name}",
+                       progress=progress, records_path=str(records_out.file("records.jsonl")),
+                       generator=generator, shard_size=shard_size)
+        elif todo:
+            backend = make_generator(generator)
+            try:
+                for shard in tqdm(todo, desc=f"generate {generator.name} (shards)", disable=not progress):
+                    table.write(shard, generation_rows(backend, generator, records, shard, shard_size, params))
+            finally:
                 backend.close()
         rows = table.read()
         columns = ["instruction_id", "generator", "response", "params", "seed", "prompt_tokens",

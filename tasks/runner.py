@@ -10,11 +10,20 @@ paths (a model per worker, cached in the worker), never receive a model object.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from configs.runner import ScaleOutConfig
 from tasks.store import ShardedTable
+
+
+@functools.lru_cache(maxsize=2)
+def worker_records(records_path: str):
+    """A stage's canonical records, read once per worker process (its shards all slice the same file)."""
+    from tasks.data import load_canonical
+
+    return load_canonical(records_path)
 
 
 def task_runner(config: ScaleOutConfig):

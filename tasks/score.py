@@ -10,6 +10,7 @@ A sample the template cannot score (reason from models/templates.py) or whose lo
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,24 @@ def score_shard(model, tokenizer, records: list[Record], first_index: int, scori
     return rows
 
 
+@functools.lru_cache(maxsize=2)
+def _worker_model(model_json: str):
+    """One loaded scorer per worker process (shards of a stage share it)."""
+    from models.loading import load_model
+
+    return load_model(ModelConfig.model_validate_json(model_json))
+
+
+def score_shard_at(index: int, records_path: str, scoring: ScoringConfig, model_cfg: ModelConfig) -> list[dict[str, Any]]:
+    """Shard `index` of a score stage, computed from paths in whatever process the task runner chose."""
+    model, tokenizer = _worker_model(model_cfg.model_dump_json())
+    from tasks.runner import worker_records
+
+    records = worker_records(records_path)
+    start = index * scoring.shard_size
+    return score_shard(model, tokenizer, records[start:start + scoring.shard_size], start, scoring)
+
+
 def read_scores(scores_out: StageOutput) -> list[dict[str, Any]]:
     """The score table of a finished stage, in input order."""
     return ShardedTable(Path(scores_out.path) / SCORES_DIR).read()
@@ -92,7 +111,12 @@ def score_records(records_out: StageOutput, scoring: ScoringConfig, scorer_stage
         table = ShardedTable(folder / SCORES_DIR)
         starts = list(range(0, len(records), scoring.shard_size))
         todo = [s for n, s in enumerate(starts) if n not in table.done()]
-        if todo:
+        if todo and scoring.scale_out is not None:
+            from tasks.runner import map_shards
+
+            map_shards(score_shard_at, len(starts), table, scoring.scale_out, name="score", progress=progress,
+                       records_path=str(records_out.file("records.jsonl")), scoring=scoring, model_cfg=model_cfg)
+        elif todo:
             from models.loading import load_model
 
             model, tokenizer = load_model(model_cfg)

@@ -57,7 +57,11 @@ def canonical(obj: Any) -> Any:
     if isinstance(obj, StageOutput):
         return {"stage": obj.stage, "digest": obj.digest}
     if isinstance(obj, BaseModel):
-        return canonical(obj.model_dump(mode="json"))
+        from configs.schema import runtime_only
+
+        dumped = obj.model_dump(mode="json")
+        return canonical({name: value for name, value in dumped.items()
+                          if name not in type(obj).model_fields or not runtime_only(type(obj).model_fields[name])})
     if isinstance(obj, dict):
         return {str(k): canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):

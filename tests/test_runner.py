@@ -91,3 +91,69 @@ def test_threads_engine_maps_shards_as_task_runs_inside_a_stage(prefect_server, 
     assert sorted(r.name for r in runs) == ["embed-test-shard-00000", "embed-test-shard-00001", "embed-test-shard-00002"]
     assert {r.state.name for r in runs} == {"Completed"}
     assert {str(r.flow_run_id) for r in runs} == {str(state.state_details.flow_run_id)}
+
+
+def test_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local, tiny_model_dir):
+    """`scoring.scale_out` moves the score shards onto Dask worker processes; the table and the stage key stay."""
+    import shutil
+
+    from configs.ifd import ScoringConfig
+    from configs.schema import DataConfig, ModelConfig
+    from tasks.data import prepare_records
+    from tasks.score import read_scores, score_records
+    from tests.conftest import DATA
+
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=12))
+    local = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=256, shard_size=4)
+    spread = local.model_copy(update={"scale_out": dask_local})
+
+    @flow
+    def score_on_dask():
+        return score_records(records, spread, progress=False)
+
+    state = score_on_dask(return_state=True)
+    on_dask = state.result()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[state.state_details.flow_run_id])))
+    assert sorted(r.name for r in runs) == ["score-shard-00000", "score-shard-00001", "score-shard-00002"]
+    dask_rows = read_scores(on_dask)
+    assert on_dask.metrics["scored"] == 12 and len(dask_rows) == 12
+    shutil.rmtree(on_dask.path)  # same key: without this the in-process run would reuse the Dask result
+
+    in_process = score_records(records, local, progress=False)
+    assert in_process.path == on_dask.path  # the runner is not part of what the stage computes
+    assert read_scores(in_process) == dask_rows
+
+
+def test_generation_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local):
+    """`generator.scale_out` moves the generation shards onto Dask workers; same rows, same stage key."""
+    import shutil
+
+    from configs.grape import GeneratorConfig, SamplingConfig
+    from configs.schema import DataConfig, ModelConfig
+    from tasks.data import prepare_records
+    from tasks.generate import generate_candidates
+    from tasks.store import ShardedTable
+    from tests.conftest import DATA
+
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=6))
+    local = GeneratorConfig(name="tiny-1", model=ModelConfig(name_or_path="tiny:1"),
+                            sampling=SamplingConfig(max_new_tokens=6, temperature=0), batch_size=3)
+    spread = local.model_copy(update={"scale_out": dask_local})
+
+    @flow
+    def generate_on_dask():
+        return generate_candidates(records, spread, shard_size=3, progress=False)
+
+    on_dask = generate_on_dask()
+    dask_rows = ShardedTable(on_dask.file("shards")).read()
+    assert len(dask_rows) == 6 and all(r["generator"] == "tiny-1" for r in dask_rows)
+    shutil.rmtree(on_dask.path)
+
+    in_process = generate_candidates(records, local, shard_size=3, progress=False)
+    assert in_process.path == on_dask.path
+    assert ShardedTable(in_process.file("shards")).read() == dask_rows
