@@ -290,3 +290,22 @@ def test_sft_flow_trains_logs_and_reuses_the_stage(prefect_server, tmp_path):
     before, after = weights(Path(resolve_model_path(TINY))), weights(folder)
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
     generate(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
+
+
+def test_dpo_flow_trains_on_a_pairs_file_under_its_own_parent_run(prefect_server):
+    from configs.train import DPOFlowConfig
+    from flows.train import dpo
+    from tasks.track import client
+
+    config = DPOFlowConfig(name="dpo-flow-test", model=TINY,
+                           dpo=DPOStageConfig(max_steps=2, save_steps=100, lora=LoraSettings(r=4, alpha=8),
+                                              pairs_path=str(DATA / "dpo_en_20.json"), **{**FAST, "max_length": 128}))
+    out = dpo(config)
+    result = read_train_result(Path(out.path))
+    assert result["kind"] == "dpo" and result["global_step"] == 2 and out.metrics["dpo.pairs_kept"] == 20
+    mlc = client()
+    runs = mlc.search_runs([mlc.get_experiment_by_name("dpo-flow-test").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "dpo-flow-test")
+    child = next(r for r in runs if r.data.tags.get("pomona.stage") == "train-dpo")
+    assert parent.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "loss" in child.data.metrics and child.data.params["dpo.beta"] == "0.1"
