@@ -13,7 +13,7 @@ from tasks.data import prepare_records_task
 from tasks.ifd import ifd_selection_task, instruction_profile_task, pre_experience_pick_task, pre_experience_sft_task
 from tasks.score import score_task
 from tasks.store import StageOutput
-from tasks.track import finish_tracking, start_tracking
+from tasks.track import tracked_run
 
 
 def cherry_stage_outputs(selection: CherrySelection, records: StageOutput, output_format: str = "source",
@@ -53,14 +53,7 @@ def cherry_flow(config: CherryFlowConfig, fail_at: str | None = None) -> dict[st
         fail_at: Test-only. The Prefect task name of a stage (e.g. 'cherry-sft') that raises once Running, on this
             flow run's first attempt only; Retry the run (or rerun without it) to resume from the cache.
     """
-    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
-    try:
+    with tracked_run(config) as parent:
         records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
         stages = cherry_stage_outputs(config.selection, records, config.output_format, parent_run_id=parent)
-    except BaseException:
-        if parent:
-            finish_tracking(parent, "FAILED")
-        raise
-    if parent:
-        finish_tracking(parent, "FINISHED")
     return {"records": records, **stages}

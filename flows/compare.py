@@ -26,7 +26,7 @@ from tasks.data import prepare_records_task, read_jsonl
 from tasks.evaluate import comparison_task, finish_method_run, model_fingerprint, start_method_run
 from tasks.store import StageOutput
 from tasks.train import sft_stage_task, trained_model
-from tasks.track import client, finish_tracking, start_tracking
+from tasks.track import client, tracked_run
 
 
 @task(name="compare-method", cache_policy=NO_CACHE)
@@ -79,8 +79,7 @@ def compare(config: CompareConfig, fail_at: str | None = None) -> StageOutput:
         config: The comparison recipe: data, budget, methods, training, evaluation.
         fail_at: Test-only. The Prefect task name of a stage that raises once Running on the first attempt.
     """
-    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
-    try:
+    with tracked_run(config) as parent:
         records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
         branches: list[tuple[str, Any]] = list(zip(config.labels(), config.methods))
         if config.evaluate_base:
@@ -101,10 +100,4 @@ def compare(config: CompareConfig, fail_at: str | None = None) -> StageOutput:
                               description=f"Selection methods compared at one budget ({config.name})")
         if parent:
             log_comparison(parent, table)
-    except BaseException:
-        if parent:
-            finish_tracking(parent, "FAILED")
-        raise
-    if parent:
-        finish_tracking(parent, "FINISHED")
     return table

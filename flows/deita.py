@@ -9,7 +9,7 @@ from flows.wiring import run_stage_task
 from tasks.data import prepare_records_task
 from tasks.deita import deita_complexity_task, deita_embed_task, deita_quality_task, deita_select_task
 from tasks.store import StageOutput
-from tasks.track import finish_tracking, start_tracking
+from tasks.track import tracked_run
 
 
 def deita_stages(selection: DeitaSelection, records: StageOutput, output_format: str = "source",
@@ -40,14 +40,7 @@ def deita_stage_outputs(selection: DeitaSelection, records: StageOutput, output_
 @flow(name="pomona-deita", log_prints=True)
 def deita_flow(config: DeitaFlowConfig) -> dict[str, StageOutput | None]:
     """Deita selection on its own: records -> complexity -> quality -> embeddings -> filtered subset."""
-    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
-    try:
+    with tracked_run(config) as parent:
         records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
         stages = deita_stage_outputs(config.selection, records, config.output_format, parent_run_id=parent)
-    except BaseException:
-        if parent:
-            finish_tracking(parent, "FAILED")
-        raise
-    if parent:
-        finish_tracking(parent, "FINISHED")
     return {"records": records, **stages}

@@ -11,7 +11,7 @@ from flows.wiring import run_stage_task
 from tasks.evaluate import (answers_task, eval_table_task, humaneval_task, judge_task, likelihood_task, lm_eval_task,
                             model_fingerprint, table_rows)
 from tasks.store import StageOutput
-from tasks.track import finish_tracking, start_tracking
+from tasks.track import tracked_run
 
 
 def artifact_key(text: str) -> str:
@@ -52,13 +52,6 @@ def evaluate_stages(model: ModelConfig, model_digest: str, config: EvaluateConfi
 @flow(name="pomona-evaluate", log_prints=True)
 def evaluate(config: EvaluateFlowConfig) -> StageOutput:
     """Evaluate one model (e.g. a training stage's `model/` folder) with the configured benchmarks."""
-    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
-    try:
+    with tracked_run(config) as parent:
         table = evaluate_stages(config.model, model_fingerprint(config.model), config.evaluate, config.name, parent)
-    except BaseException:
-        if parent:
-            finish_tracking(parent, "FAILED")
-        raise
-    if parent:
-        finish_tracking(parent, "FINISHED")
     return table

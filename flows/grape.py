@@ -17,7 +17,7 @@ from tasks.data import prepare_records_task
 from tasks.generate import collect_candidates_task, generate_candidates_task
 from tasks.grape import grape_select_task, ingest_candidates_task, score_candidate_fit_task
 from tasks.store import StageOutput
-from tasks.track import finish_tracking, start_tracking
+from tasks.track import tracked_run
 
 
 def grape_candidates(selection: GrapeSelection, records: StageOutput | None,
@@ -69,19 +69,12 @@ def grape_flow(config: GrapeRecipe, fail_at: str | None = None) -> dict[str, Sta
         config: The GRAPE recipe: instructions (or a candidates file), generators, target, criterion, DPO options.
         fail_at: Test-only. The Prefect task name of a stage that raises once Running, on the first attempt only.
     """
-    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
-    try:
+    with tracked_run(config) as parent:
         records = None
         if config.data is not None:
             records = run_stage_task(prepare_records_task, config.data, False, parent_run_id=parent,
                                      log_config=config.data)
         outputs = grape_stages(config.selection, records, config.output_format, parent_run_id=parent)
-    except BaseException:
-        if parent:
-            finish_tracking(parent, "FAILED")
-        raise
-    if parent:
-        finish_tracking(parent, "FINISHED")
     return ({"records": records} if records is not None else {}) | outputs
 
 

@@ -11,7 +11,7 @@ from flows.train import training_stages
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task
 from tasks.store import StageOutput
-from tasks.track import finish_tracking, start_tracking
+from tasks.track import tracked_run
 from tasks.train import trained_model
 
 
@@ -25,8 +25,7 @@ def pipeline(config: PipelineConfig, fail_at: str | None = None) -> dict[str, St
         fail_at: Test-only. The Prefect task name of a stage (e.g. 'select-baseline') that raises once Running,
             on this flow run's first attempt only; Retry the run (or rerun without it) to resume from the cache.
     """
-    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
-    try:
+    with tracked_run(config) as parent:
         records = None
         if config.data is not None:
             # GRAPE's generators answer the instructions themselves: the pool may come without responses.
@@ -41,10 +40,4 @@ def pipeline(config: PipelineConfig, fail_at: str | None = None) -> dict[str, St
                 final = outputs.get("dpo") or outputs["sft"]
                 outputs["evaluation"] = evaluate_stages(trained_model(final, config.train.model), final.digest,
                                                         config.evaluate, config.name, parent)
-    except BaseException:
-        if parent:
-            finish_tracking(parent, "FAILED")
-        raise
-    if parent:
-        finish_tracking(parent, "FINISHED")
     return outputs

@@ -15,7 +15,7 @@ from flows.selection import select_subset
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task
 from tasks.store import StageOutput
-from tasks.track import client, finish_tracking, log_stage, start_tracking
+from tasks.track import client, log_stage, tracked_run
 from tasks.train import dpo_stage_task, sft_stage_task
 
 
@@ -60,17 +60,10 @@ def sft(config: SFTFlowConfig, fail_at: str | None = None) -> dict[str, StageOut
         fail_at: Test-only. The Prefect task name of a stage (e.g. 'train-sft') that raises once Running, on this
             flow run's first attempt only.
     """
-    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
-    try:
+    with tracked_run(config) as parent:
         records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
         subset = select_subset(FullSelection(), records, "messages", parent_run_id=parent)
         outputs = training_stages(TrainingConfig(model=config.model, sft=config.sft, dpo=config.dpo), subset, parent)
-    except BaseException:
-        if parent:
-            finish_tracking(parent, "FAILED")
-        raise
-    if parent:
-        finish_tracking(parent, "FINISHED")
     return outputs
 
 
@@ -83,13 +76,6 @@ def dpo(config: DPOFlowConfig, fail_at: str | None = None) -> StageOutput:
         config: Start model, DPO hyper-parameters (with the pairs file), tracking.
         fail_at: Test-only. The Prefect task name of a stage ('train-dpo') that raises once Running.
     """
-    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
-    try:
+    with tracked_run(config) as parent:
         out = training_stages(TrainingConfig(model=config.model, sft=None, dpo=config.dpo), None, parent)["dpo"]
-    except BaseException:
-        if parent:
-            finish_tracking(parent, "FAILED")
-        raise
-    if parent:
-        finish_tracking(parent, "FINISHED")
     return out

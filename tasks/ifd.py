@@ -27,7 +27,7 @@ from configs.errors import ConfigError, ScoringError
 from configs.ifd import CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig, SuperfilterSelection
 from configs.schema import Budget
 from tasks.data import Record, load_canonical, read_jsonl, write_jsonl, write_records
-from tasks.score import STATUS_SCORED, read_scores, score_counts, scorer_model
+from tasks.score import STATUS_SCORED, read_scores, score_counts
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
 

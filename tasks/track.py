@@ -7,10 +7,12 @@ tasks that the flows call. The embedded default is SQLite in POMONA_HOME with an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +102,6 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     land in it) instead of creating one.
     """
     import mlflow
-    import pandas as pd
     from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
     mlc = client()
@@ -194,3 +195,17 @@ def log_stage(parent_run_id: str, out: StageOutput, config: Any = None, cached: 
 @task(cache_policy=NO_CACHE, name="finish-tracking")
 def finish_tracking(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def tracked_run(config: Any) -> Iterator[str | None]:
+    """Inside a flow: the MLflow parent run of `config` (None with tracking off), ended FINISHED or FAILED."""
+    parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
+    try:
+        yield parent
+    except BaseException:
+        if parent:
+            finish_tracking(parent, "FAILED")
+        raise
+    if parent:
+        finish_tracking(parent, "FINISHED")

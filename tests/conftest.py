@@ -38,6 +38,17 @@ def tiny_model_dir():
     return build_tiny_model(Path(os.environ["POMONA_HOME"]) / "tiny-fixture-0", seed=0)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models and matrices: thread wake-ups on a shared 2-core box cost more than the work itself."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

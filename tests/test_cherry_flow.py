@@ -3,7 +3,6 @@ and MLflow gets the histogram, counts, subset and scorer/template params."""
 
 from __future__ import annotations
 
-import pytest
 
 from configs.ifd import (CherryFlowConfig, CherrySelection, DiversityConfig, PreExperienceConfig, ScoringConfig,
                          SuperfilterFlowConfig, SuperfilterSelection)

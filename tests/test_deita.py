@@ -19,7 +19,6 @@ from tasks.deita import (diversity_filter, diversity_filter_sequential, evol_sco
                          unit_rows)
 
 from conftest import DATA
-from test_embeddings import one_torch_thread  # noqa: F401  (fixture)
 
 
 # ------------------------------------------------------------------------------------------- the formula

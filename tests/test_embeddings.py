@@ -19,15 +19,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models and matrices: thread wake-ups on a shared 2-core box cost more than the work itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     return load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
