@@ -153,6 +153,11 @@ def stage_task(fn: Callable, name: str, **options: Any):
     """Wrap a stage function as a Prefect task cached on `stage_cache_key`, results persisted in POMONA_HOME."""
     from prefect import task
 
+    # log_prints off inside stages: libraries that capture stdout by swapping sys.stdout (dill's globalvars, used by
+    # datasets' fingerprinting under TRL) would otherwise pour their captured text - whole bytecode listings - into
+    # the run's logs, since Prefect's print patch logs a print to "stdout" whatever sys.stdout is. Stages report
+    # through logging, summaries and artifacts; flows keep log_prints for their own messages.
+    options.setdefault("log_prints", False)
     return task(fn, name=name, cache_key_fn=stage_cache_key, persist_result=True,
                 result_storage=prefect_results_dir(), **options)
 

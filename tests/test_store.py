@@ -7,7 +7,7 @@ import pytest
 from configs.schema import DataConfig
 from configs.selection import RandomSelection
 from tasks.store import (SUCCESS, ShardedTable, StageOutput, content_digest, file_digest, run_stage,
-                         stage_cache_key, stage_key)
+                         stage_cache_key, stage_key, stage_task)
 
 
 def test_stage_key_depends_on_config_inputs_and_nothing_else():
@@ -71,3 +71,31 @@ def test_sharded_table_resumes_and_reads_in_order(tmp_path):
     again = ShardedTable(tmp_path / "scores")
     assert again.done() == {0, 1} and [r["i"] for r in again.read()] == [0, 1, 2, 3]
     assert not list((tmp_path / "scores").glob(".*tmp*"))
+
+
+MODULE_GLOBAL = 3
+
+
+def _reads_a_global():
+    return MODULE_GLOBAL
+
+
+def test_stage_tasks_leave_stdout_capture_to_the_libraries_that_do_it(prefect_server):
+    """dill (under datasets' fingerprinting) finds a function's globals by capturing dis.dis's printout; with the
+    flow's log_prints reaching into a stage, that printout went to the run log instead and dill found nothing."""
+    from prefect import flow
+
+    def finds_globals(tag):
+        def body(folder):
+            import dill.detect
+
+            return {"metrics": {"globals": len(dill.detect.globalvars(_reads_a_global))}}
+        return run_stage("finds-globals", {"tag": tag}, [], body)
+
+    finds_globals_task = stage_task(finds_globals, name="finds-globals")
+
+    @flow(log_prints=True)
+    def printing_flow():
+        return finds_globals_task("log-prints")
+
+    assert printing_flow().metrics["globals"] == 1
