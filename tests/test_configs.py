@@ -45,3 +45,25 @@ def test_schema_carries_descriptions_for_the_prefect_form():
     schema = PipelineConfig.model_json_schema()
     data = schema["$defs"]["DataConfig"]["properties"]
     assert all("description" in field for field in data.values())
+
+
+# Which flow each bundled recipe is for (the file's header says how to run it); a new recipe must be listed.
+RECIPE_FLOWS = {
+    "demo": "pipeline", "cherry_tiny": "pipeline", "superfilter_tiny": "pipeline", "deita_tiny": "pipeline",
+    "grape_vicuna_smollm2": "grape", "compare_tiny": "compare", "compare_smollm2": "compare",
+    "compare_smollm2_small": "compare",
+}
+
+
+@pytest.mark.parametrize("stem", sorted(RECIPE_FLOWS))
+def test_every_bundled_recipe_validates_as_its_flow(stem):
+    from flows.serve import flow_by_name, flow_config_type
+
+    path = REPO / "configs" / "recipes" / f"{stem}.yaml"
+    config = load_recipe(path, model=flow_config_type(flow_by_name(RECIPE_FLOWS[stem])))
+    assert f"--flow {RECIPE_FLOWS[stem]}" in path.read_text() or RECIPE_FLOWS[stem] == "pipeline"
+    assert config.name
+
+
+def test_no_recipe_is_left_unlisted():
+    assert {p.stem for p in (REPO / "configs" / "recipes").glob("*.yaml")} == set(RECIPE_FLOWS)
