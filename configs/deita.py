@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from configs.schema import Budget, DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.runner import ScaleOutConfig
+from configs.schema import RUNTIME_ONLY, Budget, DataConfig, ModelConfig, StrictModel, TrackingConfig
 
 DEFAULT_BUDGET = 6000  # Deita's released 6K subsets
 
@@ -34,6 +35,10 @@ class DeitaEmbeddingConfig(StrictModel):
     max_length: int = Field(2048, ge=8, description="Tokens kept per conversation (truncated from the right), as Deita's embedder.")
     batch_size: int = Field(8, ge=1, description="Conversations per forward pass.")
     shard_size: int = Field(512, ge=1, description="Conversations per resumable embedding shard.")
+    scale_out: ScaleOutConfig | None = Field(
+        None, json_schema_extra=RUNTIME_ONLY,
+        description="Embed shards as Prefect task runs on a task runner (threads or a Dask cluster); None embeds "
+                    "them one after another in the stage's process. Not part of the cache key.")
 
 
 class DeitaSelection(Budget):

@@ -15,6 +15,7 @@ dot product, so rounding differences between a matrix product and a vector produ
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import numpy as np
 
 from configs.deita import DeitaEmbeddingConfig, DeitaScorerConfig, DeitaSelection
 from configs.errors import ScoringError
+from configs.schema import ModelConfig
 from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, write_jsonl
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import ShardedTable, StageOutput, run_stage, stage_task
@@ -340,38 +342,66 @@ class ArrayShards(ShardedTable):
         return np.load(self.shard_path(index))
 
 
+@functools.lru_cache(maxsize=2)
+def _worker_embedder(model_json: str):
+    """One loaded embedder per worker process (its shards share it)."""
+    from models.loading import load_model
+
+    return load_model(ModelConfig.model_validate_json(model_json))
+
+
+def embed_shard(model, tokenizer, records: list[Record], embedding: DeitaEmbeddingConfig) -> np.ndarray:
+    from models.embeddings import embed_texts
+
+    eos = tokenizer.eos_token or ""
+    return embed_texts(model, tokenizer, [vicuna_text(r, eos) for r in records], pooling=embedding.pooling,
+                       batch_size=embedding.batch_size, normalize=True, max_length=embedding.max_length)
+
+
+def embed_shard_at(index: int, records_path: str, embedding: DeitaEmbeddingConfig) -> np.ndarray:
+    """Shard `index` of a deita-embed stage, computed in whatever process the task runner chose."""
+    from tasks.runner import worker_records
+
+    model, tokenizer = _worker_embedder(embedding.model.model_dump_json())
+    size = embedding.shard_size
+    return embed_shard(model, tokenizer, worker_records(records_path)[index * size:(index + 1) * size], embedding)
+
+
 def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, progress: bool = True) -> StageOutput:
     """Stage `deita-embed`: one L2-normalised vector per record, in record order, shard by shard.
 
     Output: `embeddings.npy` (float32 [n, hidden], memory-mappable), `ids.txt`, `embedding-meta.json`.
     """
-    from models.embeddings import embed_texts
     from models.loading import load_model
 
     def body(folder: Path) -> dict:
         import os
 
         records = load_canonical(records_out.file("records.jsonl"))
-        model, tokenizer = load_model(embedding.model)
-        dim = int(model.config.hidden_size)
         shards = ArrayShards(folder / "shards")
         size = embedding.shard_size
         n_shards = math.ceil(len(records) / size)
         final = folder / "embeddings.npy"
         if not final.exists():  # written last and atomically: present means every shard went into it
-            eos = tokenizer.eos_token or ""
             todo = [s for s in range(n_shards) if s not in shards.done()]
-            loop = todo
-            if progress:
-                from tqdm.auto import tqdm
+            if todo and embedding.scale_out is not None:
+                from tasks.runner import map_shards
 
-                loop = tqdm(todo, desc="deita embed (shards)", unit="shard")
-            for shard in loop:
-                part = records[shard * size:(shard + 1) * size]
-                vectors = embed_texts(model, tokenizer, [vicuna_text(r, eos) for r in part], pooling=embedding.pooling,
-                                      batch_size=embedding.batch_size, normalize=True, max_length=embedding.max_length)
-                shards.write_array(shard, vectors)
+                map_shards(embed_shard_at, n_shards, shards, embedding.scale_out, name="deita-embed",
+                           progress=progress, write=shards.write_array,
+                           records_path=str(records_out.file("records.jsonl")), embedding=embedding)
+            elif todo:
+                model, tokenizer = load_model(embedding.model)
+                loop = todo
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    loop = tqdm(todo, desc="deita embed (shards)", unit="shard")
+                for shard in loop:
+                    shards.write_array(shard, embed_shard(model, tokenizer, records[shard * size:(shard + 1) * size],
+                                                          embedding))
             # One memory-mappable matrix for the filter; the shards go once it exists (digests stay in the manifest).
+            dim = shards.read_array(0).shape[1] if n_shards else 0
             tmp = folder / f".embeddings.tmp-{os.getpid()}.npy"
             matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(records), dim))
             for shard in range(n_shards):
@@ -379,6 +409,7 @@ def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, pro
             matrix.flush()
             del matrix
             os.replace(tmp, final)
+        dim = int(np.load(final, mmap_mode="r").shape[1])
         for shard in range(n_shards):
             shards.shard_path(shard).unlink(missing_ok=True)
         atomic_write_text(folder / "ids.txt", "".join(r.id + "\n" for r in records))
@@ -392,7 +423,7 @@ def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, pro
                 "summary": f"Embedded **{len(records)}** conversations with `{embedding.model.name_or_path}` "
                            f"({embedding.pooling} pooling, {EMBEDDING_TEMPLATE} template, dim {dim})."}
 
-    key_config = embedding.model_dump(mode="json", exclude={"batch_size"})
+    key_config = embedding.model_dump(mode="json", exclude={"batch_size", "scale_out"})
     return run_stage("deita-embed", {"embedding": key_config, "template": EMBEDDING_TEMPLATE}, [records_out], body,
                      digest_of=["embeddings.npy", "ids.txt"])
 

@@ -41,14 +41,17 @@ def task_runner(config: ScaleOutConfig):
                                           "processes": config.processes, "dashboard_address": None})
 
 
-def map_shards(shard_rows: Callable[..., list[dict[str, Any]]], shard_count: int, table: ShardedTable,
-               config: ScaleOutConfig, name: str, progress: bool = True, **shared: Any) -> dict[str, int]:
+def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedTable,
+               config: ScaleOutConfig, name: str, progress: bool = True,
+               write: Callable[[int, Any], None] | None = None, **shared: Any) -> dict[str, int]:
     """Run `shard_rows(index, **shared)` for every shard index in range(shard_count) not yet in `table`.
 
-    `shared` holds small, picklable arguments (paths, configs). Returns counts: shards computed now, shards
-    reused from an earlier attempt, rows written now. The first shard that raises stops the stage (after the
-    shards already finished are written, so a rerun resumes from them).
+    `shared` holds small, picklable arguments (paths, configs). `write(index, result)` stores a shard (default
+    `table.write` for a list of rows; e.g. an array writer for embeddings). Returns counts: shards computed now,
+    shards reused from an earlier attempt, rows written now. The first shard that raises stops the stage (after
+    the shards already finished are written, so a rerun resumes from them).
     """
+    write = write or table.write
     from prefect import task
     from prefect.cache_policies import NO_CACHE
     from prefect.futures import as_completed
@@ -75,7 +78,7 @@ def map_shards(shard_rows: Callable[..., list[dict[str, Any]]], shard_count: int
             except Exception as exc:  # write the shards that did finish, then raise the first error
                 failure = failure or exc
                 continue
-            table.write(index, rows)
+            write(index, rows)
             counts["shards_computed"] += 1
             counts["rows_written"] += len(rows)
             bar.update(1)

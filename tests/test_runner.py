@@ -157,3 +157,33 @@ def test_generation_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_
     in_process = generate_candidates(records, local, shard_size=3, progress=False)
     assert in_process.path == on_dask.path
     assert ShardedTable(in_process.file("shards")).read() == dask_rows
+
+
+def test_deita_embedding_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local,
+                                                                             tiny_model_dir):
+    import shutil
+
+    import numpy as np
+
+    from configs.deita import DeitaEmbeddingConfig
+    from configs.schema import DataConfig, ModelConfig
+    from tasks.data import prepare_records
+    from tasks.deita import embed_records
+    from tests.conftest import DATA
+
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=10))
+    local = DeitaEmbeddingConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=128, shard_size=4)
+    spread = local.model_copy(update={"scale_out": dask_local})
+
+    @flow
+    def embed_on_dask():
+        return embed_records(records, spread, progress=False)
+
+    on_dask = embed_on_dask()
+    vectors = np.load(on_dask.file("embeddings.npy"))
+    assert vectors.shape == (10, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    shutil.rmtree(on_dask.path)
+
+    in_process = embed_records(records, local, progress=False)
+    assert in_process.path == on_dask.path
+    assert np.allclose(np.load(in_process.file("embeddings.npy")), vectors, atol=1e-6)
