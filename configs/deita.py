@@ -24,6 +24,10 @@ class DeitaScorerConfig(StrictModel):
     max_prompt_tokens: int | None = Field(
         None, ge=8, description="Reject (never truncate) records whose prompt is longer; None = the model's context length.")
     shard_size: int = Field(256, ge=1, description="Records per resumable shard of the scoring stage.")
+    scale_out: ScaleOutConfig | None = Field(
+        None, json_schema_extra=RUNTIME_ONLY,
+        description="Score shards as Prefect task runs on a task runner (threads or a Dask cluster); None scores "
+                    "them one after another in the stage's process. Not part of the cache key.")
 
 
 class DeitaEmbeddingConfig(StrictModel):

@@ -240,8 +240,47 @@ def vicuna_text(record: Record, eos: str) -> str:
 
 # ---------------------------------------------------------------------------------------- scoring stages
 def _scorer_stage_config(dimension: str, scorer: DeitaScorerConfig) -> dict:
-    # batch size changes no score: kept out of the key so a rerun with another batch size reuses the stage
-    return {"dimension": dimension, "scorer": scorer.model_dump(mode="json", exclude={"batch_size"})}
+    # batch size and runner change no score: kept out of the key so a rerun with other ones reuses the stage
+    return {"dimension": dimension, "scorer": scorer.model_dump(mode="json", exclude={"batch_size", "scale_out"})}
+
+
+def dimension_rows(scorer, records: list[Record]) -> list[dict]:
+    """Per-turn expected scores of `records` ({id, scores, reject}); a too-long prompt rejects its record."""
+    encoded = [scorer.encode([scorer.prompt(u, a) for u, a in conversation_turns(r)]) for r in records]
+    rows, flat, owners = [], [], []
+    for r, prompts in zip(records, encoded):
+        long = scorer.too_long(prompts)
+        if long:
+            lengths = [len(prompts[t]) for t in long]
+            rows.append({"id": r.id, "scores": [], "reject": f"prompt too long: turn {long[0]} has "
+                         f"{lengths[0]} tokens > {scorer.max_prompt_tokens}"})
+            continue
+        rows.append({"id": r.id, "scores": [], "reject": ""})
+        owners += [len(rows) - 1] * len(prompts)
+        flat += prompts
+    if flat:
+        values = scorer.score_encoded(flat)
+        for owner, value in zip(owners, values.tolist()):
+            rows[owner]["scores"].append(float(value))
+    return rows
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_scorer(dimension: str, scorer_json: str):
+    """One loaded Deita scorer per worker process and dimension."""
+    from models.deita import DeitaScorer
+
+    config = DeitaScorerConfig.model_validate_json(scorer_json)
+    return DeitaScorer.load(config.model, dimension, config.kind, config.batch_size, config.max_prompt_tokens)
+
+
+def dimension_shard_at(index: int, records_path: str, dimension: str, scorer_config: DeitaScorerConfig) -> list[dict]:
+    """Shard `index` of a deita-<dimension> stage, computed in whatever process the task runner chose."""
+    from tasks.runner import worker_records
+
+    size = scorer_config.shard_size
+    scorer = _worker_scorer(dimension, scorer_config.model_dump_json())
+    return dimension_rows(scorer, worker_records(records_path)[index * size:(index + 1) * size])
 
 
 def score_dimension(dimension: str, records_out: StageOutput, scorer_config: DeitaScorerConfig,
@@ -260,31 +299,22 @@ def score_dimension(dimension: str, records_out: StageOutput, scorer_config: Dei
                                   scorer_config.batch_size, scorer_config.max_prompt_tokens)
         table = ShardedTable(folder / "shards")
         size = scorer_config.shard_size
-        todo = [s for s in range(math.ceil(len(records) / size)) if s not in table.done()]
+        n_shards = math.ceil(len(records) / size)
+        todo = [s for s in range(n_shards) if s not in table.done()]
+        if todo and scorer_config.scale_out is not None:
+            from tasks.runner import map_shards
+
+            map_shards(dimension_shard_at, n_shards, table, scorer_config.scale_out, name=f"deita-{dimension}",
+                       progress=progress, records_path=str(records_out.file("records.jsonl")),
+                       dimension=dimension, scorer_config=scorer_config)
+            todo = []
         shards = todo
         if progress:
             from tqdm.auto import tqdm
 
             shards = tqdm(todo, desc=f"deita {dimension} (shards)", unit="shard")
         for shard in shards:
-            part = records[shard * size:(shard + 1) * size]
-            encoded = [scorer.encode([scorer.prompt(u, a) for u, a in conversation_turns(r)]) for r in part]
-            rows, flat, owners = [], [], []
-            for r, prompts in zip(part, encoded):
-                long = scorer.too_long(prompts)
-                if long:
-                    lengths = [len(prompts[t]) for t in long]
-                    rows.append({"id": r.id, "scores": [], "reject": f"prompt too long: turn {long[0]} has "
-                                 f"{lengths[0]} tokens > {scorer.max_prompt_tokens}"})
-                    continue
-                rows.append({"id": r.id, "scores": [], "reject": ""})
-                owners += [len(rows) - 1] * len(prompts)
-                flat += prompts
-            if flat:
-                values = scorer.score_encoded(flat)
-                for owner, value in zip(owners, values.tolist()):
-                    rows[owner]["scores"].append(float(value))
-            table.write(shard, rows)
+            table.write(shard, dimension_rows(scorer, records[shard * size:(shard + 1) * size]))
         rows = table.read()
         by_id = {r.id: r for r in records}
         scored = [{"id": row["id"], "scores": row["scores"]} for row in rows if not row["reject"]]

@@ -187,3 +187,33 @@ def test_deita_embedding_stage_on_a_dask_cluster_equals_the_in_process_stage(pre
     in_process = embed_records(records, local, progress=False)
     assert in_process.path == on_dask.path
     assert np.allclose(np.load(in_process.file("embeddings.npy")), vectors, atol=1e-6)
+
+
+def test_deita_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local,
+                                                                           tiny_model_dir):
+    import shutil
+
+    from configs.deita import DeitaScorerConfig
+    from configs.schema import DataConfig, ModelConfig
+    from tasks.data import prepare_records, read_jsonl
+    from tasks.deita import score_complexity
+    from tests.conftest import DATA
+
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=9))
+    local = DeitaScorerConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), shard_size=4)
+    spread = local.model_copy(update={"scale_out": dask_local})
+
+    @flow
+    def score_on_dask():
+        return score_complexity(records, spread)
+
+    on_dask = score_on_dask()
+    rows = read_jsonl(on_dask.file("scores.jsonl"))
+    assert len(rows) == 9 and all(1 <= s <= 6 for r in rows for s in r["scores"])
+    shutil.rmtree(on_dask.path)
+
+    in_process = score_complexity(records, local)
+    assert in_process.path == on_dask.path
+    again = read_jsonl(in_process.file("scores.jsonl"))
+    assert [r["id"] for r in again] == [r["id"] for r in rows]
+    assert all(abs(a - b) < 1e-5 for x, y in zip(again, rows) for a, b in zip(x["scores"], y["scores"]))
