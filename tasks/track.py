@@ -169,6 +169,28 @@ def run_link(run_id: str) -> str:
     return f"run {run_id} in {uri}"
 
 
+def selection_preview(out: StageOutput, rows: int = 5, width: int = 80) -> str:
+    """A markdown table of the first selected samples of a selection stage ('' for other stages)."""
+    path = Path(out.path) / "subset.messages.jsonl"
+    if not path.exists():
+        return ""
+
+    def cell(text: str) -> str:
+        text = " ".join(text.split()).replace("|", "\\|")
+        return text if len(text) <= width else text[:width - 1] + "…"
+
+    lines = [f"First {rows} selected samples (input order):", "", "| # | instruction | response |", "|---|---|---|"]
+    with path.open(encoding="utf-8") as handle:
+        for n, line in enumerate(handle):
+            if n == rows:
+                break
+            messages = json.loads(line)["messages"]
+            user = next((m["content"] for m in messages if m["role"] == "user"), "")
+            reply = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
+            lines.append(f"| {n + 1} | {cell(user)} | {cell(reply)} |")
+    return "\n".join(lines) + "\n\n"
+
+
 # -------------------------------------------------------------------------------------------------- tasks
 @task(cache_policy=NO_CACHE, name="start-tracking")
 def start_tracking(experiment: str, run_name: str, config: Any) -> str:
@@ -187,7 +209,8 @@ def log_stage(parent_run_id: str, out: StageOutput, config: Any = None, cached: 
     note = " (reused: cached)" if cached else ""
     create_markdown_artifact(
         key=f"{out.stage}-summary".replace("_", "-").lower(),
-        markdown=f"## {out.stage}{note}\n\n{out.summary}\n\nMLflow: {run_link(run_id)}\n\nOutput: `{out.path}`",
+        markdown=f"## {out.stage}{note}\n\n{out.summary}\n\n{selection_preview(out)}MLflow: {run_link(run_id)}"
+                 f"\n\nOutput: `{out.path}`",
         description=f"{out.stage} summary")
     return run_id
 

@@ -99,3 +99,17 @@ def test_stage_tasks_leave_stdout_capture_to_the_libraries_that_do_it(prefect_se
         return finds_globals_task("log-prints")
 
     assert printing_flow().metrics["globals"] == 1
+
+
+def test_selection_stages_preview_their_first_samples_for_the_prefect_artifact():
+    from tasks.data import prepare_records
+    from tasks.select import baseline_selection
+    from tasks.track import selection_preview
+    from tests.conftest import DATA
+
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=8))
+    subset = baseline_selection(records, RandomSelection(budget=6, seed=0), "alpaca")
+    preview = selection_preview(subset, rows=3, width=40).splitlines()
+    assert preview[2] == "| # | instruction | response |" and len(preview) == 4 + 3 + 1  # 3 rows, blank line
+    assert preview[4].startswith("| 1 | ") and all(len(cell) <= 42 for cell in preview[4].split("|"))
+    assert selection_preview(records) == ""  # not a selection stage
