@@ -607,7 +607,9 @@ def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str]
         atomic_write_text(folder / "comparison.csv", buffer.getvalue())
         ok = [r for r in rows if r["status"] == "ok"]
         shared = [k for k in rows[0] if k not in ("method", "status", "error") and ok and all(r[k] is not None for r in ok)]
-        wanted = list(plot_metrics) or [k for k in shared if not k.endswith(("/answers", "/pairs", "/problems", "sample_len"))]
+        # Names as the user knows them ('humaneval/pass@1', 'acc,none') match their MLflow-safe form.
+        wanted = ([sanitize_metric_key(m) for m in plot_metrics]
+                  or [k for k in shared if not k.endswith(("/answers", "/pairs", "/problems", "sample_len"))])
         missing = [m for m in wanted if m not in rows[0]]
         if missing:
             raise ConfigError(f"plot_metrics {missing} are not metrics of this comparison (have {list(rows[0])[3:]})")

@@ -114,3 +114,15 @@ def test_every_method_of_the_tiny_recipe_selects_trains_and_evaluates(prefect_se
     runs = mlc.search_runs([mlc.get_experiment_by_name("compare-tiny-all").experiment_id])
     names = {r.info.run_name for r in runs}
     assert {"select-cherry", "select-superfilter", "select-deita", "select-grape", "method:grape"} <= names, names
+
+
+def test_plot_metrics_are_named_as_users_know_them_and_unknown_ones_are_errors():
+    from configs.errors import ConfigError
+    from tasks.evaluate import comparison_stage
+
+    results = [{"label": "random", "status": "ok", "metrics": {"humaneval/pass_1": 0.25, "lm_eval/mc/acc_none": 0.5}},
+               {"label": "deita", "status": "ok", "metrics": {"humaneval/pass_1": 0.5, "lm_eval/mc/acc_none": 0.75}}]
+    table = comparison_stage("plot-names", results, ["humaneval/pass@1", "lm_eval/mc/acc,none"])
+    assert table.file("plots/humaneval__pass_1.png").exists(), table.artifacts
+    with pytest.raises(ConfigError, match="not metrics of this comparison"):
+        comparison_stage("plot-names-typo", results, ["humaneval/pass@10"])
