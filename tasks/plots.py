@@ -33,7 +33,10 @@ def histogram(values: Sequence[float], path: str | Path, title: str, xlabel: str
 def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | Path, title: str, ylabel: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4, len(labels) * 0.9), 4))
-    ax.bar(list(labels), list(values), color="#55A868")
+    bars = ax.bar(list(labels), list(values), color="#55A868")
+    # Methods often differ in the third decimal: the printed value tells what the bar heights cannot.
+    ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize=8, padding=2)
+    ax.margins(y=0.12)
     ax.set(title=title, ylabel=ylabel)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
