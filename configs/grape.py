@@ -138,8 +138,10 @@ class GrapeSelection(StrictModel):
     score_end_of_turn: bool = Field(
         True, description="Also score the template's end-of-turn marker after the response, so a truncated "
                           "response pays for not ending there.")
-    prefix_reuse: bool = Field(True, description="Run each instruction's prompt once and score all candidates "
-                                                 "from its KV cache (same numbers as K full passes).")
+    prefix_reuse: bool = Field(
+        False, description="Run each instruction's prompt once and score all candidates from its KV cache (same "
+                           "numbers as K full passes). Off by default: measured 0.75-1.1x of K batched passes on CPU "
+                           "(bench/README.md); worth trying with long shared prompts and many candidates.")
     max_length: int = Field(2048, ge=8, description="Prompt + response tokens above this are rejected "
                                                     "(written to rejects.jsonl), never truncated.")
     batch_size: int = Field(8, ge=1, description="Candidates per forward pass when scoring.")

@@ -125,7 +125,8 @@ def _direct_fits(model, tok, messages, response):
 @pytest.fixture(scope="module")
 def scored_slice(tiny_model_dir):
     selection = GrapeSelection(target=ModelConfig(name_or_path=str(tiny_model_dir)), scoring_shard_size=4,
-                               candidates=CandidatesFile(path=str(SLICE), limit=8), batch_size=3)
+                               candidates=CandidatesFile(path=str(SLICE), limit=8), batch_size=3,
+                               prefix_reuse=True)  # the stage through its KV-cache path; the loop is the reference
     candidates = ingest_candidates(selection.candidates)
     fit = score_candidate_fit(candidates, selection, progress=False)
     return selection, candidates, fit
