@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["100000x1024", "1000000x1024"], help="NxD matrices to run")
     parser.add_argument("--budget", type=int, default=10_000, help="samples to keep")
     parser.add_argument("--tau", type=float, default=0.9)
-    parser.add_argument("--block-size", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=1024, help="as DeitaSelection.filter_block_size")
     parser.add_argument("--reference-max-rows", type=int, default=100_000,
                         help="run the sequential loop (and assert identical selection) up to this many rows")
     parser.add_argument("--workdir", default=None, help="where large matrices are memory-mapped (default: a temp dir)")
