@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from configs.runner import ScaleOutConfig
-from configs.schema import RUNTIME_ONLY, Budget, DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.runner import ScaleOutConfig, scale_out_field
+from configs.schema import Budget, DataConfig, ModelConfig, StrictModel, TrackingConfig
 
 DEFAULT_BUDGET = 6000  # Deita's released 6K subsets
 
@@ -24,10 +24,7 @@ class DeitaScorerConfig(StrictModel):
     max_prompt_tokens: int | None = Field(
         None, ge=8, description="Reject (never truncate) records whose prompt is longer; None = the model's context length.")
     shard_size: int = Field(256, ge=1, description="Records per resumable shard of the scoring stage.")
-    scale_out: ScaleOutConfig | None = Field(
-        None, json_schema_extra=RUNTIME_ONLY,
-        description="Score shards as Prefect task runs on a task runner (threads or a Dask cluster); None scores "
-                    "them one after another in the stage's process. Not part of the cache key.")
+    scale_out: ScaleOutConfig | None = scale_out_field("Score")
 
 
 class DeitaEmbeddingConfig(StrictModel):
@@ -39,10 +36,7 @@ class DeitaEmbeddingConfig(StrictModel):
     max_length: int = Field(2048, ge=8, description="Tokens kept per conversation (truncated from the right), as Deita's embedder.")
     batch_size: int = Field(8, ge=1, description="Conversations per forward pass.")
     shard_size: int = Field(512, ge=1, description="Conversations per resumable embedding shard.")
-    scale_out: ScaleOutConfig | None = Field(
-        None, json_schema_extra=RUNTIME_ONLY,
-        description="Embed shards as Prefect task runs on a task runner (threads or a Dask cluster); None embeds "
-                    "them one after another in the stage's process. Not part of the cache key.")
+    scale_out: ScaleOutConfig | None = scale_out_field("Embed")
 
 
 class DeitaSelection(Budget):

@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from configs.runner import ScaleOutConfig
-from configs.schema import RUNTIME_ONLY, DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.runner import ScaleOutConfig, scale_out_field
+from configs.schema import DataConfig, ModelConfig, StrictModel, TrackingConfig
 
 Criterion = Literal["mean_logprob", "sum_logprob", "per_byte"]
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -64,10 +64,7 @@ class GeneratorConfig(StrictModel):
     endpoint: EndpointConfig | None = Field(None, description="The endpoint (openai backend).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Decoding parameters.")
     batch_size: int = Field(8, ge=1, description="Prompts per generate call (transformers backend).")
-    scale_out: ScaleOutConfig | None = Field(
-        None, json_schema_extra=RUNTIME_ONLY,
-        description="Generate shards as Prefect task runs on a task runner (threads or a Dask cluster, e.g. one "
-                    "worker per GPU); None generates them one after another. Not part of the cache key.")
+    scale_out: ScaleOutConfig | None = scale_out_field("Generate")
 
     @field_validator("name")
     @classmethod

@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from configs.runner import ScaleOutConfig
-from configs.schema import RUNTIME_ONLY, Budget, DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.runner import ScaleOutConfig, scale_out_field
+from configs.schema import Budget, DataConfig, ModelConfig, StrictModel, TrackingConfig
 from configs.train import SFTStageConfig
 
 
@@ -27,10 +27,7 @@ class ScoringConfig(StrictModel):
         "auto", description="Most padded tokens per forward pass (bounds memory); 'auto' = 2048 on CPU (larger "
                             "batches measured slower there), 16384 on CUDA.")
     shard_size: int = Field(512, ge=1, description="Samples per parquet shard; a killed run resumes at the next unfinished shard.")
-    scale_out: ScaleOutConfig | None = Field(
-        None, json_schema_extra=RUNTIME_ONLY,
-        description="Score shards as Prefect task runs on a task runner (threads or a Dask cluster); None scores "
-                    "them one after another in the stage's process. Not part of the cache key: same scores.")
+    scale_out: ScaleOutConfig | None = scale_out_field("Score")
 
 
 class IFDRule(StrictModel):

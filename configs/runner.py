@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from configs.schema import StrictModel
+from configs.schema import RUNTIME_ONLY, StrictModel
 
 
 class ScaleOutConfig(StrictModel):
@@ -29,3 +29,11 @@ class ScaleOutConfig(StrictModel):
         if self.engine == "threads" and self.address is not None:
             raise ValueError("'address' names a Dask scheduler: set engine: dask")
         return self
+
+
+def scale_out_field(verb: str):
+    """The `scale_out` field of a long stage's config: which task runner computes its shards (`verb`: 'Score')."""
+    return Field(None, json_schema_extra=RUNTIME_ONLY,
+                 description=f"{verb} shards as Prefect task runs on a task runner (threads or a Dask cluster, e.g. one "
+                             f"worker per GPU); None runs them one after another in the stage's process. Not part of "
+                             f"the cache key: the same results either way.")

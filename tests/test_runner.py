@@ -93,127 +93,105 @@ def test_threads_engine_maps_shards_as_task_runs_inside_a_stage(prefect_server, 
     assert {str(r.flow_run_id) for r in runs} == {str(state.state_details.flow_run_id)}
 
 
-def test_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local, tiny_model_dir):
-    """`scoring.scale_out` moves the score shards onto Dask worker processes; the table and the stage key stay."""
-    import shutil
-
-    from configs.ifd import ScoringConfig
-    from configs.schema import DataConfig, ModelConfig
+def records_slice(n: int):
+    from configs.schema import DataConfig
     from tasks.data import prepare_records
-    from tasks.score import read_scores, score_records
     from tests.conftest import DATA
 
-    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=12))
-    local = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=256, shard_size=4)
-    spread = local.model_copy(update={"scale_out": dask_local})
+    return prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=n))
 
-    @flow
-    def score_on_dask():
-        return score_records(records, spread, progress=False)
 
-    state = score_on_dask(return_state=True)
-    on_dask = state.result()
+def dask_then_in_process(stage, local_config, dask_local, read):
+    """Run `stage(config)` with `scale_out` on the Dask cluster (in a flow), read it, delete it, run it in-process.
+
+    Returns (Dask result read, in-process result read, shard task-run names). Both runs must share one stage
+    folder: the runner is not part of what a stage computes (without the delete the second run would reuse it).
+    """
+    import shutil
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    @flow
+    def on_dask():
+        return stage(local_config.model_copy(update={"scale_out": dask_local}))
+
+    state = on_dask(return_state=True)
+    out = state.result()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
             any_=[state.state_details.flow_run_id])))
-    assert sorted(r.name for r in runs) == ["score-shard-00000", "score-shard-00001", "score-shard-00002"]
-    dask_rows = read_scores(on_dask)
-    assert on_dask.metrics["scored"] == 12 and len(dask_rows) == 12
-    shutil.rmtree(on_dask.path)  # same key: without this the in-process run would reuse the Dask result
+    from_dask = read(out)
+    shutil.rmtree(out.path)
+    in_process = stage(local_config)
+    assert in_process.path == out.path
+    return from_dask, read(in_process), sorted(r.name for r in runs)
 
-    in_process = score_records(records, local, progress=False)
-    assert in_process.path == on_dask.path  # the runner is not part of what the stage computes
-    assert read_scores(in_process) == dask_rows
+
+def test_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local, tiny_model_dir):
+    """`scoring.scale_out` moves the score shards onto Dask worker processes; the table and the stage key stay."""
+    from configs.ifd import ScoringConfig
+    from configs.schema import ModelConfig
+    from tasks.score import read_scores, score_records
+
+    records = records_slice(12)
+    local = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=256, shard_size=4)
+    on_dask, in_process, shard_runs = dask_then_in_process(
+        lambda config: score_records(records, config, progress=False), local, dask_local, read_scores)
+    assert shard_runs == ["score-shard-00000", "score-shard-00001", "score-shard-00002"]
+    assert len(on_dask) == 12 and all(r["status"] == "scored" for r in on_dask)
+    assert in_process == on_dask
 
 
 def test_generation_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local):
     """`generator.scale_out` moves the generation shards onto Dask workers; same rows, same stage key."""
-    import shutil
-
     from configs.grape import GeneratorConfig, SamplingConfig
-    from configs.schema import DataConfig, ModelConfig
-    from tasks.data import prepare_records
+    from configs.schema import ModelConfig
     from tasks.generate import generate_candidates
     from tasks.store import ShardedTable
-    from tests.conftest import DATA
 
-    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=6))
+    records = records_slice(6)
     local = GeneratorConfig(name="tiny-1", model=ModelConfig(name_or_path="tiny:1"),
                             sampling=SamplingConfig(max_new_tokens=6, temperature=0), batch_size=3)
-    spread = local.model_copy(update={"scale_out": dask_local})
-
-    @flow
-    def generate_on_dask():
-        return generate_candidates(records, spread, shard_size=3, progress=False)
-
-    on_dask = generate_on_dask()
-    dask_rows = ShardedTable(on_dask.file("shards")).read()
-    assert len(dask_rows) == 6 and all(r["generator"] == "tiny-1" for r in dask_rows)
-    shutil.rmtree(on_dask.path)
-
-    in_process = generate_candidates(records, local, shard_size=3, progress=False)
-    assert in_process.path == on_dask.path
-    assert ShardedTable(in_process.file("shards")).read() == dask_rows
+    on_dask, in_process, shard_runs = dask_then_in_process(
+        lambda config: generate_candidates(records, config, shard_size=3, progress=False), local, dask_local,
+        lambda out: ShardedTable(out.file("shards")).read())
+    assert shard_runs == ["generate-tiny-1-shard-00000", "generate-tiny-1-shard-00001"]
+    assert len(on_dask) == 6 and all(r["generator"] == "tiny-1" for r in on_dask)
+    assert in_process == on_dask
 
 
 def test_deita_embedding_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local,
                                                                              tiny_model_dir):
-    import shutil
-
     import numpy as np
 
     from configs.deita import DeitaEmbeddingConfig
-    from configs.schema import DataConfig, ModelConfig
-    from tasks.data import prepare_records
+    from configs.schema import ModelConfig
     from tasks.deita import embed_records
-    from tests.conftest import DATA
 
-    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=10))
+    records = records_slice(10)
     local = DeitaEmbeddingConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=128, shard_size=4)
-    spread = local.model_copy(update={"scale_out": dask_local})
-
-    @flow
-    def embed_on_dask():
-        return embed_records(records, spread, progress=False)
-
-    on_dask = embed_on_dask()
-    vectors = np.load(on_dask.file("embeddings.npy"))
-    assert vectors.shape == (10, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
-    shutil.rmtree(on_dask.path)
-
-    in_process = embed_records(records, local, progress=False)
-    assert in_process.path == on_dask.path
-    assert np.allclose(np.load(in_process.file("embeddings.npy")), vectors, atol=1e-6)
+    on_dask, in_process, shard_runs = dask_then_in_process(
+        lambda config: embed_records(records, config, progress=False), local, dask_local,
+        lambda out: np.load(out.file("embeddings.npy")))
+    assert len(shard_runs) == 3
+    assert on_dask.shape == (10, 64) and np.allclose(np.linalg.norm(on_dask, axis=1), 1, atol=1e-5)
+    assert np.allclose(in_process, on_dask, atol=1e-6)  # worker processes run 1 thread: other summation order
 
 
 def test_deita_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local,
                                                                            tiny_model_dir):
-    import shutil
-
     from configs.deita import DeitaScorerConfig
-    from configs.schema import DataConfig, ModelConfig
-    from tasks.data import prepare_records, read_jsonl
+    from configs.schema import ModelConfig
+    from tasks.data import read_jsonl
     from tasks.deita import score_complexity
-    from tests.conftest import DATA
 
-    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=9))
+    records = records_slice(9)
     local = DeitaScorerConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), shard_size=4)
-    spread = local.model_copy(update={"scale_out": dask_local})
-
-    @flow
-    def score_on_dask():
-        return score_complexity(records, spread)
-
-    on_dask = score_on_dask()
-    rows = read_jsonl(on_dask.file("scores.jsonl"))
-    assert len(rows) == 9 and all(1 <= s <= 6 for r in rows for s in r["scores"])
-    shutil.rmtree(on_dask.path)
-
-    in_process = score_complexity(records, local)
-    assert in_process.path == on_dask.path
-    again = read_jsonl(in_process.file("scores.jsonl"))
-    assert [r["id"] for r in again] == [r["id"] for r in rows]
-    assert all(abs(a - b) < 1e-5 for x, y in zip(again, rows) for a, b in zip(x["scores"], y["scores"]))
+    on_dask, in_process, shard_runs = dask_then_in_process(
+        lambda config: score_complexity(records, config), local, dask_local,
+        lambda out: read_jsonl(out.file("scores.jsonl")))
+    assert len(shard_runs) == 3
+    assert len(on_dask) == 9 and all(1 <= s <= 6 for r in on_dask for s in r["scores"])
+    assert [r["id"] for r in in_process] == [r["id"] for r in on_dask]
+    assert all(abs(a - b) < 1e-5 for x, y in zip(in_process, on_dask) for a, b in zip(x["scores"], y["scores"]))
