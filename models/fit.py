@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from configs.errors import ConfigError, RecordError, ScoringError
-from models.likelihood import ScoreRequest, TokenScores, score_requests, split_head
+from models.likelihood import ScoreRequest, TokenScores, head_nll, score_requests, split_head
 
 
 @dataclass(frozen=True)
@@ -166,13 +166,7 @@ def fit_with_prefix_reuse(model, groups: Sequence[CandidateGroup], batch_size: i
                 where = mask.bool()
                 picked, labels = predicting[where], ids[where]
                 owner = where.nonzero(as_tuple=True)[0]
-                nll = torch.empty(len(labels), dtype=torch.float32, device=device)
-                for at in range(0, len(labels), head_chunk):
-                    logits = head(picked[at:at + head_chunk]).float()
-                    if softcap is not None:
-                        logits = torch.tanh(logits / softcap) * softcap
-                    nll[at:at + head_chunk] = torch.nn.functional.cross_entropy(
-                        logits, labels[at:at + head_chunk], reduction="none")
+                nll = head_nll(head, picked, labels, softcap, head_chunk)
                 sums = torch.zeros(len(part), dtype=torch.float64, device=device).index_add_(0, owner, nll.double())
                 for i, (_, g, k) in enumerate(part):
                     value = float(sums[i])

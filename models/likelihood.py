@@ -90,6 +90,21 @@ def split_head(model):
     return body, head
 
 
+def head_nll(head, hidden, labels, softcap: float | None = None, chunk: int = 2048):
+    """NLL of `labels` from the LM head applied to `hidden` (one row per label), `chunk` rows at a time so the
+    [rows x vocab] logits stay small."""
+    import torch
+
+    nll = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(labels), chunk):
+        logits = head(hidden[start:start + chunk]).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        nll[start:start + chunk] = torch.nn.functional.cross_entropy(logits, labels[start:start + chunk],
+                                                                     reduction="none")
+    return nll
+
+
 def _check_requests(requests: Sequence[ScoreRequest]) -> None:
     for i, r in enumerate(requests):
         if r.n_targets <= 0:
@@ -145,13 +160,7 @@ def score_requests(model, requests: Sequence[ScoreRequest], batch_size: int = 8,
                 hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
                 picked = hidden[rows, cols]
                 del hidden
-                nll = torch.empty(len(labels), dtype=torch.float32, device=device)
-                for start in range(0, len(labels), head_chunk):
-                    logits = head(picked[start:start + head_chunk]).float()
-                    if softcap is not None:
-                        logits = torch.tanh(logits / softcap) * softcap
-                    nll[start:start + head_chunk] = torch.nn.functional.cross_entropy(
-                        logits, labels[start:start + head_chunk], reduction="none")
+                nll = head_nll(head, picked, labels, softcap, head_chunk)
             else:
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[rows, cols].float()
                 nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
