@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 
 from configs.errors import ConfigError, ScoringError
+from models.embeddings import right_padded
 
 Dimension = Literal["complexity", "quality"]
 ScorerKind = Literal["auto", "reference", "approximate"]
@@ -109,14 +110,10 @@ def next_token_logits(model, sequences: Sequence[Sequence[int]], token_ids: Sequ
         batches = tqdm(batches, desc="deita scores", unit="batch")
     for start in batches:
         idx = order[start:start + batch_size]
-        width = max(len(sequences[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            if not sequences[i]:
-                raise ScoringError(f"prompt {i} has no tokens")
-            ids[row, :len(sequences[i])] = torch.tensor(list(sequences[i]), dtype=torch.long)
-            mask[row, :len(sequences[i])] = 1
+        empty = [i for i in idx if not sequences[i]]
+        if empty:
+            raise ScoringError(f"prompt {empty[0]} has no tokens")
+        ids, mask = right_padded([sequences[i] for i in idx], pad_id)
         last = (mask.sum(dim=1) - 1).to(device)
         with torch.no_grad():
             if slice_head:

@@ -21,6 +21,19 @@ from configs.errors import ScoringError
 Pooling = Literal["last", "mean"]
 
 
+def right_padded(sequences: Sequence[Sequence[int]], pad_id: int):
+    """(ids, attention mask) as [rows x longest] long tensors, each row's tokens first, then padding."""
+    import torch
+
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
 def _base_model(model):
     """The transformer under a *ForCausalLM head (or the model itself when it has no head)."""
     base = getattr(model, "base_model", None)
@@ -81,12 +94,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], pooling: Pooling = "last
         batches = tqdm(batches, desc=f"embed ({pooling})", unit="batch")
     for start in batches:
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, :len(encoded[i])] = torch.tensor(encoded[i], dtype=torch.long)
-            mask[row, :len(encoded[i])] = 1
+        ids, mask = right_padded([encoded[i] for i in idx], pad_id)
         with torch.no_grad():
             hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         pooled = pool_hidden(hidden, mask, pooling)
