@@ -1,12 +1,11 @@
 """GRAPE flow: (instructions) -> generate per generator -> candidates -> fit under the target -> select.
 
 `grape_stages` is the part the pipeline's selection dispatch (flows/selection.py) also calls; `grape_flow` runs
-a stand-alone GRAPE recipe (`python -m flows.grape configs/recipes/grape_vicuna_smollm2.yaml`).
+a stand-alone GRAPE recipe (`pomona run --flow grape configs/recipes/grape_vicuna_smollm2.yaml`).
 """
 
 from __future__ import annotations
 
-import sys
 
 from prefect import flow
 
@@ -77,36 +76,3 @@ def grape_flow(config: GrapeRecipe, fail_at: str | None = None) -> dict[str, Sta
         outputs = grape_stages(config.selection, records, config.output_format, parent_run_id=parent)
     return ({"records": records} if records is not None else {}) | outputs
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flows.grape RECIPE [key=value ...]`: run a GRAPE recipe and print each stage's output."""
-    import json
-
-    import yaml
-
-    from configs.errors import PomonaError
-    from configs.pipeline import load_recipe
-    from configs.settings import prepare_environment
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        print("usage: python -m flows.grape RECIPE.yaml [dotted.key=value ...]", file=sys.stderr)
-        return 2
-    prepare_environment()
-    overrides = {}
-    for item in argv[1:]:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        config = load_recipe(argv[0], model=GrapeRecipe, overrides=overrides)
-        outputs = grape_flow(config)
-    except PomonaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for stage, out in outputs.items():
-        print(f"{stage:>12}: {out.path}  {json.dumps({k: round(v, 4) for k, v in out.metrics.items()})}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
