@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
-from configs.schema import Budget, DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.schema import Budget, ModelConfig, SelectionFlowBase, StrictModel
 
 DEFAULT_BUDGET = 6000  # Deita's released 6K subsets
 
@@ -73,16 +73,8 @@ class DeitaSelection(Budget):
         return self
 
 
-class DeitaFlowConfig(StrictModel):
+class DeitaFlowConfig(SelectionFlowBase):
     """Deita on its own (the `pomona-deita` flow): records -> scores -> embeddings -> filtered subset."""
 
     name: str = Field("deita", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
-    data: DataConfig
     selection: DeitaSelection
-    output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
-        "source", description="Format of subset.jsonl: 'source' writes each record as the user's own row.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-    @property
-    def experiment(self) -> str:
-        return self.tracking.experiment or self.name

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
-from configs.schema import Budget, DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.schema import Budget, ModelConfig, SelectionFlowBase, StrictModel
 from configs.train import SFTStageConfig
 
 
@@ -100,25 +100,14 @@ class SuperfilterSelection(Budget):
         return self
 
 
-class _IFDFlowBase(StrictModel):
-    data: DataConfig
-    output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
-        "source", description="Format of subset.jsonl: 'source' writes each record as the user's own row.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-    @property
-    def experiment(self) -> str:
-        return self.tracking.experiment or self.name  # type: ignore[attr-defined]
-
-
-class CherryFlowConfig(_IFDFlowBase):
+class CherryFlowConfig(SelectionFlowBase):
     """Cherry on its own (the `pomona-cherry` flow): records -> pre-experience -> scores -> IFD subset."""
 
     name: str = Field("cherry", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     selection: CherrySelection
 
 
-class SuperfilterFlowConfig(_IFDFlowBase):
+class SuperfilterFlowConfig(SelectionFlowBase):
     """Superfiltering on its own (the `pomona-superfilter` flow): records -> scores -> IFD subset (-> diversity)."""
 
     name: str = Field("superfilter", description="Run name; also the MLflow experiment unless tracking.experiment is set.")

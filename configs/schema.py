@@ -70,3 +70,16 @@ class Budget(StrictModel):
 class TrackingConfig(StrictModel):
     experiment: str | None = Field(None, description="MLflow experiment; defaults to the recipe name.")
     enabled: bool = Field(True, description="Log params, metrics and artifacts to MLflow.")
+
+
+class SelectionFlowBase(StrictModel):
+    """What a stand-alone selection flow's config shares: the pool, the subset's format, tracking (and a `name`)."""
+
+    data: DataConfig
+    output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
+        "source", description="Format of subset.jsonl: 'source' writes each record as the user's own row.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name  # type: ignore[attr-defined]
