@@ -38,8 +38,7 @@ def tiny_model_dir():
     return build_tiny_model(Path(os.environ["POMONA_HOME"]) / "tiny-fixture-0", seed=0)
 
 
-@pytest.fixture
-def one_torch_thread():
+def _single_torch_thread():
     """Tiny models and matrices: thread wake-ups on a shared 2-core box cost more than the work itself."""
     import torch
 
@@ -47,6 +46,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+one_torch_thread = pytest.fixture(_single_torch_thread, name="one_torch_thread")
+# For a whole module, module-scoped fixtures included: `pytestmark = pytest.mark.usefixtures(...)`.
+one_torch_thread_per_module = pytest.fixture(_single_torch_thread, scope="module", name="one_torch_thread_per_module")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,15 +18,7 @@ from tasks.data import prepare_records
 from tasks.generate import generate_candidates, read_parquet
 from tests.conftest import DATA
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on the shared 2-core box: thread wake-ups cost more than the work."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 CONVERSATIONS = [[{"role": "user", "content": "What is the capital of France?"}],

@@ -23,15 +23,7 @@ from tasks.grape import (
 )
 from tests.conftest import DATA, SHARED
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on the shared 2-core box: thread wake-ups cost more than the work."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 SLICE = DATA / "vicuna_two_models_12.json"
