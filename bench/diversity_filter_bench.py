@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.deita import diversity_filter, diversity_filter_sequential, ranking_order  # noqa: E402
+from tasks.deita import diversity_filter, diversity_filter_sequential, ranking_order, screen_dtype  # noqa: E402
 
 
 def synthetic_embeddings(path: Path | None, n: int, d: int, seed: int = 0, chunk: int = 50_000) -> np.ndarray:
@@ -46,9 +46,9 @@ def synthetic_embeddings(path: Path | None, n: int, d: int, seed: int = 0, chunk
     return out
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
 
 
@@ -58,6 +58,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=10_000, help="samples to keep")
     parser.add_argument("--tau", type=float, default=0.9)
     parser.add_argument("--block-size", type=int, default=1024, help="as DeitaSelection.filter_block_size")
+    parser.add_argument("--precisions", nargs="+", default=["auto", "float32"],
+                        help="screen precisions to time (as DeitaSelection.filter_precision)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each implementation per size; the table shows the median (the first "
+                             "blocked run of a process includes oneDNN's kernel compilation)")
     parser.add_argument("--reference-max-rows", type=int, default=100_000,
                         help="run the sequential loop (and assert identical selection) up to this many rows")
     parser.add_argument("--workdir", default=None, help="where large matrices are memory-mapped (default: a temp dir)")
@@ -73,32 +78,46 @@ def main() -> None:
         for size in args.sizes:
             n, d = (int(v) for v in size.lower().split("x"))
             path = Path(tmp) / f"emb-{n}x{d}.npy" if n >= args.memmap_from_rows else None
-            emb, t_gen = timed(lambda: synthetic_embeddings(path, n, d))
+            emb, t_gen = timed(synthetic_embeddings, path, n, d)
             scores = np.round(np.random.default_rng(1).random(n) * 100, 1)  # about n/1000 samples share each score
             order = ranking_order(scores)
-            fast, t_fast = timed(lambda: diversity_filter(emb, order, args.tau, args.budget, block_size=args.block_size,
-                                                          device="cpu"))
-            t_seq = None
-            if n <= args.reference_max_rows:
-                seq, t_seq = timed(lambda: diversity_filter_sequential(emb, order, args.tau, args.budget))
-                assert np.array_equal(seq.selected, fast.selected), f"{size}: selections differ"
-                assert seq.examined == fast.examined
-            rows.append((f"{n:,} x {d}", args.budget, len(fast.selected), fast.examined, fast.rejected, t_seq, t_fast,
-                         "identical" if t_seq is not None else "(not run)"))
-            print(f"{size}: generated in {t_gen:.1f}s; blocked {t_fast:.2f}s"
-                  + (f", sequential {t_seq:.2f}s" if t_seq is not None else ""), file=sys.stderr, flush=True)
+            run_seq = n <= args.reference_max_rows
+            times: dict[str, list[float]] = {}
+            results = {}
+            for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows every implementation alike
+                for precision in args.precisions:
+                    label = f"blocked, {screen_dtype('cpu', precision)}".replace("torch.", "")
+                    results[label], t = timed(diversity_filter, emb, order, args.tau, args.budget,
+                                              block_size=args.block_size, device="cpu", precision=precision)
+                    times.setdefault(label, []).append(t)
+                if run_seq:
+                    results["sequential"], t = timed(diversity_filter_sequential, emb, order, args.tau, args.budget)
+                    times.setdefault("sequential", []).append(t)
+            t_seq = float(np.median(times["sequential"])) if run_seq else None
+            for label, result in results.items():
+                if label == "sequential":
+                    continue
+                if run_seq:
+                    assert np.array_equal(results["sequential"].selected, result.selected), f"{size}: selections differ"
+                    assert results["sequential"].examined == result.examined
+                t_fast = float(np.median(times[label]))
+                rows.append((f"{n:,} x {d}", label, args.budget, len(result.selected), result.examined,
+                             result.rejected, t_seq, t_fast, "identical" if run_seq else "(not run)"))
+            print(f"{size}: generated in {t_gen:.1f}s; " + ", ".join(
+                f"{k} {' '.join(f'{t:.2f}' for t in v)} s" for k, v in times.items()), file=sys.stderr, flush=True)
             del emb
             if path is not None:
                 os.unlink(path)
 
     print(f"\nDeita diversity filter, tau={args.tau}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"block {args.block_size}\n")
-    print("| embeddings | budget | kept | examined | rejected | sequential s | blocked s | speed-up | selection |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for shape, budget, kept, examined, rejected, t_seq, t_fast, same in rows:
+          f"block {args.block_size}, median of {args.repeats}\n")
+    print("| embeddings | filter | budget | kept | examined | rejected | sequential s | blocked s | speed-up | selection |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for shape, label, budget, kept, examined, rejected, t_seq, t_fast, same in rows:
         seq_text = f"{t_seq:.2f}" if t_seq is not None else "-"
         ratio = f"{t_seq / t_fast:.1f}x" if t_seq is not None else "-"
-        print(f"| {shape} | {budget:,} | {kept:,} | {examined:,} | {rejected:,} | {seq_text} | {t_fast:.2f} | {ratio} | {same} |")
+        print(f"| {shape} | {label} | {budget:,} | {kept:,} | {examined:,} | {rejected:,} | {seq_text} | {t_fast:.2f} "
+              f"| {ratio} | {same} |")
 
 
 if __name__ == "__main__":

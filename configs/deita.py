@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
-from configs.schema import Budget, ModelConfig, SelectionFlowBase, StrictModel
+from configs.schema import RUNTIME_ONLY, Budget, ModelConfig, SelectionFlowBase, StrictModel
 
 DEFAULT_BUDGET = 6000  # Deita's released 6K subsets
 
@@ -53,9 +53,16 @@ class DeitaSelection(Budget):
                             "one dimension over turns.")
     tau: float = Field(0.9, ge=-1.0, le=1.0, description="A candidate is rejected when its cosine similarity to any "
                                                           "already-kept sample is greater than tau.")
-    filter_block_size: int = Field(1024, ge=1, description="Candidates compared per matrix product in the filter "
-                                                           "(speed/memory only; the selection does not depend on it).")
-    filter_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the filter's matrix products run.")
+    # The filter's knobs change its speed and memory only: the selection is the same, so they stay out of keys.
+    filter_block_size: int = Field(1024, ge=1, json_schema_extra=RUNTIME_ONLY,
+                                   description="Candidates compared per matrix product in the filter.")
+    filter_device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=RUNTIME_ONLY,
+                                                          description="Where the filter's matrix products run.")
+    filter_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", json_schema_extra=RUNTIME_ONLY,
+        description="dtype of the filter's matrix products: 'auto' = bfloat16 on a CPU with native bfloat16 matrix "
+                    "units, float32 elsewhere. The selection is exact either way (similarities near tau are "
+                    "recomputed in float32, then exactly).")
 
     @model_validator(mode="before")
     @classmethod

@@ -75,13 +75,14 @@ class FilterResult:
         return self.examined - len(self.selected)
 
 
-def unit_rows(x) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32). Row-wise, so a block gives the same rows as the whole matrix."""
-    x64 = np.asarray(x, dtype=np.float64)
-    norms = np.sqrt(np.sum(x64 * x64, axis=1, keepdims=True))
+def unit_rows(x, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32; into `out` when given). Row-wise, so a block gives the same rows as
+    the whole matrix: squared norms are summed in float64, each row is multiplied by its float32 reciprocal."""
+    x32 = np.asarray(x, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x32, x32, dtype=np.float64))[:, None]  # float64 sums, no float64 copy
     if (norms == 0).any() or not np.isfinite(norms).all():
         raise ScoringError("an embedding is zero or non-finite: cosine similarity is undefined")
-    return (x64 / norms).astype(np.float32)
+    return np.multiply(x32, (1.0 / norms).astype(np.float32), out=out)
 
 
 def exact_similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -134,82 +135,167 @@ def diversity_filter_sequential(embeddings, order: Sequence[int], tau: float, co
     return FilterResult(np.asarray(selected, dtype=np.int64), _examined(len(order), len(selected), count, last))
 
 
+def bfloat16_margin(dim: int) -> float:
+    """A bound on |bfloat16 dot - exact dot| for unit vectors: each input rounded to bfloat16 (unit roundoff
+    u = 2^-8, twice), the float32 accumulation (dim x 2^-24, x2) and the bfloat16 output (u once more)."""
+    u = 2.0 ** -8
+    return 3 * u + u * u + dim * 2.0 ** -23
+
+
+def screen_dtype(device: str, precision: str = "auto"):
+    """The dtype of the filter's big matrix products. bfloat16 on a CPU with native bfloat16 matrix units (AMX,
+    AVX512-BF16: about 4x the float32 rate here); float32 elsewhere. Either way the selection is exact: a
+    similarity within the dtype's margin of tau is recomputed in float32, then exactly."""
+    import torch
+
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"screen precision {precision!r}: use auto, float32 or bfloat16")
+    if precision == "bfloat16" and device != "cpu":
+        # cuBLAS may reduce bfloat16 products in reduced precision, which the margin does not bound
+        raise ValueError("the bfloat16 screen is for CPUs; on CUDA the filter's float32 products are fast already")
+    native = device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if precision == "bfloat16" or (precision == "auto" and native) else torch.float32
+
+
+SCREEN_PIECE = 2048  # kept columns per screen product
+SCREEN_SUB = 512
+
+
+def _rows_too_similar(block, block_low, kept, kept_low, n_kept: int, piece: int, tau: float, margin: float,
+                      margin32: float) -> np.ndarray:
+    """Per block row: is its similarity to any of the first `n_kept` kept rows > tau?
+
+    The screen multiplies `block_low` by `kept_low` (the kept rows in the screen's dtype; `kept` itself in float32)
+    `piece` kept rows at a time, always full pieces of the zero-padded kept buffers, so every product has
+    the same shape (oneDNN compiles a kernel per shape, ~20 ms each). A row is decided by its maximum unless that
+    lies within `margin` of tau; such rows look at their pairs near tau in float32, then exactly.
+    """
+    import torch
+
+    row_max = torch.full((len(block),), -2.0, device=block.device)
+    pairs_r, pairs_c = [], []
+    for c0 in range(0, n_kept, piece):
+        sims = block_low @ kept_low[c0:c0 + piece].T
+        if n_kept - c0 < piece:
+            sims = sims[:, :n_kept - c0]  # the padding columns are not kept samples
+        chunk_max = sims.amax(dim=1).float()
+        row_max = torch.maximum(row_max, chunk_max)
+        unsure = torch.nonzero((chunk_max >= tau - margin) & (chunk_max <= tau + margin)).flatten()
+        if len(unsure):
+            r, c = torch.nonzero(sims[unsure] >= tau - margin, as_tuple=True)
+            pairs_r.append(unsure[r])
+            pairs_c.append(c + c0)
+    too_similar = (row_max > tau + margin).cpu().numpy()
+    if not pairs_r:
+        return too_similar
+    r, c = torch.cat(pairs_r), torch.cat(pairs_c)
+    open_pair = ~torch.from_numpy(too_similar).to(block.device)[r]
+    r, c = r[open_pair], c[open_pair]
+    sims32 = (block[r] * kept[c]).sum(dim=1).cpu().numpy()  # float32: within margin32 of the exact value
+    r, c = r.cpu().numpy(), c.cpu().numpy()
+    too_similar[r[sims32 > tau + margin32]] = True
+    band = (sims32 >= tau - margin32) & (sims32 <= tau + margin32) & ~too_similar[r]
+    for row, column in zip(r[band].tolist(), c[band].tolist()):  # float32 cannot tell: the exact dot decides
+        if not too_similar[row]:
+            too_similar[row] = exact_similarity(block[row].cpu().numpy(), kept[column].cpu().numpy()) > tau
+    return too_similar
+
+
+def _next_block_size(block_size: int, wanted: int, examined: int, kept: int) -> int:
+    """Candidates for the next block: `block_size`, or near the budget what it still needs at the keep rate so
+    far (plus a tenth) rounded up to a power of two from 64, so little is computed past the budget and the
+    product shapes repeat."""
+    if kept == 0:
+        return block_size
+    need = int(wanted * examined / kept * 1.1) + 1
+    size = 64
+    while size < need and size < block_size:
+        size *= 2
+    return min(size, block_size)
+
+
 def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, block_size: int = 1024,
-                     device: str | None = None, max_chunk_bytes: int = 256 << 20, progress: bool = False) -> FilterResult:
+                     device: str | None = None, max_chunk_bytes: int = 256 << 20, progress: bool = False,
+                     precision: str = "auto") -> FilterResult:
     """The same selection as `diversity_filter_sequential`, computed a block of candidates at a time.
 
-    Per block: one matrix product against the kept samples (in column chunks, so memory stays bounded by the
-    block, the chunk and the kept set, never n x n), then the block's survivors are settled among themselves
-    sequentially on the small block-by-block similarity matrix. `embeddings` may be a memory-mapped array:
-    only the rows of the current block are read.
+    Per block: matrix products against the kept samples, a fixed number of kept columns at a time (memory stays
+    bounded by the block, `max_chunk_bytes` and the kept set, never n x n), reduced to each row's maximum (see
+    `_rows_too_similar`); then the block's survivors are settled among themselves sequentially on the block's
+    own similarity matrix. The products run in `screen_dtype` and only similarities near tau are recomputed, so
+    the selection is exact whatever the precision. `embeddings` may be a memory-mapped array: only the rows of
+    the current block are read.
     """
     import torch
 
     order = np.asarray(order, dtype=np.int64)
-    n_rows, dim = embeddings.shape
+    dim = embeddings.shape[1]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    margin = float32_margin(dim)
+    low = screen_dtype(device, precision)
+    margin32 = float32_margin(dim)
+    margin = bfloat16_margin(dim) if low == torch.bfloat16 else margin32
     count = min(count, len(order))
-    kept = torch.empty((count, dim), dtype=torch.float32, device=device)
-
-    def kept_row(c: int) -> np.ndarray:  # for the rare exact re-checks (a view on CPU)
-        return kept[c].cpu().numpy()
+    piece = max(1, min(SCREEN_PIECE, max_chunk_bytes // (4 * block_size)))
+    sub = min(block_size, SCREEN_SUB)
+    upper = torch.ones((sub, sub), dtype=torch.bool, device=device).triu()  # diagonal and above
+    capacity = -(-count // piece) * piece
+    kept = torch.zeros((capacity, dim), dtype=torch.float32, device=device)
+    kept_low = kept if low == torch.float32 else torch.zeros((capacity, dim), dtype=low, device=device)
 
     selected: list[int] = []
     last = -1
-    chunk = max(1, max_chunk_bytes // (4 * max(1, block_size)))
-    starts = range(0, len(order), block_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=count, desc="diversity filter (kept)", unit="sample")
-    for start in starts:
-        if len(selected) >= count:
-            break
-        block_index = order[start:start + block_size]
+    buffer = np.empty((min(block_size, len(order)), dim), dtype=np.float32)  # reused: fresh pages cost faults
+    start = 0
+    while start < len(order) and len(selected) < count:
+        size = _next_block_size(block_size, count - len(selected), start, len(selected))
+        block_index = order[start:start + size]
         # Read rows in storage order (fast on a memory map), then put them back in ranking order.
         by_storage = np.argsort(block_index, kind="stable")
-        rows = np.empty((len(block_index), dim), dtype=np.float32)
+        rows = buffer[:len(block_index)]
         rows[by_storage] = unit_rows(embeddings[block_index[by_storage]])
         block = torch.from_numpy(rows).to(device)
+        block_low = block.to(low)
         n_kept = len(selected)
 
         # 1. block vs everything kept before this block
-        rejected = torch.zeros(len(block_index), dtype=torch.bool, device=device)
-        band: dict[int, list[int]] = {}
-        for c0 in range(0, n_kept, chunk):
-            sims = block @ kept[c0:min(n_kept, c0 + chunk)].T
-            rejected |= (sims > tau + margin).any(dim=1)
-            near = (sims >= tau - margin) & ~rejected[:, None]
-            if bool(near.any()):
-                for r, c in torch.nonzero(near).tolist():
-                    band.setdefault(r, []).append(c0 + c)
-        rejected_host = rejected.cpu().numpy()
-        for r, columns in band.items():
-            if not rejected_host[r] and any(exact_similarity(rows[r], kept_row(c)) > tau for c in columns):
-                rejected_host[r] = True
+        rejected = (_rows_too_similar(block, block_low, kept, kept_low, n_kept, piece, tau, margin, margin32)
+                    if n_kept else np.zeros(len(rows), dtype=bool))
 
-        # 2. survivors among themselves, in ranking order
-        survivors = np.nonzero(~rejected_host)[0]
-        if len(survivors) == 0:
-            continue
-        gram = (block[survivors] @ block[survivors].T).cpu().numpy()
-        # Only pairs that may exceed tau can conflict; rows without such a pair to an earlier survivor are kept.
-        maybe = np.tril(gram >= tau - margin, -1)
-        keep = np.ones(len(survivors), dtype=bool)
-        for s in np.nonzero(maybe.any(axis=1))[0]:
-            earlier = np.nonzero(maybe[s, :s] & keep[:s])[0]  # decided before s, as in the sequential walk
-            if earlier.size and _too_similar(gram[s, earlier], rows[survivors[s]],
-                                             lambda j: rows[survivors[earlier[j]]], tau, margin):
+        # 2. survivors among themselves, in ranking order: only pairs that may exceed tau can conflict, so the
+        # block's own products (lower triangle, `sub` rows at a time: repeated shapes) just list those pairs.
+        pairs: dict[int, list[int]] = {}
+        for i0 in range(0, len(rows), sub):
+            here = block_low[i0:i0 + sub]
+            sims = here @ block_low[:i0 + len(here)].T  # against the block's rows up to this sub-block's end
+            sims[:, i0:].masked_fill_(upper[:len(here), :len(here)], -2.0)  # a row is compared to earlier rows only
+            hit = torch.nonzero(sims.amax(dim=1).float() >= tau - margin).flatten()  # rows with a pair near tau
+            if len(hit):
+                r, c = torch.nonzero(sims[hit] >= tau - margin, as_tuple=True)
+                for i, j in zip((hit[r] + i0).tolist(), c.tolist()):
+                    if not rejected[i] and not rejected[j]:
+                        pairs.setdefault(i, []).append(j)
+        keep = ~rejected
+        for s in sorted(pairs):
+            earlier = [j for j in pairs[s] if keep[j]]  # decided before s, as in the sequential walk
+            if earlier and _too_similar(rows[earlier] @ rows[s], rows[s], lambda j: rows[earlier[j]], tau, margin32):
                 keep[s] = False
-        new = survivors[np.nonzero(keep)[0][:count - len(selected)]]  # block rows kept, up to the budget
+        survivors = np.nonzero(keep)[0]
+        new = survivors[:count - len(selected)]  # block rows kept, up to the budget
         if len(new):
             selected.extend(int(i) for i in block_index[new])
             last = start + int(new[-1])
-            kept[n_kept:n_kept + len(new)] = block[torch.from_numpy(new).to(device)]
+            new_t = torch.from_numpy(new).to(device)
+            kept[n_kept:n_kept + len(new)] = block[new_t]
+            if kept_low is not kept:
+                kept_low[n_kept:n_kept + len(new)] = block_low[new_t]
             if bar is not None:
                 bar.update(len(new))
+        start += len(block_index)
     if bar is not None:
         bar.close()
     return FilterResult(np.asarray(selected, dtype=np.int64), _examined(len(order), len(selected), count, last))
@@ -494,7 +580,7 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
         count = selection.count(len(cand))
         device = None if selection.filter_device == "auto" else selection.filter_device
         result = diversity_filter(embeddings, order, selection.tau, count, selection.filter_block_size, device,
-                                  progress=progress)
+                                  progress=progress, precision=selection.filter_precision)
 
         score_of = dict(zip(rows, scores.tolist()))
         kept = set(result.selected.tolist())

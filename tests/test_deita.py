@@ -15,8 +15,8 @@ from configs.schema import DataConfig, ModelConfig
 from models.deita import (COMPLEXITY_TEMPLATE, QUALITY_TEMPLATE, DeitaScorer, detect_kind, expected_scores,
                           score_token_ids)
 from models.loading import load_model
-from tasks.deita import (diversity_filter, diversity_filter_sequential, evol_scores, exact_similarity, ranking_order,
-                         unit_rows)
+from tasks.deita import (_next_block_size, bfloat16_margin, diversity_filter, diversity_filter_sequential, evol_scores,
+                         exact_similarity, ranking_order, screen_dtype, unit_rows)
 
 from conftest import DATA
 
@@ -133,8 +133,9 @@ def planted(n: int, d: int, n_dups: int, seed: int):
     return x, scores
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("budget", [10_000, 150, 1])
-def test_filter_equals_plain_sequential_loop(budget, one_torch_thread):
+def test_filter_equals_plain_sequential_loop(budget, precision, one_torch_thread):
     x, scores = planted(600, 48, 200, seed=budget)
     expected = plain_loop(x, scores, 0.9, budget)
     order = ranking_order(scores)
@@ -142,7 +143,7 @@ def test_filter_equals_plain_sequential_loop(budget, one_torch_thread):
     reference = diversity_filter_sequential(x, order, 0.9, budget)
     assert reference.selected.tolist() == expected
     for block in (1, 13, 256, 4096):
-        fast = diversity_filter(x, order, 0.9, budget, block_size=block, max_chunk_bytes=1 << 14)
+        fast = diversity_filter(x, order, 0.9, budget, block_size=block, max_chunk_bytes=1 << 14, precision=precision)
         assert fast.selected.tolist() == expected, f"block {block}"
         assert fast.examined == reference.examined
     if budget == 10_000:  # no budget: the walk covers everything and near-duplicates are rejected
@@ -175,6 +176,42 @@ def test_similarities_at_the_threshold_are_settled_exactly(one_torch_thread):
     assert sorted(seq.selected.tolist()) == truth and fast.selected.tolist() == seq.selected.tolist()
 
 
+@pytest.mark.parametrize("dim", [48, 1024])
+def test_bfloat16_screen_stays_within_its_margin(dim):
+    # the margin must bound the screen's error on every pair, most of all near tau where it decides
+    import torch
+
+    rng = np.random.default_rng(dim)
+    centers = unit_rows(rng.standard_normal((20, dim)))
+    members = centers[rng.integers(0, 20, 400)] + rng.uniform(0.2, 0.45, (400, 1)) * rng.standard_normal((400, dim)) / math.sqrt(dim)
+    x = unit_rows(np.concatenate([members, rng.standard_normal((200, dim))]))
+    exact = x.astype(np.float64) @ x.astype(np.float64).T
+    low = torch.from_numpy(x).bfloat16()
+    screen = (low @ low.T).double().numpy()
+    assert ((exact > 0.8) & (exact < 0.99)).sum() > 100  # plenty of pairs near tau
+    assert np.abs(screen - exact).max() <= bfloat16_margin(dim)
+    assert bfloat16_margin(dim) < 0.02  # and it is narrow enough that few pairs need the float32 look
+
+
+def test_screen_dtype_choice_and_errors():
+    import torch
+
+    assert screen_dtype("cpu", "float32") == torch.float32 and screen_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert screen_dtype("cuda", "auto") == torch.float32
+    with pytest.raises(ValueError, match="CPUs"):
+        screen_dtype("cuda", "bfloat16")
+    with pytest.raises(ValueError, match="float16"):
+        screen_dtype("cpu", "float16")
+
+
+def test_tail_blocks_shrink_to_what_the_budget_needs():
+    assert _next_block_size(1024, 10_000, 0, 0) == 1024       # nothing kept yet: a full block
+    assert _next_block_size(1024, 5_000, 2_000, 1_000) == 1024  # far from the budget
+    assert _next_block_size(1024, 100, 9_000, 7_200) == 256    # 100 / 0.8 * 1.1 = 138 -> next power of two from 64
+    assert _next_block_size(1024, 1, 9_000, 9_000) == 64
+    assert _next_block_size(100, 1_000, 1_000, 1_000) == 100
+
+
 def test_unit_rows_is_row_wise():
     x = np.random.default_rng(1).standard_normal((50, 33)).astype(np.float32)
     whole = unit_rows(x)
@@ -195,6 +232,12 @@ def test_config_defaults_and_validation():
         DeitaSelection(complexity_scorer=scorer, embedding=emb)
     with pytest.raises(ValueError):
         DeitaSelection(complexity_scorer=scorer, quality_scorer=scorer, embedding=emb, tau=1.5)
+    # the filter's speed knobs do not change the selection: they stay out of the stage key
+    from tasks.store import canonical
+
+    tuned = DeitaSelection(complexity_scorer=scorer, quality_scorer=scorer, embedding=emb, filter_block_size=64,
+                           filter_device="cpu", filter_precision="float32")
+    assert canonical(tuned) == canonical(sel) and canonical(tuned.model_copy(update={"tau": 0.8})) != canonical(sel)
 
 
 # ------------------------------------------------------------------------------------ stages resume
