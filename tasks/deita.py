@@ -161,22 +161,25 @@ SCREEN_PIECE = 2048  # kept columns per screen product
 SCREEN_SUB = 512
 
 
-def _rows_too_similar(block, block_low, kept, kept_low, n_kept: int, piece: int, tau: float, margin: float,
-                      margin32: float) -> np.ndarray:
+def _rows_too_similar(rows: np.ndarray, block_low, kept_low, kept_rows, n_kept: int, piece: int, tau: float,
+                      margin: float, margin32: float) -> np.ndarray:
     """Per block row: is its similarity to any of the first `n_kept` kept rows > tau?
 
-    The screen multiplies `block_low` by `kept_low` (the kept rows in the screen's dtype; `kept` itself in float32)
-    `piece` kept rows at a time, always full pieces of the zero-padded kept buffers, so every product has
-    the same shape (oneDNN compiles a kernel per shape, ~20 ms each). A row is decided by its maximum unless that
+    `rows` are the block's float32 unit rows, `block_low` the same in the screen's dtype, `kept_low` the kept rows
+    in that dtype and `kept_rows(columns)` gives kept rows in float32. The screen multiplies `block_low` by `kept_low`
+    `piece` kept rows at a time (the tail in power-of-two pieces, see `_piece_width`) from the zero-padded kept
+    buffers, so the products have few distinct shapes (oneDNN compiles a kernel per shape, ~20 ms each). A row is decided by its maximum unless that
     lies within `margin` of tau; such rows look at their pairs near tau in float32, then exactly.
     """
     import torch
 
-    row_max = torch.full((len(block),), -2.0, device=block.device)
+    row_max = torch.full((len(rows),), -2.0, device=block_low.device)
     pairs_r, pairs_c = [], []
-    for c0 in range(0, n_kept, piece):
-        sims = block_low @ kept_low[c0:c0 + piece].T
-        if n_kept - c0 < piece:
+    c0 = 0
+    while c0 < n_kept:
+        width = _piece_width(n_kept - c0, piece)
+        sims = block_low @ kept_low[c0:c0 + width].T
+        if n_kept - c0 < width:
             sims = sims[:, :n_kept - c0]  # the padding columns are not kept samples
         chunk_max = sims.amax(dim=1).float()
         row_max = torch.maximum(row_max, chunk_max)
@@ -185,20 +188,32 @@ def _rows_too_similar(block, block_low, kept, kept_low, n_kept: int, piece: int,
             r, c = torch.nonzero(sims[unsure] >= tau - margin, as_tuple=True)
             pairs_r.append(unsure[r])
             pairs_c.append(c + c0)
+        c0 += width
     too_similar = (row_max > tau + margin).cpu().numpy()
     if not pairs_r:
         return too_similar
     r, c = torch.cat(pairs_r), torch.cat(pairs_c)
-    open_pair = ~torch.from_numpy(too_similar).to(block.device)[r]
-    r, c = r[open_pair], c[open_pair]
-    sims32 = (block[r] * kept[c]).sum(dim=1).cpu().numpy()  # float32: within margin32 of the exact value
     r, c = r.cpu().numpy(), c.cpu().numpy()
+    r, c = r[~too_similar[r]], c[~too_similar[r]]
+    kept32 = kept_rows(c)
+    sims32 = np.einsum("ij,ij->i", rows[r], kept32)  # float32: within margin32 of the exact value
     too_similar[r[sims32 > tau + margin32]] = True
-    band = (sims32 >= tau - margin32) & (sims32 <= tau + margin32) & ~too_similar[r]
-    for row, column in zip(r[band].tolist(), c[band].tolist()):  # float32 cannot tell: the exact dot decides
-        if not too_similar[row]:
-            too_similar[row] = exact_similarity(block[row].cpu().numpy(), kept[column].cpu().numpy()) > tau
+    band = np.nonzero((sims32 >= tau - margin32) & (sims32 <= tau + margin32) & ~too_similar[r])[0]
+    for p in band.tolist():  # float32 cannot tell: the exact dot decides
+        if not too_similar[r[p]]:
+            too_similar[r[p]] = exact_similarity(rows[r[p]], kept32[p]) > tau
     return too_similar
+
+
+def _piece_width(remaining: int, piece: int, smallest: int = 128) -> int:
+    """Kept rows for the next screen product: a full `piece`, or for the tail the largest power of two (from
+    `smallest`) it fills, rounding a last sliver up: few distinct shapes, little padding computed."""
+    if remaining >= piece:
+        return piece
+    width = smallest
+    while width * 2 <= remaining:
+        width *= 2
+    return width if remaining >= smallest else min(smallest, piece)
 
 
 def _next_block_size(block_size: int, wanted: int, examined: int, kept: int) -> int:
@@ -238,9 +253,18 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
     piece = max(1, min(SCREEN_PIECE, max_chunk_bytes // (4 * block_size)))
     sub = min(block_size, SCREEN_SUB)
     upper = torch.ones((sub, sub), dtype=torch.bool, device=device).triu()  # diagonal and above
-    capacity = -(-count // piece) * piece
-    kept = torch.zeros((capacity, dim), dtype=torch.float32, device=device)
-    kept_low = kept if low == torch.float32 else torch.zeros((capacity, dim), dtype=low, device=device)
+    capacity = -(-count // piece) * piece + 128  # room for a padded last sliver (see _piece_width)
+    kept_low = torch.zeros((capacity, dim), dtype=low, device=device)  # the kept rows, as the screen reads them
+
+    def kept_rows(columns: np.ndarray) -> np.ndarray:
+        """float32 unit rows of kept samples, for the few pairs the screen leaves open."""
+        if low == torch.float32:
+            return kept_low[torch.from_numpy(columns).to(device)].cpu().numpy()
+        ids = np.asarray(selected, dtype=np.int64)[columns]
+        by_storage = np.argsort(ids, kind="stable")
+        out = np.empty((len(ids), dim), dtype=np.float32)
+        out[by_storage] = unit_rows(embeddings[ids[by_storage]])  # the very rows the block held (row-wise)
+        return out
 
     selected: list[int] = []
     last = -1
@@ -249,21 +273,22 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
         from tqdm.auto import tqdm
 
         bar = tqdm(total=count, desc="diversity filter (kept)", unit="sample")
-    buffer = np.empty((min(block_size, len(order)), dim), dtype=np.float32)  # reused: fresh pages cost faults
+    # reused across blocks: fresh 4 MB buffers cost page faults every block
+    buffer, gather_buffer = (np.empty((min(block_size, len(order)), dim), dtype=np.float32) for _ in range(2))
     start = 0
     while start < len(order) and len(selected) < count:
         size = _next_block_size(block_size, count - len(selected), start, len(selected))
         block_index = order[start:start + size]
         # Read rows in storage order (fast on a memory map), then put them back in ranking order.
         by_storage = np.argsort(block_index, kind="stable")
-        rows = buffer[:len(block_index)]
-        rows[by_storage] = unit_rows(embeddings[block_index[by_storage]])
-        block = torch.from_numpy(rows).to(device)
-        block_low = block.to(low)
+        rows, gathered = buffer[:len(block_index)], gather_buffer[:len(block_index)]
+        np.take(embeddings, block_index[by_storage], axis=0, out=gathered)
+        rows[by_storage] = unit_rows(gathered, out=gathered)
+        block_low = torch.from_numpy(rows).to(device=device, dtype=low)  # on CPU in float32: a view of `rows`
         n_kept = len(selected)
 
         # 1. block vs everything kept before this block
-        rejected = (_rows_too_similar(block, block_low, kept, kept_low, n_kept, piece, tau, margin, margin32)
+        rejected = (_rows_too_similar(rows, block_low, kept_low, kept_rows, n_kept, piece, tau, margin, margin32)
                     if n_kept else np.zeros(len(rows), dtype=bool))
 
         # 2. survivors among themselves, in ranking order: only pairs that may exceed tau can conflict, so the
@@ -287,12 +312,9 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
         survivors = np.nonzero(keep)[0]
         new = survivors[:count - len(selected)]  # block rows kept, up to the budget
         if len(new):
-            selected.extend(int(i) for i in block_index[new])
+            selected.extend(block_index[new].tolist())
             last = start + int(new[-1])
-            new_t = torch.from_numpy(new).to(device)
-            kept[n_kept:n_kept + len(new)] = block[new_t]
-            if kept_low is not kept:
-                kept_low[n_kept:n_kept + len(new)] = block_low[new_t]
+            kept_low[n_kept:n_kept + len(new)] = block_low[torch.from_numpy(new).to(device)]
             if bar is not None:
                 bar.update(len(new))
         start += len(block_index)

@@ -15,7 +15,7 @@ from configs.schema import DataConfig, ModelConfig
 from models.deita import (COMPLEXITY_TEMPLATE, QUALITY_TEMPLATE, DeitaScorer, detect_kind, expected_scores,
                           score_token_ids)
 from models.loading import load_model
-from tasks.deita import (_next_block_size, bfloat16_margin, diversity_filter, diversity_filter_sequential, evol_scores,
+from tasks.deita import (_next_block_size, _piece_width, bfloat16_margin, diversity_filter, diversity_filter_sequential, evol_scores,
                          exact_similarity, ranking_order, screen_dtype, unit_rows)
 
 from conftest import DATA
@@ -210,6 +210,18 @@ def test_tail_blocks_shrink_to_what_the_budget_needs():
     assert _next_block_size(1024, 100, 9_000, 7_200) == 256    # 100 / 0.8 * 1.1 = 138 -> next power of two from 64
     assert _next_block_size(1024, 1, 9_000, 9_000) == 64
     assert _next_block_size(100, 1_000, 1_000, 1_000) == 100
+
+
+def test_screen_pieces_cover_the_kept_rows_with_few_shapes():
+    for piece in (2048, 315, 16):
+        for n_kept in (1, 100, 127, 128, 129, 2047, 2048, 5000, 10_000):
+            widths, c0 = [], 0
+            while c0 < n_kept:
+                widths.append(_piece_width(n_kept - c0, piece))
+                c0 += widths[-1]
+            assert all(w <= piece for w in widths) and c0 - n_kept < 128  # covered, padding under one sliver
+            assert len(set(widths)) <= 6
+    assert _piece_width(5000, 2048) == 2048 and _piece_width(1100, 2048) == 1024 and _piece_width(76, 2048) == 128
 
 
 def test_unit_rows_is_row_wise():
