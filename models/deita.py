@@ -137,6 +137,14 @@ def detect_kind(name_or_path: str, dimension: Dimension, kind: ScorerKind) -> Li
     return "reference" if f"deita-{dimension}-scorer" in base else "approximate"
 
 
+def scorer_params(dimension: Dimension, name: str, kind: str, token_ids: Sequence[int]) -> dict[str, str]:
+    """What a run records about a scorer: name, kind (reference / approximate), the score tokens, the prompt. Needs
+    only the tokenizer, so a stage whose shards are all scored (or scored elsewhere) never loads the model."""
+    return {f"{dimension}_scorer": name, f"{dimension}_scorer_kind": kind,
+            f"{dimension}_score_token_ids": ",".join(map(str, token_ids)),
+            f"{dimension}_prompt": COMPLEXITY_TEMPLATE if dimension == "complexity" else QUALITY_TEMPLATE}
+
+
 class DeitaScorer:
     """A loaded scorer model for one dimension; scores prompts in batches, raises instead of defaulting."""
 
@@ -166,9 +174,7 @@ class DeitaScorer:
 
     def params(self) -> dict[str, str]:
         """What the run should record about this scorer."""
-        return {f"{self.dimension}_scorer": self.name, f"{self.dimension}_scorer_kind": self.kind,
-                f"{self.dimension}_score_token_ids": ",".join(map(str, self.token_ids)),
-                f"{self.dimension}_prompt": COMPLEXITY_TEMPLATE if self.dimension == "complexity" else QUALITY_TEMPLATE}
+        return scorer_params(self.dimension, self.name, self.kind, self.token_ids)
 
     def prompt(self, instruction: str, output: str | None = None) -> str:
         if self.dimension == "complexity":

@@ -398,13 +398,15 @@ def score_dimension(dimension: str, records_out: StageOutput, scorer_config: Dei
     Writes `scores.jsonl` ({id, scores: [per turn]}) and `rejects.jsonl` (records whose prompt is too long for
     the scorer: rejected, never truncated and never given a default score).
     """
-    from models.deita import DeitaScorer
+    from models.deita import DeitaScorer, detect_kind, score_token_ids, scorer_params
+    from models.loading import load_tokenizer
     from tasks.plots import histogram
 
     def body(folder: Path) -> dict:
         records = load_canonical(records_out.file("records.jsonl"))
-        scorer = DeitaScorer.load(scorer_config.model, dimension, scorer_config.kind,
-                                  scorer_config.batch_size, scorer_config.max_prompt_tokens)
+        name = scorer_config.model.name_or_path
+        kind = detect_kind(name, dimension, scorer_config.kind)
+        params = scorer_params(dimension, name, kind, score_token_ids(load_tokenizer(scorer_config.model)))
         table = ShardedTable(folder / "shards")
         size = scorer_config.shard_size
         n_shards = math.ceil(len(records) / size)
@@ -421,7 +423,10 @@ def score_dimension(dimension: str, records_out: StageOutput, scorer_config: Dei
             from tqdm.auto import tqdm
 
             shards = tqdm(todo, desc=f"deita {dimension} (shards)", unit="shard")
+        scorer = None  # the model loads only when a shard is scored in this process
         for shard in shards:
+            scorer = scorer or DeitaScorer.load(scorer_config.model, dimension, scorer_config.kind,
+                                                scorer_config.batch_size, scorer_config.max_prompt_tokens)
             table.write(shard, dimension_rows(scorer, records[shard * size:(shard + 1) * size]))
         rows = table.read()
         by_id = {r.id: r for r in records}
@@ -439,10 +444,10 @@ def score_dimension(dimension: str, records_out: StageOutput, scorer_config: Dei
             artifacts.append(f"{dimension}_hist.png")
             metrics.update({f"{dimension}_mean": float(turn_scores.mean()), f"{dimension}_std": float(turn_scores.std()),
                             f"{dimension}_min": float(turn_scores.min()), f"{dimension}_max": float(turn_scores.max())})
-        note = " (approximate: not a released Deita scorer)" if scorer.kind == "approximate" else ""
-        summary = (f"Deita {dimension} with `{scorer.name}`{note}: scored **{len(scored)}** of {len(records)} records "
+        note = " (approximate: not a released Deita scorer)" if kind == "approximate" else ""
+        summary = (f"Deita {dimension} with `{name}`{note}: scored **{len(scored)}** of {len(records)} records "
                    f"({len(turn_scores)} turns), {len(rejects)} rejected (see rejects.jsonl).")
-        return {"metrics": metrics, "params": scorer.params(), "artifacts": artifacts, "summary": summary}
+        return {"metrics": metrics, "params": params, "artifacts": artifacts, "summary": summary}
 
     return run_stage(f"deita-{dimension}", _scorer_stage_config(dimension, scorer_config), [records_out], body,
                      digest_of=["scores.jsonl", "rejects.jsonl"])

@@ -267,8 +267,10 @@ def test_scoring_and_embedding_stages_resume_from_their_shards(tiny_model_dir, m
     folder = Path(first.path)
     (folder / "_SUCCESS").unlink()      # as if killed after writing its last shard
     (folder / "scores.jsonl").unlink()
-    monkeypatch.setattr(DeitaScorer, "score_encoded", lambda *a, **k: pytest.fail("a finished shard was rescored"))
-    assert score_dimension("complexity", records_out, scorer, progress=False).digest == first.digest
+    monkeypatch.setattr(DeitaScorer, "load", lambda *a, **k: pytest.fail("the model loaded with nothing to score"))
+    resumed = score_dimension("complexity", records_out, scorer, progress=False)
+    assert resumed.digest == first.digest and resumed.params == first.params  # params come from the tokenizer
+    assert resumed.params["complexity_scorer_kind"] == "approximate"
     monkeypatch.undo()
 
     real_embed, calls = models.embeddings.embed_texts, []
