@@ -224,10 +224,14 @@ def test_screen_pieces_cover_the_kept_rows_with_few_shapes():
     assert _piece_width(5000, 2048) == 2048 and _piece_width(1100, 2048) == 1024 and _piece_width(76, 2048) == 128
 
 
-def test_unit_rows_is_row_wise():
-    x = np.random.default_rng(1).standard_normal((50, 33)).astype(np.float32)
+@pytest.mark.parametrize("dim", [33, 1024, 4096])
+def test_unit_rows_is_row_wise(dim):
+    # the blocked filter normalises blocks, the sequential one single rows: they must get the same vectors
+    x = np.random.default_rng(dim).standard_normal((300, dim)).astype(np.float32) * 3
     whole = unit_rows(x)
-    assert np.array_equal(whole[17:29], unit_rows(x[17:29])) and np.array_equal(whole[5], unit_rows(x[5:6])[0])
+    assert np.array_equal(whole[17:29], unit_rows(x[17:29]))
+    assert all(np.array_equal(whole[i], unit_rows(x[i:i + 1])[0]) for i in range(len(x)))
+    assert np.abs(np.linalg.norm(whole.astype(np.float64), axis=1) - 1).max() < 1e-6
     with pytest.raises(ScoringError):
         unit_rows(np.zeros((2, 3)))
 
