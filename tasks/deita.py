@@ -26,10 +26,9 @@ import numpy as np
 
 from configs.deita import DeitaEmbeddingConfig, DeitaScorerConfig, DeitaSelection
 from configs.errors import ScoringError
-from configs.schema import ModelConfig
 from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, write_jsonl
 from tasks.select import SUBSET_FILES, write_subset
-from tasks.store import ShardedTable, StageOutput, run_stage, stage_task
+from tasks.store import ArrayShards, ShardedTable, StageOutput, run_stage, stage_task
 
 EMBEDDING_TEMPLATE = "vicuna_v1.1"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -479,37 +478,6 @@ def score_quality(records_out: StageOutput, scorer_config: DeitaScorerConfig) ->
 
 
 # --------------------------------------------------------------------------------------- embedding stage
-class ArrayShards(ShardedTable):
-    """`ShardedTable`'s manifest and resume, with float32 `.npy` shards (a 4096-wide vector per row)."""
-
-    def shard_path(self, index: int) -> Path:
-        return self.folder / f"{self.prefix}-{index:05d}.npy"
-
-    def write_array(self, index: int, array: np.ndarray) -> None:
-        import os
-
-        from tasks.store import file_digest
-
-        path = self.shard_path(index)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
-        np.save(tmp, np.ascontiguousarray(array, dtype=np.float32))
-        os.replace(tmp, path)
-        manifest = self.manifest()
-        manifest["shards"][str(index)] = {"rows": int(array.shape[0]), "sha256": file_digest(path)}
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
-
-    def read_array(self, index: int) -> np.ndarray:
-        return np.load(self.shard_path(index))
-
-
-@functools.lru_cache(maxsize=2)
-def _worker_embedder(model_json: str):
-    """One loaded embedder per worker process (its shards share it)."""
-    from models.loading import load_model
-
-    return load_model(ModelConfig.model_validate_json(model_json))
-
-
 def embed_shard(model, tokenizer, records: list[Record], embedding: DeitaEmbeddingConfig) -> np.ndarray:
     from models.embeddings import embed_texts
 
@@ -520,9 +488,9 @@ def embed_shard(model, tokenizer, records: list[Record], embedding: DeitaEmbeddi
 
 def embed_shard_at(index: int, records_path: str, embedding: DeitaEmbeddingConfig) -> np.ndarray:
     """Shard `index` of a deita-embed stage, computed in whatever process the task runner chose."""
-    from tasks.runner import worker_records
+    from tasks.runner import worker_model, worker_records
 
-    model, tokenizer = _worker_embedder(embedding.model.model_dump_json())
+    model, tokenizer = worker_model(embedding.model.model_dump_json())
     size = embedding.shard_size
     return embed_shard(model, tokenizer, worker_records(records_path)[index * size:(index + 1) * size], embedding)
 

@@ -133,37 +133,94 @@ def _model_label(out: StageOutput) -> str:
     return str(out.params.get("scorer", ""))
 
 
-def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: PreExperienceConfig) -> StageOutput:
-    """Stage `cherry-instructions`: per instruction, perplexity (whole text) and the mean of its last hidden state."""
+SINGLE_TOKEN = "instruction has a single token: no perplexity"
+
+
+def profile_shard(model, tokenizer, records: Sequence[Record], scoring: ScoringConfig,
+                  pre: PreExperienceConfig) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Rows ({id, perplexity, reject}) and the mean last-hidden-state embeddings (of the rows without a reject,
+    in order) of some records' templated instructions."""
     from models.embeddings import embed_texts
     from models.likelihood import score_requests
     from models.templates import instruction_request, instruction_text
 
-    def body(folder: Path) -> dict:
-        from models.loading import load_model
+    fields = [r.alpaca_fields() for r in records]
+    requests = [instruction_request(scoring.template, tokenizer, ins, inp, scoring.max_length) for ins, inp, _ in fields]
+    usable = [i for i, req in enumerate(requests) if req.n_targets > 0]
+    rows = [{"id": r.id, "perplexity": None, "reject": "" if req.n_targets > 0 else SINGLE_TOKEN}
+            for r, req in zip(records, requests)]
+    if not usable:
+        return rows, np.zeros((0, model.config.hidden_size), dtype=np.float32)
+    scores = score_requests(model, [requests[i] for i in usable], batch_size=scoring.batch_size,
+                            pad_id=int(tokenizer.pad_token_id or 0), max_batch_tokens=scoring.max_batch_tokens)
+    for i, score in zip(usable, scores):
+        rows[i]["perplexity"] = math.exp(score.mean_nll)
+    texts = [instruction_text(scoring.template, tokenizer, *fields[i][:2]) for i in usable]
+    # Chat-template text carries its own special tokens; embed_texts adds the tokenizer's, as the reference's encode does.
+    embeddings = embed_texts(model, tokenizer, texts, pooling="mean", batch_size=pre.embed_batch_size, normalize=False,
+                             max_length=scoring.max_length)
+    return rows, np.asarray(embeddings, dtype=np.float32)
 
+
+def profile_shard_at(index: int, records_path: str, scoring: ScoringConfig,
+                     pre: PreExperienceConfig) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Shard `index` of a cherry-instructions stage, in whatever process the task runner chose."""
+    from tasks.runner import worker_model, worker_records
+
+    model, tokenizer = worker_model(scoring.scorer.model_dump_json())
+    size = scoring.shard_size
+    return profile_shard(model, tokenizer, worker_records(records_path)[index * size:(index + 1) * size], scoring, pre)
+
+
+def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: PreExperienceConfig,
+                        progress: bool = True) -> StageOutput:
+    """Stage `cherry-instructions`: per instruction, perplexity (whole text) and the mean of its last hidden state.
+
+    Shard by shard (`scoring.shard_size` records; on `scoring.scale_out` workers when set): a killed run resumes at
+    the first unfinished shard. Output: `embeddings.npy` (rows of the profiled instructions, in record order),
+    `perplexity.jsonl`, `rejects.jsonl`.
+    """
+    from tasks.store import ArrayShards, ShardedTable
+
+    def body(folder: Path) -> dict:
         records = load_canonical(records_out.file("records.jsonl"))
-        model, tokenizer = load_model(scoring.scorer)
-        fields = [r.alpaca_fields() for r in records]
-        requests = [instruction_request(scoring.template, tokenizer, ins, inp, scoring.max_length) for ins, inp, _ in fields]
-        usable = [i for i, req in enumerate(requests) if req.n_targets > 0]
-        rejects = [{"id": records[i].id, "location": records[i].location,
-                    "reason": "instruction has a single token: no perplexity"} for i in range(len(records)) if requests[i].n_targets <= 0]
-        scores = score_requests(model, [requests[i] for i in usable], batch_size=scoring.batch_size,
-                                pad_id=int(tokenizer.pad_token_id or 0), progress=True,
-                                max_batch_tokens=scoring.max_batch_tokens)
-        texts = [instruction_text(scoring.template, tokenizer, *fields[i][:2]) for i in usable]
-        # Chat-template text carries its own special tokens; embed_texts adds the tokenizer's, as the reference's encode does.
-        emb = embed_texts(model, tokenizer, texts, pooling="mean", batch_size=pre.embed_batch_size, normalize=False,
-                          progress=True, max_length=scoring.max_length)
-        np.save(folder / "embeddings.npy", emb)
-        write_jsonl(folder / "perplexity.jsonl", ({"id": records[i].id, "perplexity": math.exp(s.mean_nll)}
-                                                  for i, s in zip(usable, scores)))
+        table, arrays = ShardedTable(folder / "shards"), ArrayShards(folder / "shards", prefix="embeddings")
+        size = scoring.shard_size
+        n_shards = math.ceil(len(records) / size)
+
+        def write(index: int, result: tuple[list[dict[str, Any]], np.ndarray]) -> None:
+            arrays.write_array(index, result[1])  # the table's manifest entry marks the shard done: written last
+            table.write(index, result[0])
+
+        todo = [s for s in range(n_shards) if s not in table.done()]
+        if todo and scoring.scale_out is not None:
+            from tasks.runner import map_shards
+
+            map_shards(profile_shard_at, n_shards, table, scoring.scale_out, name="cherry-instructions",
+                       progress=progress, write=write, records_path=str(records_out.file("records.jsonl")),
+                       scoring=scoring, pre=pre)
+        elif todo:
+            from tqdm.auto import tqdm
+
+            from models.loading import load_model
+
+            model, tokenizer = load_model(scoring.scorer)
+            for shard in tqdm(todo, desc="cherry instructions (shards)", unit="shard", disable=not progress):
+                write(shard, profile_shard(model, tokenizer, records[shard * size:(shard + 1) * size], scoring, pre))
+        rows = table.read()
+        embeddings = np.concatenate([arrays.read_array(s) for s in range(n_shards)]) if n_shards else np.zeros((0, 0))
+        np.save(folder / "embeddings.npy", embeddings.astype(np.float32))
+        by_id = {r.id: r for r in records}
+        write_jsonl(folder / "perplexity.jsonl", ({"id": row["id"], "perplexity": row["perplexity"]}
+                                                  for row in rows if not row["reject"]))
+        rejects = [{"id": row["id"], "location": by_id[row["id"]].location, "reason": row["reject"]}
+                   for row in rows if row["reject"]]
         write_jsonl(folder / "rejects.jsonl", rejects)
-        return {"metrics": {"instructions": len(records), "profiled": len(usable), "skipped": len(rejects)},
+        profiled = len(rows) - len(rejects)
+        return {"metrics": {"instructions": len(records), "profiled": profiled, "skipped": len(rejects)},
                 "params": {"scorer": scoring.scorer.name_or_path, "template": scoring.template},
                 "artifacts": ["rejects.jsonl"],
-                "summary": f"Profiled **{len(usable)}** of {len(records)} instructions (perplexity + mean embedding)."}
+                "summary": f"Profiled **{profiled}** of {len(records)} instructions (perplexity + mean embedding)."}
 
     return run_stage("cherry-instructions", {"scoring": scoring, "embed_batch_size": pre.embed_batch_size},
                      [records_out], body, digest_of=["embeddings.npy", "perplexity.jsonl"])

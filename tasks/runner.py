@@ -26,6 +26,15 @@ def worker_records(records_path: str):
     return load_canonical(records_path)
 
 
+@functools.lru_cache(maxsize=2)
+def worker_model(model_json: str):
+    """(model, tokenizer) of a `ModelConfig` JSON, loaded once per worker process (a stage's shards share it)."""
+    from configs.schema import ModelConfig
+    from models.loading import load_model
+
+    return load_model(ModelConfig.model_validate_json(model_json))
+
+
 def task_runner(config: ScaleOutConfig):
     """The Prefect task runner `config` selects (not started)."""
     if config.engine == "threads":

@@ -10,7 +10,6 @@ A sample the template cannot score (reason from models/templates.py) or whose lo
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -64,18 +63,11 @@ def score_shard(model, tokenizer, records: list[Record], first_index: int, scori
     return rows
 
 
-@functools.lru_cache(maxsize=2)
-def _worker_model(model_json: str):
-    """One loaded scorer per worker process (shards of a stage share it)."""
-    from models.loading import load_model
-
-    return load_model(ModelConfig.model_validate_json(model_json))
-
-
 def score_shard_at(index: int, records_path: str, scoring: ScoringConfig, model_cfg: ModelConfig) -> list[dict[str, Any]]:
     """Shard `index` of a score stage, computed from paths in whatever process the task runner chose."""
-    model, tokenizer = _worker_model(model_cfg.model_dump_json())
-    from tasks.runner import worker_records
+    from tasks.runner import worker_model, worker_records
+
+    model, tokenizer = worker_model(model_cfg.model_dump_json())
 
     records = worker_records(records_path)
     start = index * scoring.shard_size

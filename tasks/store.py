@@ -206,3 +206,26 @@ class ShardedTable:
         for index in sorted(self.done()):
             rows.extend(pq.read_table(self.shard_path(index)).to_pylist())
         return rows
+
+
+class ArrayShards(ShardedTable):
+    """`ShardedTable`'s manifest and resume, with float32 `.npy` shards (e.g. a 4096-wide vector per row)."""
+
+    def shard_path(self, index: int) -> Path:
+        return self.folder / f"{self.prefix}-{index:05d}.npy"
+
+    def write_array(self, index: int, array) -> None:
+        import numpy as np
+
+        path = self.shard_path(index)
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+        np.save(tmp, np.ascontiguousarray(array, dtype=np.float32))
+        os.replace(tmp, path)
+        manifest = self.manifest()
+        manifest["shards"][str(index)] = {"rows": int(array.shape[0]), "sha256": file_digest(path)}
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+
+    def read_array(self, index: int):
+        import numpy as np
+
+        return np.load(self.shard_path(index))

@@ -111,3 +111,44 @@ def test_ifd_and_diversity_stages_write_subset_histogram_and_counts():
     diverse = diversity_selection(records, out, selection)
     picked = diverse.file("selected_ids.txt").read_text().split()
     assert len(picked) == 3 and set(picked) <= {r["id"] for r in kept}
+
+
+def test_instruction_profile_resumes_from_its_shards_and_equals_one_pass(tiny_model_dir, monkeypatch,
+                                                                        one_torch_thread):
+    """cherry-instructions is written shard by shard: a killed run keeps its finished shards, and the stage's
+    perplexities and embeddings equal one unsharded pass over all instructions."""
+    import tasks.ifd
+    from models.loading import load_model
+    from tasks.data import load_canonical, prepare_records, read_jsonl
+    from tasks.ifd import instruction_profile, profile_shard
+
+    records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=10))
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), max_length=256,
+                            shard_size=4)
+    pre = PreExperienceConfig(embed_batch_size=3)
+    real, calls, killed = tasks.ifd.profile_shard, [], []
+
+    def dies_on_second_shard(model, tokenizer, records, *args):
+        calls.append([r.id for r in records])
+        if len(calls) == 2 and not killed:
+            killed.append(True)
+            raise KeyboardInterrupt("killed")
+        return real(model, tokenizer, records, *args)
+
+    monkeypatch.setattr(tasks.ifd, "profile_shard", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        instruction_profile(records_out, scoring, pre, progress=False)
+    first_shard = calls[0]
+    calls.clear()
+    out = instruction_profile(records_out, scoring, pre, progress=False)
+    records = load_canonical(records_out.file("records.jsonl"))
+    assert [len(c) for c in calls] == [4, 2] and first_shard not in calls  # shard 0 kept from the killed run
+
+    model, tokenizer = load_model(scoring.scorer)
+    rows, embeddings = real(model, tokenizer, records, scoring, pre)
+    assert [r["id"] for r in read_jsonl(out.file("perplexity.jsonl"))] == [r["id"] for r in rows] == [r.id for r in records]
+    assert np.allclose([r["perplexity"] for r in read_jsonl(out.file("perplexity.jsonl"))],
+                       [r["perplexity"] for r in rows], rtol=1e-5)
+    stored = np.load(out.file("embeddings.npy"))
+    assert stored.shape == (10, 64) and np.allclose(stored, embeddings, atol=1e-5)
+    assert out.metrics == {"instructions": 10, "profiled": 10, "skipped": 0}

@@ -195,3 +195,24 @@ def test_deita_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefe
     assert len(on_dask) == 9 and all(1 <= s <= 6 for r in on_dask for s in r["scores"])
     assert [r["id"] for r in in_process] == [r["id"] for r in on_dask]
     assert all(abs(a - b) < 1e-5 for x, y in zip(in_process, on_dask) for a, b in zip(x["scores"], y["scores"]))
+
+
+def test_cherry_instruction_profile_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local,
+                                                                                  tiny_model_dir):
+    import numpy as np
+
+    from configs.ifd import PreExperienceConfig, ScoringConfig
+    from configs.schema import ModelConfig
+    from tasks.data import read_jsonl
+    from tasks.ifd import instruction_profile
+
+    records = records_slice(9)
+    local = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=256, shard_size=4)
+    on_dask, in_process, shard_runs = dask_then_in_process(
+        lambda config: instruction_profile(records, config, PreExperienceConfig(), progress=False), local, dask_local,
+        lambda out: (read_jsonl(out.file("perplexity.jsonl")), np.load(out.file("embeddings.npy"))))
+    assert shard_runs == ["cherry-instructions-shard-00000", "cherry-instructions-shard-00001",
+                          "cherry-instructions-shard-00002"]
+    assert [r["id"] for r in on_dask[0]] == [r["id"] for r in in_process[0]] and len(on_dask[0]) == 9
+    assert np.allclose([r["perplexity"] for r in on_dask[0]], [r["perplexity"] for r in in_process[0]], rtol=1e-5)
+    assert on_dask[1].shape == (9, 64) and np.allclose(on_dask[1], in_process[1], atol=1e-5)
