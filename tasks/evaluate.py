@@ -7,6 +7,7 @@ merges the stages' metrics into one table. Plain functions first (unit-tested), 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -24,7 +25,8 @@ from configs.evaluate import (EvaluateConfig, GenerationSettings, HeldoutLikelih
                               InstructionEvalConfig, JudgeConfig, LmEvalConfig)
 from configs.schema import ModelConfig
 from tasks.data import read_jsonl, read_records, write_jsonl
-from tasks.store import StageOutput, atomic_write_text, content_digest, file_digest, run_stage, stage_task
+from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
+                         stage_task)
 from tasks.track import sanitize_metric_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,13 +55,13 @@ def model_fingerprint(cfg: ModelConfig) -> str:
 # ---------------------------------------------------------------------------------------------- generation
 def generate_texts(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, *,
                    add_special_tokens: bool, max_new_tokens: int | None = None,
-                   stop: Sequence[str] = (), progress: str | None = None) -> list[str]:
-    """Batched `model.generate` over already formatted prompts (left-padded), cut at the first stop sequence."""
+                   stop: Sequence[str] = (), seed_offset: int = 0) -> list[str]:
+    """Batched `model.generate` over already formatted prompts (left-padded), cut at the first stop sequence.
+    Sampling is seeded with `settings.seed + seed_offset` (a shard passes its first index: its own stream)."""
     import torch
-    from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed + seed_offset)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens or settings.max_new_tokens,
@@ -69,7 +71,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], settings: Generatio
     outputs: list[str] = []
     try:
         starts = range(0, len(prompts), settings.batch_size)
-        for start in tqdm(starts, desc=progress or "generate", disable=progress is None):
+        for start in starts:
             batch = list(prompts[start:start + settings.batch_size])
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
             with torch.no_grad():
@@ -350,20 +352,33 @@ def lm_eval_stage(model: ModelConfig, model_digest: str, cfg: LmEvalConfig) -> S
                      [], body, digest_of=["lm_eval_results.json"])
 
 
+SHARD_BATCHES = 8
+"""Generation batches per shard of an evaluation stage. A killed stage resumes at its first unfinished shard, and
+shards hold whole batches, so a resumed run generates what an uninterrupted one does."""
+
+
 def answers_stage(model: ModelConfig, model_digest: str, cfg: InstructionEvalConfig,
                   generation: GenerationSettings) -> StageOutput:
-    """Stage `eval-answers`: the model's answers to every configured instruction test set (`answers.jsonl`)."""
+    """Stage `eval-answers`: the model's answers to every configured instruction test set (`answers.jsonl`),
+    generated shard by shard (resumable)."""
     from models.loading import load_model
 
     def body(folder: Path) -> dict:
-        lm, tok = load_model(model)
+        loaded = functools.cache(lambda: load_model(model))  # loads only if a shard is left to generate
         rows = [row for name in cfg.sets for row in load_instruction_set(name, cfg.data_dir, cfg.limit)]
-        instructions = [r["prompt"] for r in rows]
-        prompts = chat_prompts(tok, instructions) if generation.use_chat_template else instructions
-        answers = generate_texts(lm, tok, prompts, generation, add_special_tokens=not generation.use_chat_template,
-                                 progress="answers")
-        write_jsonl(folder / "answers.jsonl", [{**r, "answer": a.strip()} for r, a in zip(rows, answers)])
-        empty = sum(not a.strip() for a in answers)
+
+        def answer_rows(start: int, stop: int) -> list[dict]:
+            lm, tok = loaded()
+            instructions = [r["prompt"] for r in rows[start:stop]]
+            prompts = chat_prompts(tok, instructions) if generation.use_chat_template else instructions
+            texts = generate_texts(lm, tok, prompts, generation, add_special_tokens=not generation.use_chat_template,
+                                   seed_offset=start)
+            return [{"answer": t.strip()} for t in texts]
+
+        answers = [r["answer"] for r in rows_by_shard(folder / "shards", len(rows), SHARD_BATCHES * generation.batch_size,
+                                                      answer_rows, "answers (shards)")]
+        write_jsonl(folder / "answers.jsonl", [{**r, "answer": a} for r, a in zip(rows, answers)])
+        empty = sum(not a for a in answers)
         return {"metrics": {"answers": len(rows), "empty_answers": empty}, "artifacts": ["answers.jsonl"],
                 "summary": f"{len(rows)} answers to {', '.join(cfg.sets)} ({empty} empty)."}
 
@@ -439,20 +454,26 @@ def _baseline_answers(rows: list[dict], baseline: StageOutput | None, cfg: Instr
 def humaneval_stage(model: ModelConfig, model_digest: str, cfg: HumanEvalConfig,
                     generation: GenerationSettings) -> StageOutput:
     """Stage `eval-humaneval`: greedy completions of the HumanEval prompts, run in the sandbox, pass@1."""
-    from tqdm.auto import tqdm
-
     from models.loading import load_model
 
     def body(folder: Path) -> dict:
-        lm, tok = load_model(model)
+        loaded = functools.cache(lambda: load_model(model))  # loads only if a shard is left to generate
         problems = load_humaneval(cfg.limit)
-        completions = generate_texts(lm, tok, [p["prompt"] for p in problems], generation, add_special_tokens=True,
-                                     max_new_tokens=cfg.max_new_tokens, stop=HUMANEVAL_STOPS, progress="humaneval")
-        rows = []
-        for problem, completion in tqdm(list(zip(problems, completions)), desc="execute"):
-            result = check_completion(problem, completion, cfg.timeout_s, cfg.memory_mb)
-            rows.append({"task_id": problem["task_id"], "completion": completion, "status": result.status,
-                         "detail": result.detail})
+
+        def result_rows(start: int, stop: int) -> list[dict]:
+            lm, tok = loaded()
+            part = problems[start:stop]
+            completions = generate_texts(lm, tok, [p["prompt"] for p in part], generation, add_special_tokens=True,
+                                         max_new_tokens=cfg.max_new_tokens, stop=HUMANEVAL_STOPS, seed_offset=start)
+            rows = []
+            for problem, completion in zip(part, completions):
+                result = check_completion(problem, completion, cfg.timeout_s, cfg.memory_mb)
+                rows.append({"task_id": problem["task_id"], "completion": completion, "status": result.status,
+                             "detail": result.detail})
+            return rows
+
+        rows = rows_by_shard(folder / "shards", len(problems), SHARD_BATCHES * generation.batch_size, result_rows,
+                             "humaneval (generate + execute, shards)")
         write_jsonl(folder / "humaneval_results.jsonl", rows)
         score = pass_at_k([[r["status"] == "passed"] for r in rows], 1)
         timed_out = sum(r["status"] == "timed out" for r in rows)

@@ -229,3 +229,18 @@ class ArrayShards(ShardedTable):
         import numpy as np
 
         return np.load(self.shard_path(index))
+
+
+def rows_by_shard(folder: str | os.PathLike, count: int, shard_size: int,
+                  shard_rows: Callable[[int, int], list[dict[str, Any]]], desc: str,
+                  progress: bool = True) -> list[dict[str, Any]]:
+    """Rows for items [0, count), `shard_rows(start, stop)` computing `shard_size` items at a time into a
+    `ShardedTable` under `folder`: a rerun after a crash computes only the shards still missing. All rows, in order."""
+    from tqdm.auto import tqdm
+
+    table = ShardedTable(folder)
+    n_shards = -(-count // shard_size)
+    todo = [s for s in range(n_shards) if s not in table.done()]
+    for shard in tqdm(todo, desc=desc, unit="shard", disable=not progress or not todo):
+        table.write(shard, shard_rows(shard * shard_size, min(count, (shard + 1) * shard_size)))
+    return table.read()

@@ -195,6 +195,40 @@ def test_instruction_answers_judged_against_file_baseline(tiny):
     assert m["all/pairs"] == 4 and "vicuna/quality" in m
 
 
+def test_answers_stage_resumes_at_its_first_unfinished_shard(tiny, monkeypatch):
+    """A killed answer generation keeps its finished shards; the resumed answers equal an uninterrupted run's."""
+    import shutil
+
+    import tasks.evaluate
+    from tasks.evaluate import answers_stage
+
+    inst = InstructionEvalConfig(sets=["koala"], data_dir=str(SHARED / "eval"), limit=5, pairwise=False)
+    # sampled, so the comparison also shows each shard regenerates its own random stream
+    gen = GenerationSettings(max_new_tokens=6, batch_size=1, do_sample=True, seed=3)
+    monkeypatch.setattr(tasks.evaluate, "SHARD_BATCHES", 2)  # shards of 2 prompts: 3 shards
+    real, calls, killed = tasks.evaluate.generate_texts, [], []
+
+    def dies_in_second_shard(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 2 and not killed:
+            killed.append(True)
+            raise KeyboardInterrupt("killed")
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.evaluate, "generate_texts", dies_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        answers_stage(tiny, "digest-resume", inst, gen)
+    calls.clear()
+    resumed = answers_stage(tiny, "digest-resume", inst, gen)
+    assert calls == [2, 1]  # shard 0 was kept from the killed run
+    answers = resumed.file("answers.jsonl").read_text()
+    shutil.rmtree(resumed.path)
+    calls.clear()
+    assert answers_stage(tiny, "digest-resume", inst, gen).file("answers.jsonl").read_text() == answers
+    assert calls == [2, 2, 1] and len(answers.splitlines()) == 5
+    assert sum(bool(json.loads(line)["answer"]) for line in answers.splitlines()) >= 3  # real text compared
+
+
 def test_pairwise_needs_a_baseline():
     with pytest.raises(ValueError, match="needs a baseline"):
         InstructionEvalConfig(sets=["vicuna"])

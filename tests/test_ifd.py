@@ -120,7 +120,7 @@ def test_instruction_profile_resumes_from_its_shards_and_equals_one_pass(tiny_mo
     import tasks.ifd
     from models.loading import load_model
     from tasks.data import load_canonical, prepare_records, read_jsonl
-    from tasks.ifd import instruction_profile, profile_shard
+    from tasks.ifd import instruction_profile
 
     records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=10))
     scoring = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), max_length=256,
