@@ -388,23 +388,43 @@ def answers_stage(model: ModelConfig, model_digest: str, cfg: InstructionEvalCon
     return run_stage("eval-answers", config, [], body, digest_of=["answers.jsonl"])
 
 
+JUDGE_SHARD_SIZE = 64
+"""Answers judged per shard of the judge stage (a killed stage resumes at its first unfinished shard)."""
+
+
 def judge_stage(answers: StageOutput, baseline: StageOutput | None, cfg: InstructionEvalConfig,
                 judge: JudgeConfig) -> StageOutput:
     """Stage `eval-judge`: pairwise win/tie/lose against the baseline (both orders) and Deita quality scores."""
-    from models.judge import LogitJudge, summarize_pairwise
+    from models.judge import LogitJudge, PairVerdict, summarize_pairwise
     from models.loading import load_model
 
     def body(folder: Path) -> dict:
         rows = read_jsonl(answers.file("answers.jsonl"))
         baseline_answers = _baseline_answers(rows, baseline, cfg)
-        jm, jt = load_model(judge.model)
-        scorer = LogitJudge(jm, jt, judge.model.name_or_path, judge.use_chat_template, judge.tie_margin, judge.max_answer_tokens, judge.batch_size)
         questions = [r["prompt"] for r in rows]
         candidates = [r["answer"] for r in rows]
+        loaded = functools.cache(lambda: LogitJudge(*load_model(judge.model), judge.model.name_or_path,
+                                                    judge.use_chat_template, judge.tie_margin, judge.max_answer_tokens,
+                                                    judge.batch_size))  # loads only if a shard is left to judge
+
+        def judged_rows(start: int, stop: int) -> list[dict]:
+            scorer = loaded()
+            out = [{"index": i} for i in range(start, stop)]
+            if cfg.pairwise:
+                verdicts = scorer.pairwise(questions[start:stop], candidates[start:stop], baseline_answers[start:stop])
+                for row, v in zip(out, verdicts):
+                    row.update(p_candidate_first=v.p_candidate_first, p_candidate_second=v.p_candidate_second,
+                               outcome=v.outcome)
+            if cfg.single_score:
+                for row, score in zip(out, scorer.quality(questions[start:stop], candidates[start:stop])):
+                    row["quality"] = score
+            return out
+
+        judged = rows_by_shard(folder / "shards", len(rows), JUDGE_SHARD_SIZE, judged_rows, "judge (shards)")
         out_rows = [dict(r) for r in rows]
         metrics: dict[str, float] = {}
         if cfg.pairwise:
-            verdicts = scorer.pairwise(questions, candidates, baseline_answers)
+            verdicts = [PairVerdict(j["p_candidate_first"], j["p_candidate_second"], j["outcome"]) for j in judged]
             for row, base, v in zip(out_rows, baseline_answers, verdicts):
                 row.update(baseline_answer=base, p_candidate_first=v.p_candidate_first,
                            p_candidate_second=v.p_candidate_second, outcome=v.outcome)
@@ -412,11 +432,11 @@ def judge_stage(answers: StageOutput, baseline: StageOutput | None, cfg: Instruc
                 picked = [v for r, v in zip(rows, verdicts) if name == "all" or r["set"] == name]
                 metrics.update({f"{name}/{k}": x for k, x in summarize_pairwise(picked).items()})
         if cfg.single_score:
-            scores = scorer.quality(questions, candidates)
-            for row, s in zip(out_rows, scores):
-                row["quality"] = s
+            scores = [j["quality"] for j in judged]
+            for row, score in zip(out_rows, scores):
+                row["quality"] = score
             for name in cfg.sets + ["all"]:
-                picked = [s for r, s in zip(rows, scores) if name == "all" or r["set"] == name]
+                picked = [score for r, score in zip(rows, scores) if name == "all" or r["set"] == name]
                 metrics[f"{name}/quality"] = sum(picked) / len(picked)
         write_jsonl(folder / "judgments.jsonl", out_rows)
         lines = [f"| {k} | {v:.3f} |" for k, v in sorted(metrics.items()) if k.startswith("all/")]

@@ -4,6 +4,7 @@ evaluation stage on the tiny model with small local files."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import os
 import time
@@ -170,7 +171,7 @@ def test_lm_eval_stage_runs_local_mc_and_generate_tasks(tiny):
         out.file("lm_eval_tasks/pomona_mc.yaml").read_text()
 
 
-def test_instruction_answers_judged_against_file_baseline(tiny):
+def test_instruction_answers_judged_against_file_baseline(tiny, monkeypatch):
     from tasks.evaluate import answers_stage, judge_stage
 
     inst = InstructionEvalConfig(
@@ -193,6 +194,16 @@ def test_instruction_answers_judged_against_file_baseline(tiny):
     m = judged.metrics
     assert m["all/win_rate"] + m["all/tie_rate"] + m["all/lose_rate"] == pytest.approx(1.0)
     assert m["all/pairs"] == 4 and "vicuna/quality" in m
+
+    # killed after its shards were written: the rerun rebuilds the same judgments without loading the judge
+    import models.judge
+
+    text = judged.file("judgments.jsonl").read_text()
+    for name in ("_SUCCESS", "judgments.jsonl"):
+        (Path(judged.path) / name).unlink()
+    monkeypatch.setattr(models.judge.LogitJudge, "__init__", lambda *a, **k: pytest.fail("the judge was reloaded"))
+    again = judge_stage(answers, None, inst, JudgeConfig(model=tiny, max_answer_tokens=64))
+    assert again.file("judgments.jsonl").read_text() == text and again.metrics == m
 
 
 def test_answers_stage_resumes_at_its_first_unfinished_shard(tiny, monkeypatch):
