@@ -77,6 +77,9 @@ class DeitaSelection(Budget):
             raise ValueError(f"score '{self.score}' needs a complexity_scorer")
         if self.score in ("evol", "quality") and self.quality_scorer is None:
             raise ValueError(f"score '{self.score}' needs a quality_scorer")
+        if self.filter_device == "cuda" and self.filter_precision == "bfloat16":
+            raise ValueError("filter_precision 'bfloat16' is for CPUs (its error margin assumes float32 "
+                             "accumulation, which cuBLAS does not promise); use auto or float32 on cuda")
         return self
 
 

@@ -254,6 +254,9 @@ def test_config_defaults_and_validation():
     tuned = DeitaSelection(complexity_scorer=scorer, quality_scorer=scorer, embedding=emb, filter_block_size=64,
                            filter_device="cpu", filter_precision="float32")
     assert canonical(tuned) == canonical(sel) and canonical(tuned.model_copy(update={"tau": 0.8})) != canonical(sel)
+    with pytest.raises(ValueError, match="for CPUs"):
+        DeitaSelection(complexity_scorer=scorer, quality_scorer=scorer, embedding=emb, filter_device="cuda",
+                       filter_precision="bfloat16")
 
 
 # ------------------------------------------------------------------------------------ stages resume
