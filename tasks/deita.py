@@ -158,19 +158,20 @@ def screen_dtype(device: str, precision: str = "auto"):
     return torch.bfloat16 if precision == "bfloat16" or (precision == "auto" and native) else torch.float32
 
 
-SCREEN_PIECE = 2048  # kept columns per screen product
-SCREEN_SUB = 512
+SCREEN_PIECE = 2048  # kept rows per screen product
+SCREEN_SUB = 512     # block rows per product when a block is compared with itself (its lower triangle only)
 
 
 def _rows_too_similar(rows: np.ndarray, block_low, kept_low, kept_rows, n_kept: int, piece: int, tau: float,
                       margin: float, margin32: float) -> np.ndarray:
     """Per block row: is its similarity to any of the first `n_kept` kept rows > tau?
 
-    `rows` are the block's float32 unit rows, `block_low` the same in the screen's dtype, `kept_low` the kept rows
-    in that dtype and `kept_rows(columns)` gives kept rows in float32. The screen multiplies `block_low` by `kept_low`
-    `piece` kept rows at a time (the tail in power-of-two pieces, see `_piece_width`) from the zero-padded kept
-    buffers, so the products have few distinct shapes (oneDNN compiles a kernel per shape, ~20 ms each). A row is decided by its maximum unless that
-    lies within `margin` of tau; such rows look at their pairs near tau in float32, then exactly.
+    `rows` are the block's float32 unit rows, `block_low` the same in the screen's dtype, `kept_low` the kept
+    rows in that dtype and `kept_rows(columns)` gives kept rows in float32. The screen multiplies `block_low` by
+    `kept_low` `piece` kept rows at a time (the tail in power-of-two pieces, see `_piece_width`) from the
+    zero-padded kept buffer, so the products have few distinct shapes (oneDNN compiles a kernel per shape, ~20 ms
+    each). A row is decided by its maximum unless that lies within `margin` of tau; such rows look at their pairs
+    near tau in float32, then exactly.
     """
     import torch
 
