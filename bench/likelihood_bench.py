@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,9 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", default="auto",
                         help="padded tokens per forward pass: an integer, or 'auto' (the engine's device default)")
     parser.add_argument("--loop-records", type=int, default=None, help="score only this many records with the loop")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run engine and loop this many times, interleaved, and report the medians (the shared "
+                             "machines here swing 10-30 %% between runs)")
     args = parser.parse_args()
 
     import torch
@@ -90,9 +94,14 @@ def main() -> None:
     score_requests(model, requests[:4], batch_size=args.batch_size, pad_id=pad)  # warm-up
     reference_scores(model, requests[:2])
     limit = matmul_flops(device, torch.float32 if device == "cpu" else dtype)
-    engine, t_engine = timed(lambda: score_requests(model, requests, batch_size=args.batch_size, pad_id=pad,
-                                                    max_batch_tokens=args.max_batch_tokens))
-    loop, t_loop = timed(lambda: reference_scores(model, loop_requests))
+    engine_times, loop_times = [], []
+    for _ in range(args.repeats):
+        engine, seconds = timed(lambda: score_requests(model, requests, batch_size=args.batch_size, pad_id=pad,
+                                                       max_batch_tokens=args.max_batch_tokens))
+        engine_times.append(seconds)
+        loop, seconds = timed(lambda: reference_scores(model, loop_requests))
+        loop_times.append(seconds)
+    t_engine, t_loop = statistics.median(engine_times), statistics.median(loop_times)
     limit_after = matmul_flops(device, torch.float32 if device == "cpu" else dtype)
     limit = max(limit, limit_after)
     diff = max(abs(a.mean_nll - b.mean_nll) for a, b in zip(engine, loop))
@@ -110,6 +119,9 @@ def main() -> None:
     print(row("one-sample loop (reference)", loop_tokens, t_loop, loop_rate))
     print(row(f"engine (batch {args.batch_size}, {args.max_batch_tokens} tok)", tokens, t_engine, loop_rate))
     print(f"\nmax |mean NLL engine - loop| over {len(loop)} sequences: {diff:.2e}")
+    if args.repeats > 1:
+        print(f"single runs, seconds: engine {' '.join(f'{t:.2f}' for t in engine_times)}; "
+              f"loop {' '.join(f'{t:.2f}' for t in loop_times)}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ class ScoringConfig(StrictModel):
                                 "as truncated) or 'skip' the sample (written to rejects).")
     batch_size: int = Field(16, ge=1, description="Most sequences per forward pass.")
     max_batch_tokens: Annotated[int, Field(ge=64)] | Literal["auto"] = Field(
-        "auto", description="Most padded tokens per forward pass (bounds memory); 'auto' = 2048 on CPU (larger "
+        "auto", description="Most padded tokens per forward pass (bounds memory); 'auto' = 1024 on CPU (larger "
                             "batches measured slower there), 16384 on CUDA.")
     shard_size: int = Field(512, ge=1, description="Samples per parquet shard; a killed run resumes at the next unfinished shard.")
     scale_out: ScaleOutConfig | None = scale_out_field("Score")

@@ -98,7 +98,8 @@ def fit_plain(model, groups: Sequence[CandidateGroup], batch_size: int = 8, pad_
 
 # ------------------------------------------------------------------------------------------- prefix reuse
 def fit_with_prefix_reuse(model, groups: Sequence[CandidateGroup], batch_size: int = 8, pad_id: int = 0,
-                          progress: bool = False, head_chunk: int = 2048) -> list[list[TokenScores]]:
+                          progress: bool = False,
+                          head_tile: tuple[int, int | None] | None = None) -> list[list[TokenScores]]:
     """Run each shared prompt once, keep its key/value cache, and score all its candidates from that cache.
 
     Prompts of several instructions go into one batch (right-padded); then candidate continuations are scored in
@@ -166,7 +167,7 @@ def fit_with_prefix_reuse(model, groups: Sequence[CandidateGroup], batch_size: i
                 where = mask.bool()
                 picked, labels = predicting[where], ids[where]
                 owner = where.nonzero(as_tuple=True)[0]
-                nll = head_nll(head, picked, labels, softcap, head_chunk)
+                nll = head_nll(head, picked, labels, softcap, head_tile)
                 sums = torch.zeros(len(part), dtype=torch.float64, device=device).index_add_(0, owner, nll.double())
                 for i, (_, g, k) in enumerate(part):
                     value = float(sums[i])

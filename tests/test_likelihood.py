@@ -10,7 +10,7 @@ import pytest
 from configs.errors import ScoringError
 from configs.ifd import ScoringConfig
 from configs.schema import DataConfig, ModelConfig
-from models.likelihood import ScoreRequest, length_batches, reference_scores, score_requests
+from models.likelihood import ScoreRequest, head_nll, length_batches, reference_scores, score_requests
 from models.templates import (SKIP_EMPTY_OUTPUT, SKIP_INSTRUCTION_TOO_LONG, SKIP_OVERLONG, TEMPLATES, build_pair,
                               instruction_request)
 from tests.conftest import DATA
@@ -51,6 +51,33 @@ def test_full_logits_path_equals_head_on_targets(tiny):
     fast = score_requests(model, requests, batch_size=3, pad_id=tok.pad_token_id)
     full = score_requests(model, requests, batch_size=3, pad_id=tok.pad_token_id, head_on_targets_only=False)
     assert [round(a.nll_sum, 3) for a in fast] == [round(b.nll_sum, 3) for b in full]
+
+
+@pytest.mark.parametrize("bias, softcap", [(False, None), (True, 30.0)])
+def test_tiled_head_nll_equals_cross_entropy_over_the_whole_vocabulary(bias, softcap):
+    import torch
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 1000, bias=bias)
+    hidden = torch.randn(37, 24) * 3
+    # labels on tile edges (0, 127/128, the last id) as well as random ones
+    labels = torch.cat([torch.tensor([0, 127, 128, 999, 998]), torch.randint(0, 1000, (32,))])
+    with torch.no_grad():
+        logits = head(hidden)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        expected = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        for tile in [(37, None), (8, 128), (5, 333), (100, 1000), (1, 999)]:
+            got = head_nll(head, hidden, labels, softcap, tile)
+            assert torch.allclose(got, expected, atol=1e-5, rtol=0), (tile, (got - expected).abs().max())
+
+
+def test_engine_with_small_head_tiles_agrees_with_the_loop(tiny):
+    model, tok = tiny
+    requests = [req for p in _pairs(tok, "wiz", CHERRY_ROWS[:6], 300) for req in (p.conditioned, p.direct)]
+    tiled = score_requests(model, requests, batch_size=4, pad_id=tok.pad_token_id, head_tile=(50, 128))
+    loop = reference_scores(model, requests)
+    assert max(abs(a.mean_nll - b.mean_nll) for a, b in zip(tiled, loop)) < 1e-5
 
 
 def test_wiz_texts_spans_and_truncation_follow_the_reference(tiny):
