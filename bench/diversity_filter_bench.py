@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.deita import diversity_filter, diversity_filter_sequential, ranking_order, screen_dtype  # noqa: E402
+from tasks.deita_selection import diversity_filter, diversity_filter_sequential, ranking_order, screen_dtype  # noqa: E402
 
 
 def synthetic_embeddings(path: Path | None, n: int, d: int, seed: int = 0, chunk: int = 50_000) -> np.ndarray:

@@ -15,8 +15,9 @@ from configs.schema import DataConfig, ModelConfig
 from models.deita import (COMPLEXITY_TEMPLATE, QUALITY_TEMPLATE, DeitaScorer, detect_kind, expected_scores,
                           score_token_ids)
 from models.loading import load_model
-from tasks.deita import (_next_block_size, _piece_width, bfloat16_margin, diversity_filter, diversity_filter_sequential, evol_scores,
-                         exact_similarity, ranking_order, screen_dtype, unit_rows)
+from tasks.deita_selection import (_next_block_size, _piece_width, bfloat16_margin, diversity_filter,
+                                   diversity_filter_sequential, evol_scores, exact_similarity, ranking_order,
+                                   screen_dtype, unit_rows)
 
 from conftest import DATA
 

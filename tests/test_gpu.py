@@ -1,0 +1,82 @@
+"""CUDA checks of the numeric paths: skipped without CUDA (see conftest), run by `bench/gpu_checks.sh`.
+
+Only numpy, torch, pydantic and transformers are imported here (no Prefect or MLflow), so this file runs on a GPU
+machine that carries just those wheels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from configs.schema import ModelConfig
+from models.likelihood import head_nll, reference_scores, score_requests
+from models.loading import load_model
+from models.templates import build_pair
+from tasks.deita_selection import diversity_filter, diversity_filter_sequential, ranking_order
+from tests.conftest import DATA
+
+pytestmark = pytest.mark.gpu
+
+ROWS = json.loads((DATA / "alpaca_cherry_40.json").read_text())
+
+
+def _requests(tok, template: str, n: int):
+    pairs = [build_pair(template, tok, r["instruction"], r.get("input", ""), r["output"], 512) for r in ROWS[:n]]
+    return [q for p in pairs if p.skip_reason is None for q in (p.conditioned, p.direct)]
+
+
+@pytest.mark.parametrize("template", ["wiz", "superfilter"])
+def test_engine_on_cuda_in_float32_matches_the_one_sample_loop(tiny_model_dir, template):
+    import torch
+
+    model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", device="cuda"))
+    assert next(model.parameters()).is_cuda and not torch.backends.cuda.matmul.allow_tf32
+    requests = _requests(tok, template, 16)
+    engine = score_requests(model, requests, batch_size=5, pad_id=tok.pad_token_id)
+    loop = reference_scores(model, requests)
+    assert max(abs(a.mean_nll - b.mean_nll) for a, b in zip(engine, loop)) < 1e-5
+
+
+def test_engine_on_cuda_in_bfloat16_stays_near_float32_on_cpu(tiny_model_dir):
+    model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", device="cuda"))
+    cpu, _ = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", device="cpu"))
+    requests = _requests(tok, "wiz", 16)
+    half = score_requests(model, requests, batch_size=8, pad_id=tok.pad_token_id)
+    full = score_requests(cpu, requests, batch_size=8, pad_id=tok.pad_token_id)
+    for a, b in zip(half, full):
+        assert math.isfinite(a.nll_sum) and a.n_tokens == b.n_tokens
+        assert abs(a.mean_nll - b.mean_nll) < 0.02 * b.mean_nll  # bf16 keeps ~3 significant digits
+
+
+def test_tiled_head_on_cuda_equals_cross_entropy():
+    import torch
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 5000, bias=False).cuda()
+    hidden = torch.randn(300, 64, device="cuda")
+    labels = torch.randint(0, 5000, (300,), device="cuda")
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(head(hidden), labels, reduction="none")
+        for tile in [None, (128, 1024), (300, 4999)]:
+            got = head_nll(head, hidden, labels, None, tile)
+            assert torch.allclose(got, expected, atol=2e-5, rtol=0), tile
+
+
+def test_diversity_filter_on_cuda_equals_the_sequential_definition():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 96)).astype(np.float32)
+    src, dst = rng.choice(3000, 800, replace=False), rng.choice(3000, 800, replace=False)
+    noise = rng.standard_normal((800, 96)) / math.sqrt(96)
+    x[dst] = (x[src] / np.linalg.norm(x[src], axis=1, keepdims=True)
+              + rng.uniform(0.15, 0.5, (800, 1)) * noise).astype(np.float32)
+    order = ranking_order(rng.integers(0, 40, 3000).astype(np.float64))
+    for budget in (5000, 700):
+        expected = diversity_filter_sequential(x, order, 0.9, budget)
+        for block in (64, 1024):
+            got = diversity_filter(x, order, 0.9, budget, block_size=block, device="cuda")
+            assert got.selected.tolist() == expected.selected.tolist() and got.examined == expected.examined
+        assert 0 < expected.rejected
