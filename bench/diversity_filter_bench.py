@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=10_000, help="samples to keep")
     parser.add_argument("--tau", type=float, default=0.9)
     parser.add_argument("--block-size", type=int, default=1024, help="as DeitaSelection.filter_block_size")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the blocked filter runs (the sequential reference always runs on the CPU)")
     parser.add_argument("--precisions", nargs="+", default=["auto", "float32"],
                         help="screen precisions to time (as DeitaSelection.filter_precision)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -72,6 +74,8 @@ def main() -> None:
     import torch  # imported before any timing
 
     torch.empty(1) @ torch.empty(1)
+    if args.device == "cuda":  # context creation and kernel loading out of the first timing
+        torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")
 
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="deita-bench-") as tmp:
@@ -86,9 +90,9 @@ def main() -> None:
             results = {}
             for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows every implementation alike
                 for precision in args.precisions:
-                    label = f"blocked, {screen_dtype('cpu', precision)}".replace("torch.", "")
+                    label = f"blocked, {args.device}, {screen_dtype(args.device, precision)}".replace("torch.", "")
                     results[label], t = timed(diversity_filter, emb, order, args.tau, args.budget,
-                                              block_size=args.block_size, device="cpu", precision=precision)
+                                              block_size=args.block_size, device=args.device, precision=precision)
                     times.setdefault(label, []).append(t)
                 if run_seq:
                     results["sequential"], t = timed(diversity_filter_sequential, emb, order, args.tau, args.budget)
@@ -109,7 +113,8 @@ def main() -> None:
             if path is not None:
                 os.unlink(path)
 
-    print(f"\nDeita diversity filter, tau={args.tau}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
+    print(f"\nDeita diversity filter, tau={args.tau}, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}, "
           f"block {args.block_size}, median of {args.repeats}\n")
     print("| embeddings | filter | budget | kept | examined | rejected | sequential s | blocked s | speed-up | selection |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
