@@ -59,9 +59,11 @@ EOF
 
 step tests 180 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py
 DATA="$KIT/data/alpaca_cherry_5pct.json"
-step likelihood-tiny 120 $PY bench/likelihood_bench.py --model tiny:0 --data "$DATA" --records 500 --repeats 3
-step likelihood-smollm2-shape 180 $PY bench/likelihood_bench.py --model "$SHAPE" --data "$DATA" --records 500 \
-    --repeats 3 --batch-size 64
+# Engine settings swept (rows per pass x padded-token cap) to pick the CUDA defaults (ScoringConfig.batch_size is 16).
+SWEEP=(--batch-size 16 64 256 --max-batch-tokens auto 65536)
+step likelihood-tiny 120 $PY bench/likelihood_bench.py --model tiny:0 --data "$DATA" --records 500 --repeats 3 "${SWEEP[@]}"
+step likelihood-smollm2-shape 200 $PY bench/likelihood_bench.py --model "$SHAPE" --data "$DATA" --records 500 \
+    --repeats 3 "${SWEEP[@]}"
 step diversity-filter 180 $PY bench/diversity_filter_bench.py --device cuda --precisions auto --repeats 3 \
     --sizes 100000x1024 1000000x1024
 echo -e "\nfinished $(date +%T)" | tee -a "$SUMMARY"

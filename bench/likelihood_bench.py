@@ -71,9 +71,11 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=200)
     parser.add_argument("--template", default="wiz")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-batch-tokens", default="auto",
-                        help="padded tokens per forward pass: an integer, or 'auto' (the engine's device default)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[16],
+                        help="most rows per forward pass; several values = one engine row each")
+    parser.add_argument("--max-batch-tokens", nargs="+", default=["auto"],
+                        help="padded tokens per forward pass: integers, or 'auto' (the engine's device default); "
+                             "every batch-size x max-batch-tokens pair is an engine row")
     parser.add_argument("--loop-records", type=int, default=None, help="score only this many records with the loop")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run engine and loop this many times, interleaved, and report the medians (the shared "
@@ -110,19 +112,23 @@ def main() -> None:
         return out, time.perf_counter() - t0
 
     pad = int(tok.pad_token_id or 0)
-    args.max_batch_tokens = batch_token_budget(
-        device, args.max_batch_tokens if args.max_batch_tokens == "auto" else int(args.max_batch_tokens))
-    score_requests(model, requests[:4], batch_size=args.batch_size, pad_id=pad)  # warm-up
+    settings = [(rows_cap, batch_token_budget(device, cap if cap == "auto" else int(cap)))
+                for rows_cap in args.batch_size for cap in args.max_batch_tokens]
+    score_requests(model, requests[:4], batch_size=settings[0][0], pad_id=pad)  # warm-up
     reference_scores(model, requests[:2])
     limit = matmul_flops(device, torch.float32 if device == "cpu" else dtype)
-    engine_times, loop_times = [], []
-    for _ in range(args.repeats):
-        engine, seconds = timed(lambda: score_requests(model, requests, batch_size=args.batch_size, pad_id=pad,
-                                                       max_batch_tokens=args.max_batch_tokens))
-        engine_times.append(seconds)
+    engine_times: dict[tuple, list[float]] = {s: [] for s in settings}
+    loop_times = []
+    for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows every variant alike
+        for rows_cap, cap in settings:
+            result, seconds = timed(lambda: score_requests(model, requests, batch_size=rows_cap, pad_id=pad,
+                                                           max_batch_tokens=cap))
+            engine_times[(rows_cap, cap)].append(seconds)
+            if (rows_cap, cap) == settings[0]:
+                engine = result
         loop, seconds = timed(lambda: reference_scores(model, loop_requests))
         loop_times.append(seconds)
-    t_engine, t_loop = statistics.median(engine_times), statistics.median(loop_times)
+    t_loop = statistics.median(loop_times)
     limit_after = matmul_flops(device, torch.float32 if device == "cpu" else dtype)
     limit = max(limit, limit_after)
     gaps = [abs(a.mean_nll - b.mean_nll) for a, b in zip(engine, loop)]
@@ -141,14 +147,17 @@ def main() -> None:
     print("| method | tokens | seconds | tokens/s | vs loop | GFLOP/s (2·P·tok/s) | of limit |")
     print("|---|---|---|---|---|---|---|")
     print(row("one-sample loop (reference)", loop_tokens, t_loop, loop_rate))
-    print(row(f"engine (batch {args.batch_size}, {args.max_batch_tokens} tok)", tokens, t_engine, loop_rate))
-    print(f"\nmax |mean NLL engine - loop| over {len(loop)} sequences: {diff:.2e}; on the {len(worst)} sequences "
+    for rows_cap, cap in settings:
+        print(row(f"engine (batch {rows_cap}, {cap} tok)", tokens, statistics.median(engine_times[(rows_cap, cap)]),
+                  loop_rate))
+    print(f"\nengine: batch {settings[0][0]}, {settings[0][1]} tok; max |mean NLL engine - loop| over {len(loop)} sequences: {diff:.2e}; on the {len(worst)} sequences "
           f"where they differ most, against a float64 head and softmax: engine within "
           f"{max(abs(engine[i].mean_nll - exact[i]) for i in worst):.2e}, loop within "
           f"{max(abs(loop[i].mean_nll - exact[i]) for i in worst):.2e}")
     if args.repeats > 1:
-        print(f"single runs, seconds: engine {' '.join(f'{t:.2f}' for t in engine_times)}; "
-              f"loop {' '.join(f'{t:.2f}' for t in loop_times)}")
+        for (rows_cap, cap), times in engine_times.items():
+            print(f"single runs, seconds: engine batch {rows_cap}, {cap} tok: {' '.join(f'{t:.2f}' for t in times)}")
+        print(f"single runs, seconds: loop {' '.join(f'{t:.2f}' for t in loop_times)}")
 
 
 if __name__ == "__main__":
