@@ -95,7 +95,7 @@ def split_head(model):
 HEAD_TILES = {"cpu": (1024, 2048), "cuda": (2048, None)}
 """Rows x vocabulary columns of LM-head logits computed at once (None = the whole vocabulary). On CPU a
 full-vocabulary block (2048 rows x 49,152 columns = 400 MB for SmolLM2) leaves every cache: its product ran at
-~70 % of the square-matmul rate and its log-softmax was memory-bound; 1024 x 2048 tiles (8 MB) run at ~95 %.
+~70 % of the square-matmul rate and its log-softmax was memory-bound; 1024 x 2048 tiles (8 MB) run at 90-95 %.
 A GPU keeps the earlier row chunks over the whole vocabulary (not yet measured there)."""
 
 
