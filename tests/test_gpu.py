@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
 from configs.schema import ModelConfig
@@ -18,6 +17,7 @@ from models.loading import load_model
 from models.templates import build_pair
 from tasks.deita_selection import diversity_filter, diversity_filter_sequential, ranking_order
 from tests.conftest import DATA
+from tests.test_deita import planted
 
 pytestmark = pytest.mark.gpu
 
@@ -67,13 +67,8 @@ def test_tiled_head_on_cuda_equals_cross_entropy():
 
 
 def test_diversity_filter_on_cuda_equals_the_sequential_definition():
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((3000, 96)).astype(np.float32)
-    src, dst = rng.choice(3000, 800, replace=False), rng.choice(3000, 800, replace=False)
-    noise = rng.standard_normal((800, 96)) / math.sqrt(96)
-    x[dst] = (x[src] / np.linalg.norm(x[src], axis=1, keepdims=True)
-              + rng.uniform(0.15, 0.5, (800, 1)) * noise).astype(np.float32)
-    order = ranking_order(rng.integers(0, 40, 3000).astype(np.float64))
+    x, scores = planted(3000, 96, 800, seed=3)
+    order = ranking_order(scores)
     for budget in (5000, 700):
         expected = diversity_filter_sequential(x, order, 0.9, budget)
         for block in (64, 1024):
