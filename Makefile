@@ -35,7 +35,7 @@ smollm2: setup
 
 # What `bench/gpu_checks.sh` needs on a GPU machine that reaches no registry and already has torch (see its header):
 # the few wheels its image lacks (Python 3.12) in .whl/, SmolLM2's config and tokenizer (no weights: 540 MB would
-# not travel) and the bench data in pomona-runs/gpu-kit/. About 20 MB, under the 64 MiB a device call carries.
+# not travel) and the bench data in pomona-runs/gpu-kit/. About 22 MB, under the 64 MiB a device call carries.
 GPU_KIT ?= pomona-runs/gpu-kit
 GPU_WHEELS := transformers==5.23.0 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 \
 	typing-inspection==0.4.5 typing_extensions==4.16.0
