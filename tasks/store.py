@@ -193,9 +193,14 @@ class ShardedTable:
         path = self.shard_path(index)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         pq.write_table(pa.Table.from_pylist(rows), tmp)
+        self._publish(index, tmp, len(rows))
+
+    def _publish(self, index: int, tmp: Path, rows: int) -> None:
+        """Move a fully written shard into place, then record it in the manifest (which is what marks it done)."""
+        path = self.shard_path(index)
         os.replace(tmp, path)
         manifest = self.manifest()
-        manifest["shards"][str(index)] = {"rows": len(rows), "sha256": file_digest(path)}
+        manifest["shards"][str(index)] = {"rows": rows, "sha256": file_digest(path)}
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def read(self) -> list[dict[str, Any]]:
@@ -220,10 +225,7 @@ class ArrayShards(ShardedTable):
         path = self.shard_path(index)
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
         np.save(tmp, np.ascontiguousarray(array, dtype=np.float32))
-        os.replace(tmp, path)
-        manifest = self.manifest()
-        manifest["shards"][str(index)] = {"rows": int(array.shape[0]), "sha256": file_digest(path)}
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+        self._publish(index, tmp, int(array.shape[0]))
 
     def read_array(self, index: int):
         import numpy as np
