@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.deita_selection import diversity_filter, diversity_filter_sequential, ranking_order, screen_dtype  # noqa: E402
+from tasks.deita_selection import (default_bound_dims, diversity_filter, diversity_filter_sequential,  # noqa: E402
+                                   ranking_order, screen_dtype)
 
 
 def synthetic_embeddings(path: Path | None, n: int, d: int, seed: int = 0, chunk: int = 50_000) -> np.ndarray:
@@ -46,7 +47,10 @@ def synthetic_embeddings(path: Path | None, n: int, d: int, seed: int = 0, chunk
     return out
 
 
-def timed(fn, *args, **kwargs):
+def timed(fn, *args, pause: float = 0.0, **kwargs):
+    """(result, seconds). `pause` first: BLAS and OpenMP worker threads spin for a while after a call, and on
+    2 cores the previous implementation's spinning threads would slow the next one's start (up to 2x here)."""
+    time.sleep(pause)
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
@@ -62,6 +66,8 @@ def main() -> None:
                         help="where the blocked filter runs (the sequential reference always runs on the CPU)")
     parser.add_argument("--precisions", nargs="+", default=["auto", "float32"],
                         help="screen precisions to time (as DeitaSelection.filter_precision)")
+    parser.add_argument("--bound-dims", nargs="+", default=["auto", "0"],
+                        help="bound screen widths to time (diversity_filter's bound_dims; 0: none)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each implementation per size; the table shows the median (the first "
                              "blocked run of a process includes oneDNN's kernel compilation)")
@@ -69,6 +75,7 @@ def main() -> None:
                         help="run the sequential loop (and assert identical selection) up to this many rows")
     parser.add_argument("--workdir", default=None, help="where large matrices are memory-mapped (default: a temp dir)")
     parser.add_argument("--memmap-from-rows", type=int, default=500_000, help="memory-map matrices from this size on")
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds of rest before each timed run")
     args = parser.parse_args()
 
     import torch  # imported before any timing
@@ -90,12 +97,18 @@ def main() -> None:
             results = {}
             for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows every implementation alike
                 for precision in args.precisions:
-                    label = f"blocked, {args.device}, {screen_dtype(args.device, precision)}".replace("torch.", "")
-                    results[label], t = timed(diversity_filter, emb, order, args.tau, args.budget,
-                                              block_size=args.block_size, device=args.device, precision=precision)
-                    times.setdefault(label, []).append(t)
+                    for bound in args.bound_dims:
+                        bound = bound if bound == "auto" else int(bound)
+                        dims = default_bound_dims(d) if bound == "auto" else bound
+                        label = (f"blocked, {args.device}, {screen_dtype(args.device, precision)}".replace("torch.", "")
+                                 + (f", bound {dims + 1} dims" if dims else ", no bound"))
+                        results[label], t = timed(diversity_filter, emb, order, args.tau, args.budget,
+                                                  block_size=args.block_size, device=args.device, precision=precision,
+                                                  bound_dims=bound, pause=args.pause)
+                        times.setdefault(label, []).append(t)
                 if run_seq:
-                    results["sequential"], t = timed(diversity_filter_sequential, emb, order, args.tau, args.budget)
+                    results["sequential"], t = timed(diversity_filter_sequential, emb, order, args.tau, args.budget,
+                                                     pause=args.pause)
                     times.setdefault("sequential", []).append(t)
             t_seq = float(np.median(times["sequential"])) if run_seq else None
             for label, result in results.items():

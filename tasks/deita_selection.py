@@ -143,6 +143,8 @@ def screen_dtype(device: str, precision: str = "auto"):
 
 SCREEN_PIECE = 2048  # kept rows per screen product
 SCREEN_SUB = 512     # block rows per product when a block is compared with itself (its lower triangle only)
+BOUND_MAX_PAIRS = 32     # open pairs a row may leave the bound screen; more, and the full screen is cheaper
+BOUND_MAX_CROWDED = 0.2  # share of a block's rows over BOUND_MAX_PAIRS past which the bound screen costs more
 
 
 def _rows_too_similar(rows: np.ndarray, block_low, kept_low, kept_rows, n_kept: int, piece: int, tau: float,
@@ -175,11 +177,19 @@ def _rows_too_similar(rows: np.ndarray, block_low, kept_low, kept_rows, n_kept: 
             pairs_c.append(c + c0)
         c0 += width
     too_similar = (row_max > tau + margin).cpu().numpy()
-    if not pairs_r:
-        return too_similar
-    r, c = torch.cat(pairs_r), torch.cat(pairs_c)
-    r, c = r.cpu().numpy(), c.cpu().numpy()
+    if pairs_r:
+        _settle_pairs(rows, torch.cat(pairs_r).cpu().numpy(), torch.cat(pairs_c).cpu().numpy(), kept_rows, tau,
+                      margin32, too_similar)
+    return too_similar
+
+
+def _settle_pairs(rows: np.ndarray, r: np.ndarray, c: np.ndarray, kept_rows, tau: float, margin32: float,
+                  too_similar: np.ndarray) -> None:
+    """Mark block row r[p] too similar where its similarity to kept row c[p] exceeds tau: float32 decides unless
+    within `margin32` of tau, then the exact dot does. Rows already marked are skipped."""
     r, c = r[~too_similar[r]], c[~too_similar[r]]
+    if not len(r):
+        return
     kept32 = kept_rows(c)
     sims32 = np.einsum("ij,ij->i", rows[r], kept32)  # float32: within margin32 of the exact value
     too_similar[r[sims32 > tau + margin32]] = True
@@ -187,7 +197,65 @@ def _rows_too_similar(rows: np.ndarray, block_low, kept_low, kept_rows, n_kept: 
     for p in band.tolist():  # float32 cannot tell: the exact dot decides
         if not too_similar[r[p]]:
             too_similar[r[p]] = exact_similarity(rows[r[p]], kept32[p]) > tau
-    return too_similar
+
+
+def bound_rows(rows: np.ndarray, dims: int) -> np.ndarray:
+    """Unit rows of `dims` + 1 coordinates whose dot products bound the full rows' from above: the first `dims`
+    coordinates, then the norm of the rest. x.y = x_head.y_head + x_rest.y_rest <= x_head.y_head + |x_rest||y_rest|
+    (Cauchy-Schwarz), so a pair whose bound is below tau cannot exceed it, at a fraction of the product's cost."""
+    out = np.empty((len(rows), dims + 1), dtype=np.float32)
+    out[:, :dims] = rows[:, :dims]
+    out[:, dims] = np.sqrt(np.einsum("ij,ij->i", rows[:, dims:], rows[:, dims:], dtype=np.float32))
+    return out
+
+
+def default_bound_dims(dim: int) -> int:
+    """The bound screen's head for `bound_dims="auto"`: a quarter of the dimensions (so its products cost a
+    quarter) less the norm column; none below 256 dimensions, where the full products are cheap already."""
+    return dim // 4 - 1 if dim >= 256 else 0
+
+
+def _rows_over_bound(bound_low, kept_bound, n_kept: int, piece: int, threshold: float, max_pairs: int):
+    """The bound screen: per block row, the kept columns whose bound reaches `threshold` (pairs (rows, columns)),
+    and which rows have more than `max_pairs` such columns ("crowded": their pairs are not listed, the full screen
+    takes them). Products a `piece` of kept rows at a time, like `_rows_too_similar`."""
+    import torch
+
+    counts = torch.zeros(len(bound_low), dtype=torch.int64, device=bound_low.device)
+    pairs_r, pairs_c = [], []
+    c0 = 0
+    while c0 < n_kept:
+        width = _piece_width(n_kept - c0, piece)
+        bounds = bound_low @ kept_bound[c0:c0 + width].T
+        if n_kept - c0 < width:
+            bounds = bounds[:, :n_kept - c0]
+        listed = torch.nonzero((bounds.amax(dim=1).float() >= threshold) & (counts <= max_pairs)).flatten()
+        if len(listed):
+            r, c = torch.nonzero(bounds[listed] >= threshold, as_tuple=True)
+            r = listed[r]
+            counts += torch.bincount(r, minlength=len(counts))
+            pairs_r.append(r)
+            pairs_c.append(c + c0)
+        c0 += width
+    crowded = (counts > max_pairs).cpu().numpy()
+    if not pairs_r:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), crowded
+    r, c = torch.cat(pairs_r).cpu().numpy(), torch.cat(pairs_c).cpu().numpy()
+    return r[~crowded[r]], c[~crowded[r]], crowded
+
+
+def _earlier_pairs(vectors, i0: int, n: int, threshold: float, upper) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (r, c) of a block's rows i0 + r (r < n) and c < i0 + r whose product reaches `threshold`: the lower
+    triangle of the block's own products, one sub-block of rows at a time (`upper` masks the diagonal and above)."""
+    import torch
+
+    sims = vectors[i0:i0 + n] @ vectors[:i0 + n].T
+    sims[:, i0:].masked_fill_(upper[:n, :n], -2.0)  # a row is compared to earlier rows only
+    hit = torch.nonzero(sims.amax(dim=1).float() >= threshold).flatten()  # rows with a pair near tau
+    if not len(hit):
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    r, c = torch.nonzero(sims[hit] >= threshold, as_tuple=True)
+    return hit[r].cpu().numpy(), c.cpu().numpy()
 
 
 def _torch_rows(embeddings):
@@ -230,7 +298,7 @@ def _next_block_size(block_size: int, wanted: int, examined: int, kept: int) -> 
 
 def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, block_size: int = 1024,
                      device: str | None = None, max_chunk_bytes: int = 256 << 20, progress: bool = False,
-                     precision: str = "auto") -> FilterResult:
+                     precision: str = "auto", bound_dims: int | str = "auto") -> FilterResult:
     """The same selection as `diversity_filter_sequential`, computed a block of candidates at a time.
 
     Per block: matrix products against the kept samples, a fixed number of kept columns at a time (memory stays
@@ -239,6 +307,13 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
     own similarity matrix. The products run in `screen_dtype` and only similarities near tau are recomputed, so
     the selection is exact whatever the precision. `embeddings` may be a memory-mapped array: only the rows of
     the current block are read.
+
+    Before that full screen, a bound screen on `bound_dims` + 1 coordinates (`bound_rows`; "auto": a quarter of
+    the dimensions from 256 on, 0: none) clears every pair that cannot exceed tau at a quarter of the cost; the
+    pairs it leaves open are settled in float32 one by one, and a row with more than `BOUND_MAX_PAIRS` open pairs
+    takes the full screen. Where similarities are high across the board (raw LLM hidden states often share one
+    dominant direction) many rows are crowded; after a block with more than `BOUND_MAX_CROWDED` of them, the bound
+    screen is dropped for the rest of the run.
     """
     import torch
 
@@ -254,6 +329,15 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
     upper = torch.ones((sub, sub), dtype=torch.bool, device=device).triu()  # diagonal and above
     capacity = -(-count // piece) * piece + 128  # room for a padded last sliver (see _piece_width)
     kept_low = torch.zeros((capacity, dim), dtype=low, device=device)  # the kept rows, as the screen reads them
+    if bound_dims == "auto":
+        bound_dims = default_bound_dims(dim)
+    if not isinstance(bound_dims, int) or not 0 <= bound_dims < dim:
+        raise ValueError(f"bound_dims {bound_dims!r}: use 'auto', 0 (no bound screen) or 1..{dim - 1}")
+    use_bound = bound_dims > 0
+    if use_bound:
+        margin_bound = ((bfloat16_margin(bound_dims + 1) if low == torch.bfloat16 else float32_margin(bound_dims + 1))
+                        + float32_margin(dim))  # + the float32 norm of the rest
+        kept_bound = torch.zeros((capacity, bound_dims + 1), dtype=low, device=device)
 
     def kept_rows(columns: np.ndarray) -> np.ndarray:
         """float32 unit rows of kept samples, for the few pairs the screen leaves open."""
@@ -287,23 +371,36 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
         block_low = torch.from_numpy(rows).to(device=device, dtype=low)  # on CPU in float32: a view of `rows`
         n_kept = len(selected)
 
+        if use_bound:
+            block_bound = torch.from_numpy(bound_rows(rows, bound_dims)).to(device=device, dtype=low)
+
         # 1. block vs everything kept before this block
-        rejected = (_rows_too_similar(rows, block_low, kept_low, kept_rows, n_kept, piece, tau, margin, margin32)
-                    if n_kept else np.zeros(len(rows), dtype=bool))
+        rejected = np.zeros(len(rows), dtype=bool)
+        if n_kept and use_bound:
+            r, c, crowded = _rows_over_bound(block_bound, kept_bound, n_kept, piece, tau - margin_bound,
+                                             BOUND_MAX_PAIRS)
+            _settle_pairs(rows, r, c, kept_rows, tau, margin32, rejected)
+            if crowded.any():
+                full = np.nonzero(crowded)[0]
+                rejected[full] = _rows_too_similar(rows[full], block_low[torch.from_numpy(full).to(device)],
+                                                   kept_low, kept_rows, n_kept, piece, tau, margin, margin32)
+            use_bound = crowded.mean() <= BOUND_MAX_CROWDED
+        elif n_kept:
+            rejected = _rows_too_similar(rows, block_low, kept_low, kept_rows, n_kept, piece, tau, margin, margin32)
 
         # 2. survivors among themselves, in ranking order: only pairs that may exceed tau can conflict, so the
-        # block's own products (lower triangle, `sub` rows at a time: repeated shapes) just list those pairs.
+        # block's own products (lower triangle, `sub` rows at a time: repeated shapes) just list those pairs -
+        # from the bound screen unless it lists too many, then from the full screen.
         pairs: dict[int, list[int]] = {}
         for i0 in range(0, len(rows), sub):
-            here = block_low[i0:i0 + sub]
-            sims = here @ block_low[:i0 + len(here)].T  # against the block's rows up to this sub-block's end
-            sims[:, i0:].masked_fill_(upper[:len(here), :len(here)], -2.0)  # a row is compared to earlier rows only
-            hit = torch.nonzero(sims.amax(dim=1).float() >= tau - margin).flatten()  # rows with a pair near tau
-            if len(hit):
-                r, c = torch.nonzero(sims[hit] >= tau - margin, as_tuple=True)
-                for i, j in zip((hit[r] + i0).tolist(), c.tolist()):
-                    if not rejected[i] and not rejected[j]:
-                        pairs.setdefault(i, []).append(j)
+            n_here = min(sub, len(rows) - i0)
+            if use_bound:
+                r, c = _earlier_pairs(block_bound, i0, n_here, tau - margin_bound, upper)
+            if not use_bound or len(r) > BOUND_MAX_PAIRS * n_here:
+                r, c = _earlier_pairs(block_low, i0, n_here, tau - margin, upper)
+            for i, j in zip((r + i0).tolist(), c.tolist()):
+                if not rejected[i] and not rejected[j]:
+                    pairs.setdefault(i, []).append(j)
         keep = ~rejected
         for s in sorted(pairs):
             earlier = [j for j in pairs[s] if keep[j]]  # decided before s, as in the sequential walk
@@ -315,6 +412,8 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
             selected.extend(block_index[new].tolist())
             last = start + int(new[-1])
             kept_low[n_kept:n_kept + len(new)] = block_low[torch.from_numpy(new).to(device)]
+            if use_bound:
+                kept_bound[n_kept:n_kept + len(new)] = block_bound[torch.from_numpy(new).to(device)]
             if bar is not None:
                 bar.update(len(new))
         start += len(block_index)

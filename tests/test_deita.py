@@ -15,9 +15,9 @@ from configs.schema import DataConfig, ModelConfig
 from models.deita import (COMPLEXITY_TEMPLATE, QUALITY_TEMPLATE, DeitaScorer, detect_kind, expected_scores,
                           score_token_ids)
 from models.loading import load_model
-from tasks.deita_selection import (_next_block_size, _piece_width, bfloat16_margin, diversity_filter,
-                                   diversity_filter_sequential, evol_scores, exact_similarity, ranking_order,
-                                   screen_dtype, unit_rows)
+from tasks.deita_selection import (_next_block_size, _piece_width, bfloat16_margin, bound_rows,
+                                   diversity_filter, diversity_filter_sequential, evol_scores, exact_similarity,
+                                   ranking_order, screen_dtype, unit_rows)
 
 from conftest import DATA
 
@@ -144,9 +144,11 @@ def test_filter_equals_plain_sequential_loop(budget, precision, one_torch_thread
     reference = diversity_filter_sequential(x, order, 0.9, budget)
     assert reference.selected.tolist() == expected
     for block in (1, 13, 256, 4096):
-        fast = diversity_filter(x, order, 0.9, budget, block_size=block, max_chunk_bytes=1 << 14, precision=precision)
-        assert fast.selected.tolist() == expected, f"block {block}"
-        assert fast.examined == reference.examined
+        for bound_dims in (0, 11):  # without and with the bound screen (its "auto" starts at 256 dimensions)
+            fast = diversity_filter(x, order, 0.9, budget, block_size=block, max_chunk_bytes=1 << 14,
+                                    precision=precision, bound_dims=bound_dims)
+            assert fast.selected.tolist() == expected, f"block {block}, bound_dims {bound_dims}"
+            assert fast.examined == reference.examined
     if budget == 10_000:  # no budget: the walk covers everything and near-duplicates are rejected
         assert reference.examined == len(x) and 0 < reference.rejected < 200
     elif budget == 150:   # budget exhausted: stops right after the 150th kept sample
@@ -175,6 +177,73 @@ def test_similarities_at_the_threshold_are_settled_exactly(one_torch_thread):
     seq = diversity_filter_sequential(x, order, tau, 1000)
     fast = diversity_filter(x, order, tau, 1000, block_size=16)
     assert sorted(seq.selected.tolist()) == truth and fast.selected.tolist() == seq.selected.tolist()
+
+
+def test_bound_rows_bound_every_similarity_from_above():
+    rng = np.random.default_rng(3)
+    x = unit_rows(np.concatenate([rng.standard_normal((300, 64)),
+                                  np.repeat(rng.standard_normal((3, 64)), 100, axis=0)
+                                  + 0.3 * rng.standard_normal((300, 64))]))
+    exact = x.astype(np.float64) @ x.astype(np.float64).T
+    for dims in (1, 15, 63):
+        b = bound_rows(x, dims).astype(np.float64)
+        assert b.shape == (600, dims + 1) and np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-6)
+        bound = b @ b.T
+        assert (bound >= exact - 1e-6).all()
+        assert (np.abs(np.diag(bound) - 1) < 1e-6).all()  # tight on x.x
+    # with one coordinate left over, the slack is |x_63 y_63| - x_63 y_63: zero unless the signs differ
+    last = np.outer(x[:, 63], x[:, 63]).astype(np.float64)
+    assert np.allclose(bound - exact, np.abs(last) - last, atol=1e-6)
+    assert (bound_rows(x, 1) @ bound_rows(x, 1).T - exact).mean() > 0.1  # a loose bound with one coordinate kept
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_bound_screen_margin_on_tight_bounds(precision, one_torch_thread):
+    # Every row's coordinates past the bound's head point the same way, so the bound equals the similarity and only
+    # the screen's margin stands between a pair just above tau and a wrong keep.
+    rng = np.random.default_rng(13)
+    d, head, n = 64, 15, 120
+    tail = unit_rows(rng.standard_normal((1, d - head)))[0]
+    base = unit_rows(rng.standard_normal((n, head)))
+    ortho = unit_rows(rng.standard_normal((n, head)))
+    ortho = unit_rows(ortho - (ortho * base).sum(1, keepdims=True) * base)
+    cos = 0.8 + 2 * rng.uniform(-0.015, 0.015, (n, 1))  # similarity 0.5 + 0.5 cos: tau +- 0.015
+    near = cos * base + np.sqrt(1 - cos ** 2) * ortho
+    heads = np.concatenate([base, near])
+    x = (np.sqrt(0.5) * np.hstack([heads, np.tile(tail, (2 * n, 1))])).astype(np.float32)
+    scores = np.concatenate([np.full(n, 2.0), np.full(n, 1.0)])
+    units = unit_rows(x)
+    bounds = bound_rows(units, head).astype(np.float64)
+    pair_sims = (units[:n].astype(np.float64) * units[n:]).sum(1)
+    assert np.abs((bounds[:n] * bounds[n:]).sum(1) - pair_sims).max() < 1e-6  # the bound is tight here
+    order = ranking_order(scores)
+    expected = plain_loop(x, scores, 0.9, 10_000)
+    assert 10 < len(expected) - n < n - 10 and (np.abs(pair_sims - 0.9) < bfloat16_margin(head + 1)).sum() > 50
+    fast = diversity_filter(x, order, 0.9, 10_000, block_size=32, precision=precision, bound_dims=head)
+    assert fast.selected.tolist() == expected
+
+
+def test_bound_screen_hands_crowded_rows_to_the_full_screen(one_torch_thread, monkeypatch):
+    # Half the rows keep most of their energy past the bound's head, so every pair's bound is near 1 and those rows
+    # are crowded; the other half are spread out. Near-duplicates are planted in both halves.
+    import tasks.deita_selection as selection
+
+    n, d, head = 800, 64, 15
+    x, scores = planted(n, d, 250, seed=5)
+    x[: n // 2, :head] *= 0.05
+    order = ranking_order(scores)
+    full_rows = []
+    screen = selection._rows_too_similar
+    monkeypatch.setattr(selection, "_rows_too_similar",
+                        lambda rows, *a: full_rows.append(len(rows)) or screen(rows, *a))
+    expected = plain_loop(x, scores, 0.9, 10_000)
+    for precision in ("float32", "bfloat16"):
+        for block in (64, 600):  # 64: blocks of all sorts; 600: most rows crowded, then the bound screen is dropped
+            full_rows.clear()
+            fast = diversity_filter(x, order, 0.9, 10_000, block_size=block, precision=precision, bound_dims=head)
+            assert fast.selected.tolist() == expected, (precision, block)
+            assert 0 < sum(full_rows) < n  # some rows took the full screen, not all of them
+    assert 0 < n - len(expected) < 250  # near-duplicates were rejected
 
 
 @pytest.mark.parametrize("dim", [48, 1024])

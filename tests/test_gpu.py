@@ -72,6 +72,7 @@ def test_diversity_filter_on_cuda_equals_the_sequential_definition():
     for budget in (5000, 700):
         expected = diversity_filter_sequential(x, order, 0.9, budget)
         for block in (64, 1024):
-            got = diversity_filter(x, order, 0.9, budget, block_size=block, device="cuda")
-            assert got.selected.tolist() == expected.selected.tolist() and got.examined == expected.examined
+            for bound_dims in (0, 23):  # without and with the bound screen
+                got = diversity_filter(x, order, 0.9, budget, block_size=block, device="cuda", bound_dims=bound_dims)
+                assert got.selected.tolist() == expected.selected.tolist() and got.examined == expected.examined
         assert 0 < expected.rejected
