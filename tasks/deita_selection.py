@@ -143,8 +143,9 @@ def screen_dtype(device: str, precision: str = "auto"):
 
 SCREEN_PIECE = 2048  # kept rows per screen product
 SCREEN_SUB = 512     # block rows per product when a block is compared with itself (its lower triangle only)
-BOUND_MAX_PAIRS = 32     # open pairs a row may leave the bound screen; more, and the full screen is cheaper
-BOUND_MAX_CROWDED = 0.2  # share of a block's rows over BOUND_MAX_PAIRS past which the bound screen costs more
+BOUND_MAX_PAIRS = 32  # open pairs a row may leave the bound screen; more, and the full screen is cheaper for it
+BOUND_MAX_LOAD = 4    # open pairs per row in a block (a crowded row counting BOUND_MAX_PAIRS) past which settling
+                      # them one by one costs more than the bound screen saves: then it is dropped
 
 
 def _rows_too_similar(rows: np.ndarray, block_low, kept_low, kept_rows, n_kept: int, piece: int, tau: float,
@@ -311,9 +312,9 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
     Before that full screen, a bound screen on `bound_dims` + 1 coordinates (`bound_rows`; "auto": a quarter of
     the dimensions from 256 on, 0: none) clears every pair that cannot exceed tau at a quarter of the cost; the
     pairs it leaves open are settled in float32 one by one, and a row with more than `BOUND_MAX_PAIRS` open pairs
-    takes the full screen. Where similarities are high across the board (raw LLM hidden states often share one
-    dominant direction) many rows are crowded; after a block with more than `BOUND_MAX_CROWDED` of them, the bound
-    screen is dropped for the rest of the run.
+    takes the full screen. Where many pairs stay open - similarities high across the board (raw LLM hidden
+    states often share one dominant direction), or a head too narrow for the data - the bound screen is dropped
+    for the rest of the run after a block with more than `BOUND_MAX_LOAD` open pairs per row.
     """
     import torch
 
@@ -384,7 +385,7 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
                 full = np.nonzero(crowded)[0]
                 rejected[full] = _rows_too_similar(rows[full], block_low[torch.from_numpy(full).to(device)],
                                                    kept_low, kept_rows, n_kept, piece, tau, margin, margin32)
-            use_bound = crowded.mean() <= BOUND_MAX_CROWDED
+            use_bound = (len(r) + BOUND_MAX_PAIRS * crowded.sum()) / len(rows) <= BOUND_MAX_LOAD
         elif n_kept:
             rejected = _rows_too_similar(rows, block_low, kept_low, kept_rows, n_kept, piece, tau, margin, margin32)
 

@@ -246,6 +246,23 @@ def test_bound_screen_hands_crowded_rows_to_the_full_screen(one_torch_thread, mo
     assert 0 < n - len(expected) < 250  # near-duplicates were rejected
 
 
+def test_bound_screen_is_kept_where_it_pays_and_dropped_where_it_does_not(one_torch_thread, monkeypatch):
+    import tasks.deita_selection as selection
+
+    calls = []
+    screen = selection._rows_over_bound
+    monkeypatch.setattr(selection, "_rows_over_bound", lambda *a: calls.append(1) or screen(*a))
+    x, scores = planted(1200, 256, 300, seed=8)
+    shared = unit_rows(np.random.default_rng(8).standard_normal((1, 256)))
+    order = ranking_order(scores)
+    for data, expect_kept in ((x, True), (unit_rows(x) + 1.5 * shared, False)):  # spread out; one shared direction
+        calls.clear()
+        fast = diversity_filter(data, order, 0.9, 10_000, block_size=100)  # bound_dims "auto": 63 of 256
+        assert fast.selected.tolist() == plain_loop(data, scores, 0.9, 10_000)
+        blocks_after_first = -(-fast.examined // 100) - 1
+        assert (len(calls) == blocks_after_first) == expect_kept and len(calls) >= 1
+
+
 @pytest.mark.parametrize("dim", [48, 1024])
 def test_bfloat16_screen_stays_within_its_margin(dim):
     # the margin must bound the screen's error on every pair, most of all near tau where it decides
