@@ -148,27 +148,32 @@ BOUND_MAX_LOAD = 4    # open pairs per row in a block (a crowded row counting BO
                       # them one by one costs more than the bound screen saves: then it is dropped
 
 
+def _products_with_kept(block, kept, n_kept: int, piece: int):
+    """(first column, block @ kept[columns].T) over the first `n_kept` rows of the zero-padded `kept` buffer, `piece`
+    rows at a time and the tail in power-of-two pieces (`_piece_width`): few distinct product shapes, as oneDNN
+    compiles a kernel per shape (~20 ms each)."""
+    c0 = 0
+    while c0 < n_kept:
+        width = _piece_width(n_kept - c0, piece)
+        products = block @ kept[c0:c0 + width].T
+        yield c0, products[:, :n_kept - c0] if n_kept - c0 < width else products  # padding rows are not kept
+        c0 += width
+
+
 def _rows_too_similar(rows: np.ndarray, block_low, kept_low, kept_rows, n_kept: int, piece: int, tau: float,
                       margin: float, margin32: float) -> np.ndarray:
     """Per block row: is its similarity to any of the first `n_kept` kept rows > tau?
 
     `rows` are the block's float32 unit rows, `block_low` the same in the screen's dtype, `kept_low` the kept
     rows in that dtype and `kept_rows(columns)` gives kept rows in float32. The screen multiplies `block_low` by
-    `kept_low` `piece` kept rows at a time (the tail in power-of-two pieces, see `_piece_width`) from the
-    zero-padded kept buffer, so the products have few distinct shapes (oneDNN compiles a kernel per shape, ~20 ms
-    each). A row is decided by its maximum unless that lies within `margin` of tau; such rows look at their pairs
-    near tau in float32, then exactly.
+    `kept_low` a piece at a time (`_products_with_kept`). A row is decided by its maximum unless that lies within
+    `margin` of tau; such rows look at their pairs near tau in float32, then exactly.
     """
     import torch
 
     row_max = torch.full((len(rows),), -2.0, device=block_low.device)
     pairs_r, pairs_c = [], []
-    c0 = 0
-    while c0 < n_kept:
-        width = _piece_width(n_kept - c0, piece)
-        sims = block_low @ kept_low[c0:c0 + width].T
-        if n_kept - c0 < width:
-            sims = sims[:, :n_kept - c0]  # the padding columns are not kept samples
+    for c0, sims in _products_with_kept(block_low, kept_low, n_kept, piece):
         chunk_max = sims.amax(dim=1).float()
         row_max = torch.maximum(row_max, chunk_max)
         unsure = torch.nonzero((chunk_max >= tau - margin) & (chunk_max <= tau + margin)).flatten()
@@ -176,7 +181,6 @@ def _rows_too_similar(rows: np.ndarray, block_low, kept_low, kept_rows, n_kept: 
             r, c = torch.nonzero(sims[unsure] >= tau - margin, as_tuple=True)
             pairs_r.append(unsure[r])
             pairs_c.append(c + c0)
-        c0 += width
     too_similar = (row_max > tau + margin).cpu().numpy()
     if pairs_r:
         _settle_pairs(rows, torch.cat(pairs_r).cpu().numpy(), torch.cat(pairs_c).cpu().numpy(), kept_rows, tau,
@@ -219,17 +223,12 @@ def default_bound_dims(dim: int) -> int:
 def _rows_over_bound(bound_low, kept_bound, n_kept: int, piece: int, threshold: float, max_pairs: int):
     """The bound screen: per block row, the kept columns whose bound reaches `threshold` (pairs (rows, columns)),
     and which rows have more than `max_pairs` such columns ("crowded": their pairs are not listed, the full screen
-    takes them). Products a `piece` of kept rows at a time, like `_rows_too_similar`."""
+    takes them). Products a piece of kept rows at a time (`_products_with_kept`)."""
     import torch
 
     counts = torch.zeros(len(bound_low), dtype=torch.int64, device=bound_low.device)
     pairs_r, pairs_c = [], []
-    c0 = 0
-    while c0 < n_kept:
-        width = _piece_width(n_kept - c0, piece)
-        bounds = bound_low @ kept_bound[c0:c0 + width].T
-        if n_kept - c0 < width:
-            bounds = bounds[:, :n_kept - c0]
+    for c0, bounds in _products_with_kept(bound_low, kept_bound, n_kept, piece):
         listed = torch.nonzero((bounds.amax(dim=1).float() >= threshold) & (counts <= max_pairs)).flatten()
         if len(listed):
             r, c = torch.nonzero(bounds[listed] >= threshold, as_tuple=True)
@@ -237,7 +236,6 @@ def _rows_over_bound(bound_low, kept_bound, n_kept: int, piece: int, threshold: 
             counts += torch.bincount(r, minlength=len(counts))
             pairs_r.append(r)
             pairs_c.append(c + c0)
-        c0 += width
     crowded = (counts > max_pairs).cpu().numpy()
     if not pairs_r:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), crowded
