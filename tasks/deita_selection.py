@@ -141,6 +141,13 @@ def screen_dtype(device: str, precision: str = "auto"):
     return torch.bfloat16 if precision == "bfloat16" or (precision == "auto" and native) else torch.float32
 
 
+def _product_margin(dtype, dim: int) -> float:
+    """The error bound of a `dtype` product of unit vectors of `dim` coordinates (see the two margins above)."""
+    import torch
+
+    return bfloat16_margin(dim) if dtype == torch.bfloat16 else float32_margin(dim)
+
+
 SCREEN_PIECE = 2048  # kept rows per screen product
 SCREEN_SUB = 512     # block rows per product when a block is compared with itself (its lower triangle only)
 BOUND_MAX_PAIRS = 32  # open pairs a row may leave the bound screen; more, and the full screen is cheaper for it
@@ -321,7 +328,7 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     low = screen_dtype(device, precision)
     margin32 = float32_margin(dim)
-    margin = bfloat16_margin(dim) if low == torch.bfloat16 else margin32
+    margin = _product_margin(low, dim)
     count = min(count, len(order))
     piece = max(1, min(SCREEN_PIECE, max_chunk_bytes // (4 * block_size)))
     sub = min(block_size, SCREEN_SUB)
@@ -334,8 +341,7 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
         raise ValueError(f"bound_dims {bound_dims!r}: use 'auto', 0 (no bound screen) or 1..{dim - 1}")
     use_bound = bound_dims > 0
     if use_bound:
-        margin_bound = ((bfloat16_margin(bound_dims + 1) if low == torch.bfloat16 else float32_margin(bound_dims + 1))
-                        + float32_margin(dim))  # + the float32 norm of the rest
+        margin_bound = _product_margin(low, bound_dims + 1) + margin32  # + the float32 norm of the rest
         kept_bound = torch.zeros((capacity, bound_dims + 1), dtype=low, device=device)
 
     def kept_rows(columns: np.ndarray) -> np.ndarray:
@@ -410,9 +416,10 @@ def diversity_filter(embeddings, order: Sequence[int], tau: float, count: int, b
         if len(new):
             selected.extend(block_index[new].tolist())
             last = start + int(new[-1])
-            kept_low[n_kept:n_kept + len(new)] = block_low[torch.from_numpy(new).to(device)]
+            new_rows = torch.from_numpy(new).to(device)
+            kept_low[n_kept:n_kept + len(new)] = block_low[new_rows]
             if use_bound:
-                kept_bound[n_kept:n_kept + len(new)] = block_bound[torch.from_numpy(new).to(device)]
+                kept_bound[n_kept:n_kept + len(new)] = block_bound[new_rows]
             if bar is not None:
                 bar.update(len(new))
         start += len(block_index)
