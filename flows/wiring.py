@@ -60,7 +60,8 @@ def _failing_copy(stage_task):
 
 def run_stage_task(stage_task, *args: Any, parent_run_id: str | None = None, log_config: Any = None,
                    **kwargs: Any) -> StageOutput:
-    """Call a cached stage task; its child MLflow run is tagged `pomona.cached=true` when Prefect reused it."""
+    """Call a cached stage task; its child MLflow run is tagged `pomona.cached=true` when Prefect reused it or the
+    stage found its output finished in the store."""
     injected = _FAIL_AT.get()
     if injected is not None:
         injected["ran"].append(stage_task.name)
@@ -69,7 +70,7 @@ def run_stage_task(stage_task, *args: Any, parent_run_id: str | None = None, log
     state = stage_task(*args, return_state=True, **kwargs)
     out: StageOutput = state.result()  # raises the task's exception when it failed
     if parent_run_id:
-        log_stage(parent_run_id, out, config=log_config, cached=state.name == "Cached")
+        log_stage(parent_run_id, out, config=log_config, cached=state.name == "Cached" or out.reused)
     return out
 
 

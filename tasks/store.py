@@ -37,6 +37,8 @@ class StageOutput(BaseModel):
     artifacts: list[str] = Field(default_factory=list, description="files (relative to path) to log to MLflow")
     datasets: list[dict[str, str]] = Field(default_factory=list, description="{name, file, context} to log as MLflow inputs")
     summary: str = Field("", description="a short markdown summary for the Prefect UI")
+    reused: bool = Field(False, description="True when this call found the stage already finished in the store "
+                                            "(set on the returned copy, never in the `_SUCCESS` record)")
 
     def file(self, name: str) -> Path:
         return Path(self.path) / name
@@ -59,16 +61,23 @@ def canonical(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
         from configs.schema import runtime_only
 
+        # field by field, so runtime-only fields of nested configs stay out too
+        fields = type(obj).model_fields
         dumped = obj.model_dump(mode="json")
-        return canonical({name: value for name, value in dumped.items()
-                          if name not in type(obj).model_fields or not runtime_only(type(obj).model_fields[name])})
+        return {name: canonical(getattr(obj, name)) if isinstance(getattr(obj, name), (BaseModel, list, tuple, dict))
+                else canonical(dumped[name])
+                for name in sorted(dumped) if name not in fields or not runtime_only(fields[name])}
     if isinstance(obj, dict):
         return {str(k): canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):
         return [canonical(v) for v in obj]
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    return obj
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    from pydantic_core import to_jsonable_python
+
+    return to_jsonable_python(obj)
 
 
 def content_digest(obj: Any) -> str:
@@ -119,7 +128,7 @@ def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Pa
     folder = stage_dir(stage, key)
     finished = load_finished(folder)
     if finished is not None:
-        return finished
+        return finished.model_copy(update={"reused": True})
     folder.mkdir(parents=True, exist_ok=True)
     fields = body(folder)
     if digest_of is None:
@@ -131,20 +140,60 @@ def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Pa
     return out
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def path_fingerprint(path: Path) -> str:
+    """What a cache key records of a local file or folder a stage reads: a file's content digest (remembered per
+    path, size and mtime, so a big data file is hashed once per process), a folder's relative paths, sizes and
+    mtimes (a model folder is hundreds of MB; retraining or editing it in place changes its mtimes)."""
+    if path.is_file():
+        stat = path.stat()
+        memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if memo not in _FILE_DIGESTS:
+            _FILE_DIGESTS[memo] = file_digest(path)
+        return _FILE_DIGESTS[memo]
+    listing = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        if f.name == SUCCESS or f.name.startswith("."):
+            continue
+        stat = f.stat()
+        listing.append([str(f.relative_to(path)), stat.st_size, stat.st_mtime_ns])
+    return content_digest(listing)
+
+
+def local_paths(material: Any) -> set[str]:
+    """Every string in a canonical structure that names an existing local file or folder."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and value and len(value) < 4096 and "\n" not in value:
+            try:
+                if Path(value).expanduser().exists():
+                    found.add(value)
+            except OSError:  # a string that is no valid path (too long a component, say) is no file
+                pass
+
+    walk(material)
+    return found
+
+
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Prefect cache key: the task's name plus its inputs, configs and upstream digests, plus CODE_VERSION.
 
-    Data files named by a `DataConfig` enter by content digest, so an edited file is a new key.
+    Every local file or folder the parameters name (data files, candidates, pairs, task folders, models) enters
+    by `path_fingerprint`, so an edited file is a new key: Prefect must never hand back a result the stage itself
+    would recompute. The key may be finer than the stage's own store key (a retouched folder, a config field the
+    stage ignores); then the task runs, finds its folder finished and returns it as `reused`.
     """
-    from configs.schema import DataConfig
-
-    material = {}
-    for name, value in parameters.items():
-        if name in _NOT_IN_KEY:
-            continue
-        material[name] = canonical(value)
-        if isinstance(value, DataConfig) and Path(value.path).exists():
-            material[name + ".digest"] = file_digest(value.path)
+    material = {name: canonical(value) for name, value in parameters.items() if name not in _NOT_IN_KEY}
+    material["files"] = {path: path_fingerprint(Path(path).expanduser()) for path in sorted(local_paths(material))}
     task_name = getattr(getattr(context, "task", None), "name", "task")
     return f"{task_name}-{stage_key(task_name, material)}"
 

@@ -28,7 +28,8 @@ def test_run_stage_runs_once_then_reuses(tmp_path):
 
     first = run_stage("unit-test", {"x": 1}, [], body)
     second = run_stage("unit-test", {"x": 1}, [], body)
-    assert len(calls) == 1 and first == second
+    assert len(calls) == 1 and first == second.model_copy(update={"reused": False})
+    assert not first.reused and second.reused  # the flow tags the second call's MLflow run as cached
     assert (first.file(SUCCESS)).exists() and first.digest == file_digest(first.path)
     third = run_stage("unit-test", {"x": 2}, [], body)
     assert len(calls) == 2 and third.path != first.path
@@ -54,6 +55,45 @@ def test_cache_key_ignores_where_to_report_and_follows_file_content(tmp_path):
     assert k1 == stage_cache_key(None, {"data": cfg, "parent_run_id": "run-b"})
     data.write_text("[ ]")
     assert k1 != stage_cache_key(None, {"data": cfg, "parent_run_id": "run-a"})
+
+
+def test_cache_key_follows_every_file_the_parameters_name(tmp_path):
+    # Prefect hands back a cached result without running the stage, so a file the stage reads by a plain path
+    # (a candidates file, a nested data config, a model folder) must move the key when it changes.
+    from configs.grape import CandidatesFile, GrapeSelection
+    from configs.schema import ModelConfig
+
+    cands = tmp_path / "cands.json"
+    cands.write_text('{"data": []}')
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    selection = GrapeSelection(target=ModelConfig(name_or_path=str(model)), candidates=CandidatesFile(path=str(cands)))
+    nested = {"eval": {"held_out": DataConfig(path=str(cands))}}
+    keys = [stage_cache_key(None, {"selection": selection}), stage_cache_key(None, nested)]
+    cands.write_text('{"data": [1]}')
+    keys_edited = [stage_cache_key(None, {"selection": selection}), stage_cache_key(None, nested)]
+    assert keys[0] != keys_edited[0] and keys[1] != keys_edited[1]
+    (model / "model.safetensors").write_bytes(b"weights")  # a model folder retrained in place
+    assert stage_cache_key(None, {"selection": selection}) != keys_edited[0]
+    # strings that name no file (model names, labels) leave the key alone
+    plain = {"model": ModelConfig(name_or_path="tiny:0"), "label": "x"}
+    assert stage_cache_key(None, plain) == stage_cache_key(None, dict(plain))
+
+
+def test_runtime_only_fields_stay_out_of_keys_at_any_depth():
+    from configs.ifd import CherrySelection, ScoringConfig
+    from configs.runner import ScaleOutConfig
+    from configs.schema import ModelConfig
+
+    def cherry(scale_out=None, max_length=512):
+        return CherrySelection(budget=5, scoring=ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"),
+                                                               max_length=max_length, scale_out=scale_out))
+
+    base = stage_cache_key(None, {"selection": cherry()})
+    assert base == stage_cache_key(None, {"selection": cherry(ScaleOutConfig(workers=2))})
+    assert base != stage_cache_key(None, {"selection": cherry(max_length=256)})
+    assert stage_key("s", cherry()) == stage_key("s", cherry(ScaleOutConfig(workers=2)))
 
 
 def test_upstream_outputs_enter_keys_by_digest():
@@ -113,3 +153,39 @@ def test_selection_stages_preview_their_first_samples_for_the_prefect_artifact()
     assert preview[2] == "| # | instruction | response |" and len(preview) == 4 + 3 + 1  # 3 rows, blank line
     assert preview[4].startswith("| 1 | ") and all(len(cell) <= 42 for cell in preview[4].split("|"))
     assert selection_preview(records) == ""  # not a selection stage
+
+
+def _count_words(data: DataConfig, batch_size: int) -> StageOutput:
+    # batch_size changes no result, so the stage leaves it out of its store key (as the Deita scorers do)
+    def body(folder):
+        words = len(open(data.path).read().split())
+        (folder / "count.txt").write_text(str(words))
+        return {"metrics": {"words": float(words)}}
+
+    return run_stage("count-words", {"data": data}, [file_digest(data.path)], body)
+
+
+def test_a_stage_found_finished_in_the_store_is_logged_as_cached(prefect_server, tmp_path):
+    # Prefect's key sees batch_size, the store's does not: the second call misses Prefect's cache, runs the task,
+    # and the task returns the finished folder. Its MLflow run must say cached, not claim a fresh computation.
+    from prefect import flow
+
+    from flows.wiring import run_stage_task
+    from tasks.track import client, start_parent_run
+
+    data = tmp_path / "words.txt"
+    data.write_text("one two three")
+    count_task = stage_task(_count_words, name="count-words")
+
+    @flow
+    def count_twice(parent: str):
+        first = run_stage_task(count_task, DataConfig(path=str(data)), 4, parent_run_id=parent)
+        second = run_stage_task(count_task, DataConfig(path=str(data)), 8, parent_run_id=parent)
+        return first, second
+
+    parent = start_parent_run("store-reuse-test", "twice", DataConfig(path=str(data)), None)
+    first, second = count_twice(parent)
+    assert first.path == second.path and first.metrics == {"words": 3.0}
+    runs = client().search_runs([client().get_experiment_by_name("store-reuse-test").experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.data.tags["pomona.cached"] for r in runs) == ["false", "true"]
