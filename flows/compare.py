@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from configs.compare import CompareConfig
-from flows.evaluate import artifact_key, evaluate_stages
+from flows.evaluate import evaluate_stages
 from flows.selection import select_subset
 from flows.train import run_training_stage
 from flows.wiring import fail_at_switch, run_stage_task
@@ -26,7 +26,7 @@ from tasks.data import prepare_records_task, read_jsonl
 from tasks.evaluate import comparison_task, finish_method_run, model_fingerprint, start_method_run
 from tasks.store import StageOutput
 from tasks.train import sft_stage_task, trained_model
-from tasks.track import client, tracked_run
+from tasks.track import artifact_key, client, tracked_run
 
 
 @task(name="compare-method", cache_policy=NO_CACHE)

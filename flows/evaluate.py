@@ -11,13 +11,7 @@ from flows.wiring import run_stage_task
 from tasks.evaluate import (answers_task, eval_table_task, humaneval_task, judge_task, likelihood_task, lm_eval_task,
                             model_fingerprint, table_rows)
 from tasks.store import StageOutput
-from tasks.track import tracked_run
-
-
-def artifact_key(text: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    key = "".join(c if c.isalnum() else "-" for c in text.lower())
-    return "-".join(part for part in key.split("-") if part)
+from tasks.track import artifact_key, tracked_run
 
 
 def evaluate_stages(model: ModelConfig, model_digest: str, config: EvaluateConfig, label: str,

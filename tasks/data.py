@@ -170,7 +170,7 @@ def _raw_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[tu
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"row {i}", row
     elif path.suffix == ".jsonl":
-        yield from _jsonl_rows(path, on_error, rejects)
+        yield from jsonl_rows(path, on_error, rejects)
     else:
         yield from _json_rows(path)
 
@@ -186,7 +186,8 @@ def _hf_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"row {i}", row
 
 
-def _jsonl_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[tuple[str, Any]]:
+def jsonl_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[tuple[str, Any]]:
+    """(`line N`, parsed row) of a JSONL file; a line that is not UTF-8 JSON raises or goes to `rejects`."""
     with open(path, "rb") as fh:
         for lineno, raw_line in enumerate(fh, start=1):
             if not raw_line.strip():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from configs.errors import RecordError, ScoringError
 from configs.grape import CandidatesFile, Criterion, GrapeSelection
-from tasks.data import Record, load_canonical, read_jsonl, record_id, write_jsonl
+from tasks.data import Record, jsonl_rows, load_canonical, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import ShardedTable, StageOutput, file_digest, run_stage, stage_task
@@ -90,9 +90,9 @@ def _detect(row: dict, file: str, location: str) -> str:
                                             f"list, found {sorted(row)}", row)
 
 
-def _candidate_rows(path: Path) -> list[tuple[str, object]]:
-    if path.suffix == ".jsonl":
-        return [(f"line {i}", row) for i, row in enumerate(read_jsonl(path), start=1)]
+def _candidate_rows(path: Path, on_error: str, rejects: list[dict]) -> list[tuple[str, object]]:
+    if path.suffix == ".jsonl":  # a broken line is a reject (or the error) naming its line, as for records
+        return list(jsonl_rows(path, on_error, rejects))
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -121,7 +121,7 @@ def read_candidates_file(cfg: CandidatesFile) -> tuple[list[Record], list[dict],
         rejects.append(err.as_reject())
 
     params = json.dumps({"backend": "file", "source": str(path)})
-    for location, raw in _candidate_rows(path):
+    for location, raw in _candidate_rows(path, cfg.on_error, rejects):
         if cfg.limit is not None and len(instructions) >= cfg.limit:
             break
         try:

@@ -193,6 +193,13 @@ def selection_preview(out: StageOutput, rows: int = 5, width: int = 80) -> str:
 
 # -------------------------------------------------------------------------------------------------- tasks
 @task(cache_policy=NO_CACHE, name="start-tracking")
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only (a generator named `smollm2-1.7b`
+    would otherwise fail its stage's summary after the work is done)."""
+    key = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(part for part in key.split("-") if part)
+
+
 def start_tracking(experiment: str, run_name: str, config: Any) -> str:
     from prefect.runtime import flow_run
 
@@ -208,7 +215,7 @@ def log_stage(parent_run_id: str, out: StageOutput, config: Any = None, cached: 
     run_id = log_stage_run(parent_run_id, out, config, cached, run_id=run_id)
     note = " (reused: cached)" if cached else ""
     create_markdown_artifact(
-        key=f"{out.stage}-summary".replace("_", "-").lower(),
+        key=artifact_key(f"{out.stage}-summary"),
         markdown=f"## {out.stage}{note}\n\n{out.summary}\n\n{selection_preview(out)}MLflow: {run_link(run_id)}"
                  f"\n\nOutput: `{out.path}`",
         description=f"{out.stage} summary")

@@ -80,6 +80,13 @@ def test_bundled_slice_labels_limit_and_formats(tmp_path):
         ("completions[2].response", "empty response"), (None, "no prompt field")]
     with pytest.raises(RecordError, match=r"u.jsonl, line 1, field 'completions\[2\].response': empty response"):
         read_candidates_file(CandidatesFile(path=str(ultra), on_error="raise"))
+    # a broken JSONL line is a reject naming its line (or the error), and the lines after it are still read
+    broken = tmp_path / "b.jsonl"
+    broken.write_text(ultra.read_text().replace("\n", "\n{not json\n", 1))
+    [inst], rows, rejects = read_candidates_file(CandidatesFile(path=str(broken)))
+    assert len(rows) == 2 and [(r["location"], r["reason"].split(":")[0]) for r in rejects][0] == ("line 2", "invalid JSON")
+    with pytest.raises(RecordError, match=r"b.jsonl, line 2: invalid JSON"):
+        read_candidates_file(CandidatesFile(path=str(broken), on_error="raise"))
 
 
 # ---------------------------------------------------------------------------------------------- fit scoring
@@ -304,3 +311,16 @@ def test_flow_two_seeded_tiny_generators_one_failing_endpoint(prefect_server):
     generated = [r for r in runs if r.data.tags.get("pomona.stage", "").startswith("generate-")]
     assert sorted((r.data.tags["pomona.stage"], r.data.tags["pomona.cached"]) for r in generated) == [
         ("generate-tiny1", "false"), ("generate-tiny1", "true"), ("generate-tiny2", "false"), ("generate-tiny2", "true")]
+
+
+def test_generator_names_with_dots_make_valid_summary_keys():
+    # `generate-smollm2-1.7b-summary` is no Prefect artifact key; a finished generator failed on it before
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    from tasks.track import artifact_key
+
+    key = artifact_key("generate-SmolLM2-1.7b_summary")
+    assert key == "generate-smollm2-1-7b-summary"
+    assert ArtifactCreate(key=key, type="markdown", data="x").key == key
+    with pytest.raises(ValueError):
+        ArtifactCreate(key="generate-smollm2-1.7b-summary", type="markdown", data="x")
