@@ -27,7 +27,7 @@ from configs.errors import ConfigError, ScoringError
 from configs.ifd import CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig, SuperfilterSelection
 from configs.schema import Budget
 from tasks.data import Record, load_canonical, read_jsonl, write_jsonl, write_records
-from tasks.score import STATUS_SCORED, read_scores, score_counts
+from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, score_counts
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
 
@@ -44,6 +44,18 @@ def ifd_value(kind: IFDKind, cond_mean_nll: float, direct_mean_nll: float) -> fl
     if kind == "superfilter":
         return math.exp(cond_mean_nll - direct_mean_nll)
     raise ValueError(f"unknown IFD kind {kind!r}")
+
+
+UNDEFINED_IFD = "direct loss is exactly 0 (Cherry's IFD, a ratio of losses, is undefined)"
+
+
+def skip_undefined_ifd(rows: Sequence[dict[str, Any]], kind: IFDKind) -> list[dict[str, Any]]:
+    """Score-table rows with Cherry's undefined ratios (a model certain of the answer alone: direct loss 0) turned
+    into skipped rows with their reason, so one such sample is a counted reject instead of stopping the stage."""
+    if kind != "cherry":
+        return list(rows)
+    return [{**r, "status": STATUS_SKIPPED, "reason": UNDEFINED_IFD}
+            if r["status"] == STATUS_SCORED and r["direct_mean_nll"] == 0 else r for r in rows]
 
 
 def ifd_scores(rows: Sequence[dict[str, Any]], kind: IFDKind) -> list[float | None]:
@@ -282,7 +294,7 @@ def ifd_selection(records_out: StageOutput, scores_out: StageOutput, selection: 
         from tasks.plots import histogram
 
         records = load_canonical(records_out.file("records.jsonl"))
-        rows = read_scores(scores_out)
+        rows = skip_undefined_ifd(read_scores(scores_out), kind)
         if [r["id"] for r in rows] != [r.id for r in records]:
             raise RuntimeError("score table and records disagree on ids/order: were they scored from these records?")
         ifd = ifd_scores(rows, kind)

@@ -12,7 +12,8 @@ from configs.ifd import (CherrySelection, DiversityConfig, IFDRule, PreExperienc
                          SuperfilterSelection)
 from configs.schema import Budget, DataConfig, ModelConfig
 from configs.train import LoraSettings, SFTStageConfig
-from tasks.ifd import band_stride_pick, facility_location, ifd_value, pick_pre_experience, select_by_ifd
+from tasks.ifd import (band_stride_pick, facility_location, ifd_scores, ifd_value, pick_pre_experience, select_by_ifd,
+                       skip_undefined_ifd)
 from tests.conftest import DATA
 
 
@@ -23,6 +24,24 @@ def test_the_two_ifd_definitions_rank_differently():
     assert ifd_value("superfilter", *a) == pytest.approx(math.exp(1.0) / math.exp(2.0))
     assert ifd_value("superfilter", *b) == pytest.approx(math.exp(4.0) / math.exp(6.0))
     assert (ifd_value("cherry", *a) < ifd_value("cherry", *b)) != (ifd_value("superfilter", *a) < ifd_value("superfilter", *b))
+
+
+def test_a_zero_direct_loss_is_a_counted_skip_for_cherry_only():
+    from tasks.score import score_counts
+
+    def row(i, cond, direct):
+        return {"id": i, "status": "scored", "reason": "", "cond_mean_nll": cond, "direct_mean_nll": direct,
+                "truncated": False, "seq_tokens": 4}
+
+    rows = [row("a", 1.0, 2.0), row("b", 0.5, 0.0)]
+    with pytest.raises(Exception, match="exactly 0"):
+        ifd_scores(rows, "cherry")
+    cherry = skip_undefined_ifd(rows, "cherry")
+    assert ifd_scores(cherry, "cherry") == [0.5, None]
+    assert cherry[1]["status"] == "skipped" and rows[1]["status"] == "scored"  # the input rows stay as they were
+    assert score_counts(cherry)["skipped[direct loss is exactly 0]"] == 1
+    # Superfiltering's ratio of perplexities is defined there: exp(0.5 - 0)
+    assert ifd_scores(skip_undefined_ifd(rows, "superfilter"), "superfilter")[1] == pytest.approx(math.exp(0.5))
 
 
 def test_select_by_ifd_threshold_strictness_share_base_and_input_order():
