@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from configs.evaluate import EvaluateConfig
 from configs.pipeline import SelectionConfig
-from configs.schema import Budget, DataConfig, StrictModel, TrackingConfig
+from configs.schema import DataConfig, StrictModel, TrackingConfig
 from configs.train import TrainingConfig
 
 
@@ -17,6 +17,11 @@ def _selection_classes() -> dict[str, type]:
     """method name -> its config class, read from the pipeline's discriminated union (new methods join by themselves)."""
     union = typing.get_args(SelectionConfig)[0]
     return {cls.model_fields["method"].default: cls for cls in typing.get_args(union)}
+
+
+def takes_budget(cls: type) -> bool:
+    """Whether a method's config keeps a budget or share (the Budget methods, and GRAPE, whose budget is optional)."""
+    return isinstance(cls, type) and {"budget", "share"} <= set(getattr(cls, "model_fields", {}))
 
 
 class CompareConfig(StrictModel):
@@ -48,7 +53,7 @@ class CompareConfig(StrictModel):
         classes = _selection_classes()
         methods = []
         for item in raw.get("methods") or []:
-            if isinstance(item, dict) and issubclass(classes.get(item.get("method"), StrictModel), Budget):
+            if isinstance(item, dict) and takes_budget(classes.get(item.get("method"))):
                 if item.get("budget") is None and item.get("share") is None:
                     item = {**item, "budget": raw.get("budget"), "share": raw.get("share")}
                 elif (item.get("budget"), item.get("share")) != (raw.get("budget"), raw.get("share")):
@@ -65,6 +70,16 @@ class CompareConfig(StrictModel):
         if inst is not None and inst.pairwise and inst.baseline_model is None and not inst.baseline_answers:
             raise ValueError("evaluate.instruction.pairwise needs a baseline (e.g. baseline_model = training.model)")
         return self
+
+    def form_defaults(self) -> dict[str, Any]:
+        """This config as the Prefect form's default: the methods without the shared budget/share copied into them,
+        so a budget edited in the form applies to every method (with the copies it would clash with them)."""
+        dumped = self.model_dump(mode="json")
+        for method, item in zip(self.methods, dumped["methods"]):
+            if takes_budget(type(method)):
+                item.pop("budget", None)
+                item.pop("share", None)
+        return dumped
 
     def labels(self) -> list[str]:
         """A unique row label per method: its name, numbered when a method appears twice."""

@@ -60,6 +60,31 @@ class PipelineConfig(StrictModel):
         return self.tracking.experiment or self.name
 
 
+def _set_dotted(raw: dict, dotted: str, value, path: Path) -> None:
+    """Apply one `--set a.b.0.c=value`: mappings by key (created when missing), lists by index."""
+    node = raw
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"recipe {path}: --set {dotted}: {here!r} needs an index below {len(node)} "
+                                  f"({'.'.join(parts[:depth]) or 'the top'} is a list)")
+            key = int(part)
+        elif isinstance(node, dict):
+            key = part
+            if not last and node.get(key) is None:
+                node[key] = {}
+        else:
+            raise ConfigError(f"recipe {path}: --set {dotted}: {'.'.join(parts[:depth])!r} is a "
+                              f"{type(node).__name__}, not a section with fields")
+        if last:
+            node[key] = value
+        else:
+            node = node[key]
+
+
 def load_recipe(path: str | Path, model: type[StrictModel] = PipelineConfig, overrides: dict | None = None):
     """Parse a YAML recipe into its typed config; errors name the file and the offending keys."""
     path = Path(path)
@@ -72,11 +97,7 @@ def load_recipe(path: str | Path, model: type[StrictModel] = PipelineConfig, ove
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top level")
     for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        _set_dotted(raw, dotted, value, path)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

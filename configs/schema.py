@@ -24,6 +24,10 @@ def runtime_only(field) -> bool:
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def form_defaults(self) -> dict:
+        """This config as a Prefect form's pre-filled value (configs that derive fields from others override it)."""
+        return self.model_dump(mode="json")
+
 
 class DataConfig(StrictModel):
     """Where the records come from."""

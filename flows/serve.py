@@ -108,7 +108,7 @@ def recipe_defaults(flow_obj, stem: str) -> dict[str, Any]:
                         key=lambda p: (not p.stem.startswith(stem), "tiny" not in p.stem, p.name))
     for path in candidates:
         try:
-            return {"config": load_recipe(path, model=config_type).model_dump(mode="json")}
+            return {"config": load_recipe(path, model=config_type).form_defaults()}
         except ConfigError:
             continue  # a recipe for another flow
     return {}
@@ -123,7 +123,7 @@ def default_parameters(stem: str, flow_obj, recipe: Path | None) -> dict[str, An
     path = recipe or DEFAULT_RECIPE
     if not path.exists():
         raise ConfigError(f"recipe {path} for the pipeline deployment's default parameters does not exist")
-    return {"config": load_recipe(path).model_dump(mode="json")}
+    return {"config": load_recipe(path).form_defaults()}
 
 
 def build_deployments(recipe: Path | None = None, work_pool: str | None = None,

@@ -41,6 +41,44 @@ def test_overrides_and_demo_recipe():
     assert config.experiment == "demo"
 
 
+def test_overrides_reach_into_lists_and_bad_paths_are_config_errors():
+    from configs.compare import CompareConfig
+
+    recipe = REPO / "configs/recipes/compare_tiny.yaml"
+    config = load_recipe(recipe, CompareConfig, overrides={"methods.0.seed": 3})
+    assert config.methods[0].method == "random" and config.methods[0].seed == 3
+    for dotted, message in [("methods.9.seed", r"'methods.9' needs an index below"),
+                            ("methods.x.seed", r"'methods.x' needs an index below"),
+                            ("name.x", r"'name' is a str, not a section")]:
+        with pytest.raises(ConfigError, match=message):
+            load_recipe(recipe, CompareConfig, overrides={dotted: 1})
+
+
+def test_compare_form_defaults_let_the_shared_budget_be_edited():
+    # The Prefect form is pre-filled from the recipe; with the shared budget copied into every method, editing it
+    # in the form clashed with those copies ("sets its own budget").
+    from configs.compare import CompareConfig
+
+    form = load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig).form_defaults()
+    assert all("budget" not in m for m in form["methods"] if m["method"] in ("random", "longest"))
+    edited = CompareConfig.model_validate({**form, "budget": 12})
+    assert {m.budget for m in edited.methods if isinstance(m, Budget)} == {12}
+
+
+def test_grape_in_a_comparison_keeps_the_shared_budget():
+    import yaml
+
+    from configs.compare import CompareConfig
+
+    raw = yaml.safe_load((REPO / "configs/recipes/compare_tiny.yaml").read_text())
+    grape = next(m for m in raw["methods"] if m["method"] == "grape")
+    grape.pop("budget")
+    assert next(m for m in CompareConfig.model_validate(raw).methods if m.method == "grape").budget == raw["budget"]
+    grape["budget"] = raw["budget"] + 5
+    with pytest.raises(ValueError, match="'grape' sets its own budget"):
+        CompareConfig.model_validate(raw)
+
+
 def test_schema_carries_descriptions_for_the_prefect_form():
     schema = PipelineConfig.model_json_schema()
     data = schema["$defs"]["DataConfig"]["properties"]
