@@ -66,6 +66,9 @@ class CompareConfig(StrictModel):
     def _runnable(self):
         if self.training.sft is None:
             raise ValueError("the comparison trains every method with SFT: set training.sft")
+        if self.training.dpo is not None:
+            raise ValueError("the comparison trains every method with SFT only: remove training.dpo (run DPO with "
+                             "the pipeline flow on the method you pick)")
         inst = self.evaluate.instruction
         if inst is not None and inst.pairwise and inst.baseline_model is None and not inst.baseline_answers:
             raise ValueError("evaluate.instruction.pairwise needs a baseline (e.g. baseline_model = training.model)")

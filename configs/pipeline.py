@@ -47,6 +47,16 @@ class PipelineConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _dpo_has_pairs(self):
+        """Checked here, not after SFT has trained: DPO needs a pairs file or a selection that writes pairs."""
+        dpo = self.train.dpo if self.train is not None else None
+        grape_pairs = isinstance(self.selection, GrapeSelection) and self.selection.dpo.enabled
+        if dpo is not None and not dpo.pairs_path and not grape_pairs:
+            raise ValueError("train.dpo needs preference pairs: set train.dpo.pairs_path, or select with GRAPE and "
+                             "selection.dpo.enabled: true")
+        return self
+
+    @model_validator(mode="after")
     def _data_matches_selection(self):
         from_candidates = isinstance(self.selection, GrapeSelection) and self.selection.candidates is not None
         if from_candidates and self.data is not None:

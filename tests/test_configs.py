@@ -79,6 +79,23 @@ def test_grape_in_a_comparison_keeps_the_shared_budget():
         CompareConfig.model_validate(raw)
 
 
+def test_dpo_without_pairs_is_refused_before_anything_trains():
+    import yaml
+
+    from configs.compare import CompareConfig
+
+    raw = yaml.safe_load((REPO / "configs/recipes/demo.yaml").read_text())
+    raw["train"]["dpo"] = {}
+    with pytest.raises(ValueError, match="train.dpo needs preference pairs"):
+        PipelineConfig.model_validate(raw)
+    raw["train"]["dpo"] = {"pairs_path": "pairs.json"}
+    assert PipelineConfig.model_validate(raw).train.dpo.pairs_path == "pairs.json"
+    compare = yaml.safe_load((REPO / "configs/recipes/compare_tiny.yaml").read_text())
+    compare["training"]["dpo"] = {"pairs_path": "pairs.json"}
+    with pytest.raises(ValueError, match="SFT only: remove training.dpo"):
+        CompareConfig.model_validate(compare)
+
+
 def test_schema_carries_descriptions_for_the_prefect_form():
     schema = PipelineConfig.model_json_schema()
     data = schema["$defs"]["DataConfig"]["properties"]
