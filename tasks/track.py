@@ -191,8 +191,6 @@ def selection_preview(out: StageOutput, rows: int = 5, width: int = 80) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-# -------------------------------------------------------------------------------------------------- tasks
-@task(cache_policy=NO_CACHE, name="start-tracking")
 def artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only (a generator named `smollm2-1.7b`
     would otherwise fail its stage's summary after the work is done)."""
@@ -200,6 +198,8 @@ def artifact_key(text: str) -> str:
     return "-".join(part for part in key.split("-") if part)
 
 
+# -------------------------------------------------------------------------------------------------- tasks
+@task(cache_policy=NO_CACHE, name="start-tracking")
 def start_tracking(experiment: str, run_name: str, config: Any) -> str:
     from prefect.runtime import flow_run
 

@@ -189,3 +189,13 @@ def test_a_stage_found_finished_in_the_store_is_logged_as_cached(prefect_server,
     runs = client().search_runs([client().get_experiment_by_name("store-reuse-test").experiment_id],
                                 filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.data.tags["pomona.cached"] for r in runs) == ["false", "true"]
+
+
+def test_tracking_steps_are_tasks_and_helpers_are_plain_functions():
+    # the Prefect UI lists start/log/finish as task runs of a flow; a helper decorated by mistake would add task runs
+    from prefect import Task
+
+    from tasks import track
+
+    assert all(isinstance(getattr(track, name), Task) for name in ("start_tracking", "log_stage", "finish_tracking"))
+    assert not any(isinstance(getattr(track, name), Task) for name in ("artifact_key", "log_stage_run", "start_parent_run"))
