@@ -40,7 +40,7 @@ class CompareConfig(StrictModel):
     evaluate_base: bool = Field(True, description="Also evaluate the untrained base model as the row 'base'.")
     plot_metrics: list[str] = Field(default_factory=list, description=(
         "Metrics (e.g. 'likelihood/mean_nll') drawn as bar charts; empty: every metric the methods share."))
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
 
     @model_validator(mode="before")
     @classmethod

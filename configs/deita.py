@@ -42,7 +42,7 @@ class DeitaEmbeddingConfig(StrictModel):
 class DeitaSelection(Budget):
     """Deita: rank by complexity x quality (summed over turns), then keep greedily unless too similar to a kept sample."""
 
-    method: Literal["deita"] = "deita"
+    method: Literal["deita"] = Field("deita", description="Which selection method this section configures.")
     complexity_scorer: DeitaScorerConfig | None = Field(
         None, description="Complexity scorer; needed for score 'evol' and 'complexity'.")
     quality_scorer: DeitaScorerConfig | None = Field(
@@ -51,7 +51,7 @@ class DeitaSelection(Budget):
     score: Literal["evol", "complexity", "quality"] = Field(
         "evol", description="Ranking score: 'evol' = sum over turns of complexity x quality (Deita); the others sum "
                             "one dimension over turns.")
-    tau: float = Field(0.9, ge=-1.0, le=1.0, description="A candidate is rejected when its cosine similarity to any "
+    tau: float = Field(0.9, gt=0.0, le=1.0, description="A candidate is rejected when its cosine similarity to any "
                                                           "already-kept sample is greater than tau.")
     # The filter's knobs change its speed and memory only: the selection is the same, so they stay out of keys.
     filter_block_size: int = Field(1024, ge=1, json_schema_extra=RUNTIME_ONLY,
@@ -87,4 +87,4 @@ class DeitaFlowConfig(SelectionFlowBase):
     """Deita on its own (the `pomona-deita` flow): records -> scores -> embeddings -> filtered subset."""
 
     name: str = Field("deita", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
-    selection: DeitaSelection
+    selection: DeitaSelection = Field(description="Deita scorers, embedding model, tau and budget.")

@@ -97,7 +97,8 @@ class HeldoutLikelihoodConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    """Which evaluations run. Leave a section out (null) to skip it; at least one must be on."""
+    """Which evaluations run. lm_eval runs unless set to null; the other sections run when given. At least one
+    must be on."""
 
     lm_eval: LmEvalConfig | None = Field(default_factory=LmEvalConfig, description="lm-evaluation-harness tasks.")
     instruction: InstructionEvalConfig | None = Field(None, description="Instruction-following sets with a judge.")
@@ -124,7 +125,7 @@ class EvaluateFlowConfig(StrictModel):
     name: str = Field(description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     model: ModelConfig = Field(description="The model to evaluate (e.g. a training stage's model folder).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluations to run.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
 
     @property
     def experiment(self) -> str:

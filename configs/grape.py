@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
-from configs.schema import DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.schema import DataConfig, ModelConfig, StrictModel, TrackingConfig, share_count
 
 Criterion = Literal["mean_logprob", "sum_logprob", "per_byte"]
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -120,7 +120,7 @@ class DpoPairsConfig(StrictModel):
 class GrapeSelection(StrictModel):
     """GRAPE: per instruction keep the candidate response the target model finds most probable."""
 
-    method: Literal["grape"] = "grape"
+    method: Literal["grape"] = Field("grape", description="Which selection method this section configures.")
     target: ModelConfig = Field(description="The base model to be fine-tuned; candidates are scored under it.")
     generators: list[GeneratorConfig] = Field(default_factory=list, description="Models that answer the instructions.")
     candidates: CandidatesFile | None = Field(None, description="Existing candidates instead of generators.")
@@ -164,7 +164,7 @@ class GrapeSelection(StrictModel):
         if self.budget is not None:
             return min(self.budget, n)
         if self.share is not None:
-            return min(n, int(n * self.share))
+            return share_count(self.share, n)
         return n
 
 
@@ -174,10 +174,10 @@ class GrapeRecipe(StrictModel):
     name: str = Field(description="Recipe name; also the MLflow experiment unless tracking.experiment is set.")
     data: DataConfig | None = Field(None, description="Instructions to answer (needed with generators; responses in "
                                                       "the file are ignored). Not used with a candidates file.")
-    selection: GrapeSelection
+    selection: GrapeSelection = Field(description="Target model, generators or a candidates file, criterion and pairs.")
     output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
         "source", description="Format of subset.jsonl ('source' keeps the instruction file's format).")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
 
     @model_validator(mode="after")
     def _data_matches_source(self):

@@ -66,7 +66,7 @@ class PreExperienceConfig(StrictModel):
 class CherrySelection(Budget):
     """Cherry (IFD v1): ratio of mean losses, scored by a pre-experienced model, drop IFD > 1, keep the top."""
 
-    method: Literal["cherry"] = "cherry"
+    method: Literal["cherry"] = Field("cherry", description="Which selection method this section configures.")
     scoring: ScoringConfig = Field(description="Scorer model, template ('wiz' by default) and truncation.")
     rule: IFDRule = Field(default_factory=IFDRule, description="Threshold, strictness and what the share counts.")
     pre_experience: PreExperienceConfig | None = Field(
@@ -87,11 +87,20 @@ class DiversityConfig(StrictModel):
 class SuperfilterSelection(Budget):
     """Superfiltering (IFD v2): ratio of perplexities from a small scorer, keep ifd < 1, top share; optional D step."""
 
-    method: Literal["superfilter"] = "superfilter"
-    scoring: ScoringConfig = Field(description="Small scorer model; template 'superfilter' and max_length 1024 as the paper.")
+    method: Literal["superfilter"] = Field("superfilter", description="Which selection method this section configures.")
+    scoring: ScoringConfig = Field(description="Small scorer model; template 'superfilter' and max_length 1024 (the paper's) unless set here.")
     rule: IFDRule = Field(default_factory=lambda: IFDRule(strict=True, share_of="all"),
                           description="Threshold, strictness and what the share counts.")
     diversity: DiversityConfig | None = Field(None, description="Facility-location step to a second, smaller budget.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_scoring_defaults(cls, raw):
+        """Superfiltering's own template and length limit where the recipe names none (ScoringConfig's defaults
+        are Cherry's: 'wiz', 512)."""
+        if isinstance(raw, dict) and isinstance(raw.get("scoring"), dict):
+            raw = {**raw, "scoring": {"template": "superfilter", "max_length": 1024, **raw["scoring"]}}
+        return raw
 
     @model_validator(mode="after")
     def _second_budget(self):
@@ -104,11 +113,11 @@ class CherryFlowConfig(SelectionFlowBase):
     """Cherry on its own (the `pomona-cherry` flow): records -> pre-experience -> scores -> IFD subset."""
 
     name: str = Field("cherry", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
-    selection: CherrySelection
+    selection: CherrySelection = Field(description="Scorer, template, pre-experience, IFD rule and budget.")
 
 
 class SuperfilterFlowConfig(SelectionFlowBase):
     """Superfiltering on its own (the `pomona-superfilter` flow): records -> scores -> IFD subset (-> diversity)."""
 
     name: str = Field("superfilter", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
-    selection: SuperfilterSelection
+    selection: SuperfilterSelection = Field(description="Small scorer, template, IFD rule, budget and optional diversity step.")

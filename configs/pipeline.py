@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from configs.errors import ConfigError
 from configs.evaluate import EvaluateConfig
@@ -38,7 +38,7 @@ class PipelineConfig(StrictModel):
         None, description="Fine-tune a base model on the selected subset: SFT, then optional DPO (pairs from "
                           "dpo.pairs_path or the selection's pairs.jsonl, e.g. GRAPE with DPO pairs on).")
     evaluate: EvaluateConfig | None = Field(None, description="Benchmarks run on the trained model (needs `train`).")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
 
     @model_validator(mode="after")
     def _evaluate_needs_a_model(self):
@@ -102,6 +102,12 @@ def load_recipe(path: str | Path, model: type[StrictModel] = PipelineConfig, ove
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"recipe {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe {path} is a folder: give a YAML file (configs/recipes/*.yaml)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {exc.start}): give a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"recipe {path} cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -111,5 +117,43 @@ def load_recipe(path: str | Path, model: type[StrictModel] = PipelineConfig, ove
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"recipe {path}: {problems}") from None
+        problems = "; ".join(_problem(model, e) for e in exc.errors())
+        hint = ""
+        if model is not _compare_type() and "methods" in raw:
+            hint = " (a recipe listing `methods` is a comparison: run it with --flow compare)"
+        raise ConfigError(f"recipe {path}: {problems}{hint}") from None
+
+
+def _compare_type():
+    from configs.compare import CompareConfig
+
+    return CompareConfig
+
+
+def _problem(model: type, error: dict) -> str:
+    """One validation error as `the.yaml.path: message`: without pydantic's union-member tags in the path
+    (`selection.random.seeed` is `selection.seeed` in the file) and its "Value error, " prefix."""
+    nodes, shown = [model], []
+    for part in error["loc"]:
+        with_field = [n for n in nodes if part in n.model_fields]
+        tagged = [n for n in nodes if not with_field and "method" in n.model_fields
+                  and n.model_fields["method"].default == part]
+        if with_field:
+            shown.append(str(part))
+            nodes = _models_in(with_field[0].model_fields[part].annotation)
+        elif tagged:  # a discriminated union's member: not a key in the file
+            nodes = tagged
+        else:
+            shown.append(str(part))
+            nodes = [] if not isinstance(part, int) else nodes
+    message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return f"{'.'.join(shown)}: {message}" if shown else message
+
+
+def _models_in(annotation) -> list[type]:
+    """The pydantic models a field can hold (through Optional, lists, Annotated and unions)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]

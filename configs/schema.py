@@ -22,6 +22,8 @@ def runtime_only(field) -> bool:
 
 
 class StrictModel(BaseModel):
+    """Every pomona config: unknown keys are errors (a typo never passes silently), assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     def form_defaults(self) -> dict:
@@ -52,6 +54,17 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint. Off unless you trust it.")
 
 
+def share_count(share: float, n: int) -> int:
+    """floor(share x n), refusing a share that keeps nothing of a non-empty pool (the run would end with an empty
+    subset and report success)."""
+    from configs.errors import ConfigError
+
+    kept = min(n, int(n * share))
+    if kept == 0 and n > 0:
+        raise ConfigError(f"share {share:g} of {n} samples keeps none: raise the share or give a budget")
+    return kept
+
+
 class Budget(StrictModel):
     """How many samples a selection keeps: a fixed count or a share."""
 
@@ -65,13 +78,15 @@ class Budget(StrictModel):
         return self
 
     def count(self, n: int) -> int:
-        """The number to keep out of n candidates."""
+        """The number to keep out of n candidates (a share rounds down, and must keep at least one)."""
         if self.budget is not None:
             return min(self.budget, n)
-        return min(n, int(n * self.share))
+        return share_count(self.share, n)
 
 
 class TrackingConfig(StrictModel):
+    """Where a run is logged in MLflow."""
+
     experiment: str | None = Field(None, description="MLflow experiment; defaults to the recipe name.")
     enabled: bool = Field(True, description="Log params, metrics and artifacts to MLflow.")
 
@@ -79,10 +94,10 @@ class TrackingConfig(StrictModel):
 class SelectionFlowBase(StrictModel):
     """What a stand-alone selection flow's config shares: the pool, the subset's format, tracking (and a `name`)."""
 
-    data: DataConfig
+    data: DataConfig = Field(description="The candidate pool the method selects from.")
     output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
         "source", description="Format of subset.jsonl: 'source' writes each record as the user's own row.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
 
     @property
     def experiment(self) -> str:

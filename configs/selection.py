@@ -12,17 +12,17 @@ from configs.schema import Budget, StrictModel
 class RandomSelection(Budget):
     """Uniform random sample at a budget (the baseline every method must beat)."""
 
-    method: Literal["random"] = "random"
+    method: Literal["random"] = Field("random", description="Which selection method this section configures.")
     seed: int = Field(0, description="Sampling seed.")
 
 
 class LongestSelection(Budget):
     """The samples with the longest responses (a strong baseline in the literature)."""
 
-    method: Literal["longest"] = "longest"
+    method: Literal["longest"] = Field("longest", description="Which selection method this section configures.")
 
 
 class FullSelection(StrictModel):
     """All samples: the no-selection reference."""
 
-    method: Literal["full"] = "full"
+    method: Literal["full"] = Field("full", description="Which selection method this section configures.")

@@ -145,7 +145,7 @@ class SFTFlowConfig(StrictModel):
     model: ModelConfig = Field(description="The base model to fine-tune.")
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="SFT hyper-parameters.")
     dpo: DPOStageConfig | None = Field(None, description="Optional DPO after SFT (needs dpo.pairs_path).")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
 
     @model_validator(mode="after")
     def _pairs_given(self):
@@ -164,7 +164,7 @@ class DPOFlowConfig(StrictModel):
     name: str = Field(description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     model: ModelConfig = Field(description="The model to start from (a LoRA adapter folder is merged into its base first).")
     dpo: DPOStageConfig = Field(description="DPO hyper-parameters; dpo.pairs_path names the preference file.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
 
     @model_validator(mode="after")
     def _pairs_given(self):

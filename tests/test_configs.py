@@ -96,10 +96,31 @@ def test_dpo_without_pairs_is_refused_before_anything_trains():
         CompareConfig.model_validate(compare)
 
 
-def test_schema_carries_descriptions_for_the_prefect_form():
-    schema = PipelineConfig.model_json_schema()
-    data = schema["$defs"]["DataConfig"]["properties"]
-    assert all("description" in field for field in data.values())
+def test_a_share_that_keeps_nothing_is_an_error():
+    assert Budget(share=0.1).count(40) == 4 and Budget(share=0.1).count(0) == 0
+    with pytest.raises(ConfigError, match="share 0.01 of 40 samples keeps none"):
+        Budget(share=0.01).count(40)
+
+
+def test_every_config_field_has_a_description_for_the_prefect_form():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import configs
+    from configs.schema import StrictModel
+
+    missing, seen = [], 0
+    for info in pkgutil.iter_modules(configs.__path__):
+        module = importlib.import_module(f"configs.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, StrictModel) and cls.__module__ == module.__name__:
+                seen += 1
+                missing += [f"{name} (docstring)"] * (not cls.__doc__)
+                missing += [f"{name}.{field}" for field, info in cls.model_fields.items() if not info.description]
+    assert seen > 30 and not missing, missing
+    data = PipelineConfig.model_json_schema()["$defs"]["DataConfig"]["properties"]
+    assert all("description" in field for field in data.values())  # and they reach the schema the form renders
 
 
 # Which flow each bundled recipe is for (the file's header says how to run it); a new recipe must be listed.

@@ -333,8 +333,9 @@ def test_config_defaults_and_validation():
     assert DeitaSelection(score="complexity", complexity_scorer=scorer, embedding=emb).quality_scorer is None
     with pytest.raises(ValueError, match="quality_scorer"):
         DeitaSelection(complexity_scorer=scorer, embedding=emb)
-    with pytest.raises(ValueError):
-        DeitaSelection(complexity_scorer=scorer, quality_scorer=scorer, embedding=emb, tau=1.5)
+    for tau in (1.5, 0.0, -1.0):  # tau <= 0 would reject nearly every candidate after the first
+        with pytest.raises(ValueError):
+            DeitaSelection(complexity_scorer=scorer, quality_scorer=scorer, embedding=emb, tau=tau)
     # the filter's speed knobs do not change the selection: they stay out of the stage key
     from tasks.store import canonical
 

@@ -93,6 +93,16 @@ def test_facility_location_covers_every_cluster_first():
     assert groups == {0, 1, 2, 3} and len(set(order)) == 4
 
 
+def test_superfiltering_gets_its_own_template_and_length_unless_set():
+    scorer = {"scorer": {"name_or_path": "tiny:0"}}
+    sel = SuperfilterSelection.model_validate({"budget": 5, "scoring": scorer})
+    assert (sel.scoring.template, sel.scoring.max_length) == ("superfilter", 1024)
+    sel = SuperfilterSelection.model_validate({"budget": 5, "scoring": {**scorer, "template": "alpaca", "max_length": 256}})
+    assert (sel.scoring.template, sel.scoring.max_length) == ("alpaca", 256)
+    cherry = CherrySelection.model_validate({"budget": 5, "scoring": scorer})
+    assert (cherry.scoring.template, cherry.scoring.max_length) == ("wiz", 512)
+
+
 def test_configs_refuse_invalid_combinations():
     scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"))
     with pytest.raises(ValidationError, match="exactly one"):
