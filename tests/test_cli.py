@@ -18,7 +18,28 @@ def test_validate_reads_a_recipe_as_the_named_flow(monkeypatch):
     assert done.exit_code == 0, done.output
     assert "method: grape" in done.output and "budget: 10" in done.output
     wrong = invoke("validate", "configs/recipes/compare_tiny.yaml", monkeypatch=monkeypatch)  # not a pipeline recipe
-    assert wrong.exit_code == 2 and "selection" in wrong.output
+    assert wrong.exit_code == 2 and "selection" in wrong.output and "run it with --flow compare" in wrong.output
+
+
+def test_recipe_errors_are_one_line_in_the_terms_of_the_file(monkeypatch, tmp_path):
+    def error_of(text: str | bytes, *args: str) -> str:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_bytes(text if isinstance(text, bytes) else text.encode())
+        done = invoke(*args, str(recipe), monkeypatch=monkeypatch)
+        assert done.exit_code == 2 and "Traceback" not in done.output, done.output
+        return done.output.strip().split(": ", 1)[1]
+
+    pool = "data: {path: tests/data/alpaca_demo_200.json}\n"
+    # the YAML path a user wrote (no union member tag), and the validator's own words (no "Value error, ")
+    assert error_of("name: x\n" + pool + "selection: {method: random, budget: 3, seeed: 1}\n", "validate") \
+        .endswith("selection.seeed: Extra inputs are not permitted")
+    assert error_of("name: x\n" + pool + "selection: {method: random, budget: 3}\nevaluate: {}\n", "validate") \
+        .endswith("r.yaml: 'evaluate' runs on the trained model: add a 'train' section")
+    assert "is not UTF-8 text" in error_of(b"name: \xff\n", "validate")
+    folder = invoke("validate", str(tmp_path), monkeypatch=monkeypatch)
+    assert folder.exit_code == 2 and "is a folder" in folder.output
+    served = invoke("serve", "--recipe", str(tmp_path / "none.yaml"), monkeypatch=monkeypatch)
+    assert served.exit_code == 2 and "does not exist" in served.output and "Traceback" not in served.output
 
 
 def test_unknown_flow_lists_the_flows(monkeypatch):

