@@ -411,6 +411,23 @@ def log_trained_model(run_id: str, folder: Path, stage: str, config: TrainStageC
     return {"train.registered_model": name, "train.registered_version": str(version.version)}
 
 
+def whole_run_mean_loss(session_mean: float, global_step: int, resumed_step: int, log_history: list[dict]) -> float:
+    """The mean training loss over every step of a run. After a resume, the trainer's own `training_loss` averages
+    only the steps of that attempt; the steps before the checkpoint come from the losses logged then (each log
+    entry is the mean over its logging interval, weighted here by the interval's length)."""
+    if not resumed_step:
+        return session_mean
+    logged = sorted((h for h in log_history if "loss" in h and "step" in h and h["step"] <= resumed_step),
+                    key=lambda h: h["step"])
+    total, covered, previous = 0.0, 0, 0
+    for entry in logged:
+        total += entry["loss"] * (entry["step"] - previous)
+        covered += entry["step"] - previous
+        previous = entry["step"]
+    after = global_step - resumed_step
+    return (total + session_mean * after) / (covered + after) if covered + after else session_mean
+
+
 def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, registered: dict,
                   dataset: dict[str, str]) -> dict[str, Any]:
     """StageOutput fields of a training stage, with the loss curve drawn from the trainer's log history."""
@@ -423,16 +440,17 @@ def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, regi
                 title=f"{stage} training loss", xlabel="step", ylabel="loss")
         artifacts.append("loss_curve.png")
     resumed = info.get("resumed_from")
+    resumed_step = int(resumed.rsplit("-", 1)[1]) if resumed else 0
+    mean_loss = whole_run_mean_loss(info["train_loss"], info["global_step"], resumed_step, info.get("log_history", []))
     metrics = {"train.global_step": info["global_step"], "train.examples": info["examples"],
-               "train.mean_loss": info["train_loss"],
-               "train.resumed_from_step": int(resumed.rsplit("-", 1)[1]) if resumed else 0}
+               "train.mean_loss": mean_loss, "train.resumed_from_step": resumed_step}
     if history:
         metrics["train.final_loss"] = history[-1]["loss"]
     params = {"train.loss_mask": info.get("loss_mask", "dpo"), "train.model_dir": str(folder / MODEL_DIR), **registered}
     if run_id:
         params["train.mlflow_run_id"] = run_id
     summary = (f"{stage}: **{info['global_step']}** steps on {info['examples']} examples, mean loss "
-               f"{info['train_loss']:.4f}" + (f", resumed from `{Path(resumed).name}`" if resumed else "")
+               f"{mean_loss:.4f}" + (f", resumed from `{Path(resumed).name}`" if resumed else "")
                + (f"; registered as {registered['train.registered_model']} v{registered['train.registered_version']}"
                   if registered else "") + ".")
     if info.get("loss_mask") == "completion":

@@ -108,6 +108,10 @@ def test_rerun_of_an_interrupted_stage_resumes_from_its_checkpoint(resumed_sft, 
     result = read_train_result(Path(out.path))
     assert Path(result["resumed_from"]).name == "checkpoint-2"
     assert result["global_step"] == 5 and out.metrics["train.resumed_from_step"] == 2
+    # the mean loss covers all 5 steps, not only the 3 of the resumed attempt (the trainer's own training_loss)
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    assert len(losses) == 5 and out.metrics["train.mean_loss"] == pytest.approx(sum(losses) / 5, rel=1e-6)
+    assert out.metrics["train.mean_loss"] != pytest.approx(result["train_loss"], rel=1e-6)
     # The resumed attempt logged steps 3..5 only; the interrupted attempt's run holds 1..2 and is marked FAILED.
     assert metric_steps(out.params["train.mlflow_run_id"], "loss") == [3, 4, 5]
     runs = client().search_runs([client().get_run(parent_run).info.experiment_id],
