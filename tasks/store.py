@@ -1,9 +1,10 @@
 """Content-addressed stage outputs, shards with a manifest, and the cache key Prefect uses.
 
-A stage's output folder is `<store>/<stage>/<key>/` with key = hash(stage name, stage config, digests of its
-inputs, CODE_VERSION). A finished stage writes `_SUCCESS` (its `StageOutput` as JSON); seeing it, a rerun returns
-at once. Long stages write `part-NNNNN.parquet` shards and a manifest, each atomically, so a killed run resumes
-at the first missing shard. The Prefect cache key is the same hash, so the UI shows reused stages as Cached.
+A stage's output folder is `<store>/<stage>/<key>/` with key = hash(stage name, stage config, fingerprints of
+the local files the config names, digests of its inputs, CODE_VERSION). A finished stage writes `_SUCCESS` (its
+`StageOutput` as JSON); seeing it, a rerun returns at once. Long stages write `part-NNNNN.parquet` shards and a
+manifest, each atomically, so a killed run resumes at the first missing shard. The Prefect cache key hashes the
+task's parameters and the same file fingerprints, so the UI shows reused stages as Cached.
 """
 
 from __future__ import annotations
@@ -105,6 +106,15 @@ def stage_key(stage: str, config: Any, inputs: Iterable[Any] = ()) -> str:
     return content_digest({"stage": stage, "config": config, "inputs": list(inputs), "code": CODE_VERSION})[:20]
 
 
+def keyed_config(config: Any) -> Any:
+    """A stage config as its key sees it: with the fingerprint of every local file or folder it names (a model
+    folder retrained in place, a DeepSpeed file, a task folder), so the store never returns a result computed from
+    other files. Unchanged when the config names none."""
+    material = canonical(config)
+    files = file_fingerprints(material)
+    return {"config": material, "files": files} if files else config
+
+
 def stage_dir(stage: str, key: str) -> Path:
     return store_root() / stage / key
 
@@ -124,7 +134,7 @@ def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Pa
     digest covers the files named in `digest_of` (default: the whole folder).
     """
     inputs = list(inputs)
-    key = stage_key(stage, config, inputs)
+    key = stage_key(stage, keyed_config(config), inputs)
     folder = stage_dir(stage, key)
     finished = load_finished(folder)
     if finished is not None:
@@ -184,16 +194,21 @@ def local_paths(material: Any) -> set[str]:
     return found
 
 
+def file_fingerprints(material: Any) -> dict[str, str]:
+    """`path_fingerprint` of every existing local path named in a canonical structure."""
+    return {path: path_fingerprint(Path(path).expanduser()) for path in sorted(local_paths(material))}
+
+
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Prefect cache key: the task's name plus its inputs, configs and upstream digests, plus CODE_VERSION.
 
     Every local file or folder the parameters name (data files, candidates, pairs, task folders, models) enters
-    by `path_fingerprint`, so an edited file is a new key: Prefect must never hand back a result the stage itself
-    would recompute. The key may be finer than the stage's own store key (a retouched folder, a config field the
-    stage ignores); then the task runs, finds its folder finished and returns it as `reused`.
+    by `path_fingerprint` (as in the store's own keys, `keyed_config`), so an edited file is a new key: Prefect must
+    never hand back a result the stage itself would recompute. The key may be finer than the stage's store key (a
+    config field the stage ignores); then the task runs, finds its folder finished and returns it as `reused`.
     """
     material = {name: canonical(value) for name, value in parameters.items() if name not in _NOT_IN_KEY}
-    material["files"] = {path: path_fingerprint(Path(path).expanduser()) for path in sorted(local_paths(material))}
+    material["files"] = file_fingerprints(material)
     task_name = getattr(getattr(context, "task", None), "name", "task")
     return f"{task_name}-{stage_key(task_name, material)}"
 

@@ -81,6 +81,24 @@ def test_cache_key_follows_every_file_the_parameters_name(tmp_path):
     assert stage_cache_key(None, plain) == stage_cache_key(None, dict(plain))
 
 
+def test_a_stage_reruns_when_a_file_its_config_names_changes(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    calls = []
+
+    def body(folder):
+        calls.append(folder)
+        return {}
+
+    config = {"scorer": {"name_or_path": str(model)}}
+    first = run_stage("unit-test-files", config, [], body)
+    assert run_stage("unit-test-files", config, [], body).reused and len(calls) == 1
+    (model / "model.safetensors").write_bytes(b"retrained in place")
+    again = run_stage("unit-test-files", config, [], body)
+    assert len(calls) == 2 and again.path != first.path and not again.reused
+
+
 def test_runtime_only_fields_stay_out_of_keys_at_any_depth():
     from configs.ifd import CherrySelection, ScoringConfig
     from configs.runner import ScaleOutConfig
