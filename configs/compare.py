@@ -27,7 +27,7 @@ def takes_budget(cls: type) -> bool:
 class CompareConfig(StrictModel):
     """One recipe = one comparison: for each method select -> train (same settings and seed) -> evaluate."""
 
-    name: str = Field(description="Recipe name; also the MLflow experiment unless tracking.experiment is set.")
+    name: str = Field(min_length=1, description="Recipe name; also the MLflow experiment unless tracking.experiment is set.")
     data: DataConfig = Field(description="The candidate pool every method selects from.")
     budget: int | None = Field(None, ge=1, description="Samples every budgeted method keeps (methods without a budget of their own get it).")
     share: float | None = Field(None, gt=0, le=1, description="Instead of `budget`: the share of the pool every budgeted method keeps.")

@@ -86,5 +86,5 @@ class DeitaSelection(Budget):
 class DeitaFlowConfig(SelectionFlowBase):
     """Deita on its own (the `pomona-deita` flow): records -> scores -> embeddings -> filtered subset."""
 
-    name: str = Field("deita", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
+    name: str = Field("deita", min_length=1, description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     selection: DeitaSelection = Field(description="Deita scorers, embedding model, tau and budget.")

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from configs.schema import DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig
 
 InstructionSet = Literal["vicuna", "koala", "lima", "sinstruct", "wizardlm"]
 
@@ -40,7 +40,7 @@ class LmEvalConfig(StrictModel):
 class BaselineAnswersFile(StrictModel):
     """Precomputed baseline answers, e.g. `../shared/data/candidates/vicuna_two_models.json` (Answer2 = Alpaca-7B)."""
 
-    path: str = Field(description="JSON/JSONL file (a `{data: [...]}` wrapper is accepted) holding the test set's prompt field and an answer field.")
+    path: str = Field(min_length=1, json_schema_extra=INPUT_FILE, description="JSON/JSONL file (a `{data: [...]}` wrapper is accepted) holding the test set's prompt field and an answer field.")
     answer_field: str = Field("Answer2", description="Field holding the baseline's answer.")
 
 
@@ -122,7 +122,7 @@ class EvaluateConfig(StrictModel):
 class EvaluateFlowConfig(StrictModel):
     """The evaluation flow: one model folder, the evaluations to run on it, tracking."""
 
-    name: str = Field(description="Run name; also the MLflow experiment unless tracking.experiment is set.")
+    name: str = Field(min_length=1, description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     model: ModelConfig = Field(description="The model to evaluate (e.g. a training stage's model folder).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluations to run.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
-from configs.schema import DataConfig, ModelConfig, StrictModel, TrackingConfig, share_count
+from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig, share_count
 
 Criterion = Literal["mean_logprob", "sum_logprob", "per_byte"]
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -56,7 +56,7 @@ class EndpointConfig(StrictModel):
 class GeneratorConfig(StrictModel):
     """One model that answers every instruction."""
 
-    name: str = Field(description="Label of this generator in the candidates table, plots and metrics.")
+    name: str = Field(min_length=1, description="Label of this generator in the candidates table, plots and metrics.")
     backend: Literal["transformers", "vllm", "openai"] = Field(
         "transformers", description="'transformers': batched generate (left padding, chat template); 'vllm': needs "
                                     "the vllm extra and CUDA; 'openai': an OpenAI-compatible HTTP endpoint.")
@@ -86,7 +86,7 @@ class GeneratorConfig(StrictModel):
 class CandidatesFile(StrictModel):
     """Bring your own candidates: a file with several responses per instruction."""
 
-    path: str = Field(description="Cherry-style `{Meta_Info, data:[{<prompt field>, Answer1, Answer2, ...}]}` "
+    path: str = Field(min_length=1, json_schema_extra=INPUT_FILE, description="Cherry-style `{Meta_Info, data:[{<prompt field>, Answer1, Answer2, ...}]}` "
                                   "JSON, or UltraFeedback-style rows with `instruction`/`prompt` and a "
                                   "`completions` list (JSON array or JSONL).")
     format: Literal["auto", "answers", "completions"] = Field(
@@ -171,7 +171,7 @@ class GrapeSelection(StrictModel):
 class GrapeRecipe(StrictModel):
     """A stand-alone GRAPE run: (instructions) -> candidates -> fit -> SFT set (+ DPO pairs)."""
 
-    name: str = Field(description="Recipe name; also the MLflow experiment unless tracking.experiment is set.")
+    name: str = Field(min_length=1, description="Recipe name; also the MLflow experiment unless tracking.experiment is set.")
     data: DataConfig | None = Field(None, description="Instructions to answer (needed with generators; responses in "
                                                       "the file are ignored). Not used with a candidates file.")
     selection: GrapeSelection = Field(description="Target model, generators or a candidates file, criterion and pairs.")

@@ -112,12 +112,12 @@ class SuperfilterSelection(Budget):
 class CherryFlowConfig(SelectionFlowBase):
     """Cherry on its own (the `pomona-cherry` flow): records -> pre-experience -> scores -> IFD subset."""
 
-    name: str = Field("cherry", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
+    name: str = Field("cherry", min_length=1, description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     selection: CherrySelection = Field(description="Scorer, template, pre-experience, IFD rule and budget.")
 
 
 class SuperfilterFlowConfig(SelectionFlowBase):
     """Superfiltering on its own (the `pomona-superfilter` flow): records -> scores -> IFD subset (-> diversity)."""
 
-    name: str = Field("superfilter", description="Run name; also the MLflow experiment unless tracking.experiment is set.")
+    name: str = Field("superfilter", min_length=1, description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     selection: SuperfilterSelection = Field(description="Small scorer, template, IFD rule, budget and optional diversity step.")

@@ -27,7 +27,7 @@ SelectionConfig = Annotated[
 class PipelineConfig(StrictModel):
     """End-to-end run: load -> select -> write the subset (-> train -> evaluate as those stages land)."""
 
-    name: str = Field(description="Recipe name; also the MLflow experiment unless tracking.experiment is set.")
+    name: str = Field(min_length=1, description="Recipe name; also the MLflow experiment unless tracking.experiment is set.")
     data: DataConfig | None = Field(
         None, description="The candidate pool. Required, except for GRAPE reading a candidates file (the "
                           "instructions and their responses then come from that file).")

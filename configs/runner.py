@@ -26,8 +26,12 @@ class ScaleOutConfig(StrictModel):
 
     @model_validator(mode="after")
     def _dask_options_need_dask(self):
-        if self.engine == "threads" and self.address is not None:
-            raise ValueError("'address' names a Dask scheduler: set engine: dask")
+        if self.engine == "threads":
+            defaults = type(self).model_fields
+            dask_only = [name for name in ("address", "cluster_class", "threads_per_worker", "processes")
+                         if getattr(self, name) != defaults[name].default]
+            if dask_only:
+                raise ValueError(f"{', '.join(dask_only)}: Dask options, ignored with engine: threads (set engine: dask)")
         return self
 
 

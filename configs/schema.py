@@ -16,6 +16,29 @@ RUNTIME_ONLY = {"pomona_runtime_only": True}
 task runner): content keys leave it out, so switching it reuses finished stages."""
 
 
+INPUT_FILE = {"pomona_input_file": True}
+"""`json_schema_extra` of a field naming a file the run reads: `missing_input_files` checks these before a run
+starts, so a typo costs a second, not a Prefect start-up and a stage's traceback."""
+
+
+def missing_input_files(config: BaseModel, where: str = "") -> list[str]:
+    """`dotted.field: 'path'` for every INPUT_FILE field (at any depth) whose file or folder does not exist."""
+    from pathlib import Path
+
+    missing = []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        here = f"{where}{name}"
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("pomona_input_file") and value and not Path(value).expanduser().exists():
+            missing.append(f"{here}: {value!r}")
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                missing += missing_input_files(item, f"{here}.{i}." if isinstance(value, list) else f"{here}.")
+    return missing
+
+
 def runtime_only(field) -> bool:
     extra = field.json_schema_extra
     return isinstance(extra, dict) and bool(extra.get("pomona_runtime_only"))
@@ -34,7 +57,8 @@ class StrictModel(BaseModel):
 class DataConfig(StrictModel):
     """Where the records come from."""
 
-    path: str = Field(description="Alpaca/ShareGPT/messages JSON or JSONL file, a .parquet file, or a saved HF dataset folder.")
+    path: str = Field(min_length=1, json_schema_extra=INPUT_FILE,
+                      description="Alpaca/ShareGPT/messages JSON or JSONL file, a .parquet file, or a saved HF dataset folder.")
     format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field(
         "auto", description="Record format; 'auto' detects it from the first record's fields.")
     on_error: Literal["raise", "skip"] = Field(
@@ -46,7 +70,7 @@ class ModelConfig(StrictModel):
     """A causal LM: a local folder, a hub name (when a hub is reachable), a GGUF file, or a tiny random model."""
 
     name_or_path: str = Field(
-        description="Local folder or hub name; 'tiny:<seed>' builds a tiny random Llama with a freshly trained tokenizer.")
+        min_length=1, description="Local folder or hub name; 'tiny:<seed>' builds a tiny random Llama with a freshly trained tokenizer.")
     gguf_file: str | None = Field(None, description="GGUF file name inside `name_or_path` to load instead of safetensors.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' = float32 on CPU (the fast dtype there), bfloat16 on CUDA.")

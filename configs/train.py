@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from configs.schema import DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEEPSPEED_FILES = {"zero2": CONFIG_DIR / "deepspeed" / "zero2.json", "zero3": CONFIG_DIR / "deepspeed" / "zero3.json"}
@@ -70,6 +70,8 @@ class TrainStageConfig(StrictModel):
 
     @model_validator(mode="after")
     def _combinations(self):
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ValueError(f"warmup_steps {self.warmup_steps}: whole steps (>= 1) or a share below 1")
         if self.qlora and self.lora is None:
             raise ValueError("qlora needs a 'lora' adapter: 4-bit weights cannot be trained directly")
         if self.merge_adapter and self.lora is None:
@@ -115,7 +117,7 @@ class DPOStageConfig(TrainStageConfig):
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="Bad preference rows: 'raise' at the first, or 'skip' them into rejects.jsonl (counted).")
     pairs_path: str | None = Field(
-        None, description="Preference pairs file (ShareGPT DPO JSON or GRAPE pairs JSONL); None = pairs from the selection stage.")
+        None, json_schema_extra=INPUT_FILE, description="Preference pairs file (ShareGPT DPO JSON or GRAPE pairs JSONL); None = pairs from the selection stage.")
 
     def trl_arguments(self) -> dict[str, Any]:
         out = super().trl_arguments()
@@ -140,7 +142,7 @@ class TrainingConfig(StrictModel):
 class SFTFlowConfig(StrictModel):
     """The stand-alone SFT flow: train a model on a whole data file (every record, as `messages`)."""
 
-    name: str = Field(description="Run name; also the MLflow experiment unless tracking.experiment is set.")
+    name: str = Field(min_length=1, description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     data: DataConfig = Field(description="Training records (Alpaca, ShareGPT or messages).")
     model: ModelConfig = Field(description="The base model to fine-tune.")
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="SFT hyper-parameters.")
@@ -161,7 +163,7 @@ class SFTFlowConfig(StrictModel):
 class DPOFlowConfig(StrictModel):
     """The stand-alone DPO flow: preference-tune a model (e.g. an SFT stage's model/ or merged/ folder)."""
 
-    name: str = Field(description="Run name; also the MLflow experiment unless tracking.experiment is set.")
+    name: str = Field(min_length=1, description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     model: ModelConfig = Field(description="The model to start from (a LoRA adapter folder is merged into its base first).")
     dpo: DPOStageConfig = Field(description="DPO hyper-parameters; dpo.pairs_path names the preference file.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")

@@ -47,6 +47,16 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
+def check_input_files(recipe: Path, config) -> None:
+    """Before anything starts: every input file the recipe names exists (relative paths: from this folder)."""
+    from configs.errors import ConfigError
+    from configs.schema import missing_input_files
+
+    missing = missing_input_files(config)
+    if missing:
+        raise ConfigError(f"recipe {recipe}: no such file or folder (relative to {Path.cwd()}): {'; '.join(missing)}")
+
+
 def _print_outputs(outputs) -> None:
     """One line per stage: its folder and metrics."""
     from tasks.store import StageOutput
@@ -70,6 +80,7 @@ def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override
     with user_errors():
         flow_obj = flow_by_name(flow)
         config = load_recipe(recipe, model=flow_config_type(flow_obj), overrides=_overrides(set_))
+        check_input_files(recipe, config)
         outputs = flow_obj(config)
     _print_outputs(outputs)
 
@@ -82,6 +93,7 @@ def validate(recipe: Path, flow: str = typer.Option("pipeline", help="Which flow
 
     with user_errors():
         config = load_recipe(recipe, model=flow_config_type(flow_by_name(flow)))
+        check_input_files(recipe, config)
     typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 

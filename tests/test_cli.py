@@ -38,7 +38,10 @@ def test_recipe_errors_are_one_line_in_the_terms_of_the_file(monkeypatch, tmp_pa
     assert "is not UTF-8 text" in error_of(b"name: \xff\n", "validate")
     folder = invoke("validate", str(tmp_path), monkeypatch=monkeypatch)
     assert folder.exit_code == 2 and "is a folder" in folder.output
+    missing = error_of("name: x\ndata: {path: tests/data/nope.json}\nselection: {method: random, budget: 3}\n", "run")
+    assert "no such file or folder" in missing and "data.path: 'tests/data/nope.json'" in missing
     served = invoke("serve", "--recipe", str(tmp_path / "none.yaml"), monkeypatch=monkeypatch)
+
     assert served.exit_code == 2 and "does not exist" in served.output and "Traceback" not in served.output
 
 

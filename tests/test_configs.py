@@ -6,7 +6,7 @@ import pytest
 
 from configs.errors import ConfigError
 from configs.pipeline import PipelineConfig, load_recipe
-from configs.schema import Budget
+from configs.schema import Budget, DataConfig
 from tests.conftest import REPO
 
 
@@ -96,6 +96,21 @@ def test_dpo_without_pairs_is_refused_before_anything_trains():
         CompareConfig.model_validate(compare)
 
 
+def test_values_that_cannot_mean_anything_are_refused():
+    from configs.runner import ScaleOutConfig
+    from configs.schema import ModelConfig
+    from configs.train import SFTStageConfig
+
+    for make in (lambda: ModelConfig(name_or_path=""), lambda: DataConfig(path=""),
+                 lambda: SFTStageConfig(warmup_steps=1.5), lambda: ScaleOutConfig(workers=2, processes=False)):
+        with pytest.raises(ValueError):
+            make()
+    assert SFTStageConfig(warmup_steps=0.1).warmup_steps == 0.1 and SFTStageConfig(warmup_steps=3).warmup_steps == 3
+    assert ScaleOutConfig(engine="dask", processes=False).processes is False
+    with pytest.raises(ValueError, match="threads_per_worker: Dask options"):
+        ScaleOutConfig(threads_per_worker=4)
+
+
 def test_a_share_that_keeps_nothing_is_an_error():
     assert Budget(share=0.1).count(40) == 4 and Budget(share=0.1).count(0) == 0
     with pytest.raises(ConfigError, match="share 0.01 of 40 samples keeps none"):
@@ -127,7 +142,7 @@ def test_every_config_field_has_a_description_for_the_prefect_form():
 RECIPE_FLOWS = {
     "demo": "pipeline", "cherry_tiny": "pipeline", "superfilter_tiny": "pipeline", "deita_tiny": "pipeline",
     "grape_vicuna_smollm2": "grape", "compare_tiny": "compare", "compare_smollm2": "compare",
-    "compare_smollm2_small": "compare",
+    "compare_smollm2_small": "compare", "sft_tiny": "sft", "dpo_tiny": "dpo", "evaluate_tiny": "evaluate",
 }
 
 
