@@ -19,7 +19,7 @@ from pathlib import Path
 
 from configs.grape import GeneratorConfig
 from tasks.data import Record, load_canonical, save_canonical, write_jsonl
-from tasks.store import ShardedTable, StageOutput, atomic_write_text, run_stage, stage_task
+from tasks.store import ShardedTable, StageOutput, atomic_write_text, run_stage, stage_task, writer_id
 
 CANDIDATE_COLUMNS = ["instruction_id", "candidate_index", "generator", "response", "params", "seed",
                      "prompt_tokens", "response_tokens", "finish_reason"]
@@ -43,7 +43,7 @@ def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
 
     table = pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.string()) for c in columns})
     table = table.select(columns)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{writer_id()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 

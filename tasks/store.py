@@ -9,6 +9,7 @@ task's parameters and the same file fingerprints, so the UI shows reused stages 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,9 +50,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temp file and rename, so a killed run never leaves a half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{writer_id()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def writer_id() -> str:
+    """Temp-file suffix unique to this process and thread (shards are written from worker threads too)."""
+    import threading
+
+    return f"{os.getpid()}-{threading.get_ident()}"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str):
+    """An exclusive lock (flock on a dot-file, so digests skip it) between threads and processes sharing `folder`:
+    two runs of the same stage, or shard workers, must not lose each other's manifest entries."""
+    import fcntl
+
+    with open(folder / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 
@@ -255,7 +277,7 @@ class ShardedTable:
         import pyarrow.parquet as pq
 
         path = self.shard_path(index)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp-{writer_id()}")
         pq.write_table(pa.Table.from_pylist(rows), tmp)
         self._publish(index, tmp, len(rows))
 
@@ -263,9 +285,11 @@ class ShardedTable:
         """Move a fully written shard into place, then record it in the manifest (which is what marks it done)."""
         path = self.shard_path(index)
         os.replace(tmp, path)
-        manifest = self.manifest()
-        manifest["shards"][str(index)] = {"rows": rows, "sha256": file_digest(path)}
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+        entry = {"rows": rows, "sha256": file_digest(path)}
+        with folder_lock(self.folder, self.manifest_path.name):  # read-modify-write of a file others update too
+            manifest = self.manifest()
+            manifest["shards"][str(index)] = entry
+            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def read(self) -> list[dict[str, Any]]:
         """All rows, in shard order."""
@@ -287,7 +311,7 @@ class ArrayShards(ShardedTable):
         import numpy as np
 
         path = self.shard_path(index)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+        tmp = path.with_name(f".{path.stem}.tmp-{writer_id()}.npy")
         np.save(tmp, np.ascontiguousarray(array, dtype=np.float32))
         self._publish(index, tmp, int(array.shape[0]))
 
