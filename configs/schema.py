@@ -32,10 +32,15 @@ def missing_input_files(config: BaseModel, where: str = "") -> list[str]:
         extra = field.json_schema_extra
         if isinstance(extra, dict) and extra.get("pomona_input_file") and value and not Path(value).expanduser().exists():
             missing.append(f"{here}: {value!r}")
-        items = value if isinstance(value, list) else [value]
-        for i, item in enumerate(items):
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, list):
+            items = list(enumerate(value))
+        else:
+            items = [(None, value)]
+        for key, item in items:
             if isinstance(item, BaseModel):
-                missing += missing_input_files(item, f"{here}.{i}." if isinstance(value, list) else f"{here}.")
+                missing += missing_input_files(item, f"{here}." if key is None else f"{here}.{key}.")
     return missing
 
 

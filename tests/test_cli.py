@@ -40,6 +40,12 @@ def test_recipe_errors_are_one_line_in_the_terms_of_the_file(monkeypatch, tmp_pa
     assert folder.exit_code == 2 and "is a folder" in folder.output
     missing = error_of("name: x\ndata: {path: tests/data/nope.json}\nselection: {method: random, budget: 3}\n", "run")
     assert "no such file or folder" in missing and "data.path: 'tests/data/nope.json'" in missing
+    # inside lists and mappings too: a baseline answers file per test set
+    from configs.evaluate import BaselineAnswersFile, InstructionEvalConfig
+    from configs.schema import missing_input_files
+
+    inst = InstructionEvalConfig(baseline_answers={"vicuna": BaselineAnswersFile(path="/nope/x.json")})
+    assert missing_input_files(inst) == ["baseline_answers.vicuna.path: '/nope/x.json'"]
     served = invoke("serve", "--recipe", str(tmp_path / "none.yaml"), monkeypatch=monkeypatch)
 
     assert served.exit_code == 2 and "does not exist" in served.output and "Traceback" not in served.output
