@@ -191,3 +191,32 @@ def test_unknown_format_and_missing_file(tmp_path):
         read_records(_write(tmp_path / "u.json", [{"question": "a"}]))
     with pytest.raises(RecordError, match="no such file"):
         read_records(tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------------------------------- baseline selections
+def _record(rid: str, *answers: str) -> Record:
+    messages = []
+    for turn, answer in enumerate(answers):
+        messages += [{"role": "user", "content": f"question {turn}"}, {"role": "assistant", "content": answer}]
+    return Record(rid, messages, "messages", {"messages": messages})
+
+
+def test_longest_keeps_the_longest_responses_over_all_turns_ties_in_input_order():
+    from tasks.select import select_longest
+
+    records = [_record("a", "xx"), _record("b", "xxxxx"), _record("c", "xxx", "xxx"), _record("d", "x"),
+               _record("e", "xxxxx")]
+    # lengths a 2, b 5, c 6 (two turns), d 1, e 5: the top three are c, b, e; output keeps input order
+    assert select_longest(records, 3) == ["b", "c", "e"]
+    assert select_longest(records, 2) == ["b", "c"]  # b and e tie at 5: the earlier one wins
+
+
+def test_random_follows_its_seed_and_keeps_input_order():
+    import random
+
+    from tasks.select import select_random
+
+    ids = [f"r{i}" for i in range(50)]
+    picked = select_random(ids, 10, seed=3)
+    assert picked == [i for i in ids if i in set(random.Random(3).sample(ids, 10))]
+    assert picked != select_random(ids, 10, seed=4) and picked == select_random(ids, 10, seed=3)

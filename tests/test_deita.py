@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,8 +350,6 @@ def test_config_defaults_and_validation():
 
 # ------------------------------------------------------------------------------------ stages resume
 def test_scoring_and_embedding_stages_resume_from_their_shards(tiny_model_dir, monkeypatch, one_torch_thread):
-    from pathlib import Path
-
     import models.embeddings
     from tasks.data import load_canonical, prepare_records
     from tasks.deita import embed_records, score_dimension, vicuna_text
@@ -396,7 +395,7 @@ def _multi_turn_file(tmp_path):
     rows = json.loads((DATA / "alpaca_demo_200.json").read_text())[:14]
     convs = [{"conversations": [{"from": "human", "value": r["instruction"] + ("\n" + r["input"] if r["input"] else "")},
                                 {"from": "gpt", "value": r["output"][:400]}]} for r in rows]
-    # two multi-turn conversations and one exact duplicate of another sample's content under a new id
+    # two multi-turn conversations after the single-turn ones
     convs.append({"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4."},
                                     {"from": "human", "value": "And times 3?"}, {"from": "gpt", "value": "12."}]})
     convs.append({"conversations": [{"from": "human", "value": "Name a fruit."}, {"from": "gpt", "value": "Apple."},
@@ -457,6 +456,8 @@ def test_deita_flow_end_to_end_on_the_tiny_model(prefect_server, tmp_path, one_t
     assert runs["deita-complexity"].data.params["complexity_scorer_kind"] == "approximate"
     inputs = select_run.inputs.dataset_inputs
     assert inputs and inputs[0].dataset.name == "deita-subset" and inputs[0].dataset.digest == sel.datasets[0]["digest"]
-    # a second run reuses every stage
+    # a second run reuses every stage: the selection's folder is not written again
+    finished_at = (Path(sel.path) / "_SUCCESS").stat().st_mtime_ns
     again = deita_flow(config)
     assert again["selection"].digest == sel.digest
+    assert (Path(sel.path) / "_SUCCESS").stat().st_mtime_ns == finished_at

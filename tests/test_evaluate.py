@@ -157,6 +157,14 @@ def tiny(tiny_model_dir):
     return ModelConfig(name_or_path=str(tiny_model_dir))
 
 
+def test_generations_are_cut_at_the_first_stop_sequence():
+    from tasks.evaluate import cut_at_stop
+
+    assert cut_at_stop("    return a + b\ndef g():\n    pass", ["\ndef ", "\nclass "]) == "    return a + b"
+    assert cut_at_stop("x = 1\nclass A: pass\ndef f(): pass", ["\ndef ", "\nclass "]) == "x = 1"
+    assert cut_at_stop("no stop here", ["\ndef "]) == "no stop here"
+
+
 def test_lm_eval_stage_runs_local_mc_and_generate_tasks(tiny):
     from tasks.evaluate import lm_eval_stage
 
@@ -166,6 +174,10 @@ def test_lm_eval_stage_runs_local_mc_and_generate_tasks(tiny):
     assert 0.0 <= out.metrics["pomona_mc/acc_none"] <= 1.0
     saved = json.loads(out.file("lm_eval_results.json").read_text())
     assert saved["n-samples"]["pomona_mc"]["effective"] == 4
+    # the stage's metrics are lm-eval's own numbers under sanitised names, not something derived
+    for key, value in {"pomona_mc/acc_none": saved["results"]["pomona_mc"]["acc,none"],
+                       "pomona_gen/exact_match_strip": saved["results"]["pomona_gen"]["exact_match,strip"]}.items():
+        assert out.metrics[key] == pytest.approx(value)
     # The copied task file points at the data by absolute path.
     assert str(out.file("lm_eval_tasks")) and "/configs/eval_tasks/data/pomona_mc.jsonl" in \
         out.file("lm_eval_tasks/pomona_mc.yaml").read_text()
@@ -267,6 +279,21 @@ def test_heldout_likelihood_stage_is_deterministic_and_rejects_long_prompts(tiny
     tokens = sum(r["n_tokens"] for r in rows)
     assert out.metrics["mean_nll"] == pytest.approx(sum(r["nll_sum"] for r in rows) / tokens)
     assert 4.0 < out.metrics["mean_nll"] < 9.0  # a random model over a ~600-token vocabulary: about ln(600)
+    # one record by hand: HF's loss on the reply's tokens only (prompt positions labelled -100), as a user would
+    import torch
+
+    from models.loading import load_model
+    from tasks.data import read_records
+
+    model, tok = load_model(tiny)
+    record = next(r for r in read_records(cfg.data.path).records if r.id == rows[0]["id"])
+    prompt = tok.apply_chat_template(record.messages[:-1], tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(tok.apply_chat_template(record.messages, tokenize=False), add_special_tokens=False)[:96]
+    labels = torch.tensor([ids])
+    labels[0, :len(tok.encode(prompt, add_special_tokens=False))] = -100
+    with torch.no_grad():
+        loss = float(model(torch.tensor([ids]), labels=labels).loss)
+    assert rows[0]["nll_sum"] / rows[0]["n_tokens"] == pytest.approx(loss, abs=1e-4)
     assert out.metrics["records_scored"] + out.metrics["records_skipped"] == 8
     rejects = [json.loads(line) for line in out.file("rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == out.metrics["records_skipped"] and all("max_length" in r["reason"] for r in rejects)

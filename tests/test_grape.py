@@ -179,7 +179,7 @@ def test_fit_rows_match_the_direct_loop_and_count_response_tokens(scored_slice, 
         assert row["response_bytes"] == len(response.encode())
     # the stage is resumable and cached: a second call returns the recorded output
     again = score_candidate_fit(candidates, scored_slice[0], progress=False)
-    assert again.digest == fit.digest
+    assert again.reused and not fit.reused and again.digest == fit.digest
 
 
 def test_too_long_and_empty_candidates_are_rejected_not_scored(tiny_model_dir, tmp_path):

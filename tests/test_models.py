@@ -26,8 +26,12 @@ def test_tiny_model_loads_from_disk_and_generates(tiny_model_dir):
 
 
 def test_tiny_spec_builds_once_and_seeds_differ():
+    from pathlib import Path
+
     a = resolve_model_path(ModelConfig(name_or_path="tiny:3"))
+    built = (Path(a) / "config.json").stat().st_mtime_ns
     assert a == resolve_model_path(ModelConfig(name_or_path="tiny:3"))
+    assert (Path(a) / "config.json").stat().st_mtime_ns == built  # found, not built again
     m3, _ = load_model(ModelConfig(name_or_path="tiny:3"))
     m4, _ = load_model(ModelConfig(name_or_path="tiny:4"))
     assert not torch.equal(m3.model.embed_tokens.weight, m4.model.embed_tokens.weight)

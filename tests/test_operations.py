@@ -159,5 +159,6 @@ def test_every_flow_module_becomes_a_deployment_with_tags_limits_and_recipe_defa
         assert getattr(importlib.import_module(module), attr).name == name  # what a worker will import
         assert d._parameter_openapi_schema.properties, name
     assert deployments["pomona-pipeline"].parameters["config"]["name"] == "demo"
-    if "pomona-compare" in deployments:  # a recipe validating as the flow's config pre-fills its form
-        assert deployments["pomona-compare"].parameters["config"]["name"] == "compare-tiny"
+    # a recipe validating as the flow's config pre-fills its form (every flow has one)
+    assert deployments["pomona-compare"].parameters["config"]["name"] == "compare-tiny"
+    assert deployments["pomona-sft"].parameters["config"]["name"] == "sft-tiny"
