@@ -137,6 +137,16 @@ def test_sandbox_kills_a_looping_completion_and_its_children():
     assert not alive, "the program's child process survived the timeout"
 
 
+def test_sandbox_caps_a_completions_memory():
+    from tasks.evaluate import run_sandboxed
+
+    # 400 MB is refused under a 256 MB address-space cap (a MemoryError, not a machine out of memory) and fine under 2 GB
+    hog = "block = bytearray(400 * 1024 * 1024)\nprint(len(block))\n"
+    capped = run_sandboxed(hog, timeout_s=20, memory_mb=256)
+    assert capped.status == "failed" and "MemoryError" in capped.detail
+    assert run_sandboxed(hog, timeout_s=20, memory_mb=2048).status == "passed"
+
+
 def test_pass_at_1_on_known_correct_and_wrong_completions():
     from tasks.evaluate import check_completion, load_humaneval, pass_at_k
 
