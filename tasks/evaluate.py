@@ -306,13 +306,14 @@ def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, work_dir: Path) -> dict:
 def heldout_requests(records, tokenizer, max_length: int):
     """One ScoreRequest per record: the last assistant reply scored given the conversation before it.
 
-    Returns (requests, rejects); a record whose prompt alone fills max_length is rejected with the reason.
+    Returns (requests, rejects, ids of replies cut at max_length); a record whose prompt alone fills max_length is
+    rejected with the reason.
     """
     from models.likelihood import ScoreRequest
 
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("held-out likelihood needs a tokenizer with a chat template")
-    requests, rejects = [], []
+    requests, rejects, truncated = [], [], set()
     for record in records:
         messages = record.messages
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
@@ -323,8 +324,10 @@ def heldout_requests(records, tokenizer, max_length: int):
             rejects.append({"id": record.id, "location": record.location,
                             "reason": f"prompt has {len(prompt_ids)} tokens, max_length is {max_length}"})
             continue
+        if len(full_ids) > max_length:
+            truncated.add(record.id)
         requests.append((record.id, ScoreRequest(tuple(full_ids[:max_length]), len(prompt_ids))))
-    return requests, rejects
+    return requests, rejects, truncated
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -516,20 +519,24 @@ def likelihood_stage(model: ModelConfig, model_digest: str, cfg: HeldoutLikeliho
         lm, tok = load_model(model)
         result = read_records(cfg.data.path, cfg.data.format, cfg.data.on_error)
         records = result.records[: cfg.data.limit] if cfg.data.limit else result.records
-        requests, rejects = heldout_requests(records, tok, cfg.max_length)
+        requests, rejects, truncated = heldout_requests(records, tok, cfg.max_length)
         if not requests:
             raise ConfigError(f"held-out likelihood: no scorable record in {cfg.data.path}")
         scores = score_requests(lm, [r for _, r in requests], batch_size=cfg.batch_size, pad_id=tok.pad_token_id or 0)
-        write_jsonl(folder / "heldout_scores.jsonl", [{"id": rid, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens}
+        # a reply cut at max_length is scored on its first part only: flagged per row and counted
+        write_jsonl(folder / "heldout_scores.jsonl", [{"id": rid, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens,
+                                                       "truncated": rid in truncated}
                                                       for (rid, _), s in zip(requests, scores)])
         write_jsonl(folder / "rejects.jsonl", result.rejects + rejects)
         tokens = sum(s.n_tokens for s in scores)
         mean_nll = sum(s.nll_sum for s in scores) / tokens
         metrics = {"mean_nll": mean_nll, "perplexity": math.exp(mean_nll), "records_scored": len(scores),
-                   "records_skipped": len(result.rejects) + len(rejects), "tokens": tokens}
+                   "records_skipped": len(result.rejects) + len(rejects), "records_truncated": len(truncated),
+                   "tokens": tokens}
         return {"metrics": metrics, "artifacts": ["heldout_scores.jsonl", "rejects.jsonl"],
                 "summary": f"Held-out mean NLL **{mean_nll:.4f}** (ppl {math.exp(mean_nll):.2f}) over {tokens} tokens "
-                           f"of {len(scores)} responses; {metrics['records_skipped']} skipped (rejects.jsonl)."}
+                           f"of {len(scores)} responses ({len(truncated)} cut at max_length {cfg.max_length}); "
+                           f"{metrics['records_skipped']} skipped (rejects.jsonl)."}
 
     config = {"config": cfg, "data_digest": file_digest(cfg.data.path), **_model_input(model, model_digest)}
     return run_stage("eval-likelihood", config, [], body, digest_of=["heldout_scores.jsonl"])

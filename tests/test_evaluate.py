@@ -305,6 +305,9 @@ def test_heldout_likelihood_stage_is_deterministic_and_rejects_long_prompts(tiny
         loss = float(model(torch.tensor([ids]), labels=labels).loss)
     assert rows[0]["nll_sum"] / rows[0]["n_tokens"] == pytest.approx(loss, abs=1e-4)
     assert out.metrics["records_scored"] + out.metrics["records_skipped"] == 8
+    # at max_length 96 long replies are cut: each such row is flagged, and they are counted
+    assert out.metrics["records_truncated"] == sum(r["truncated"] for r in rows) > 0
+    assert all(r["n_tokens"] < 96 for r in rows)
     rejects = [json.loads(line) for line in out.file("rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == out.metrics["records_skipped"] and all("max_length" in r["reason"] for r in rejects)
     again = likelihood_stage(tiny, "digest-b", cfg)  # another model digest: recomputed, same weights, same numbers
