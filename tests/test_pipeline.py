@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,25 @@ def test_pipeline_runs_grape_from_a_candidates_file(prefect_server):
     assert set(out) == {"selection"}
     rows = [json.loads(line) for line in open(out["selection"].file("subset.jsonl"))]
     assert len(rows) == 6 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+
+
+def test_grape_pairs_flow_straight_into_dpo_after_sft(prefect_server):
+    # the pipeline's DPO without a pairs file trains on the pairs GRAPE wrote from its fit scores
+    from configs.pipeline import PipelineConfig
+    from flows.pipeline import pipeline
+    from tasks.data import read_jsonl
+    from tasks.train import read_train_result
+
+    fast = {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 256, "logging_steps": 1,
+            "save_steps": 2, "lora": {"r": 4, "alpha": 8}}
+    config = PipelineConfig.model_validate({
+        "name": "grape-dpo-test",
+        "selection": {"method": "grape", "target": {"name_or_path": "tiny:0"},
+                      "candidates": {"path": str(DATA / "vicuna_two_models_12.json")}, "dpo": {"enabled": True}},
+        "train": {"model": {"name_or_path": "tiny:0"}, "sft": {**fast, "learning_rate": 1e-3}, "dpo": fast}})
+    out = pipeline(config)
+    pairs = read_jsonl(out["selection"].file("pairs.jsonl"))
+    assert pairs and out["dpo"].metrics["dpo.pairs_read"] == len(pairs)
+    result = read_train_result(Path(out["dpo"].path))
+    assert result["kind"] == "dpo" and result["global_step"] == 2
+    assert out["sft"].path in result["base_model"]  # DPO started from the SFT stage's model
