@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from configs.evaluate import EvaluateConfig
 from configs.pipeline import SelectionConfig
-from configs.schema import DataConfig, StrictModel, TrackingConfig
+from configs.schema import DataConfig, StrictModel, TrackingConfig, tracking_field
 from configs.train import TrainingConfig
 
 
@@ -40,7 +40,7 @@ class CompareConfig(StrictModel):
     evaluate_base: bool = Field(True, description="Also evaluate the untrained base model as the row 'base'.")
     plot_metrics: list[str] = Field(default_factory=list, description=(
         "Metrics (e.g. 'likelihood/mean_nll') drawn as bar charts; empty: every metric the methods share."))
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
+    tracking: TrackingConfig = tracking_field()
 
     @model_validator(mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig, tracking_field
 
 InstructionSet = Literal["vicuna", "koala", "lima", "sinstruct", "wizardlm"]
 
@@ -125,7 +125,7 @@ class EvaluateFlowConfig(StrictModel):
     name: str = Field(min_length=1, description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     model: ModelConfig = Field(description="The model to evaluate (e.g. a training stage's model folder).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluations to run.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
+    tracking: TrackingConfig = tracking_field()
 
     @property
     def experiment(self) -> str:

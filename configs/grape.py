@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
-from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig, share_count
+from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig, share_count, tracking_field
 
 Criterion = Literal["mean_logprob", "sum_logprob", "per_byte"]
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -177,7 +177,7 @@ class GrapeRecipe(StrictModel):
     selection: GrapeSelection = Field(description="Target model, generators or a candidates file, criterion and pairs.")
     output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
         "source", description="Format of subset.jsonl ('source' keeps the instruction file's format).")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
+    tracking: TrackingConfig = tracking_field()
 
     @model_validator(mode="after")
     def _data_matches_source(self):

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from configs.errors import ConfigError
 from configs.evaluate import EvaluateConfig
-from configs.schema import DataConfig, StrictModel, TrackingConfig
+from configs.schema import DataConfig, StrictModel, TrackingConfig, tracking_field
 from configs.deita import DeitaSelection
 from configs.grape import GrapeSelection
 from configs.ifd import CherrySelection, SuperfilterSelection
@@ -38,7 +38,7 @@ class PipelineConfig(StrictModel):
         None, description="Fine-tune a base model on the selected subset: SFT, then optional DPO (pairs from "
                           "dpo.pairs_path or the selection's pairs.jsonl, e.g. GRAPE with DPO pairs on).")
     evaluate: EvaluateConfig | None = Field(None, description="Benchmarks run on the trained model (needs `train`).")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
+    tracking: TrackingConfig = tracking_field()
 
     @model_validator(mode="after")
     def _evaluate_needs_a_model(self):

@@ -120,13 +120,19 @@ class TrackingConfig(StrictModel):
     enabled: bool = Field(True, description="Log params, metrics and artifacts to MLflow.")
 
 
+def tracking_field():
+    """The `tracking` field every run config has."""
+    return Field(default_factory=TrackingConfig,
+                 description="MLflow experiment (default: the recipe name) and whether to log at all.")
+
+
 class SelectionFlowBase(StrictModel):
     """What a stand-alone selection flow's config shares: the pool, the subset's format, tracking (and a `name`)."""
 
     data: DataConfig = Field(description="The candidate pool the method selects from.")
     output_format: Literal["source", "alpaca", "sharegpt", "messages"] = Field(
         "source", description="Format of subset.jsonl: 'source' writes each record as the user's own row.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
+    tracking: TrackingConfig = tracking_field()
 
     @property
     def experiment(self) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig
+from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig, tracking_field
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEEPSPEED_FILES = {"zero2": CONFIG_DIR / "deepspeed" / "zero2.json", "zero3": CONFIG_DIR / "deepspeed" / "zero3.json"}
@@ -147,7 +147,7 @@ class SFTFlowConfig(StrictModel):
     model: ModelConfig = Field(description="The base model to fine-tune.")
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="SFT hyper-parameters.")
     dpo: DPOStageConfig | None = Field(None, description="Optional DPO after SFT (needs dpo.pairs_path).")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
+    tracking: TrackingConfig = tracking_field()
 
     @model_validator(mode="after")
     def _pairs_given(self):
@@ -166,7 +166,7 @@ class DPOFlowConfig(StrictModel):
     name: str = Field(min_length=1, description="Run name; also the MLflow experiment unless tracking.experiment is set.")
     model: ModelConfig = Field(description="The model to start from (a LoRA adapter folder is merged into its base first).")
     dpo: DPOStageConfig = Field(description="DPO hyper-parameters; dpo.pairs_path names the preference file.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow experiment (default: the recipe name) and whether to log at all.")
+    tracking: TrackingConfig = tracking_field()
 
     @model_validator(mode="after")
     def _pairs_given(self):
