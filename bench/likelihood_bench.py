@@ -57,19 +57,16 @@ def exact_mean_nlls(model, requests) -> list[float]:
 
     from models.likelihood import split_head
 
-    body, head = split_head(model)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    split = split_head(model)
     out = []
     with torch.inference_mode():
-        weight = head.weight.double()
-        bias = None if getattr(head, "bias", None) is None else head.bias.double()
+        weight = split.head.weight.double()
+        bias = None if getattr(split.head, "bias", None) is None else split.head.bias.double()
         for request in requests:
             start = max(1, request.target_start)
             ids = torch.tensor([request.input_ids], device=next(model.parameters()).device)
-            hidden = body(input_ids=ids).last_hidden_state[0, start - 1:-1].double()
-            logits = torch.nn.functional.linear(hidden, weight, bias)
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
+            hidden = split.body(input_ids=ids).last_hidden_state[0, start - 1:-1].double()
+            logits = split.transform(torch.nn.functional.linear(hidden, weight, bias))
             out.append(float(torch.nn.functional.cross_entropy(logits, ids[0, start:], reduction="mean")))
     return out
 

@@ -44,7 +44,7 @@ class PreExperienceConfig(StrictModel):
     """Cherry's pre-experienced scorer: cluster instruction embeddings, pick mid-perplexity samples, brief SFT."""
 
     n_clusters: int = Field(100, ge=1, description="KMeans clusters over the mean-pooled instruction embeddings.")
-    per_cluster: int = Field(10, ge=1, description="Samples taken per cluster, at an even stride over the band.")
+    per_cluster: int = Field(10, ge=1, description="Samples taken per cluster: a smaller cluster whole, else an even stride (in dataset order) over the band.")
     band: tuple[float, float] = Field((25.0, 75.0), description="Perplexity percentile band kept inside each cluster.")
     seed: int = Field(0, description="KMeans random_state (the reference uses 0).")
     n_init: int = Field(10, ge=1, description="KMeans restarts (scikit-learn's default when the reference was written).")

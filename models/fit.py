@@ -118,8 +118,7 @@ def fit_with_prefix_reuse(model, groups: Sequence[CandidateGroup], batch_size: i
         if any(not t for t in g.targets):
             raise ScoringError(f"group {n}: a candidate has no target tokens")
     device = next(model.parameters()).device
-    body, head = split_head(model)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    body, head, transform = split_head(model)
     results: list[list[TokenScores | None]] = [[None] * len(g.targets) for g in groups]
     order = sorted(range(len(groups)), key=lambda i: (-len(groups[i].prompt_ids), i))
     chunks: list[list[int]] = []
@@ -167,7 +166,7 @@ def fit_with_prefix_reuse(model, groups: Sequence[CandidateGroup], batch_size: i
                 where = mask.bool()
                 picked, labels = predicting[where], ids[where]
                 owner = where.nonzero(as_tuple=True)[0]
-                nll = head_nll(head, picked, labels, softcap, head_tile)
+                nll = head_nll(head, picked, labels, transform, head_tile)
                 sums = torch.zeros(len(part), dtype=torch.float64, device=device).index_add_(0, owner, nll.double())
                 for i, (_, g, k) in enumerate(part):
                     value = float(sums[i])

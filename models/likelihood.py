@@ -8,7 +8,9 @@ How it is fast without changing the numbers:
   one large matrix multiply per layer (right padding under the plain causal mask: real tokens never see pads);
 - the transformer body runs once per batch, and the LM head (vocabulary projection, about a fifth of a small
   model's FLOPs) runs only on the positions that predict a target token, in cache-sized tiles whose logsumexp is
-  combined in float32 (`head_nll`);
+  combined in float32 (`head_nll`), after the family's own logit scaling or soft-capping (`head_transform`); the
+  split is checked once per model against the model's own forward, and a model it does not reproduce is scored
+  from its full logits, with a warning;
 - no gradients (`inference_mode`), fp32 on CPU and the model's bf16/fp16 on CUDA (the loader picks the dtype).
 
 `reference_scores` is the reference implementations' way (one sample at a time, `model(ids, labels=...).loss`);
@@ -18,9 +20,11 @@ tests and the benchmark hold the engine against it.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from configs.errors import ScoringError
 
@@ -82,14 +86,85 @@ def batch_token_budget(device, requested: int | Literal["auto"] | None) -> int |
     return CUDA_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
 
 
-def split_head(model):
-    """(transformer body, LM head) of a *ForCausalLM, so the head can run on target positions only."""
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a model's forward does to the LM head's logits before the softmax: Granite divides them by
+    `logits_scaling`, Cohere multiplies them by `logit_scale` (HyperCLOVA X multiplies by its `logits_scaling`:
+    the same name, the opposite operation), Gemma 2/3 soft-cap them with tanh."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits):
+        import torch
+
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def head_transform(config) -> HeadTransform:
+    """The logit transform of the model family `config` belongs to (by model_type: attribute names are ambiguous)."""
+    model_type = str(getattr(config, "model_type", ""))
+    scale = 1.0
+    if model_type.startswith("granite"):
+        scale = 1.0 / float(config.logits_scaling)
+    elif model_type.startswith("cohere"):
+        scale = float(config.logit_scale)
+    elif model_type.startswith("hyperclovax"):
+        scale = float(config.logits_scaling)
+    return HeadTransform(scale, getattr(config, "final_logit_softcapping", None))
+
+
+class HeadSplit(NamedTuple):
+    body: object
+    head: object
+    transform: HeadTransform
+
+
+_SPLIT_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its checked split
+
+
+def split_head(model) -> HeadSplit:
+    """(transformer body, LM head, logit transform) of a *ForCausalLM, so the head can run on target positions only.
+
+    The first call for a model checks the split against the model's own forward on a short sequence: a model whose
+    forward changes the logits in a way `head_transform` does not know (a new family's scaling, a hidden-state
+    multiplier before the head) raises here instead of scoring every sample wrong.
+    """
+    import torch
+
+    known = _SPLIT_CHECKED.get(model)
+    if known is not None:
+        return known
+    name = type(model).__name__
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if body is None or head is None or body is model:
-        raise ScoringError(f"{type(model).__name__}: cannot split the transformer body from its LM head; "
-                           "call score_requests(..., head_on_targets_only=False)")
-    return body, head
+        raise ScoringError(f"{name}: cannot split the transformer body from its LM head")
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise ScoringError(f"{name}: the LM head has no [vocabulary x hidden] weight to tile")
+    transform = head_transform(model.config)
+    ids = torch.arange(1, 9, device=weight.device).remainder(weight.shape[0]).unsqueeze(0)
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits[0].float()
+        ours = transform(torch.nn.functional.linear(body(input_ids=ids).last_hidden_state[0], weight,
+                                                    getattr(head, "bias", None)).float())
+    if not bool(torch.isfinite(full).all()):  # broken weights: nothing to compare; scoring reports the NaN/inf
+        return HeadSplit(body, head, transform)
+    # same products in the same dtype: the paths agree to rounding unless the forward does something else
+    tolerance = (1e-4 if weight.dtype == torch.float32 else 2e-2) * (1.0 + float(full.abs().max()))
+    gap = float((full - ours).abs().max())
+    if not gap <= tolerance:
+        raise ScoringError(f"{name} (model_type {getattr(model.config, 'model_type', '?')!r}): its forward changes "
+                           f"the LM head's logits in a way the tiled head does not reproduce (largest difference "
+                           f"{gap:.3g} on a probe sequence)")
+    split = HeadSplit(body, head, transform)
+    _SPLIT_CHECKED[model] = split
+    return split
 
 
 HEAD_TILES = {"cpu": (1024, 2048), "cuda": (2048, None)}
@@ -103,10 +178,12 @@ def default_head_tile(device) -> tuple[int, int | None]:
     return HEAD_TILES["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
-def head_nll(head, hidden, labels, softcap: float | None = None, tile: tuple[int, int | None] | None = None):
+def head_nll(head, hidden, labels, transform: HeadTransform = HeadTransform(),
+             tile: tuple[int, int | None] | None = None):
     """NLL of `labels` under the LM head applied to `hidden` (one row per label), as logsumexp(logits) minus the
-    label's logit, with the logits computed in [rows x columns] tiles (`tile`, default `default_head_tile`) and the
-    logsumexp combined across column tiles, so no full [rows x vocabulary] matrix is ever held."""
+    label's logit, with the logits (after the model's `transform`) computed in [rows x columns] tiles (`tile`,
+    default `default_head_tile`) and the logsumexp combined across column tiles, so no full [rows x vocabulary]
+    matrix is ever held."""
     import torch
 
     weight = getattr(head, "weight", None)
@@ -124,8 +201,7 @@ def head_nll(head, hidden, labels, softcap: float | None = None, tile: tuple[int
             last = min(first + cols, vocab)
             logits = torch.nn.functional.linear(part, weight[first:last],
                                                 None if bias is None else bias[first:last]).float()
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
+            logits = transform(logits)
             # the label's logit comes from the same product as the normaliser (gather + where: no device sync)
             here = (wanted >= first) & (wanted < last)
             picked = logits.gather(1, (wanted - first).clamp(0, last - first - 1).unsqueeze(1)).squeeze(1)
@@ -157,8 +233,12 @@ def score_requests(model, requests: Sequence[ScoreRequest], batch_size: int = 8,
 
     _check_requests(requests)
     device = next(model.parameters()).device
-    body, head = split_head(model) if head_on_targets_only else (None, None)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    split = None
+    if head_on_targets_only:
+        try:
+            split = split_head(model)
+        except ScoringError as err:  # correct numbers the slow way, said out loud
+            warnings.warn(f"{err}; scoring with the model's full logits instead (same numbers, slower)", stacklevel=2)
     results: list[TokenScores | None] = [None] * len(requests)
     max_batch_tokens = batch_token_budget(device, max_batch_tokens)
     batches = length_batches([len(r.input_ids) for r in requests], batch_size, max_batch_tokens)
@@ -187,11 +267,11 @@ def score_requests(model, requests: Sequence[ScoreRequest], batch_size: int = 8,
             rows, cols = target[:, 1:].nonzero(as_tuple=True)
             rows, cols = rows.to(device), cols.to(device)
             labels = ids[rows, cols + 1]
-            if head_on_targets_only:
-                hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+            if split is not None:
+                hidden = split.body(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
                 picked = hidden[rows, cols]
                 del hidden
-                nll = head_nll(head, picked, labels, softcap, head_tile)
+                nll = head_nll(split.head, picked, labels, split.transform, head_tile)
             else:
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[rows, cols].float()
                 nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")

@@ -87,14 +87,20 @@ def select_by_ifd(ids: Sequence[str], ifd: Sequence[float | None], rule: IFDRule
 
 # --------------------------------------------------------------------------------------- Cherry pre-experience
 def band_stride_pick(values: np.ndarray, per_cluster: int, low: float, high: float) -> np.ndarray:
-    """Positions (into `values`) inside the [low, high] percentile band, sorted by value, `per_cluster` at an even stride."""
+    """Positions (into `values`, one cluster in dataset order) of Cherry's pre-experience picks for that cluster.
+
+    As the authors' `data_by_cluster.py` does: a cluster smaller than `per_cluster` is taken whole; otherwise the
+    members whose perplexity lies in the [low, high] percentile band, `per_cluster` of them at an even stride in
+    dataset order (not in perplexity order), or the whole band when it is smaller.
+    """
+    positions = np.arange(len(values))
+    if len(values) < per_cluster:
+        return positions
     lo, hi = np.percentile(values, low), np.percentile(values, high)
-    middle = np.where((values >= lo) & (values <= hi))[0]
-    ordered = middle[np.argsort(values[middle], kind="stable")]
-    if len(ordered) <= per_cluster:
-        return ordered
-    step = len(ordered) // per_cluster
-    return ordered[::step][:per_cluster]
+    band = positions[(values >= lo) & (values <= hi)]
+    if len(band) < per_cluster:
+        return band
+    return band[::len(band) // per_cluster][:per_cluster]
 
 
 def pick_pre_experience(embeddings: np.ndarray, perplexities: np.ndarray, config: PreExperienceConfig) -> list[int]:

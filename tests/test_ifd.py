@@ -60,13 +60,18 @@ def test_select_by_ifd_threshold_strictness_share_base_and_input_order():
     assert chosen == ["a", "e", "f", "g", "h"]
 
 
-def test_band_stride_pick_takes_the_middle_band_at_an_even_stride():
+def test_band_stride_pick_strides_over_the_band_in_dataset_order():
     values = np.array([50.0, 1.0, 9.0, 3.0, 7.0, 100.0, 5.0, 2.0, 8.0, 4.0, 6.0, 10.0])
     picked = band_stride_pick(values, per_cluster=3, low=25, high=75)
     lo, hi = np.percentile(values, 25), np.percentile(values, 75)
-    band = sorted(v for v in values if lo <= v <= hi)  # [4..9]: 6 values -> stride 2 -> 4, 6, 8
-    assert list(values[picked]) == band[::2][:3] == [4.0, 6.0, 8.0]
-    assert list(values[band_stride_pick(values[:3], 10, 25, 75)]) == [9.0]  # fewer than asked: all of the band
+    band = [i for i, v in enumerate(values) if lo <= v <= hi]  # values 9, 7, 5, 8, 4, 6 at 2, 4, 6, 8, 9, 10
+    assert band == [2, 4, 6, 8, 9, 10]
+    assert list(picked) == band[::2][:3] == [2, 6, 9]  # stride 6 // 3 = 2 in dataset order, not sorted by value
+    # a band smaller than asked: all of it
+    assert list(band_stride_pick(values, per_cluster=8, low=25, high=75)) == band
+    # a cluster smaller than asked is taken whole, its outliers too (the authors' rule)
+    assert list(band_stride_pick(values[:3], 10, 25, 75)) == [0, 1, 2]
+    assert list(band_stride_pick(values[:3], 3, 25, 75)) == [2]  # not smaller: the band alone
 
 
 def test_pick_pre_experience_clusters_then_picks_per_cluster():

@@ -10,7 +10,8 @@ import pytest
 from configs.errors import ScoringError
 from configs.ifd import ScoringConfig
 from configs.schema import DataConfig, ModelConfig
-from models.likelihood import ScoreRequest, head_nll, length_batches, reference_scores, score_requests
+from models.likelihood import (HeadTransform, ScoreRequest, head_nll, head_transform, length_batches, reference_scores,
+                               score_requests, split_head)
 from models.templates import (SKIP_EMPTY_OUTPUT, SKIP_INSTRUCTION_TOO_LONG, SKIP_OVERLONG, TEMPLATES, build_pair,
                               instruction_request)
 from tests.conftest import DATA
@@ -53,8 +54,9 @@ def test_full_logits_path_equals_head_on_targets(tiny):
     assert [round(a.nll_sum, 3) for a in fast] == [round(b.nll_sum, 3) for b in full]
 
 
-@pytest.mark.parametrize("bias, softcap", [(False, None), (True, 30.0)])
-def test_tiled_head_nll_equals_cross_entropy_over_the_whole_vocabulary(bias, softcap):
+@pytest.mark.parametrize("bias, transform", [(False, HeadTransform()), (True, HeadTransform(softcap=30.0)),
+                                             (False, HeadTransform(scale=0.125))])
+def test_tiled_head_nll_equals_cross_entropy_over_the_whole_vocabulary(bias, transform):
     import torch
 
     torch.manual_seed(0)
@@ -64,12 +66,74 @@ def test_tiled_head_nll_equals_cross_entropy_over_the_whole_vocabulary(bias, sof
     labels = torch.cat([torch.tensor([0, 127, 128, 999, 998]), torch.randint(0, 1000, (32,))])
     with torch.no_grad():
         logits = head(hidden)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+        if transform.scale != 1.0:
+            logits = logits * transform.scale
+        if transform.softcap is not None:
+            logits = torch.tanh(logits / transform.softcap) * transform.softcap
         expected = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         for tile in [(37, None), (8, 128), (5, 333), (100, 1000), (1, 999)]:
-            got = head_nll(head, hidden, labels, softcap, tile)
+            got = head_nll(head, hidden, labels, transform, tile)
             assert torch.allclose(got, expected, atol=1e-5, rtol=0), (tile, (got - expected).abs().max())
+
+
+def _scaled_head_model(model_type: str):
+    """A random two-layer model of a family whose forward rescales the LM head's logits (Granite divides by
+    logits_scaling, Cohere multiplies by logit_scale), with scales far from 1 so a missed one shows."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    if model_type == "granite":
+        config = transformers.GraniteConfig(logits_scaling=0.25, **shape)
+        model = transformers.GraniteForCausalLM(config)
+    else:
+        config = transformers.CohereConfig(logit_scale=4.0, **shape)
+        model = transformers.CohereForCausalLM(config)
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_type, scale", [("granite", 4.0), ("cohere", 4.0)])
+def test_engine_applies_the_model_familys_logit_scale(model_type, scale):
+    import random
+    import warnings
+
+    import torch
+
+    model = _scaled_head_model(model_type)
+    body, head, transform = split_head(model)  # the probe against the model's own forward passes
+    assert transform.scale == scale
+    rng = random.Random(0)
+    requests = [ScoreRequest(tuple(rng.randrange(300) for _ in range(n)), n // 3) for n in (9, 40, 17, 64, 33)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tiled head ran: no fallback to the full logits
+        engine = score_requests(model, requests, batch_size=2, pad_id=0)
+    loop = reference_scores(model, requests)
+    assert max(abs(a.mean_nll - b.mean_nll) for a, b in zip(engine, loop)) < 1e-5
+    # without the family's scale the numbers are far off: the agreement above is the scale's doing
+    with torch.inference_mode():
+        unscaled = []
+        for r in requests:
+            ids = torch.tensor([r.input_ids])
+            hidden = body(input_ids=ids).last_hidden_state[0, max(1, r.target_start) - 1:-1]
+            unscaled.append(float(head_nll(head, hidden, ids[0, max(1, r.target_start):]).mean()))
+    assert max(abs(u - b.mean_nll) for u, b in zip(unscaled, loop)) > 0.05
+
+
+def test_an_unknown_logit_change_is_refused_by_the_split_and_scored_the_slow_way():
+    import random
+
+    model = _scaled_head_model("granite")
+    model.config.model_type = "not-a-known-family"  # as a new family with its own scaling would look
+    with pytest.raises(ScoringError, match="changes the LM head's logits"):
+        split_head(model)
+    rng = random.Random(1)
+    requests = [ScoreRequest(tuple(rng.randrange(300) for _ in range(n)), 2) for n in (12, 30)]
+    with pytest.warns(UserWarning, match="full logits instead"):
+        engine = score_requests(model, requests, batch_size=2, pad_id=0)
+    loop = reference_scores(model, requests)
+    assert max(abs(a.mean_nll - b.mean_nll) for a, b in zip(engine, loop)) < 1e-5
 
 
 def test_engine_with_small_head_tiles_agrees_with_the_loop(tiny):
