@@ -95,11 +95,13 @@ class SuperfilterSelection(Budget):
 
     @model_validator(mode="before")
     @classmethod
-    def _paper_scoring_defaults(cls, raw):
-        """Superfiltering's own template and length limit where the recipe names none (ScoringConfig's defaults
-        are Cherry's: 'wiz', 512)."""
+    def _paper_defaults(cls, raw):
+        """Superfiltering's own template, length limit and rule where the recipe names none (ScoringConfig's and
+        IFDRule's defaults are Cherry's: 'wiz', 512, ifd <= 1, share of the filtered)."""
         if isinstance(raw, dict) and isinstance(raw.get("scoring"), dict):
             raw = {**raw, "scoring": {"template": "superfilter", "max_length": 1024, **raw["scoring"]}}
+        if isinstance(raw, dict) and isinstance(raw.get("rule"), dict):
+            raw = {**raw, "rule": {"strict": True, "share_of": "all", **raw["rule"]}}
         return raw
 
     @model_validator(mode="after")

@@ -98,7 +98,7 @@ def test_facility_location_covers_every_cluster_first():
     assert groups == {0, 1, 2, 3} and len(set(order)) == 4
 
 
-def test_superfiltering_gets_its_own_template_and_length_unless_set():
+def test_superfiltering_gets_its_own_template_length_and_rule_unless_set():
     scorer = {"scorer": {"name_or_path": "tiny:0"}}
     sel = SuperfilterSelection.model_validate({"budget": 5, "scoring": scorer})
     assert (sel.scoring.template, sel.scoring.max_length) == ("superfilter", 1024)
@@ -106,6 +106,13 @@ def test_superfiltering_gets_its_own_template_and_length_unless_set():
     assert (sel.scoring.template, sel.scoring.max_length) == ("alpaca", 256)
     cherry = CherrySelection.model_validate({"budget": 5, "scoring": scorer})
     assert (cherry.scoring.template, cherry.scoring.max_length) == ("wiz", 512)
+    # its rule (ifd < 1, share of all) stays when a recipe sets only part of the rule
+    for rule in ({}, {"threshold": 0.9}):
+        sel = SuperfilterSelection.model_validate({"budget": 5, "scoring": scorer, **({"rule": rule} if rule else {})})
+        assert (sel.rule.strict, sel.rule.share_of) == (True, "all")
+    sel = SuperfilterSelection.model_validate({"budget": 5, "scoring": scorer, "rule": {"strict": False}})
+    assert (sel.rule.strict, sel.rule.share_of) == (False, "all")
+    assert (cherry.rule.strict, cherry.rule.share_of) == (False, "filtered")
 
 
 def test_configs_refuse_invalid_combinations():
