@@ -64,11 +64,13 @@ def pool_hidden(hidden, attention_mask, pooling: Pooling):
 
 
 def embed_texts(model, tokenizer, texts: Sequence[str], pooling: Pooling = "last", batch_size: int = 8,
-                normalize: bool = True, progress: bool = False, max_length: int | None = None) -> np.ndarray:
+                normalize: bool = True, progress: bool = False, max_length: int | None = None,
+                add_special_tokens: bool = True) -> np.ndarray:
     """Embeddings of `texts`, float32 [n, hidden], in input order.
 
     Texts are sorted by token length for batching (less padding), then restored to input order.
     `max_length` truncates from the right (keeping the start of each text); None keeps every token.
+    `add_special_tokens=False` for text that already carries them (a rendered chat template: no second BOS).
     """
     import torch
 
@@ -80,7 +82,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], pooling: Pooling = "last
     out = np.zeros((len(texts), hidden_size), dtype=np.float32)
     if not texts:
         return out
-    encoded = [tokenizer(t, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)["input_ids"]
+    encoded = [tokenizer(t, add_special_tokens=add_special_tokens, truncation=max_length is not None, max_length=max_length)["input_ids"]
                for t in texts]
     for i, ids in enumerate(encoded):
         if not ids:

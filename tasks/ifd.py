@@ -174,9 +174,10 @@ def profile_shard(model, tokenizer, records: Sequence[Record], scoring: ScoringC
     for i, score in zip(usable, scores):
         rows[i]["perplexity"] = math.exp(score.mean_nll)
     texts = [instruction_text(scoring.template, tokenizer, *fields[i][:2]) for i in usable]
-    # Chat-template text carries its own special tokens; embed_texts adds the tokenizer's, as the reference's encode does.
+    # The tokens whose perplexity was just measured (the reference takes both from one pass): the reference
+    # templates get the tokenizer's special tokens as its encode adds them; a chat template writes its own.
     embeddings = embed_texts(model, tokenizer, texts, pooling="mean", batch_size=pre.embed_batch_size, normalize=False,
-                             max_length=scoring.max_length)
+                             max_length=scoring.max_length, add_special_tokens=scoring.template != "chat")
     return rows, np.asarray(embeddings, dtype=np.float32)
 
 

@@ -193,3 +193,28 @@ def test_instruction_profile_resumes_from_its_shards_and_equals_one_pass(tiny_mo
     stored = np.load(out.file("embeddings.npy"))
     assert stored.shape == (10, 64) and np.allclose(stored, embeddings, atol=1e-5)
     assert out.metrics == {"instructions": 10, "profiled": 10, "skipped": 0}
+
+
+@pytest.mark.parametrize("template", ["wiz", "chat"])
+def test_instruction_embedding_is_the_mean_state_over_the_tokens_whose_perplexity_is_measured(tiny_model_dir,
+                                                                                                template):
+    """As the reference takes both from one pass: one BOS under a chat template that writes its own."""
+    import torch
+
+    from models.loading import load_model
+    from models.templates import instruction_request
+    from tasks.data import load_canonical, prepare_records
+    from tasks.ifd import profile_shard
+
+    records = load_canonical(prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=3))
+                             .file("records.jsonl"))
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), template=template,
+                            max_length=256)
+    model, tokenizer = load_model(scoring.scorer)
+    _, embeddings = profile_shard(model, tokenizer, records, scoring, PreExperienceConfig(embed_batch_size=2))
+    for record, embedding in zip(records, embeddings):
+        ids = instruction_request(template, tokenizer, *record.alpaca_fields()[:2], 256).input_ids
+        assert ids.count(tokenizer.bos_token_id) == 1
+        with torch.inference_mode():
+            states = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+        assert np.allclose(embedding, states.mean(0).numpy(), atol=1e-5)
