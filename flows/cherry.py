@@ -24,7 +24,7 @@ def cherry_stage_outputs(selection: CherrySelection, records: StageOutput, outpu
     if pre is not None:
         profile = run_stage_task(instruction_profile_task, records, selection.scoring, pre,
                                  parent_run_id=parent_run_id, log_config=selection.scoring)
-        pick = run_stage_task(pre_experience_pick_task, records, profile, pre,
+        pick = run_stage_task(pre_experience_pick_task, records, profile, pre, selection.scoring.template,
                               parent_run_id=parent_run_id, log_config=pre.model_dump(mode="json", exclude={"sft"}))
         sft = run_stage_task(pre_experience_sft_task, pick, selection.scoring, pre,
                              parent_run_id=parent_run_id, log_config=pre.sft)

@@ -97,6 +97,16 @@ def instruction_text(template: TemplateName, tokenizer, instruction: str, input_
     raise ValueError(f"unknown template {template!r}: expected one of {TEMPLATES}")
 
 
+def prompt_text(template: TemplateName, tokenizer, instruction: str, input_text: str) -> str:
+    """The text a reference template writes before the output (the conditioned text is this + output)."""
+    if template == "wiz":
+        return (instruction + "\nInput:" + input_text + "\n\n### Response:" if input_text != ""
+                else instruction + "\n\n### Response:")
+    if template in ("alpaca", "superfilter"):
+        return instruction_text(template, tokenizer, instruction, input_text)
+    raise ValueError(f"template {template!r} has no plain-text prompt (a chat template renders messages)")
+
+
 def instruction_request(template: TemplateName, tokenizer, instruction: str, input_text: str,
                         max_length: int) -> ScoreRequest:
     """The whole-text perplexity request of the instruction alone (Cherry's `--mod pre`)."""
@@ -132,8 +142,7 @@ def build_pair(template: TemplateName, tokenizer, instruction: str, input_text: 
     if max_length - n_instr <= 0:
         return ScorePair(None, None, n_instr, False, SKIP_INSTRUCTION_TOO_LONG)
     if template == "wiz":
-        whole = (instruction + "\nInput:" + input_text + "\n\n### Response:" + output if input_text != ""
-                 else instruction + "\n\n### Response:" + output)
+        whole = prompt_text(template, tokenizer, instruction, input_text) + output
         direct_text, direct_max = CHERRY_DIRECT_PREFIX + output, max_length - n_instr + 4
     elif template == "alpaca":
         whole = instr + output

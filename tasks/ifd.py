@@ -26,7 +26,7 @@ import numpy as np
 from configs.errors import ConfigError, ScoringError
 from configs.ifd import CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig, SuperfilterSelection
 from configs.schema import Budget
-from tasks.data import Record, load_canonical, read_jsonl, write_jsonl, write_records
+from tasks.data import Record, load_canonical, read_jsonl, write_jsonl
 from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, score_counts
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
@@ -245,8 +245,28 @@ def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: P
                      [records_out], body, digest_of=["embeddings.npy", "perplexity.jsonl"])
 
 
-def pre_experience_pick(records_out: StageOutput, profile_out: StageOutput, pre: PreExperienceConfig) -> StageOutput:
-    """Stage `cherry-pick`: the pre-experience set as `pre_experience.messages.jsonl` (+ ids), ready for SFT."""
+PRE_EXPERIENCE_TRAIN = "pre_experience.train.jsonl"
+
+
+def pre_experience_rows(records: list[Record], template: str) -> list[dict]:
+    """Training rows of the pre-experience set in the format IFD is then scored in: the reference templates'
+    text as prompt + completion (the authors train with Stanford Alpaca's script on that text, loss on the
+    output), or chat `messages` for the chat template."""
+    from models.templates import prompt_text
+
+    if template == "chat":
+        return [{"messages": r.messages} for r in records]
+    rows = []
+    for r in records:
+        instruction, input_text, output = r.alpaca_fields()
+        rows.append({"prompt": prompt_text(template, None, instruction, input_text), "completion": output})
+    return rows
+
+
+def pre_experience_pick(records_out: StageOutput, profile_out: StageOutput, pre: PreExperienceConfig,
+                        template: str = "wiz") -> StageOutput:
+    """Stage `cherry-pick`: the pre-experience set as `pre_experience.train.jsonl` (+ ids), ready for SFT in the
+    scoring `template`'s format."""
 
     def body(folder: Path) -> dict:
         from tasks.plots import bar_chart
@@ -258,7 +278,7 @@ def pre_experience_pick(records_out: StageOutput, profile_out: StageOutput, pre:
         picked = pick_pre_experience(emb, ppl, pre)
         ids = [ppl_rows[i]["id"] for i in picked]
         atomic_write_text(folder / "pre_experience_ids.txt", "".join(i + "\n" for i in ids))
-        write_records([records[i] for i in ids], folder / "pre_experience.messages.jsonl", "messages")
+        write_jsonl(folder / PRE_EXPERIENCE_TRAIN, pre_experience_rows([records[i] for i in ids], template))
         bar_chart(["candidates", "picked"], [len(ppl_rows), len(ids)], folder / "pre_experience.png",
                   "Cherry pre-experience set", "samples")
         return {"metrics": {"candidates": len(ppl_rows), "picked": len(ids)},
@@ -267,9 +287,8 @@ def pre_experience_pick(records_out: StageOutput, profile_out: StageOutput, pre:
                 "summary": f"Picked **{len(ids)}** pre-experience samples from {pre.n_clusters} clusters "
                            f"(perplexity band {pre.band[0]:g}-{pre.band[1]:g} pct)."}
 
-    config = {k: v for k, v in pre.model_dump(mode="json").items() if k != "sft"}
-    return run_stage("cherry-pick", config, [records_out, profile_out], body,
-                     digest_of=["pre_experience.messages.jsonl"])
+    config = {**{k: v for k, v in pre.model_dump(mode="json").items() if k != "sft"}, "template": template}
+    return run_stage("cherry-pick", config, [records_out, profile_out], body, digest_of=[PRE_EXPERIENCE_TRAIN])
 
 
 def pre_experience_sft(pick_out: StageOutput, scoring: ScoringConfig, pre: PreExperienceConfig) -> StageOutput:
@@ -277,7 +296,7 @@ def pre_experience_sft(pick_out: StageOutput, scoring: ScoringConfig, pre: PreEx
     from tasks.train import MERGED_DIR, read_train_result, sft_train
 
     def body(folder: Path) -> dict:
-        model_dir = sft_train(pick_out.file("pre_experience.messages.jsonl"), scoring.scorer, pre.sft, folder / "train")
+        model_dir = sft_train(pick_out.file(PRE_EXPERIENCE_TRAIN), scoring.scorer, pre.sft, folder / "train")
         if pre.sft.lora is not None:
             model_dir = folder / "train" / MERGED_DIR
         result = read_train_result(folder / "train")

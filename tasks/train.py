@@ -56,12 +56,21 @@ def has_generation_markers(tokenizer) -> bool:
 def sft_rows(messages_path: Path, tokenizer, config: SFTStageConfig) -> tuple[list[dict], str]:
     """Rows for SFTTrainer and how the loss is masked ('assistant', 'completion' or 'all').
 
-    `assistant_only_loss` needs generation markers in the chat template. Without them the recipe decides: raise,
-    or train on prompt/completion rows (loss on the final assistant reply only), said in the log and in MLflow.
+    `messages` rows go through the chat template. `assistant_only_loss` needs generation markers in it; without
+    them the recipe decides: raise, or train on prompt/completion rows (loss on the final assistant reply only),
+    said in the log and in MLflow. Plain-text `prompt`/`completion` rows (a reference template's text, as Cherry's
+    pre-experience trains) are trained as they are, loss on the completion (TRL appends EOS to it).
     """
-    rows = [{"messages": row["messages"]} for row in read_jsonl(messages_path)]
-    if not rows:
+    raw = read_jsonl(messages_path)
+    if not raw:
         raise ConfigError(f"{messages_path}: no training examples")
+    if all(isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str) for row in raw):
+        return [{"prompt": row["prompt"], "completion": row["completion"]} for row in raw], "completion"
+    for line, row in enumerate(raw, 1):
+        if not isinstance(row.get("messages"), list):
+            raise ConfigError(f"{messages_path}, line {line}: field 'messages' (a list of turns) is missing; rows "
+                              "are either chat `messages` or text `prompt` + `completion`")
+    rows = [{"messages": row["messages"]} for row in raw]
     if not config.assistant_only_loss:
         return rows, "all"
     if has_generation_markers(tokenizer):

@@ -3,6 +3,7 @@ and MLflow gets the histogram, counts, subset and scorer/template params."""
 
 from __future__ import annotations
 
+import json
 
 from configs.ifd import (CherryFlowConfig, CherrySelection, DiversityConfig, PreExperienceConfig, ScoringConfig,
                          SuperfilterFlowConfig, SuperfilterSelection)
@@ -54,6 +55,9 @@ def test_cherry_flow_failed_sft_reruns_alone_and_logs_ifd(prefect_server):
     sft_dir = out["pre_experience_sft"].params["model_dir"]
     assert out["scores"].params["scorer"] == sft_dir  # IFD comes from the pre-experienced model
     assert len(out["pre_experience"].file("pre_experience_ids.txt").read_text().split()) == 6
+    # pre-experienced on the text it is then scored on (wiz), not through the chat template
+    trained = [json.loads(line) for line in out["pre_experience"].file("pre_experience.train.jsonl").open()]
+    assert len(trained) == 6 and all(row["prompt"].endswith("\n\n### Response:") for row in trained)
     selection = out["selection"]
     assert selection.metrics["selected"] == int(selection.metrics["passing_threshold"] * 0.5)
 

@@ -218,3 +218,25 @@ def test_instruction_embedding_is_the_mean_state_over_the_tokens_whose_perplexit
         with torch.inference_mode():
             states = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
         assert np.allclose(embedding, states.mean(0).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("template", ["wiz", "alpaca", "superfilter", "chat"])
+def test_pre_experience_trains_on_the_text_ifd_is_scored_on(tiny_model_dir, template):
+    """The authors pre-experience the scorer on the template's own text, loss on the output (Stanford Alpaca's
+    training script); a chat template trains on messages."""
+    from models.loading import load_tokenizer
+    from models.templates import build_pair
+    from tasks.data import read_records
+    from tasks.ifd import pre_experience_rows
+
+    records = read_records(str(DATA / "alpaca_cherry_40.json")).records
+    records = [r for r in records if r.alpaca_fields()[1]][:3] + [r for r in records if not r.alpaca_fields()[1]][:3]
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    rows = pre_experience_rows(records, template)
+    for record, row in zip(records, rows):
+        if template == "chat":
+            assert row == {"messages": record.messages}
+            continue
+        pair = build_pair(template, tokenizer, *record.alpaca_fields(), max_length=4096)
+        assert tokenizer.encode(row["prompt"] + row["completion"]) == list(pair.conditioned.input_ids)
+        assert row["completion"] == record.alpaca_fields()[2]

@@ -76,6 +76,17 @@ def test_tiled_head_nll_equals_cross_entropy_over_the_whole_vocabulary(bias, tra
             assert torch.allclose(got, expected, atol=1e-5, rtol=0), (tile, (got - expected).abs().max())
 
 
+def test_head_transform_reads_each_familys_scale_by_model_type():
+    from types import SimpleNamespace as Config
+
+    # the same attribute name means opposite operations in two families
+    assert head_transform(Config(model_type="granite", logits_scaling=8.0)).scale == 0.125
+    assert head_transform(Config(model_type="hyperclovax", logits_scaling=8.0)).scale == 8.0
+    assert head_transform(Config(model_type="cohere2", logit_scale=0.0625)).scale == 0.0625
+    assert head_transform(Config(model_type="gemma2", final_logit_softcapping=30.0)) == HeadTransform(1.0, 30.0)
+    assert head_transform(Config(model_type="llama", logits_scaling=8.0)) == HeadTransform()
+
+
 def _scaled_head_model(model_type: str):
     """A random two-layer model of a family whose forward rescales the LM head's logits (Granite divides by
     logits_scaling, Cohere multiplies by logit_scale), with scales far from 1 so a missed one shows."""

@@ -262,6 +262,21 @@ def test_a_template_without_generation_markers_is_said_not_silently_masked(selec
     assert mask == "all"
 
 
+def test_text_prompt_completion_rows_train_on_the_completion(tmp_path):
+    from models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(TINY)
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "Add 2 and 2\\n\\n### Response:", "completion": "4"}\n'
+                    '{"prompt": "Name a colour\\n\\n### Response:", "completion": "Blue"}\n')
+    rows, mask = sft_rows(path, tokenizer, SFTStageConfig())
+    assert mask == "completion" and rows[1] == {"prompt": "Name a colour\n\n### Response:", "completion": "Blue"}
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+                    '{"prompt": "no completion"}\n')
+    with pytest.raises(ConfigError, match="line 2: field 'messages'"):
+        sft_rows(path, tokenizer, SFTStageConfig())
+
+
 # ---------------------------------------------------------------------------------------------- the flow
 def test_sft_flow_trains_logs_and_reuses_the_stage(prefect_server, tmp_path):
     from flows.train import sft
