@@ -7,11 +7,13 @@ Both return the same numbers (the test suite checks it); `bench/grape_prefix_ben
 
 Token layout of one candidate, under the target's chat template:
     prompt   = template(instruction messages, add_generation_prompt=True)
-    response = the response text, tokenized on its own
+    response = the response's tokens as the whole conversation tokenizes (what the model sees when trained on it)
     tail     = what the template appends after the response, trailing whitespace removed (the end-of-turn
                marker, e.g. `<|im_end|>`)
-The three pieces are tokenized separately and concatenated, so the response's token count does not depend on how
-a BPE merges across the boundaries, and the prompt tokens are literally shared by all candidates.
+The response is cut out of the tokenized conversation, not tokenized on its own: a SentencePiece tokenizer gives a
+text on its own a leading word-start piece that it does not get after the template's newline. The prompt's tokens
+must be a prefix of the conversation's (shared by all candidates) and the tail's a suffix; a candidate whose first
+or last token merges across those boundaries is rejected with that reason, never scored on other tokens.
 """
 
 from __future__ import annotations
@@ -77,9 +79,14 @@ def candidate_tokens(tokenizer, messages: list[dict[str, str]], responses: Seque
         # The end-of-turn marker, without the template's trailing newline (a free token that would only dilute
         # the mean).
         tail = suffix[len(response):].rstrip()
-        response_ids = tuple(tokenizer(response, add_special_tokens=False)["input_ids"])
         tail_ids = tuple(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else ()
-        out.append(CandidateTokens(prompt_ids, response_ids, tail_ids, len(response.encode("utf-8"))))
+        ids = tuple(tokenizer(prompt_text + response + tail, add_special_tokens=False)["input_ids"])
+        end = len(ids) - len(tail_ids)
+        if ids[:len(prompt_ids)] != prompt_ids or ids[end:] != tail_ids or end <= len(prompt_ids):
+            raise RecordError("candidates", f"instruction {instruction_id}", f"candidate {k}",
+                              "its first or last token merges with the chat template's text around it, so its "
+                              "tokens cannot be told apart from the template's", response)
+        out.append(CandidateTokens(prompt_ids, ids[len(prompt_ids):end], tail_ids, len(response.encode("utf-8"))))
     return out
 
 

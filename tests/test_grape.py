@@ -89,6 +89,43 @@ def test_bundled_slice_labels_limit_and_formats(tmp_path):
         read_candidates_file(CandidatesFile(path=str(broken), on_error="raise"))
 
 
+def _metaspace_tokenizer(chat_template: str):
+    """A SentencePiece-style tokenizer (Metaspace: a word-start piece before the first word of a text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    texts = ["Hello world, the sea is blue", "Hello there", "Assistant:Sure thing", "Assistant:Sure"] * 50
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<|end|>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", unk_token="<unk>")
+    fast.chat_template = chat_template
+    return fast
+
+
+def test_response_tokens_are_those_the_conversation_tokenizes_to():
+    """Tokenized on its own, "Hello" gets a word-start piece it never has after the template's newline."""
+    tok = _metaspace_tokenizer("{% for m in messages %}[{{ m.role }}]\n{{ m.content }}<|end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant]\n{% endif %}")
+    user = [{"role": "user", "content": "hi"}]
+    (tokens,) = candidate_tokens(tok, user, ["Hello world"])
+    conversation = tok.apply_chat_template(user + [{"role": "assistant", "content": "Hello world"}], tokenize=False)
+    ids = tok(conversation.rstrip(), add_special_tokens=False)["input_ids"]
+    assert tokens.prompt_ids + tokens.response_ids + tokens.tail_ids == tuple(ids)
+    assert tok.convert_ids_to_tokens(tokens.tail_ids) == ["<|end|>"]
+    alone = tok("Hello world", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone)[0] == "\u2581Hello" and tuple(alone) != tokens.response_ids
+
+
+def test_a_response_merging_with_the_template_is_rejected_not_scored_on_other_tokens():
+    tok = _metaspace_tokenizer("{% for m in messages %}{% if m.role == 'user' %}User:{{ m.content }}\n{% else %}"
+                               "Assistant:{{ m.content }}<|end|>\n{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}Assistant:{% endif %}")
+    with pytest.raises(RecordError, match="merges with the chat template"):
+        candidate_tokens(tok, [{"role": "user", "content": "hi"}], ["Sure thing"], "q1")
+
+
 # ---------------------------------------------------------------------------------------------- fit scoring
 def test_prefix_reuse_equals_one_pass_per_candidate(tiny_model_dir):
     model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
