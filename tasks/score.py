@@ -128,6 +128,9 @@ def score_records(records_out: StageOutput, scoring: ScoringConfig, scorer_stage
                     ({"id": row["id"], "location": by_id[row["id"]].location, "status": row["status"],
                       "reason": row["reason"]} for row in rows if row["status"] != STATUS_SCORED))
         counts = score_counts(rows)
+        # The IFD templates are single-turn (as the authors' scripts): later turns of a conversation are not
+        # scored, and that is counted rather than left unsaid.
+        counts["first_turn_only"] = sum(len(r.turns()) > 1 for r in records)
         scored = [r for r in rows if r["status"] == STATUS_SCORED]
         if scored:
             counts["mean_cond_nll"] = sum(r["cond_mean_nll"] for r in scored) / len(scored)
@@ -136,6 +139,9 @@ def score_records(records_out: StageOutput, scoring: ScoringConfig, scorer_stage
                    f"(template `{scoring.template}`, max_length {scoring.max_length}): {int(counts['skipped'])} "
                    f"skipped, {int(counts['nonfinite'])} non-finite (see rejects.jsonl), "
                    f"{int(counts['truncated'])} truncated.")
+        if counts["first_turn_only"]:
+            summary += (f" {int(counts['first_turn_only'])} multi-turn records were scored on their first turn "
+                        "only (the IFD templates are single-turn).")
         return {"metrics": counts, "artifacts": ["rejects.jsonl"], "summary": summary,
                 "params": {"scorer": model_cfg.name_or_path, "template": scoring.template,
                            "max_length": scoring.max_length}}

@@ -270,3 +270,26 @@ def test_killed_scoring_resumes_at_the_next_shard_with_identical_results(tmp_pat
     assert score_mod.read_scores(resumed) == score_mod.read_scores(fresh)
     assert resumed.digest == fresh.digest
     assert resumed.metrics["scored"] == 20 and resumed.params["template"] == "superfilter"
+
+
+def test_multi_turn_records_are_scored_on_their_first_turn_and_counted(tmp_path):
+    from models.loading import load_model
+    from tasks.data import prepare_records
+    from tasks.score import read_scores, score_records
+
+    def turns(*texts):
+        return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(texts)]
+
+    rows = [{"conversations": turns("Name a colour.", "Blue.", "Another one?", "Green.")},
+            {"conversations": turns("What is 2 + 2?", "4.")},
+            {"conversations": turns("Say hi.", "Hi!", "Louder.", "HI!", "Thanks.", "Welcome.")}]
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps(rows))
+    records = prepare_records(DataConfig(path=str(path)))
+    out = score_records(records, ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"), max_length=128),
+                        progress=False)
+    assert out.metrics["first_turn_only"] == 2 and out.metrics["scored"] == 3
+    assert "2 multi-turn records were scored on their first turn only" in out.summary
+    _, tok = load_model(ModelConfig(name_or_path="tiny:0"))
+    first = build_pair("wiz", tok, "Name a colour.", "", "Blue.", 128)
+    assert read_scores(out)[0]["cond_tokens"] == first.conditioned.n_targets
