@@ -82,6 +82,9 @@ class DiversityConfig(StrictModel):
     pooling: Literal["mean", "last"] = Field("mean", description="How hidden states become one vector per sample.")
     batch_size: int = Field(16, ge=1, description="Texts per forward pass when embedding.")
     max_length: int = Field(512, ge=8, description="Token limit of an embedded text (instruction + input + output).")
+    kernel: Literal["euclidean", "cosine"] = Field(
+        "euclidean", description="Facility-location similarity: 'euclidean' = exp(-distance / dimension) as the "
+                                 "authors' submodlib call, or 'cosine' (negative similarities count as 0).")
 
 
 class SuperfilterSelection(Budget):

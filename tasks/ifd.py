@@ -119,30 +119,50 @@ def pick_pre_experience(embeddings: np.ndarray, perplexities: np.ndarray, config
 
 
 # ------------------------------------------------------------------------------------ Superfiltering.D
-def facility_location(embeddings: np.ndarray, k: int, chunk: int = 2048) -> list[int]:
-    """Greedy facility location: repeatedly add the sample that most raises sum_i max_{j in S} cos(i, j).
+def facility_kernel(x: np.ndarray, columns: np.ndarray, kernel: str) -> np.ndarray:
+    """Similarities [len(x), len(columns)] of unit rows: 'euclidean' = exp(-||x_i - x_j|| / dimension), the
+    authors' kernel (submodlib's dense euclidean metric, gamma = 1 / dimension); 'cosine' = x_i . x_j."""
+    dots = x @ columns.T
+    if kernel == "cosine":
+        return dots
+    if kernel == "euclidean":
+        return np.exp(-np.sqrt(np.maximum(2.0 - 2.0 * dots, 0.0)) / x.shape[1])
+    raise ValueError(f"unknown facility-location kernel {kernel!r}: expected 'euclidean' or 'cosine'")
 
-    Cover starts at 0, so negative similarities add nothing. Returns indices in the order chosen.
+
+def facility_location(embeddings: np.ndarray, k: int, kernel: Literal["euclidean", "cosine"] = "euclidean",
+                      chunk: int = 2048, max_kernel_bytes: int = 1 << 30) -> list[int]:
+    """Greedy facility location: repeatedly add the sample that most raises sum_i max_{j in S} sim(i, j).
+
+    Embeddings are L2-normalised first. Cover starts at 0 (an empty set covers nothing), so a negative cosine
+    adds nothing. Ties go to the lowest index. The kernel is computed once when it fits `max_kernel_bytes`,
+    else a block of candidates at a time on every step. Returns indices in the order chosen.
     """
-    x = embeddings.astype(np.float32)
+    x = embeddings.astype(np.float64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
-        raise ScoringError("an embedding has zero norm: cosine similarity is undefined")
+        raise ScoringError("an embedding has zero norm: its direction (and so its similarity) is undefined")
     x = x / norms
     n = len(x)
-    cover = np.zeros(n, dtype=np.float32)
+    full = None
+    if n * n * 8 <= max_kernel_bytes:
+        full = np.concatenate([facility_kernel(x, x[start:start + chunk], kernel) for start in range(0, n, chunk)],
+                              axis=1)
+    cover = np.zeros(n)
     chosen: list[int] = []
     available = np.ones(n, dtype=bool)
     for _ in range(min(k, n)):
-        gains = np.empty(n, dtype=np.float32)
+        gains = np.empty(n)
         for start in range(0, n, chunk):  # gain of candidate j over all i, a block of candidates at a time
-            sim = x @ x[start:start + chunk].T
+            sim = full[:, start:start + chunk] if full is not None else facility_kernel(x, x[start:start + chunk],
+                                                                                         kernel)
             gains[start:start + chunk] = np.maximum(sim - cover[:, None], 0).sum(axis=0)
         gains[~available] = -np.inf
         best = int(np.argmax(gains))
         chosen.append(best)
         available[best] = False
-        cover = np.maximum(cover, x @ x[best])
+        best_column = full[:, best] if full is not None else facility_kernel(x, x[best:best + 1], kernel)[:, 0]
+        cover = np.maximum(cover, best_column)
     return chosen
 
 
@@ -360,9 +380,12 @@ def ifd_selection(records_out: StageOutput, scores_out: StageOutput, selection: 
 
 
 def diversity_text(record: Record) -> str:
-    """instruction + input + output, the text Superfiltering.D embeds."""
+    """The text Superfiltering.D embeds, as the authors' `combine_sentences` writes it: instruction + "\\n" +
+    input + "\\n" + output for a row with an `input` field (even an empty one), instruction + "\\n" + output else."""
     instruction, input_text, output = record.alpaca_fields()
-    return "\n".join(part for part in (instruction, input_text, output) if part)
+    if record.source_format == "alpaca" and "input" in record.source:
+        return instruction + "\n" + input_text + "\n" + output
+    return instruction + "\n" + output
 
 
 def diversity_selection(records_out: StageOutput, ifd_out: StageOutput, selection: SuperfilterSelection,
@@ -381,14 +404,14 @@ def diversity_selection(records_out: StageOutput, ifd_out: StageOutput, selectio
         model, tokenizer = load_model(embedder)
         emb = embed_texts(model, tokenizer, [diversity_text(r) for r in pool], pooling=diversity.pooling,
                           batch_size=diversity.batch_size, normalize=True, progress=True, max_length=diversity.max_length)
-        order = facility_location(emb, diversity.budget)
+        order = facility_location(emb, diversity.budget, diversity.kernel)
         ids = [pool[i].id for i in order]
         atomic_write_text(folder / "facility_location_order.json", json.dumps(ids))
         fields = write_subset(records, ids, folder, "superfilter-d", output_format)
         fields["metrics"].update(ifd_selected=len(pool))
         fields["artifacts"].append("facility_location_order.json")
         fields["params"] = {"embedder": embedder.name_or_path, "pooling": diversity.pooling,
-                            "diversity_budget": diversity.budget}
+                            "diversity_budget": diversity.budget, "kernel": diversity.kernel}
         fields["summary"] = (f"Superfiltering.D: facility location kept **{len(ids)}** of the {len(pool)} "
                              f"IFD-selected samples (embedder `{embedder.name_or_path}`).")
         return fields

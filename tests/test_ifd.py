@@ -98,6 +98,49 @@ def test_facility_location_covers_every_cluster_first():
     assert groups == {0, 1, 2, 3} and len(set(order)) == 4
 
 
+@pytest.mark.parametrize("kernel", ["euclidean", "cosine"])
+def test_facility_location_is_the_greedy_maximiser_of_its_objective(kernel):
+    """Against the definition: each step adds the sample with the largest f(S + j) - f(S), where
+    f(S) = sum_i max(0, max_{j in S} sim(i, j)) and sim is the kernel on unit vectors."""
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(60, 8)) + 0.8 * rng.normal(size=(1, 8))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    if kernel == "euclidean":  # submodlib's dense euclidean kernel, as the authors call it
+        dist = np.sqrt(((unit[:, None, :] - unit[None, :, :]) ** 2).sum(-1))
+        sim = np.exp(-dist / unit.shape[1])
+    else:
+        sim = unit @ unit.T
+
+    def objective(chosen):
+        return np.maximum(sim[:, chosen].max(axis=1), 0).sum() if chosen else 0.0
+
+    expected: list[int] = []
+    for _ in range(12):
+        gains = [objective(expected + [j]) - objective(expected) if j not in expected else -np.inf for j in range(60)]
+        expected.append(int(np.argmax(gains)))
+    assert facility_location(emb, 12, kernel) == expected
+    assert facility_location(emb, 12, kernel, chunk=7, max_kernel_bytes=0) == expected  # blocked, recomputed
+
+
+def test_the_two_facility_kernels_choose_differently():
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(60, 8)) + 0.8 * rng.normal(size=(1, 8))
+    assert facility_location(emb, 12, "euclidean") != facility_location(emb, 12, "cosine")
+
+
+def test_diversity_text_is_the_authors_join():
+    from tasks.data import read_records
+    from tasks.ifd import diversity_text
+
+    records = read_records(str(DATA / "alpaca_cherry_40.json")).records
+    with_input = next(r for r in records if r.source.get("input"))
+    empty_input = next(r for r in records if "input" in r.source and not r.source["input"])
+    assert diversity_text(with_input) == "\n".join([with_input.source["instruction"], with_input.source["input"],
+                                                     with_input.source["output"]])
+    # an empty input field still leaves its line, as the authors' join does
+    assert diversity_text(empty_input) == empty_input.source["instruction"] + "\n\n" + empty_input.source["output"]
+
+
 def test_superfiltering_gets_its_own_template_length_and_rule_unless_set():
     scorer = {"scorer": {"name_or_path": "tiny:0"}}
     sel = SuperfilterSelection.model_validate({"budget": 5, "scoring": scorer})
