@@ -16,7 +16,9 @@ the answer "direct" (with only what the reference puts before it). Text, answer 
 
 Where the reference scores garbage or crashes, a pair is skipped with a reason instead (never a default score):
 the instruction alone fills `max_length`, the output is empty, or the answer span is empty after truncation.
-`overlong="skip"` also skips pairs whose prompt + answer exceed `max_length` (the reference truncates them).
+Cherry's own check is kept: skip when instruction tokens + direct answer tokens exceed `max_length` (after the
+direct text's cut this fires only for tokenizers that spend few tokens on BOS + "### Response:"). Otherwise the
+reference truncates an overlong pair, and so does the default; `overlong="skip"` skips every truncated pair.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ SKIP_INSTRUCTION_TOO_LONG = "instruction fills max_length"
 SKIP_EMPTY_OUTPUT = "empty output"
 SKIP_EMPTY_SPAN = "empty answer span after truncation"
 SKIP_OVERLONG = "prompt + answer longer than max_length"
+SKIP_CHERRY_LENGTH_CHECK = "instruction + direct answer longer than max_length (Cherry's data_by_IFD check)"
 
 
 @dataclass(frozen=True)
@@ -159,4 +162,6 @@ def build_pair(template: TemplateName, tokenizer, instruction: str, input_text: 
         direct_max = max_length - n_instr + len(_encode(tokenizer, lead + header, None, False))
     cond, cut_cond = _span_request(tokenizer, whole, output, max_length, special)
     direct, cut_direct = _span_request(tokenizer, direct_text, output, direct_max, special)
+    if n_instr + direct.n_targets > max_length:  # rarely true after the direct cut, but the authors skip it
+        return ScorePair(None, None, n_instr, True, SKIP_CHERRY_LENGTH_CHECK)
     return _finish(cond, direct, n_instr, cut_cond or cut_direct, overlong)

@@ -12,8 +12,8 @@ from configs.ifd import ScoringConfig
 from configs.schema import DataConfig, ModelConfig
 from models.likelihood import (HeadTransform, ScoreRequest, head_nll, head_transform, length_batches, reference_scores,
                                score_requests, split_head)
-from models.templates import (SKIP_EMPTY_OUTPUT, SKIP_INSTRUCTION_TOO_LONG, SKIP_OVERLONG, TEMPLATES, build_pair,
-                              instruction_request)
+from models.templates import (SKIP_CHERRY_LENGTH_CHECK, SKIP_EMPTY_OUTPUT, SKIP_INSTRUCTION_TOO_LONG, SKIP_OVERLONG,
+                              TEMPLATES, build_pair, instruction_request)
 from tests.conftest import DATA
 
 # Real Alpaca rows (Cherry's own 5% subset, tests/data/README.md); 10 of the 40 have an input.
@@ -208,6 +208,28 @@ def test_unscorable_samples_are_skipped_with_a_reason(tiny):
     kept = build_pair("wiz", tok, "hi", "", "answer " * 100, 64)
     assert kept.skip_reason is None and kept.truncated
     assert build_pair("wiz", tok, "hi", "", "answer " * 100, 64, overlong="skip").skip_reason == SKIP_OVERLONG
+
+
+class _WordTokenizer:
+    """Splits on spaces, no BOS: "### Response:" is two tokens, so Cherry's length check can fire."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def encode(self, text, add_special_tokens=True, truncation=False, max_length=None):
+        ids = [self.vocab.setdefault(word, len(self.vocab)) for word in text.split(" ")]
+        return ids[:max_length] if truncation else ids
+
+
+def test_cherrys_own_length_check_skips_what_it_skips():
+    tok = _WordTokenizer()
+    output = " ".join(f"w{i}" for i in range(20))
+    # 3 instruction tokens; the direct text is cut to 12 - 3 + 4 = 13 tokens, 11 of them answer: 3 + 11 > 12
+    pair = build_pair("wiz", tok, "a b c", "", output, max_length=12)
+    assert pair.skip_reason == SKIP_CHERRY_LENGTH_CHECK and pair.conditioned is None
+    # with room for the whole answer it is scored
+    pair = build_pair("wiz", tok, "a b c", "", output, max_length=30)
+    assert pair.skip_reason is None and pair.direct.n_targets == 19  # "Response:w0" is one word: the span quirk
 
 
 def test_non_finite_losses_raise_or_are_returned_never_scored(tiny_model_dir):
