@@ -2,7 +2,7 @@
 
 A stage's output folder is `<store>/<stage>/<key>/` with key = hash(stage name, stage config, fingerprints of
 the local files the config names, digests of its inputs, CODE_VERSION). A finished stage writes `_SUCCESS` (its
-`StageOutput` as JSON); seeing it, a rerun returns at once. Long stages write `part-NNNNN.parquet` shards and a
+`StageOutput` as JSON); seeing it, a rerun returns at once. `stage_key.json` records what the key was made of. Long stages write `part-NNNNN.parquet` shards and a
 manifest, each atomically, so a killed run resumes at the first missing shard. The Prefect cache key hashes the
 task's parameters and the same file fingerprints, so the UI shows reused stages as Cached.
 """
@@ -23,6 +23,7 @@ from configs.settings import CODE_VERSION, prefect_results_dir, store_root
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
+KEY_FILE = "stage_key.json"
 # Parameters that say where to report, not what to compute: never part of a cache key.
 _NOT_IN_KEY = frozenset({"parent_run_id", "tracking", "fail_at"})
 
@@ -156,12 +157,17 @@ def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Pa
     digest covers the files named in `digest_of` (default: the whole folder).
     """
     inputs = list(inputs)
-    key = stage_key(stage, keyed_config(config), inputs)
+    keyed = keyed_config(config)
+    key = stage_key(stage, keyed, inputs)
     folder = stage_dir(stage, key)
     finished = load_finished(folder)
     if finished is not None:
         return finished.model_copy(update={"reused": True})
     folder.mkdir(parents=True, exist_ok=True)
+    # what the key was made of, readable (logged to MLflow): why a rerun reused this folder or made a new one
+    atomic_write_text(folder / KEY_FILE, json.dumps(
+        {"stage": stage, "key": key, "code_version": CODE_VERSION, "config": canonical(keyed),
+         "inputs": canonical(inputs)}, indent=1, sort_keys=True, ensure_ascii=False))
     fields = body(folder)
     if digest_of is None:
         digest = file_digest(folder)

@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from configs.settings import pomona_home
-from tasks.store import StageOutput, content_digest
+from tasks.store import KEY_FILE, StageOutput, content_digest
 
 MAX_PARAM_CHARS = 6000
 
@@ -126,7 +126,7 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     metrics = [Metric(sanitize_metric_key(k), float(v), int(__import__("time").time() * 1000), 0) for k, v in out.metrics.items()]
     for i in range(0, len(metrics), 500):
         mlc.log_batch(run_id, metrics=metrics[i:i + 500])
-    for rel in out.artifacts:
+    for rel in [KEY_FILE, *out.artifacts]:
         path = out.file(rel)
         if path.is_dir():
             mlc.log_artifacts(run_id, str(path), artifact_path=rel)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from configs.schema import DataConfig
@@ -99,6 +101,11 @@ def test_a_stage_reruns_when_a_file_its_config_names_changes(tmp_path):
     (model / "model.safetensors").write_bytes(b"retrained in place")
     again = run_stage("unit-test-files", config, [], body)
     assert len(calls) == 2 and again.path != first.path and not again.reused
+    # each folder says what its key was made of: the file change is there to read
+    made_of = [json.loads(out.file("stage_key.json").read_text()) for out in (first, again)]
+    assert [m["key"] for m in made_of] == [first.key, again.key]
+    assert made_of[0]["config"]["config"] == made_of[1]["config"]["config"] == config
+    assert made_of[0]["config"]["files"] != made_of[1]["config"]["files"]
 
 
 def test_runtime_only_fields_stay_out_of_keys_at_any_depth():
@@ -209,6 +216,8 @@ def test_a_stage_found_finished_in_the_store_is_logged_as_cached(prefect_server,
     runs = client().search_runs([client().get_experiment_by_name("store-reuse-test").experiment_id],
                                 filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.data.tags["pomona.cached"] for r in runs) == ["false", "true"]
+    logged = {a.path for a in client().list_artifacts(runs[0].info.run_id)}
+    assert "stage_key.json" in logged  # what the key was made of, next to the stage's own artifacts
 
 
 def test_tracking_steps_are_tasks_and_helpers_are_plain_functions():
