@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from configs.deita import DeitaFlowConfig, DeitaSelection
-from flows.wiring import run_stage_task
+from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task
 from tasks.deita import deita_complexity_task, deita_embed_task, deita_quality_task, deita_select_task
 from tasks.store import StageOutput
@@ -38,8 +38,15 @@ def deita_stage_outputs(selection: DeitaSelection, records: StageOutput, output_
 
 
 @flow(name="pomona-deita", log_prints=True)
-def deita_flow(config: DeitaFlowConfig) -> dict[str, StageOutput | None]:
-    """Deita selection on its own: records -> complexity -> quality -> embeddings -> filtered subset."""
+@fail_at_switch
+def deita_flow(config: DeitaFlowConfig, fail_at: str | None = None) -> dict[str, StageOutput | None]:
+    """Deita selection on its own: records -> complexity -> quality -> embeddings -> filtered subset.
+
+    Args:
+        config: Data, the Deita selection (scorers, embedding, tau, budget), output format.
+        fail_at: Test-only. The Prefect task name of a stage (e.g. 'deita-embed') that raises once Running, on this
+            flow run's first attempt only; Retry the run (or rerun without it) to resume from the cache.
+    """
     with tracked_run(config) as parent:
         records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
         stages = deita_stage_outputs(config.selection, records, config.output_format, parent_run_id=parent)

@@ -7,7 +7,7 @@ from prefect.artifacts import create_table_artifact
 
 from configs.evaluate import EvaluateConfig, EvaluateFlowConfig
 from configs.schema import ModelConfig
-from flows.wiring import run_stage_task
+from flows.wiring import fail_at_switch, run_stage_task
 from tasks.evaluate import (answers_task, eval_table_task, humaneval_task, judge_task, likelihood_task, lm_eval_task,
                             model_fingerprint, table_rows)
 from tasks.store import StageOutput
@@ -44,8 +44,15 @@ def evaluate_stages(model: ModelConfig, model_digest: str, config: EvaluateConfi
 
 
 @flow(name="pomona-evaluate", log_prints=True)
-def evaluate(config: EvaluateFlowConfig) -> StageOutput:
-    """Evaluate one model (e.g. a training stage's `model/` folder) with the configured benchmarks."""
+@fail_at_switch
+def evaluate(config: EvaluateFlowConfig, fail_at: str | None = None) -> StageOutput:
+    """Evaluate one model (e.g. a training stage's `model/` folder) with the configured benchmarks.
+
+    Args:
+        config: The model and which evaluations to run on it.
+        fail_at: Test-only. The Prefect task name of a stage (e.g. 'eval-judge') that raises once Running, on this
+            flow run's first attempt only; Retry the run (or rerun without it) to resume from the cache.
+    """
     with tracked_run(config) as parent:
         table = evaluate_stages(config.model, model_fingerprint(config.model), config.evaluate, config.name, parent)
     return table

@@ -30,6 +30,16 @@ def prefect_server():
         yield
 
 
+def task_states(flow_run_id) -> dict[str, str]:
+    """Final state name of each task run of a flow run, by task name ("prepare-records-f64" -> "prepare-records")."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """A tiny random Llama saved to disk, loaded in tests through the normal loader."""

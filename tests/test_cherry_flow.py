@@ -9,18 +9,9 @@ from configs.ifd import (CherryFlowConfig, CherrySelection, DiversityConfig, Pre
                          SuperfilterFlowConfig, SuperfilterSelection)
 from configs.schema import DataConfig, ModelConfig, TrackingConfig
 from configs.train import SFTStageConfig
-from tests.conftest import DATA
+from tests.conftest import DATA, task_states
 
 DATA_CFG = DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=24)
-
-
-def _task_states(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
 
 def _child_runs(experiment):
@@ -42,13 +33,13 @@ def test_cherry_flow_failed_sft_reruns_alone_and_logs_ifd(prefect_server):
                               tracking=TrackingConfig(experiment="cherry-flow-test"))
     failed = cherry_flow(config, fail_at="cherry-sft", return_state=True)
     assert failed.is_failed()
-    states = _task_states(failed.state_details.flow_run_id)
+    states = task_states(failed.state_details.flow_run_id)
     assert states["cherry-instructions"] == "Completed" and states["cherry-pick"] == "Completed"
     assert states["cherry-sft"] == "Failed" and "score-likelihood" not in states
 
     rerun = cherry_flow(config, return_state=True)
     assert rerun.is_completed()
-    states = _task_states(rerun.state_details.flow_run_id)
+    states = task_states(rerun.state_details.flow_run_id)
     assert states["prepare-records"] == states["cherry-instructions"] == states["cherry-pick"] == "Cached"
     assert states["cherry-sft"] == states["score-likelihood"] == states["select-ifd"] == "Completed"
     out = rerun.result()

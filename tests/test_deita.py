@@ -20,7 +20,7 @@ from tasks.deita_selection import (_next_block_size, _piece_width, bfloat16_marg
                                    diversity_filter, diversity_filter_sequential, evol_scores, exact_similarity,
                                    ranking_order, screen_dtype, unit_rows)
 
-from conftest import DATA
+from conftest import DATA, task_states
 
 
 # ------------------------------------------------------------------------------------------- the formula
@@ -418,7 +418,17 @@ def test_deita_flow_end_to_end_on_the_tiny_model(prefect_server, tmp_path, one_t
             complexity_scorer=DeitaScorerConfig(model=tiny, batch_size=4, shard_size=5),
             quality_scorer=DeitaScorerConfig(model=tiny, batch_size=4, shard_size=5, max_prompt_tokens=300),
             embedding=DeitaEmbeddingConfig(model=tiny, shard_size=5, max_length=256)))
-    out = deita_flow(config)
+    # a failed stage reruns alone: the scores before it come from the cache
+    failed = deita_flow(config, fail_at="deita-embed", return_state=True)
+    assert failed.is_failed()
+    states = task_states(failed.state_details.flow_run_id)
+    assert states["deita-complexity"] == states["deita-quality"] == "Completed"
+    assert states["deita-embed"] == "Failed" and "select-deita" not in states
+    rerun = deita_flow(config, return_state=True)
+    states = task_states(rerun.state_details.flow_run_id)
+    assert states["deita-complexity"] == states["deita-quality"] == "Cached"
+    assert states["deita-embed"] == states["select-deita"] == "Completed"
+    out = rerun.result()
     sel = out["selection"]
     ranking = read_jsonl(sel.file("ranking.jsonl"))
     rejects = read_jsonl(sel.file("rejects.jsonl"))

@@ -16,7 +16,7 @@ from configs.evaluate import (BaselineAnswersFile, EvaluateConfig, EvaluateFlowC
                               HeldoutLikelihoodConfig, HumanEvalConfig, InstructionEvalConfig, JudgeConfig,
                               LmEvalConfig)
 from configs.schema import DataConfig, ModelConfig, TrackingConfig
-from tests.conftest import DATA, SHARED
+from tests.conftest import DATA, SHARED, task_states
 
 # ------------------------------------------------------------------------------------------- fake judges
 
@@ -262,6 +262,30 @@ def test_answers_stage_resumes_at_its_first_unfinished_shard(tiny, monkeypatch):
     assert sum(bool(json.loads(line)["answer"]) for line in answers.splitlines()) >= 3  # real text compared
 
 
+def test_instruction_answers_judged_against_a_baseline_models_answers(tiny, tmp_path):
+    """The baseline model answers the same prompts (its own cached stage), and the judge sees those answers."""
+    from models.tiny import build_tiny_model
+    from tasks.evaluate import answers_stage, evaluate_model, judge_stage, model_fingerprint
+
+    base = ModelConfig(name_or_path=str(build_tiny_model(tmp_path / "baseline", seed=7)))
+    inst = InstructionEvalConfig(sets=["vicuna"], data_dir=str(SHARED / "eval"), limit=2, baseline_model=base)
+    gen = GenerationSettings(max_new_tokens=8, batch_size=4, do_sample=True)  # greedy random models stop at once
+    cfg = EvaluateConfig(lm_eval=None, instruction=inst, generation=gen,
+                         judge=JudgeConfig(model=tiny, max_answer_tokens=64))
+    table = evaluate_model(tiny, "digest-a", cfg, label="candidate")
+    baseline = answers_stage(base, model_fingerprint(base), inst, gen)
+    assert baseline.reused  # the evaluation ran it already: the same stage, found in the store
+    theirs = [json.loads(line)["answer"] for line in baseline.file("answers.jsonl").read_text().splitlines()]
+    answers = answers_stage(tiny, "digest-a", inst, gen)
+    ours = [json.loads(line)["answer"] for line in answers.file("answers.jsonl").read_text().splitlines()]
+    assert theirs != ours  # two different models: the judge compares two different answer sets
+    judge_out = judge_stage(answers, baseline, inst, cfg.judge)
+    assert judge_out.reused
+    judged = [json.loads(line) for line in judge_out.file("judgments.jsonl").read_text().splitlines()]
+    assert [r["baseline_answer"] for r in judged] == theirs and [r["answer"] for r in judged] == ours
+    assert table.metrics["judge/all/pairs"] == 2
+
+
 def test_pairwise_needs_a_baseline():
     with pytest.raises(ValueError, match="needs a baseline"):
         InstructionEvalConfig(sets=["vicuna"])
@@ -321,7 +345,14 @@ def test_evaluate_flow_logs_table(prefect_server, tiny):
     cfg = EvaluateFlowConfig(name="eval-flow-test", model=tiny, evaluate=EvaluateConfig(
         lm_eval=None, likelihood=HeldoutLikelihoodConfig(data=DataConfig(path=str(DATA / "alpaca_demo_200.json"), limit=4))),
         tracking=TrackingConfig())
-    table = evaluate(cfg)
+    failed = evaluate(cfg, fail_at="eval-table", return_state=True)  # the last stage fails: the rerun redoes it alone
+    assert failed.is_failed()
+    states = task_states(failed.state_details.flow_run_id)
+    assert states["eval-likelihood"] == "Completed" and states["eval-table"] == "Failed"
+    rerun = evaluate(cfg, return_state=True)
+    states = task_states(rerun.state_details.flow_run_id)
+    assert states["eval-likelihood"] == "Cached" and states["eval-table"] == "Completed"
+    table = rerun.result()
     assert "likelihood/mean_nll" in table.metrics and math.isfinite(table.metrics["likelihood/mean_nll"])
     runs = client().search_runs([client().get_experiment_by_name("eval-flow-test").experiment_id])
     assert {r.info.run_name for r in runs} >= {"eval-flow-test", "eval-likelihood", "eval-table"}

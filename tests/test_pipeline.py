@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from configs.pipeline import load_recipe
-from tests.conftest import DATA, REPO
+from tests.conftest import DATA, REPO, task_states
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +22,13 @@ def two_runs(prefect_server):
     return config, first, second
 
 
-def _task_states(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}  # "prepare-records-f64" -> "prepare-records"
-
-
 def test_second_run_reuses_every_stage(two_runs):
     _, first, second = two_runs
     assert first.is_completed() and second.is_completed()
     out1, out2 = first.result(), second.result()
     assert out1["selection"].digest == out2["selection"].digest
-    states1 = _task_states(first.state_details.flow_run_id)
-    states2 = _task_states(second.state_details.flow_run_id)
+    states1 = task_states(first.state_details.flow_run_id)
+    states2 = task_states(second.state_details.flow_run_id)
     stages = ["prepare-records", "select-baseline", "train-sft", "eval-lm-eval", "eval-likelihood", "eval-table"]
     assert {s: states1[s] for s in stages} == dict.fromkeys(stages, "Completed")
     assert {s: states2[s] for s in stages} == dict.fromkeys(stages, "Cached")
