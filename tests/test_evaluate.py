@@ -304,6 +304,33 @@ def test_humaneval_stage_generates_executes_and_scores(tiny):
     assert out.metrics["pass@1"] == sum(r["status"] == "passed" for r in rows) / 2
 
 
+def test_killed_humaneval_resumes_at_its_unfinished_shard_with_identical_results(tiny, tmp_path, monkeypatch):
+    import tasks.evaluate
+    from tasks.evaluate import humaneval_stage
+
+    cfg, gen = HumanEvalConfig(limit=10, timeout_s=5, max_new_tokens=8), GenerationSettings(batch_size=1)
+    real_check, checked = tasks.evaluate.check_completion, []
+
+    def killed_in_the_second_shard(problem, *args):
+        if len(checked) == 9:  # shards of 8 problems (8 batches of 1): the first is written, the second is not
+            raise KeyboardInterrupt("killed")
+        checked.append(problem["task_id"])
+        return real_check(problem, *args)
+
+    monkeypatch.setattr(tasks.evaluate, "check_completion", killed_in_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        humaneval_stage(tiny, "digest-resume", cfg, gen)
+    checked.clear()
+    resumed = humaneval_stage(tiny, "digest-resume", cfg, gen)
+    assert checked == ["HumanEval/8", "HumanEval/9"]  # only the unfinished shard ran again
+    monkeypatch.setattr(tasks.evaluate, "check_completion", real_check)
+    monkeypatch.setenv("POMONA_HOME", str(tmp_path / "fresh"))
+    fresh = humaneval_stage(tiny, "digest-resume", cfg, gen)
+    assert fresh.path != resumed.path
+    assert resumed.file("humaneval_results.jsonl").read_text() == fresh.file("humaneval_results.jsonl").read_text()
+    assert resumed.metrics == fresh.metrics and resumed.metrics["problems"] == 10
+
+
 def test_heldout_likelihood_stage_is_deterministic_and_rejects_long_prompts(tiny):
     from tasks.evaluate import likelihood_stage
 

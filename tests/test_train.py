@@ -156,11 +156,16 @@ def test_dpo_with_lora_starts_from_the_sft_adapter_and_reloads(resumed_sft, pare
     from tasks.track import client
 
     sft, _ = resumed_sft
-    config = DPOStageConfig(max_steps=2, save_steps=100, beta=0.1, lora=LoraSettings(r=4, alpha=8),
+    config = DPOStageConfig(max_steps=4, save_steps=2, beta=0.1, lora=LoraSettings(r=4, alpha=8),
                             pairs_path=str(DATA / "dpo_en_20.json"), **{**FAST, "max_length": 128})
+    with pytest.raises(TrainingInterrupted):  # killed after step 3: the rerun resumes from its step-2 checkpoint
+        dpo_stage(None, TINY, config, sft=sft, tracking=parent_run, interrupt_after_step=3)
     out = dpo_stage(None, TINY, config, sft=sft, tracking=parent_run)
     result = read_train_result(Path(out.path))
-    assert result["global_step"] == 2 and result["kind"] == "dpo" and out.metrics["dpo.pairs_kept"] == 20
+    assert result["global_step"] == 4 and result["kind"] == "dpo" and out.metrics["dpo.pairs_kept"] == 20
+    assert Path(result["resumed_from"]).name == "checkpoint-2" and out.metrics["train.resumed_from_step"] == 2
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    assert len(losses) == 4 and out.metrics["train.mean_loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
     # The policy trains a fresh adapter on the merged SFT model; with the adapter disabled it IS the SFT model.
     adapter_config = json.loads((Path(out.path) / "model" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA"
