@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ class StageOutput(BaseModel):
     artifacts: list[str] = Field(default_factory=list, description="files (relative to path) to log to MLflow")
     datasets: list[dict[str, str]] = Field(default_factory=list, description="{name, file, context} to log as MLflow inputs")
     summary: str = Field("", description="a short markdown summary for the Prefect UI")
+    seconds: float | None = Field(None, description="wall time of the body in the run that finished the stage (a "
+                                                    "resumed stage: its last attempt only)")
     reused: bool = Field(False, description="True when this call found the stage already finished in the store "
                                             "(set on the returned copy, never in the `_SUCCESS` record)")
 
@@ -168,7 +171,9 @@ def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Pa
     atomic_write_text(folder / KEY_FILE, json.dumps(
         {"stage": stage, "key": key, "code_version": CODE_VERSION, "config": canonical(keyed),
          "inputs": canonical(inputs)}, indent=1, sort_keys=True, ensure_ascii=False))
+    started = time.perf_counter()
     fields = body(folder)
+    fields.setdefault("seconds", round(time.perf_counter() - started, 3))
     if digest_of is None:
         digest = file_digest(folder)
     else:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,7 +124,9 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     plist = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(plist), 100):
         mlc.log_batch(run_id, params=plist[i:i + 100])
-    metrics = [Metric(sanitize_metric_key(k), float(v), int(__import__("time").time() * 1000), 0) for k, v in out.metrics.items()]
+    now = int(time.time() * 1000)
+    timing = {"stage_seconds": out.seconds} if out.seconds is not None else {}
+    metrics = [Metric(sanitize_metric_key(k), float(v), now, 0) for k, v in {**out.metrics, **timing}.items()]
     for i in range(0, len(metrics), 500):
         mlc.log_batch(run_id, metrics=metrics[i:i + 500])
     for rel in [KEY_FILE, *out.artifacts]:

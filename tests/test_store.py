@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -26,11 +27,13 @@ def test_run_stage_runs_once_then_reuses(tmp_path):
     def body(folder):
         calls.append(folder)
         (folder / "out.txt").write_text("hello")
+        time.sleep(0.05)
         return {"metrics": {"n": 1.0}}
 
     first = run_stage("unit-test", {"x": 1}, [], body)
     second = run_stage("unit-test", {"x": 1}, [], body)
     assert len(calls) == 1 and first == second.model_copy(update={"reused": False})
+    assert 0.05 <= first.seconds < 5 and second.seconds == first.seconds  # the recorded run's wall time
     assert not first.reused and second.reused  # the flow tags the second call's MLflow run as cached
     assert (first.file(SUCCESS)).exists() and first.digest == file_digest(first.path)
     third = run_stage("unit-test", {"x": 2}, [], body)
@@ -216,6 +219,7 @@ def test_a_stage_found_finished_in_the_store_is_logged_as_cached(prefect_server,
     runs = client().search_runs([client().get_experiment_by_name("store-reuse-test").experiment_id],
                                 filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.data.tags["pomona.cached"] for r in runs) == ["false", "true"]
+    assert all("stage_seconds" in r.data.metrics for r in runs)
     logged = {a.path for a in client().list_artifacts(runs[0].info.run_id)}
     assert "stage_key.json" in logged  # what the key was made of, next to the stage's own artifacts
 
