@@ -118,16 +118,7 @@ def load_recipe(path: str | Path, model: type[StrictModel] = PipelineConfig, ove
         return model.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(_problem(model, e) for e in exc.errors())
-        hint = ""
-        if model is not _compare_type() and "methods" in raw:
-            hint = " (a recipe listing `methods` is a comparison: run it with --flow compare)"
-        raise ConfigError(f"recipe {path}: {problems}{hint}") from None
-
-
-def _compare_type():
-    from configs.compare import CompareConfig
-
-    return CompareConfig
+        raise ConfigError(f"recipe {path}: {problems}") from None
 
 
 def _problem(model: type, error: dict) -> str:

@@ -74,25 +74,49 @@ def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override
         flow: str = typer.Option("pipeline", help="Which flow the recipe is for: pipeline, compare, cherry, "
                                                  "superfilter, grape, deita, sft, dpo, evaluate.")):
     """Run a recipe YAML: the end-to-end pipeline by default, or one stage flow / the comparison with --flow."""
-    from configs.pipeline import load_recipe
-    from flows.serve import flow_by_name, flow_config_type
+    from flows.serve import flow_by_name
 
     with user_errors():
         flow_obj = flow_by_name(flow)
-        config = load_recipe(recipe, model=flow_config_type(flow_obj), overrides=_overrides(set_))
+        config = recipe_for_flow(recipe, flow, _overrides(set_))
         check_input_files(recipe, config)
         outputs = flow_obj(config)
     _print_outputs(outputs)
 
 
+def recipe_for_flow(recipe: Path, flow: str, overrides: dict | None = None):
+    """The recipe as `flow`'s config. When it is not one, the error names the flows whose config it is."""
+    from configs.errors import ConfigError
+    from configs.pipeline import load_recipe
+    from flows.serve import discover_flows, flow_by_name, flow_config_type
+
+    wanted = flow_by_name(flow)
+    try:
+        return load_recipe(recipe, model=flow_config_type(wanted), overrides=overrides)
+    except ConfigError as err:
+        if not recipe.is_file():
+            raise
+        fits = []
+        for _, other in discover_flows():
+            config_type = flow_config_type(other)
+            if other.name == wanted.name or config_type is None:
+                continue
+            try:
+                load_recipe(recipe, model=config_type, overrides=overrides)
+            except ConfigError:
+                continue
+            fits.append(other.name.removeprefix("pomona-"))
+        if not fits:
+            raise
+        runs = " or ".join(f"--flow {name}" for name in sorted(fits))
+        raise ConfigError(f"{err} (this recipe is written for another flow: run it with {runs})") from None
+
+
 @app.command()
 def validate(recipe: Path, flow: str = typer.Option("pipeline", help="Which flow the recipe is for (see `run`).")):
     """Check a recipe against the schema without running anything."""
-    from configs.pipeline import load_recipe
-    from flows.serve import flow_by_name, flow_config_type
-
     with user_errors():
-        config = load_recipe(recipe, model=flow_config_type(flow_by_name(flow)))
+        config = recipe_for_flow(recipe, flow)
         check_input_files(recipe, config)
     typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 

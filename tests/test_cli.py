@@ -19,6 +19,12 @@ def test_validate_reads_a_recipe_as_the_named_flow(monkeypatch):
     assert "method: grape" in done.output and "budget: 10" in done.output
     wrong = invoke("validate", "configs/recipes/compare_tiny.yaml", monkeypatch=monkeypatch)  # not a pipeline recipe
     assert wrong.exit_code == 2 and "selection" in wrong.output and "run it with --flow compare" in wrong.output
+    # any flow's recipe is named, not only a comparison's; a recipe that fits no flow gets no such hint
+    for recipe, flow in [("sft_tiny", "sft"), ("evaluate_tiny", "evaluate")]:
+        wrong = invoke("run", f"configs/recipes/{recipe}.yaml", monkeypatch=monkeypatch)
+        assert wrong.exit_code == 2 and f"run it with --flow {flow})" in wrong.output, wrong.output
+    wrong = invoke("validate", "--flow", "sft", "configs/recipes/demo.yaml", monkeypatch=monkeypatch)
+    assert "--flow pipeline" in wrong.output
 
 
 def test_recipe_errors_are_one_line_in_the_terms_of_the_file(monkeypatch, tmp_path):
