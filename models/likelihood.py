@@ -178,7 +178,7 @@ def default_head_tile(device) -> tuple[int, int | None]:
     return HEAD_TILES["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
-def head_nll(head, hidden, labels, transform: HeadTransform = HeadTransform(),
+def head_nll(head, hidden, labels, transform: HeadTransform | None = None,
              tile: tuple[int, int | None] | None = None):
     """NLL of `labels` under the LM head applied to `hidden` (one row per label), as logsumexp(logits) minus the
     label's logit, with the logits (after the model's `transform`) computed in [rows x columns] tiles (`tile`,
@@ -190,6 +190,7 @@ def head_nll(head, hidden, labels, transform: HeadTransform = HeadTransform(),
     if weight is None or weight.dim() != 2:
         raise ScoringError(f"{type(head).__name__}: the LM head has no [vocabulary x hidden] weight to tile")
     bias = getattr(head, "bias", None)
+    transform = transform or HeadTransform()
     rows, cols = tile or default_head_tile(hidden.device)
     vocab = weight.shape[0]
     cols = cols or vocab

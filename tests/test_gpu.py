@@ -62,7 +62,7 @@ def test_tiled_head_on_cuda_equals_cross_entropy():
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(head(hidden), labels, reduction="none")
         for tile in [None, (128, 1024), (300, 4999)]:
-            got = head_nll(head, hidden, labels, None, tile)
+            got = head_nll(head, hidden, labels, tile=tile)
             assert torch.allclose(got, expected, atol=2e-5, rtol=0), tile
 
 
