@@ -135,9 +135,15 @@ def facility_location(embeddings: np.ndarray, k: int, kernel: Literal["euclidean
     """Greedy facility location: repeatedly add the sample that most raises sum_i max_{j in S} sim(i, j).
 
     Embeddings are L2-normalised first. Cover starts at 0 (an empty set covers nothing), so a negative cosine
-    adds nothing. Ties go to the lowest index. The kernel is computed once when it fits `max_kernel_bytes`,
-    else a block of candidates at a time on every step. Returns indices in the order chosen.
+    adds nothing. Ties go to the lowest index. Lazy evaluation, as the authors' submodlib LazyGreedy: a gain
+    only shrinks as the set grows, so a candidate's last computed gain bounds its current one, and only the
+    candidates that reach the top of the bounds are recomputed - the same choices as recomputing every gain on
+    every step. The kernel is computed once when it fits `max_kernel_bytes`, else one column per recomputed
+    gain (those columns can round differently from the stored kernel's, which may break an exact floating-point
+    tie between two gains the other way). Returns indices in the order chosen.
     """
+    import heapq
+
     x = embeddings.astype(np.float64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
@@ -149,20 +155,29 @@ def facility_location(embeddings: np.ndarray, k: int, kernel: Literal["euclidean
         full = np.concatenate([facility_kernel(x, x[start:start + chunk], kernel) for start in range(0, n, chunk)],
                               axis=1)
     cover = np.zeros(n)
+
+    def column(j: int) -> np.ndarray:
+        return full[:, j] if full is not None else facility_kernel(x, x[j:j + 1], kernel)[:, 0]
+
+    def gain(j: int) -> float:  # every gain that decides a choice is computed by this one function
+        return float(np.maximum(column(j) - cover, 0).sum())
+
+    # first bounds from whole blocks, raised a little so another summation order can never put them below a gain
+    heap: list[tuple[float, int, int]] = []
+    for start in range(0, n, chunk):
+        block = full[:, start:start + chunk] if full is not None else facility_kernel(x, x[start:start + chunk], kernel)
+        sums = np.maximum(block, 0).sum(axis=0)
+        heap += [(-(s * (1 + 1e-9) + 1e-12), start + i, -1) for i, s in enumerate(sums.tolist())]
+    heapq.heapify(heap)
     chosen: list[int] = []
-    available = np.ones(n, dtype=bool)
-    for _ in range(min(k, n)):
-        gains = np.empty(n)
-        for start in range(0, n, chunk):  # gain of candidate j over all i, a block of candidates at a time
-            sim = full[:, start:start + chunk] if full is not None else facility_kernel(x, x[start:start + chunk],
-                                                                                         kernel)
-            gains[start:start + chunk] = np.maximum(sim - cover[:, None], 0).sum(axis=0)
-        gains[~available] = -np.inf
-        best = int(np.argmax(gains))
-        chosen.append(best)
-        available[best] = False
-        best_column = full[:, best] if full is not None else facility_kernel(x, x[best:best + 1], kernel)[:, 0]
-        cover = np.maximum(cover, best_column)
+    for step in range(min(k, n)):
+        while True:  # (-value, index, step it was computed at): a fresh entry on top beats every bound below it
+            negative, j, when = heapq.heappop(heap)
+            if when == step:
+                break
+            heapq.heappush(heap, (-gain(j), j, step))
+        chosen.append(j)
+        cover = np.maximum(cover, column(j))
     return chosen
 
 
