@@ -26,7 +26,7 @@ import numpy as np
 from configs.errors import ConfigError, ScoringError
 from configs.ifd import CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig, SuperfilterSelection
 from configs.schema import Budget
-from tasks.data import Record, load_canonical, read_jsonl, write_jsonl
+from tasks.data import Record, load_canonical, read_jsonl, to_format, write_jsonl
 from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, score_counts
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
@@ -172,7 +172,7 @@ def facility_location(embeddings: np.ndarray, k: int, kernel: Literal["euclidean
     chosen: list[int] = []
     for step in range(min(k, n)):
         while True:  # (-value, index, step it was computed at): a fresh entry on top beats every bound below it
-            negative, j, when = heapq.heappop(heap)
+            _, j, when = heapq.heappop(heap)
             if when == step:
                 break
             heapq.heappush(heap, (-gain(j), j, step))
@@ -290,7 +290,7 @@ def pre_experience_rows(records: list[Record], template: str) -> list[dict]:
     from models.templates import prompt_text
 
     if template == "chat":
-        return [{"messages": r.messages} for r in records]
+        return [to_format(r, "messages") for r in records]
     rows = []
     for r in records:
         instruction, input_text, output = r.alpaca_fields()

@@ -2,9 +2,10 @@
 
 A stage's output folder is `<store>/<stage>/<key>/` with key = hash(stage name, stage config, fingerprints of
 the local files the config names, digests of its inputs, CODE_VERSION). A finished stage writes `_SUCCESS` (its
-`StageOutput` as JSON); seeing it, a rerun returns at once. `stage_key.json` records what the key was made of. Long stages write `part-NNNNN.parquet` shards and a
-manifest, each atomically, so a killed run resumes at the first missing shard. The Prefect cache key hashes the
-task's parameters and the same file fingerprints, so the UI shows reused stages as Cached.
+`StageOutput` as JSON); seeing it, a rerun returns at once. `stage_key.json` records what the key was made of.
+Long stages write `part-NNNNN.parquet` shards and a manifest, each atomically, so a killed run resumes at the
+first missing shard. The Prefect cache key hashes the task's parameters and the same file fingerprints, so the UI
+shows reused stages as Cached.
 """
 
 from __future__ import annotations
