@@ -6,9 +6,10 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from tasks.store import StageOutput
+from tasks.store import StageOutput, load_finished
 from tasks.track import log_stage
 
 
@@ -69,10 +70,24 @@ def run_stage_task(stage_task, *args: Any, parent_run_id: str | None = None, log
             stage_task = _failing_copy(stage_task)
     state = stage_task(*args, return_state=True, **kwargs)
     out: StageOutput = state.result()  # raises the task's exception when it failed
+    if state.name == "Cached" and not still_in_store(out):
+        # Prefect's cache outlives the store: a stage folder deleted to free disk must be recomputed, not handed
+        # on as a path to nothing (the stage's own store lookup then misses and the body runs).
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning("stage %s: Prefect's cached result points at %s, which is no longer a finished "
+                                 "stage folder; running the stage again", stage_task.name, out.path)
+        state = stage_task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+        out = state.result()
     if parent_run_id:
         log_stage(parent_run_id, out, config=log_config, cached=state.name == "Cached" or out.reused)
     return out
 
+
+def still_in_store(out: StageOutput) -> bool:
+    """Whether `out`'s folder still holds the finished stage it describes (not deleted, not replaced)."""
+    finished = load_finished(Path(out.path))
+    return finished is not None and finished.key == out.key and finished.digest == out.digest
 
 
 def fail_at_switch(flow_fn):

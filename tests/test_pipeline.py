@@ -148,3 +148,28 @@ def test_grape_pairs_flow_straight_into_dpo_after_sft(prefect_server):
     result = read_train_result(Path(out["dpo"].path))
     assert result["kind"] == "dpo" and result["global_step"] == 2
     assert out["sft"].path in result["base_model"]  # DPO started from the SFT stage's model
+
+
+def test_a_stage_folder_deleted_from_the_store_is_recomputed_not_handed_on(two_runs):
+    """Prefect's cache outlives the store: a user who deletes a stage folder to free disk gets the stage rerun."""
+    import shutil
+
+    from flows.pipeline import pipeline
+
+    config, first, _ = two_runs
+    selection = first.result()["selection"]
+    shutil.rmtree(selection.path)
+    third = pipeline(config.model_copy(update={"tracking": config.tracking.model_copy(update={"enabled": False})}),
+                     return_state=True)
+    assert third.is_completed()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[third.state_details.flow_run_id])))
+    states = sorted((r.name.rsplit("-", 1)[0], r.state.name) for r in runs)
+    # Prefect's stale cache hit, then the rerun that recomputes the folder
+    assert [s for name, s in states if name == "select-baseline"] == ["Cached", "Completed"]
+    assert [s for name, s in states if name == "train-sft"] == ["Cached"]  # the recomputed subset has the same digest: nothing downstream reruns
+    assert third.result()["selection"].digest == selection.digest
+    assert selection.file("subset.jsonl").exists()
