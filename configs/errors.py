@@ -23,6 +23,11 @@ class ScoringError(PomonaError):
     """A model produced a number that must not become a score (NaN, inf, a missing token)."""
 
 
+class ComparisonFailed(PomonaError):
+    """No method of a comparison finished (the message lists each method's error), or its table cannot be drawn
+    as asked; the table itself is written first."""
+
+
 class RecordError(PomonaError):
     """One input record is unusable. Carries enough to write it to a rejects file."""
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig, tracking_field
+from configs.schema import INPUT_FILE, REPO_INPUT_DIR, DataConfig, ModelConfig, StrictModel, TrackingConfig, tracking_field
 
 InstructionSet = Literal["vicuna", "koala", "lima", "sinstruct", "wizardlm"]
 
@@ -31,7 +31,7 @@ class LmEvalConfig(StrictModel):
     """lm-evaluation-harness over local task YAMLs."""
 
     tasks: list[str] = Field(["pomona_mc", "pomona_gen"], min_length=1, description="Task names defined in `task_dir`.")
-    task_dir: str = Field("configs/eval_tasks", description="Folder of task YAMLs (relative paths resolve against the repository root).")
+    task_dir: str = Field("configs/eval_tasks", json_schema_extra=REPO_INPUT_DIR, description="Folder of task YAMLs (relative paths resolve against the repository root).")
     batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N documents of each task.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's own setting).")
@@ -59,7 +59,7 @@ class InstructionEvalConfig(StrictModel):
     """Instruction-following test sets: generate answers, judge them pairwise against a baseline and one by one."""
 
     sets: list[InstructionSet] = Field(["vicuna"], min_length=1, description="Test sets to answer.")
-    data_dir: str = Field("../shared/data/eval", description="Folder holding `<set>_test_set.jsonl` (relative: against the repository root).")
+    data_dir: str = Field("../shared/data/eval", json_schema_extra=REPO_INPUT_DIR, description="Folder holding `<set>_test_set.jsonl` (relative: against the repository root).")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts of each set.")
     pairwise: bool = Field(True, description="Judge against a baseline's answers, in both orders (win/tie/lose).")
     single_score: bool = Field(True, description="Score each answer alone with Deita's quality formula (expected score 1-6).")

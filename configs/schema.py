@@ -6,6 +6,7 @@ using a default) and every field carries a description: Prefect renders these mo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,17 +21,41 @@ INPUT_FILE = {"pomona_input_file": True}
 """`json_schema_extra` of a field naming a file the run reads: `missing_input_files` checks these before a run
 starts, so a typo costs a second, not a Prefect start-up and a stage's traceback."""
 
+REPO_INPUT_DIR = {"pomona_input_file": "repo"}
+"""As INPUT_FILE, for a folder that a relative path may also name from the repository root (`repo_path`)."""
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_path(path: str) -> Path:
+    """A relative path is taken against the current directory when it exists there, else the repository root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (REPO_ROOT / p).resolve()
+
+
+def local_only_model_name(name: str) -> bool:
+    """Whether a model name can only be a local folder: a hub id is `name` or `owner/name`, so a leading `.`, `/`
+    or `~`, or a second slash, means a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
 
 def missing_input_files(config: BaseModel, where: str = "") -> list[str]:
-    """`dotted.field: 'path'` for every INPUT_FILE field (at any depth) whose file or folder does not exist."""
-    from pathlib import Path
-
+    """`dotted.field: 'path'` for every input file or folder (INPUT_FILE / REPO_INPUT_DIR fields, local model folders,
+at any depth) that does not exist."""
     missing = []
+    if isinstance(config, ModelConfig):
+        name = config.name_or_path
+        if local_only_model_name(name) and not Path(name).expanduser().exists():
+            hint = " (run `make smollm2` first)" if "smollm2" in name.lower() else ""
+            missing.append(f"{where}name_or_path: {name!r} (a model folder){hint}")
     for name, field in type(config).model_fields.items():
         value = getattr(config, name)
         here = f"{where}{name}"
         extra = field.json_schema_extra
-        if isinstance(extra, dict) and extra.get("pomona_input_file") and value and not Path(value).expanduser().exists():
+        kind = extra.get("pomona_input_file") if isinstance(extra, dict) else None
+        if kind and value and not (repo_path(value) if kind == "repo" else Path(value).expanduser()).exists():
             missing.append(f"{here}: {value!r}")
         if isinstance(value, dict):
             items = list(value.items())

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from configs.compare import CompareConfig
+from configs.errors import ComparisonFailed
 from flows.evaluate import evaluate_stages
 from flows.selection import select_subset
 from flows.train import run_training_stage
@@ -100,4 +101,19 @@ def compare(config: CompareConfig, fail_at: str | None = None) -> StageOutput:
                               description=f"Selection methods compared at one budget ({config.name})")
         if parent:
             log_comparison(parent, table)
+    comparison_outcome(results, table)
     return table
+
+
+def comparison_outcome(results: list[dict], table: StageOutput) -> None:
+    """Fail the run, after its table is written and logged, when no method finished or `plot_metrics` names a
+    metric no method has: a run that compared nothing must not end Completed with exit status 0."""
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed and len(failed) == len(results):
+        raise ComparisonFailed(f"every method failed ({len(failed)}): "
+                               + "; ".join(f"{r['label']}: {r['error']}" for r in failed))
+    unknown = table.params.get("unknown_plot_metrics", "none")
+    if unknown != "none":
+        have = [k for k in read_jsonl(table.file("comparison.jsonl"))[0] if k not in ("method", "status", "error")]
+        raise ComparisonFailed(f"plot_metrics {unknown.split(',')} are not metrics of this comparison (have {have}); "
+                               f"the table is written: {table.file('comparison.csv')}")

@@ -9,7 +9,7 @@ import importlib.util
 from pathlib import Path
 
 from configs.errors import ModelLoadError
-from configs.schema import ModelConfig
+from configs.schema import ModelConfig, local_only_model_name
 from configs.settings import store_root
 
 TINY_PREFIX = "tiny:"
@@ -49,8 +49,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     path = Path(name).expanduser()
     if path.exists():
         return str(path.resolve())
-    # A hub id is `name` or `owner/name`; anything else (two slashes, a leading ./ / ~) can only be a folder.
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if local_only_model_name(name):
         hint = " (run `make smollm2` first)" if "smollm2" in name.lower() else ""
         raise ModelLoadError(f"model folder {name!r} does not exist (relative to {Path.cwd()}){hint}")
     return name

@@ -23,25 +23,16 @@ from typing import Any
 from configs.errors import ConfigError, RecordError
 from configs.evaluate import (EvaluateConfig, GenerationSettings, HeldoutLikelihoodConfig, HumanEvalConfig,
                               InstructionEvalConfig, JudgeConfig, LmEvalConfig)
-from configs.schema import ModelConfig
+from configs.schema import ModelConfig, repo_path
 from tasks.data import read_jsonl, read_records, write_jsonl
 from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
                          stage_task)
 from tasks.track import sanitize_metric_key
 
-REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION_PROMPT_FIELDS = {"vicuna": "text", "koala": "prompt", "lima": "conversations",
                              "sinstruct": "instruction", "wizardlm": "Instruction"}
 # Codex/HumanEval stop sequences: a new top-level statement ends the function body.
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-
-
-def resolve_path(path: str) -> Path:
-    """A relative path is taken against the current directory when it exists there, else the repository root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p.resolve()
-    return (REPO / p).resolve()
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:
@@ -113,7 +104,7 @@ def instruction_prompt(name: str, row: dict, file: str, location: str) -> str:
 
 def load_instruction_set(name: str, data_dir: str, limit: int | None = None) -> list[dict]:
     """[{set, index, prompt}] for the first `limit` rows of `<data_dir>/<name>_test_set.jsonl`."""
-    path = resolve_path(data_dir) / f"{name}_test_set.jsonl"
+    path = repo_path(data_dir) / f"{name}_test_set.jsonl"
     if not path.exists():
         raise ConfigError(f"instruction test set {name!r}: {path} does not exist")
     rows = read_jsonl(path)[:limit] if limit else read_jsonl(path)
@@ -123,7 +114,7 @@ def load_instruction_set(name: str, data_dir: str, limit: int | None = None) -> 
 
 def load_baseline_file(name: str, path: str, answer_field: str, prompts: list[dict]) -> list[str]:
     """Baseline answers from a file, matched to the test set by position and checked against its prompt field."""
-    file = resolve_path(path)
+    file = repo_path(path)
     text = file.read_text(encoding="utf-8")
     rows = read_jsonl(file) if file.suffix == ".jsonl" else json.loads(text)
     if isinstance(rows, dict):
@@ -287,7 +278,7 @@ def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, work_dir: Path) -> dict:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    task_dir = materialize_task_dir(resolve_path(cfg.task_dir), work_dir / "lm_eval_tasks")
+    task_dir = materialize_task_dir(repo_path(cfg.task_dir), work_dir / "lm_eval_tasks")
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
     if unknown:
@@ -350,7 +341,7 @@ def lm_eval_stage(model: ModelConfig, model_digest: str, cfg: LmEvalConfig) -> S
         return {"metrics": metrics, "artifacts": ["lm_eval_results.json"],
                 "summary": "| metric | value |\n|---|---|\n" + "\n".join(lines)}
 
-    task_digest = file_digest(resolve_path(cfg.task_dir))
+    task_digest = file_digest(repo_path(cfg.task_dir))
     return run_stage("eval-lm-eval", {"config": cfg, "task_files": task_digest, **_model_input(model, model_digest)},
                      [], body, digest_of=["lm_eval_results.json"])
 
@@ -385,7 +376,7 @@ def answers_stage(model: ModelConfig, model_digest: str, cfg: InstructionEvalCon
         return {"metrics": {"answers": len(rows), "empty_answers": empty}, "artifacts": ["answers.jsonl"],
                 "summary": f"{len(rows)} answers to {', '.join(cfg.sets)} ({empty} empty)."}
 
-    files = {name: file_digest(resolve_path(cfg.data_dir) / f"{name}_test_set.jsonl") for name in cfg.sets}
+    files = {name: file_digest(repo_path(cfg.data_dir) / f"{name}_test_set.jsonl") for name in cfg.sets}
     config = {"sets": cfg.sets, "limit": cfg.limit, "set_files": files, "generation": generation,
               **_model_input(model, model_digest)}
     return run_stage("eval-answers", config, [], body, digest_of=["answers.jsonl"])
@@ -446,7 +437,7 @@ def judge_stage(answers: StageOutput, baseline: StageOutput | None, cfg: Instruc
         return {"metrics": metrics, "artifacts": ["judgments.jsonl"],
                 "summary": "| metric | value |\n|---|---|\n" + "\n".join(lines)}
 
-    baseline_files = {name: {"file": file_digest(resolve_path(b.path)), "field": b.answer_field}
+    baseline_files = {name: {"file": file_digest(repo_path(b.path)), "field": b.answer_field}
                       for name, b in cfg.baseline_answers.items()}
     config = {"pairwise": cfg.pairwise, "single_score": cfg.single_score, "judge": judge,
               "baseline_files": baseline_files, "judge_digest": model_fingerprint(judge.model)}
@@ -658,9 +649,10 @@ def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str]
         # Names as the user knows them ('humaneval/pass@1', 'acc,none') match their MLflow-safe form.
         wanted = ([sanitize_metric_key(m) for m in plot_metrics]
                   or [k for k in shared if not k.endswith(("/answers", "/pairs", "/problems", "sample_len"))])
-        missing = [m for m in wanted if m not in rows[0]]
-        if missing:
-            raise ConfigError(f"plot_metrics {missing} are not metrics of this comparison (have {list(rows[0])[3:]})")
+        # A name no finished method has is a typo (or a benchmark not run): the table is still written (it may
+        # have cost hours), the name is recorded, and the flow fails after logging it.
+        unknown = [m for m in wanted if m not in rows[0]] if ok else []
+        wanted = [m for m in wanted if m in rows[0]]
         plots = []
         for metric in wanted:
             picked = [r for r in ok if r[metric] is not None]
@@ -675,7 +667,8 @@ def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str]
         lines = [f"| {r['method']} | {r['status']} | " + " | ".join(
             "" if r[m] is None else f"{r[m]:.4f}" for m in wanted) + " |" for r in rows]
         return {"metrics": {"methods": len(rows), "methods_failed": len(failed)},
-                "params": {"failed_methods": ",".join(failed) or "none"},
+                "params": {"failed_methods": ",".join(failed) or "none",
+                           "unknown_plot_metrics": ",".join(unknown) or "none"},
                 "artifacts": ["comparison.csv", "comparison.jsonl"] + plots,
                 "summary": f"Comparison **{name}**\n\n" + header + "\n".join(lines)}
 

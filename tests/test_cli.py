@@ -52,6 +52,12 @@ def test_recipe_errors_are_one_line_in_the_terms_of_the_file(monkeypatch, tmp_pa
 
     inst = InstructionEvalConfig(baseline_answers={"vicuna": BaselineAnswersFile(path="/nope/x.json")})
     assert missing_input_files(inst) == ["baseline_answers.vicuna.path: '/nope/x.json'"]
+    # a model that can only be a local folder (a hub id has at most one slash), and folders read from the repo root
+    inst = InstructionEvalConfig(data_dir="nope/eval", baseline_model={"name_or_path": "pomona-runs/models/smollm2-x"})
+    assert missing_input_files(inst) == ["data_dir: 'nope/eval'", "baseline_model.name_or_path: "
+                                         "'pomona-runs/models/smollm2-x' (a model folder) (run `make smollm2` first)"]
+    for name in ("HuggingFaceTB/SmolLM2-135M", "tiny:3", "tests/data"):  # a hub id, a tiny model, an existing folder
+        assert missing_input_files(InstructionEvalConfig(baseline_model={"name_or_path": name})) == []
     served = invoke("serve", "--recipe", str(tmp_path / "none.yaml"), monkeypatch=monkeypatch)
 
     assert served.exit_code == 2 and "does not exist" in served.output and "Traceback" not in served.output

@@ -116,13 +116,41 @@ def test_every_method_of_the_tiny_recipe_selects_trains_and_evaluates(prefect_se
     assert {"select-cherry", "select-superfilter", "select-deita", "select-grape", "method:grape"} <= names, names
 
 
-def test_plot_metrics_are_named_as_users_know_them_and_unknown_ones_are_errors():
-    from configs.errors import ConfigError
+def test_plot_metrics_are_named_as_users_know_them_and_unknown_ones_fail_after_the_table_is_written():
+    from configs.errors import ComparisonFailed
+    from flows.compare import comparison_outcome
     from tasks.evaluate import comparison_stage
 
     results = [{"label": "random", "status": "ok", "metrics": {"humaneval/pass_1": 0.25, "lm_eval/mc/acc_none": 0.5}},
                {"label": "deita", "status": "ok", "metrics": {"humaneval/pass_1": 0.5, "lm_eval/mc/acc_none": 0.75}}]
     table = comparison_stage("plot-names", results, ["humaneval/pass@1", "lm_eval/mc/acc,none"])
     assert table.file("plots/humaneval__pass_1.png").exists(), table.artifacts
-    with pytest.raises(ConfigError, match="not metrics of this comparison"):
-        comparison_stage("plot-names-typo", results, ["humaneval/pass@10"])
+    comparison_outcome(results, table)  # all fine: no error
+
+    typo = comparison_stage("plot-names-typo", results, ["humaneval/pass@10", "humaneval/pass@1"])
+    assert typo.file("comparison.csv").exists() and typo.file("plots/humaneval__pass_1.png").exists()
+    with pytest.raises(ComparisonFailed, match=r"plot_metrics \['humaneval/pass_10'\] are not metrics.*pass_1"):
+        comparison_outcome(results, typo)
+
+
+def test_a_comparison_where_every_method_fails_is_a_failed_run_naming_each_error(prefect_server, monkeypatch):
+    """Not Completed with exit status 0 (what a SmolLM2 recipe run before `make smollm2` used to end as); the
+    table with the failed rows is still written, and plot_metrics are not blamed for the missing metrics."""
+    import flows.compare as compare_module
+    from configs.errors import ComparisonFailed
+
+    def fail(selection, *args, **kwargs):
+        raise RuntimeError(f"{selection.method} exploded on purpose")
+
+    monkeypatch.setattr(compare_module, "select_subset", fail)
+    cfg = load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig, overrides={
+        "name": "compare-all-fail", "evaluate_base": False, "plot_metrics": ["likelihood/mean_nll"],
+        "data.path": str(REPO / "tests/data/alpaca_cherry_40.json"),
+        "methods": [{"method": "random"}, {"method": "longest"}]})
+
+    state = compare_module.compare(cfg, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(ComparisonFailed, match="every method failed \\(2\\): random: RuntimeError: random exploded.*"
+                                               "longest: RuntimeError: longest exploded"):
+        state.result()
