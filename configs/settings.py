@@ -9,8 +9,40 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CODE_VERSION = "pomona-0.1.0/stages-1"
-"""Part of every stage key: bump it when a stage writes different output for the same config and inputs."""
+SOURCE_PACKAGES = ("configs", "models", "tasks")
+"""The packages whose code computes stage outputs (flows only wire stages: what they pass is in the keys)."""
+LIBRARIES = ("torch", "transformers", "tokenizers", "trl", "peft", "lm_eval")
+"""Libraries whose upgrade can change a stage's numbers."""
+
+
+def source_digest(root: Path, packages: tuple[str, ...] = SOURCE_PACKAGES) -> str:
+    """sha256 over the relative paths and bytes of every .py file in `packages` under `root`."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """Part of every stage key: a digest of pomona's own stage code plus the versions of the libraries that compute
+    with it. Any edit to that code or a library upgrade starts new stage folders, so a store never hands back
+    output that the code as it is now would compute differently (a hand-bumped constant was never bumped)."""
+    from importlib import metadata
+
+    versions = []
+    for name in LIBRARIES:
+        try:
+            versions.append(f"{name}={metadata.version(name.replace('_', '-'))}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name}=none")
+    return f"src-{source_digest(Path(__file__).resolve().parents[1])[:16]};" + ";".join(versions)
+
+
+CODE_VERSION = code_version()
 
 
 def pomona_home() -> Path:

@@ -15,7 +15,7 @@ from flows.selection import select_subset
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task
 from tasks.store import StageOutput
-from tasks.track import client, log_stage, tracked_run
+from tasks.track import client, log_stage, tracked_run, tracked_run_or_none
 from tasks.train import dpo_stage_task, sft_stage_task
 
 
@@ -25,7 +25,8 @@ def run_training_stage(stage_task, *args, parent_run_id: str | None = None, log_
     if parent_run_id:
         trained_in = out.params.get("train.mlflow_run_id")
         # A reused stage's run was logged by the run that trained it: this run gets its own cached child run.
-        fresh = bool(trained_in) and client().get_run(trained_in).data.tags.get("pomona.logged") != "true"
+        trained_run = tracked_run_or_none(trained_in) if trained_in else None
+        fresh = trained_run is not None and trained_run.data.tags.get("pomona.logged") != "true"
         run_id = log_stage(parent_run_id, out, config=log_config, cached=not fresh,
                            run_id=trained_in if fresh else None)
         client().set_tag(run_id, "pomona.logged", "true")

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from configs.settings import store_root
 from tasks.store import StageOutput, load_finished
 from tasks.track import log_stage
 
@@ -85,8 +86,12 @@ def run_stage_task(stage_task, *args: Any, parent_run_id: str | None = None, log
 
 
 def still_in_store(out: StageOutput) -> bool:
-    """Whether `out`'s folder still holds the finished stage it describes (not deleted, not replaced)."""
-    finished = load_finished(Path(out.path))
+    """Whether `out`'s folder, in this home's store, still holds the finished stage it describes (not deleted, not
+    replaced)."""
+    folder = Path(out.path)
+    if not folder.is_relative_to(store_root()):  # a result cached by a home since moved, or another home's folder
+        return False
+    finished = load_finished(folder)
     return finished is not None and finished.key == out.key and finished.digest == out.digest
 
 

@@ -328,22 +328,31 @@ def pre_experience_pick(records_out: StageOutput, profile_out: StageOutput, pre:
 
 def pre_experience_sft(pick_out: StageOutput, scoring: ScoringConfig, pre: PreExperienceConfig) -> StageOutput:
     """Stage `cherry-sft`: the brief SFT of the scorer on the pre-experience set; params.model_dir is the result."""
-    from tasks.train import MERGED_DIR, read_train_result, sft_train
+    from tasks.train import read_train_result, sft_train
 
     def body(folder: Path) -> dict:
-        model_dir = sft_train(pick_out.file(PRE_EXPERIENCE_TRAIN), scoring.scorer, pre.sft, folder / "train")
-        if pre.sft.lora is not None:
-            model_dir = folder / "train" / MERGED_DIR
+        sft_train(pick_out.file(PRE_EXPERIENCE_TRAIN), scoring.scorer, pre.sft, folder / "train")
+        model_dir = folder / pre_experienced_dir(pre)
         result = read_train_result(folder / "train")
         metrics = {"examples": float(result.get("examples", 0)), "global_step": float(result.get("global_step", 0))}
         if result.get("train_loss") is not None:
             metrics["train_loss"] = float(result["train_loss"])
-        return {"metrics": metrics, "params": {"model_dir": str(model_dir), "base_model": scoring.scorer.name_or_path},
+        return {"metrics": metrics, "params": {"model_dir": pre_experienced_dir(pre),
+                                               "base_model": scoring.scorer.name_or_path},
                 "summary": f"Pre-experienced `{scoring.scorer.name_or_path}` on {int(metrics['examples'])} samples "
                            f"({int(metrics['global_step'])} steps): `{model_dir}`."}
 
+    # the digest covers the weights the score stage loads (train_result.json holds wall-clock timings: digesting it
+    # made every retraining a new input for the stages downstream, identical weights or not)
     return run_stage("cherry-sft", {"scorer": scoring.scorer, "sft": pre.sft}, [pick_out], body,
-                     digest_of=["train/train_result.json"])
+                     digest_of=[pre_experienced_dir(pre)])
+
+
+def pre_experienced_dir(pre: PreExperienceConfig) -> str:
+    """Where, inside the `cherry-sft` stage folder, the pre-experienced model is (LoRA: merged into its base)."""
+    from tasks.train import MERGED_DIR, MODEL_DIR
+
+    return f"train/{MERGED_DIR if pre.sft.lora is not None else MODEL_DIR}"
 
 
 def ifd_selection(records_out: StageOutput, scores_out: StageOutput, selection: CherrySelection | SuperfilterSelection,

@@ -29,7 +29,8 @@ def scorer_model(scoring: ScoringConfig, scorer_stage: StageOutput | None) -> Mo
     """The scoring model: the configured one, or the model folder an upstream stage trained (Cherry's pre-experience)."""
     if scorer_stage is None:
         return scoring.scorer
-    return scoring.scorer.model_copy(update={"name_or_path": scorer_stage.params["model_dir"], "gguf_file": None})
+    return scoring.scorer.model_copy(update={"name_or_path": str(scorer_stage.file(scorer_stage.params["model_dir"])),
+                                             "gguf_file": None})
 
 
 def score_shard(model, tokenizer, records: list[Record], first_index: int, scoring: ScoringConfig,

@@ -100,12 +100,25 @@ def canonical(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [canonical(v) for v in obj]
     if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
+        obj = os.fspath(obj)
+    if isinstance(obj, str):
+        return store_relative(obj)
+    if obj is None or isinstance(obj, (int, float, bool)):
         return obj
     from pydantic_core import to_jsonable_python
 
     return to_jsonable_python(obj)
+
+
+STORE_PREFIX = "<store>/"
+
+
+def store_relative(text: str) -> str:
+    """A path inside this home's store as `<store>/<stage>/<key>/...`, anything else unchanged: keys must not
+    depend on where the home folder is (a moved home, the compose volume and the host share finished stages).
+    What a store folder holds enters keys by its stage's output digest, so the name is enough."""
+    root = str(store_root()) + os.sep
+    return STORE_PREFIX + text[len(root):] if text.startswith(root) else text
 
 
 def content_digest(obj: Any) -> str:
@@ -147,10 +160,32 @@ def stage_dir(stage: str, key: str) -> Path:
 
 
 def load_finished(folder: Path) -> StageOutput | None:
+    """The finished stage in `folder`, its path as the folder is now (a store moved to another home still serves)."""
     marker = folder / SUCCESS
     if not marker.exists():
         return None
-    return StageOutput.model_validate_json(marker.read_text())
+    return StageOutput.model_validate_json(marker.read_text()).model_copy(update={"path": str(folder)})
+
+
+@contextlib.contextmanager
+def stage_lock(stage: str, folder: Path):
+    """Held while a stage computes into `folder`: a second run of the same stage and inputs (another process, a
+    parallel comparison branch) waits for the first and then reuses its output, instead of training or scoring
+    into the same folder at once."""
+    import fcntl
+    import logging
+
+    with open(folder / ".stage.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger("pomona.store").warning(
+                "stage %s: another run is computing %s; waiting for it to finish", stage, folder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Path], dict[str, Any]],
@@ -168,19 +203,23 @@ def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Pa
     if finished is not None:
         return finished.model_copy(update={"reused": True})
     folder.mkdir(parents=True, exist_ok=True)
-    # what the key was made of, readable (logged to MLflow): why a rerun reused this folder or made a new one
-    atomic_write_text(folder / KEY_FILE, json.dumps(
-        {"stage": stage, "key": key, "code_version": CODE_VERSION, "config": canonical(keyed),
-         "inputs": canonical(inputs)}, indent=1, sort_keys=True, ensure_ascii=False))
-    started = time.perf_counter()
-    fields = body(folder)
-    fields.setdefault("seconds", round(time.perf_counter() - started, 3))
-    if digest_of is None:
-        digest = file_digest(folder)
-    else:
-        digest = content_digest([file_digest(folder / name) for name in digest_of])
-    out = StageOutput(stage=stage, key=key, path=str(folder), digest=digest, **fields)
-    atomic_write_text(folder / SUCCESS, out.model_dump_json(indent=1))
+    with stage_lock(stage, folder):
+        finished = load_finished(folder)  # finished by the run this one waited for
+        if finished is not None:
+            return finished.model_copy(update={"reused": True})
+        # what the key was made of, readable (logged to MLflow): why a rerun reused this folder or made a new one
+        atomic_write_text(folder / KEY_FILE, json.dumps(
+            {"stage": stage, "key": key, "code_version": CODE_VERSION, "config": canonical(keyed),
+             "inputs": canonical(inputs)}, indent=1, sort_keys=True, ensure_ascii=False))
+        started = time.perf_counter()
+        fields = body(folder)
+        fields.setdefault("seconds", round(time.perf_counter() - started, 3))
+        if digest_of is None:
+            digest = file_digest(folder)
+        else:
+            digest = content_digest([file_digest(folder / name) for name in digest_of])
+        out = StageOutput(stage=stage, key=key, path=str(folder), digest=digest, **fields)
+        atomic_write_text(folder / SUCCESS, out.model_dump_json(indent=1))
     return out
 
 

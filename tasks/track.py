@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from configs.settings import pomona_home
-from tasks.store import KEY_FILE, StageOutput, content_digest
+from tasks.store import KEY_FILE, MANIFEST, StageOutput, content_digest
 
 MAX_PARAM_CHARS = 6000
 
@@ -62,12 +62,22 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, f"{prefix}{k}."))
         return out
     value = json.dumps(obj) if isinstance(obj, list) else str(obj)
-    out[prefix.rstrip(".")] = value[:MAX_PARAM_CHARS]
+    out[sanitize_metric_key(prefix.rstrip("."))] = param_value(value)
     return out
 
 
+TRUNCATED = " ...[truncated: the whole value is in config.yaml / stage_key.json]"
+
+
+def param_value(value: str) -> str:
+    """A value MLflow takes as a param (at most MAX_PARAM_CHARS), cut visibly: a silently cut JSON list reads as
+    valid-looking garbage. The run's config.yaml (parent) or stage_key.json (stage) holds it whole."""
+    return value if len(value) <= MAX_PARAM_CHARS else value[:MAX_PARAM_CHARS - len(TRUNCATED)] + TRUNCATED
+
+
 def sanitize_metric_key(key: str) -> str:
-    """MLflow accepts only alphanumerics and `_ - . space : /` in keys (lm-eval's `acc,none` is refused)."""
+    """MLflow accepts only alphanumerics and `_ - . space : /` in metric and param keys (lm-eval's `acc,none` is
+    refused, and so would be a user's generator label key `gpt-4 (0613)`)."""
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
 
 
@@ -91,11 +101,35 @@ def start_parent_run(experiment: str, run_name: str, config: Any, flow_run_id: s
     tags = {"pomona.config_hash": content_digest(config)[:16], "pomona.git_commit": git_commit(),
             "prefect.flow_run_id": flow_run_id or "none"}
     run = mlc.create_run(exp_id, run_name=run_name, tags=tags)
-    params = [Param(k, v) for k, v in flatten(config).items()]
-    for i in range(0, len(params), 100):
-        mlc.log_batch(run.info.run_id, params=params[i:i + 100])
-    mlc.log_text(run.info.run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    with failed_if_raises(run.info.run_id):
+        params = [Param(k, v) for k, v in flatten(config).items()]
+        for i in range(0, len(params), 100):
+            mlc.log_batch(run.info.run_id, params=params[i:i + 100])
+        mlc.log_text(run.info.run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
     return run.info.run_id
+
+
+@contextlib.contextmanager
+def failed_if_raises(run_id: str) -> Iterator[None]:
+    """A run whose logging fails half-way ends FAILED, not RUNNING forever in the MLflow UI."""
+    try:
+        yield
+    except BaseException:
+        client().set_terminated(run_id, "FAILED")
+        raise
+
+
+def tracked_run_or_none(run_id: str):
+    """The MLflow run, or None when this tracking store has no such run (the stage was finished by a run logged to
+    another MLflow: a deleted mlflow.db, a switch to the compose server)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cached: bool = False,
@@ -105,9 +139,6 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     `run_id` logs into a child run the stage opened itself (training opens one first, so the Trainer's curves
     land in it) instead of creating one.
     """
-    import mlflow
-    from mlflow.entities import DatasetInput, InputTag, Metric, Param
-
     mlc = client()
     parent = mlc.get_run(parent_run_id)
     tags = {"mlflow.parentRunId": parent_run_id, "pomona.stage": out.stage, "pomona.stage_key": out.key,
@@ -117,10 +148,22 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     tags.update(extra_tags or {})
     if run_id is None:
         run_id = mlc.create_run(parent.info.experiment_id, run_name=out.stage, tags=tags).info.run_id
-    else:
+        tags = {}
+    with failed_if_raises(run_id):
         for key, value in tags.items():
             mlc.set_tag(run_id, key, value)
-    params = {**(flatten(config) if config is not None else {}), **{k: str(v)[:MAX_PARAM_CHARS] for k, v in out.params.items()}}
+        log_stage_contents(mlc, parent_run_id, run_id, out, config)
+    mlc.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def log_stage_contents(mlc, parent_run_id: str, run_id: str, out: StageOutput, config: Any) -> None:
+    """Params, metrics, artifacts (with the stage key and the shard manifests) and dataset inputs of one stage."""
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag, Metric, Param
+
+    params = {**(flatten(config) if config is not None else {}),
+              **{sanitize_metric_key(k): param_value(str(v)) for k, v in out.params.items()}}
     plist = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(plist), 100):
         mlc.log_batch(run_id, params=plist[i:i + 100])
@@ -129,7 +172,8 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     metrics = [Metric(sanitize_metric_key(k), float(v), now, 0) for k, v in {**out.metrics, **timing}.items()]
     for i in range(0, len(metrics), 500):
         mlc.log_batch(run_id, metrics=metrics[i:i + 500])
-    for rel in [KEY_FILE, *out.artifacts]:
+    manifests = [str(p.relative_to(out.path)) for p in sorted(Path(out.path).rglob(f"*{MANIFEST}"))]
+    for rel in [KEY_FILE, *manifests, *out.artifacts]:
         path = out.file(rel)
         if path.is_dir():
             mlc.log_artifacts(run_id, str(path), artifact_path=rel)
@@ -148,8 +192,6 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     if inputs:
         mlc.log_inputs(run_id, datasets=inputs)
         mlc.log_inputs(parent_run_id, datasets=inputs)
-    mlc.set_terminated(run_id, "FINISHED")
-    return run_id
 
 
 def dataset_frame(path: Path):

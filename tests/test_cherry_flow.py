@@ -43,8 +43,10 @@ def test_cherry_flow_failed_sft_reruns_alone_and_logs_ifd(prefect_server):
     assert states["prepare-records"] == states["cherry-instructions"] == states["cherry-pick"] == "Cached"
     assert states["cherry-sft"] == states["score-likelihood"] == states["select-ifd"] == "Completed"
     out = rerun.result()
-    sft_dir = out["pre_experience_sft"].params["model_dir"]
-    assert out["scores"].params["scorer"] == sft_dir  # IFD comes from the pre-experienced model
+    sft = out["pre_experience_sft"]
+    sft_dir = str(sft.file(sft.params["model_dir"]))
+    assert out["scores"].params["scorer"] == sft_dir  # IFD from the pre-experienced model
+    assert sft.params["model_dir"] == "train/model"  # relative: a moved store still finds it
     assert len(out["pre_experience"].file("pre_experience_ids.txt").read_text().split()) == 6
     # pre-experienced on the text it is then scored on (wiz), not through the chat template
     trained = [json.loads(line) for line in out["pre_experience"].file("pre_experience.train.jsonl").open()]
@@ -58,6 +60,9 @@ def test_cherry_flow_failed_sft_reruns_alone_and_logs_ifd(prefect_server):
     assert {"scored", "dropped_above_threshold", "truncated", "skipped", "selected"} <= set(select.data.metrics)
     assert {"ifd_histogram.png", "selected_ids.txt", "subset.jsonl"} <= {a.path for a in mlc.list_artifacts(select.info.run_id)}
     assert select.inputs.dataset_inputs[0].dataset.name == "cherry-subset"
+    score = next(c for c in children if c.data.tags["pomona.stage"] == "score")
+    # the stage manifest (DESIGN.md): which shards the scores were assembled from, with their sha256
+    assert "scores/part-manifest.json" in {a.path for a in mlc.list_artifacts(score.info.run_id, "scores")}
 
 
 def test_superfilter_flow_with_diversity_step(prefect_server):

@@ -256,3 +256,99 @@ def test_shards_written_from_many_threads_all_reach_the_manifest(tmp_path):
         t.join()
     assert not errors and table.done() == set(range(80))
     assert [r["i"] for r in table.read()] == list(range(80))
+
+
+def test_code_version_follows_every_edit_of_the_stage_code(tmp_path):
+    """Stage keys include a digest of configs/, models/ and tasks/: an edited template string (or any stage code)
+    is a new key, where a hand-bumped constant let old folders be reused after such changes."""
+    from configs.settings import CODE_VERSION, source_digest
+
+    for package in ("configs", "models", "tasks", "flows"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "a.py").write_text("X = 1\n")
+    before = source_digest(tmp_path)
+    (tmp_path / "flows" / "a.py").write_text("X = 2\n")  # flows only wire stages: not part of the version
+    assert source_digest(tmp_path) == before
+    (tmp_path / "models" / "a.py").write_text("X = 2\n")
+    assert source_digest(tmp_path) != before
+    (tmp_path / "models" / "a.py").write_text("X = 1\n")
+    (tmp_path / "tasks" / "b.py").write_text("")  # a new file counts too
+    assert source_digest(tmp_path) != before
+    assert CODE_VERSION.startswith("src-") and "torch=" in CODE_VERSION and "trl=" in CODE_VERSION
+
+
+def test_a_second_run_of_a_stage_waits_for_the_first_and_reuses_its_output():
+    """Two runs computing the same stage at once (two processes, or parallel comparison branches) must not train
+    or score into one folder together: the second waits on the stage lock, then finds the folder finished."""
+    import threading
+
+    calls, started = [], threading.Event()
+
+    def body(folder):
+        calls.append(folder)
+        started.set()
+        time.sleep(0.5)
+        (folder / "out.txt").write_text("once")
+        return {}
+
+    outs = []
+    first = threading.Thread(target=lambda: outs.append(run_stage("unit-test-lock", {"x": 1}, [], body)))
+    first.start()
+    started.wait(5)
+    second = run_stage("unit-test-lock", {"x": 1}, [], body)  # blocks until the first finished
+    first.join()
+    assert len(calls) == 1
+    assert second.reused and not outs[0].reused and second.digest == outs[0].digest
+
+
+def test_a_moved_home_still_serves_its_finished_stages(tmp_path, monkeypatch):
+    """Keys name store folders relative to the store (their content enters by digest), and a finished folder
+    reports where it is now: moving POMONA_HOME (or mounting it elsewhere in compose) reuses everything."""
+    import shutil
+
+    from configs.settings import store_root
+    from flows.wiring import still_in_store
+
+    monkeypatch.setenv("POMONA_HOME", str(tmp_path / "a"))
+    model = store_root() / "train-sft" / "k1" / "model"
+    model.mkdir(parents=True)
+    calls = []
+    config = {"model": str(model), "n": 1}
+    first = run_stage("unit-test-move", config, [], lambda f: calls.append(f) or {})
+    assert still_in_store(first)
+    key_file = json.loads(first.file("stage_key.json").read_text())
+    assert key_file["config"] == {"model": "<store>/train-sft/k1/model", "n": 1}  # no fingerprint of a store folder
+
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    monkeypatch.setenv("POMONA_HOME", str(tmp_path / "b"))
+    again = run_stage("unit-test-move", {"model": str(store_root() / "train-sft" / "k1" / "model"), "n": 1}, [],
+                      lambda f: calls.append(f) or {})
+    assert len(calls) == 1 and again.reused and again.key == first.key
+    assert again.path == str(tmp_path / "b" / "store" / "unit-test-move" / first.key)
+    assert not still_in_store(first)  # the old path (what Prefect's cache would hand back) is not this home's
+    assert still_in_store(again)
+
+
+def test_mlflow_params_keep_legal_names_and_say_when_they_are_cut():
+    from tasks.track import MAX_PARAM_CHARS, TRUNCATED, flatten
+
+    params = flatten({"candidates": {"generator_labels": {"gpt-4 (0613)": "gpt4"}}, "methods": ["x" * 7000]})
+    assert params["candidates.generator_labels.gpt-4 _0613_"] == "gpt4"  # MLflow refuses ( ) in names
+    assert len(params["methods"]) == MAX_PARAM_CHARS and params["methods"].endswith(TRUNCATED)
+
+
+def test_a_stage_run_whose_logging_fails_ends_failed_and_a_missing_run_is_none(tmp_path):
+    """No child run left RUNNING forever; a training stage finished under another tracking store (its run id
+    unknown here) is logged as a new cached run instead of crashing the rerun."""
+    from tasks.track import client, log_stage_run, start_parent_run, tracked_run_or_none
+
+    parent = start_parent_run("unit-test-tracking", "p", DataConfig(path="x.json"), None)
+    out = StageOutput(stage="unit", key="k", path=str(tmp_path), digest="d",
+                      datasets=[{"name": "n", "file": "missing.jsonl"}])
+    with pytest.raises(FileNotFoundError):
+        log_stage_run(parent, out)
+    runs = client().search_runs([client().get_run(parent).info.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert tracked_run_or_none(runs[0].info.run_id).info.run_id == runs[0].info.run_id
+    assert tracked_run_or_none("0" * 32) is None
