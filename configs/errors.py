@@ -23,6 +23,10 @@ class ScoringError(PomonaError):
     """A model produced a number that must not become a score (NaN, inf, a missing token)."""
 
 
+class StoreCorrupt(PomonaError):
+    """A stage folder's files no longer match what the stage recorded (a shard deleted, truncated or edited)."""
+
+
 class ComparisonFailed(PomonaError):
     """No method of a comparison finished (the message lists each method's error), or its table cannot be drawn
     as asked; the table itself is written first."""

@@ -220,6 +220,7 @@ def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, pro
                     shards.write_array(shard, embed_shard(model, tokenizer, records[shard * size:(shard + 1) * size],
                                                           embedding))
             # One memory-mappable matrix for the filter; the shards go once it exists (digests stay in the manifest).
+            shards.verified()
             dim = shards.read_array(0).shape[1] if n_shards else 0
             tmp = folder / f".embeddings.tmp-{os.getpid()}.npy"
             matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(records), dim))

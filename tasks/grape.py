@@ -209,7 +209,7 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
         size = selection.scoring_shard_size
         fits, rejected = ShardedTable(folder / "shards"), ShardedTable(folder / "shards", prefix="rejects")
         n_shards = (len(instructions) + size - 1) // size
-        done = fits.done()
+        done = fits.done() & rejected.done()
         todo = [s for s in range(n_shards) if s not in done]
         model, tok = load_model(selection.target) if todo else (None, None)
         for shard in tqdm(todo, desc="grape fit (shards)", disable=not progress):

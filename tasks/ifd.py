@@ -246,7 +246,8 @@ def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: P
             arrays.write_array(index, result[1])  # the table's manifest entry marks the shard done: written last
             table.write(index, result[0])
 
-        todo = [s for s in range(n_shards) if s not in table.done()]
+        finished = table.done() & arrays.done()
+        todo = [s for s in range(n_shards) if s not in finished]
         if todo and scoring.scale_out is not None:
             from tasks.runner import map_shards
 
@@ -262,6 +263,7 @@ def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: P
             for shard in tqdm(todo, desc="cherry instructions (shards)", unit="shard", disable=not progress):
                 write(shard, profile_shard(model, tokenizer, records[shard * size:(shard + 1) * size], scoring, pre))
         rows = table.read()
+        arrays.verified()
         embeddings = np.concatenate([arrays.read_array(s) for s in range(n_shards)]) if n_shards else np.zeros((0, 0))
         np.save(folder / "embeddings.npy", embeddings.astype(np.float32))
         by_id = {r.id: r for r in records}

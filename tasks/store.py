@@ -317,8 +317,28 @@ class ShardedTable:
             return json.loads(self.manifest_path.read_text())
         return {"shards": {}}
 
+    def check(self) -> tuple[set[int], list[str]]:
+        """(shards whose file matches its manifest entry, a line per shard that does not): a shard deleted,
+        truncated or replaced after it was recorded."""
+        good, bad = set(), []
+        for key, entry in self.manifest()["shards"].items():
+            path = self.shard_path(int(key))
+            if not path.exists():
+                bad.append(f"{path.name} is missing")
+            elif file_digest(path) != entry["sha256"]:
+                bad.append(f"{path.name} does not match the sha256 its manifest recorded")
+            else:
+                good.add(int(key))
+        return good, bad
+
     def done(self) -> set[int]:
-        return {int(k) for k in self.manifest()["shards"]}
+        """The shards a resumed run may skip: a recorded shard whose file no longer matches is computed again."""
+        good, bad = self.check()
+        if bad:
+            import logging
+
+            logging.getLogger("pomona.store").warning("%s: %s; computing them again", self.folder, "; ".join(bad))
+        return good
 
     def shard_path(self, index: int) -> Path:
         return self.folder / f"{self.prefix}-{index:05d}.parquet"
@@ -342,12 +362,23 @@ class ShardedTable:
             manifest["shards"][str(index)] = entry
             atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
+    def verified(self) -> set[int]:
+        """The recorded shards, all checked against the manifest; a mismatch is an error (never data read as if
+        it were what the stage computed)."""
+        good, bad = self.check()
+        if bad:
+            from configs.errors import StoreCorrupt
+
+            raise StoreCorrupt(f"{self.folder}: {'; '.join(bad)}. Delete the stage folder that holds it to compute "
+                               "it again")
+        return good
+
     def read(self) -> list[dict[str, Any]]:
         """All rows, in shard order."""
         import pyarrow.parquet as pq
 
         rows: list[dict[str, Any]] = []
-        for index in sorted(self.done()):
+        for index in sorted(self.verified()):
             rows.extend(pq.read_table(self.shard_path(index)).to_pylist())
         return rows
 

@@ -159,10 +159,21 @@ def trl_config(kind: Kind, config: TrainStageConfig, out_dir: Path, device: str,
 
 
 def last_checkpoint(out_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint: the Trainer writes `trainer_state.json` last, so a run killed while saving
+    leaves a `checkpoint-N` without it (or with it cut short), and resuming from that one fails every time."""
     folder = out_dir / CHECKPOINT_DIR
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    numbered = [(int(p.name.split("-")[1]), p) for p in folder.iterdir()
+                if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-")[1].isdigit()]
+    for _, checkpoint in sorted(numbered, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log.warning("skipping %s: incomplete (killed while saving?)", checkpoint)
+            continue
+        return str(checkpoint)
+    return None
 
 
 def free_port() -> int:

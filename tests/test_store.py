@@ -9,7 +9,7 @@ import pytest
 
 from configs.schema import DataConfig
 from configs.selection import RandomSelection
-from tasks.store import (SUCCESS, ShardedTable, StageOutput, content_digest, file_digest, run_stage,
+from tasks.store import (SUCCESS, ShardedTable, StageOutput, content_digest, file_digest, rows_by_shard, run_stage,
                          stage_cache_key, stage_key, stage_task)
 
 
@@ -141,6 +141,27 @@ def test_sharded_table_resumes_and_reads_in_order(tmp_path):
     again = ShardedTable(tmp_path / "scores")
     assert again.done() == {0, 1} and [r["i"] for r in again.read()] == [0, 1, 2, 3]
     assert not list((tmp_path / "scores").glob(".*tmp*"))
+
+
+def test_a_damaged_shard_is_computed_again_on_resume_and_never_read_as_data(tmp_path):
+    """Resume trusts a shard only while its file matches the sha256 in the manifest; reading a stage's table
+    with a damaged shard is an error naming it, not fake scores used silently."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from configs.errors import StoreCorrupt
+
+    table = ShardedTable(tmp_path / "scores")
+    for index in range(3):
+        table.write(index, [{"i": index}])
+    pq.write_table(pa.Table.from_pylist([{"i": 99}]), table.shard_path(1))  # valid parquet, other content
+    table.shard_path(2).unlink()
+    with pytest.raises(StoreCorrupt, match="part-00001.parquet does not match.*part-00002.parquet is missing"):
+        table.read()
+    assert table.done() == {0}
+    calls = []
+    rows = rows_by_shard(tmp_path / "scores", 3, 1, lambda a, b: calls.append(a) or [{"i": a}], "t", progress=False)
+    assert calls == [1, 2] and [r["i"] for r in rows] == [0, 1, 2]
 
 
 MODULE_GLOBAL = 3

@@ -333,3 +333,19 @@ def test_dpo_flow_trains_on_a_pairs_file_under_its_own_parent_run(prefect_server
     child = next(r for r in runs if r.data.tags.get("pomona.stage") == "train-dpo")
     assert parent.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "loss" in child.data.metrics and child.data.params["dpo.beta"] == "0.1"
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
+    """The Trainer writes trainer_state.json last: a checkpoint without it (or with it cut short) was being saved
+    when the run died, and resuming from it failed on every rerun."""
+    from tasks.train import CHECKPOINT_DIR, last_checkpoint
+
+    assert last_checkpoint(tmp_path) is None
+    root = tmp_path / CHECKPOINT_DIR
+    for step, state in [(2, '{"global_step": 2}'), (10, '{"global_step": 10}'), (12, None), (14, '{"global_st')]:
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        (root / f"checkpoint-{step}" / "model.safetensors").write_text("w")
+        if state is not None:
+            (root / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (root / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == str(root / "checkpoint-10")  # 10 < 12 < 14 numerically, not as text
