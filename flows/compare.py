@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from configs.compare import CompareConfig
-from configs.errors import ComparisonFailed
+from configs.errors import ComparisonFailed, ConfigError
 from flows.evaluate import evaluate_stages
 from flows.selection import select_subset
 from flows.train import run_training_stage
@@ -82,6 +82,7 @@ def compare(config: CompareConfig, fail_at: str | None = None) -> StageOutput:
     """
     with tracked_run(config) as parent:
         records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
+        check_budget_below_pool(config, int(records.metrics["records_used"]))
         branches: list[tuple[str, Any]] = list(zip(config.labels(), config.methods))
         if config.evaluate_base:
             branches.insert(0, ("base", None))
@@ -103,6 +104,14 @@ def compare(config: CompareConfig, fail_at: str | None = None) -> StageOutput:
             log_comparison(parent, table)
     comparison_outcome(results, table)
     return table
+
+
+def check_budget_below_pool(config: CompareConfig, pool: int) -> None:
+    """A shared budget that keeps the whole pool makes every method select everything: the comparison would train
+    the same model N times and compare nothing (the selection methods only cap at the pool size)."""
+    if config.budget is not None and config.budget >= pool:
+        raise ConfigError(f"budget {config.budget} >= the {pool} records used from {config.data.path}: every method "
+                          "would keep the whole pool (the same as 'full'); lower the budget or give more records")
 
 
 def comparison_outcome(results: list[dict], table: StageOutput) -> None:

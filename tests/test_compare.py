@@ -154,3 +154,16 @@ def test_a_comparison_where_every_method_fails_is_a_failed_run_naming_each_error
     with pytest.raises(ComparisonFailed, match="every method failed \\(2\\): random: RuntimeError: random exploded.*"
                                                "longest: RuntimeError: longest exploded"):
         state.result()
+
+
+def test_a_shared_budget_that_keeps_the_whole_pool_is_refused_before_any_training(prefect_server):
+    from configs.errors import ConfigError
+    from flows.compare import compare
+
+    cfg = load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig, overrides={
+        "name": "compare-budget-40", "budget": 40, "tracking.enabled": False,
+        "data.path": str(REPO / "tests/data/alpaca_cherry_40.json")})
+    state = compare(cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match="budget 40 >= the 40 records used from .*alpaca_cherry_40.json"):
+        state.result()
