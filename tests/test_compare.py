@@ -162,8 +162,16 @@ def test_a_shared_budget_that_keeps_the_whole_pool_is_refused_before_any_trainin
 
     cfg = load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig, overrides={
         "name": "compare-budget-40", "budget": 40, "tracking.enabled": False,
+        "methods": [{"method": "random"}, {"method": "longest"}],
         "data.path": str(REPO / "tests/data/alpaca_cherry_40.json")})
     state = compare(cfg, return_state=True)
     assert state.is_failed()
     with pytest.raises(ConfigError, match="budget 40 >= the 40 records used from .*alpaca_cherry_40.json"):
         state.result()
+
+
+@pytest.mark.parametrize("stem", ["compare_tiny", "compare_smollm2", "compare_smollm2_small"])
+def test_the_shared_budget_of_a_bundled_comparison_can_be_overridden(stem):
+    """`--set budget=N` reaches every budgeted method (a method repeating the recipe's budget used to clash)."""
+    cfg = load_recipe(REPO / "configs/recipes" / f"{stem}.yaml", CompareConfig, overrides={"budget": 7})
+    assert {getattr(m, "budget", None) for m in cfg.methods if m.method != "full"} == {7}
