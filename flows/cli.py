@@ -121,6 +121,30 @@ def validate(recipe: Path, flow: str = typer.Option("pipeline", help="Which flow
     typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
+@app.command()
+def store(partial: bool = typer.Option(False, "--partial", help="Only stages that have not finished.")):
+    """List the stage store: what is finished (reused by reruns) and what is partial (resumed by reruns), with
+    sizes. Deleting a folder is safe: the next run that needs it computes it again."""
+    import datetime
+
+    from configs.settings import store_root
+    from tasks.store import store_listing
+
+    rows = [r for r in store_listing() if not partial or r["state"] == "partial"]
+    typer.echo(f"{'stage':<22} {'key':<20} {'state':<8} {'size':>9} {'modified':<16} {'took':>8}")
+    for r in rows:
+        size, unit = float(r["bytes"]), "B"
+        for unit in ("B", "KB", "MB", "GB", "TB"):
+            if size < 1024 or unit == "TB":
+                break
+            size /= 1024
+        when = datetime.datetime.fromtimestamp(r["modified"]).strftime("%Y-%m-%d %H:%M")
+        took = "" if r["seconds"] is None else f"{r['seconds']:.0f} s"
+        typer.echo(f"{r['stage']:<22} {r['key']:<20} {r['state']:<8} {size:>6.1f} {unit:<2} {when:<16} {took:>8}")
+    total = sum(r["bytes"] for r in rows)
+    typer.echo(f"{len(rows)} folders, {total / 2**20:.1f} MB, in {store_root()}")
+
+
 @app.command("tiny-model")
 def tiny_model(out: Path, seed: int = typer.Option(0, help="Weight initialisation seed.")):
     """Build a tiny random Llama + tokenizer (for tests and offline demos) into OUT."""

@@ -223,6 +223,24 @@ def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Pa
     return out
 
 
+def store_listing(root: Path | None = None) -> list[dict[str, Any]]:
+    """One row per folder of the store: stage, key, state (finished; partial = a run stopped or still running, a
+    rerun resumes it; model = a built tiny model), size in bytes, last change (unix time), and for a finished stage
+    its wall time."""
+    root = root or store_root()
+    rows = []
+    for folder in sorted(p for p in root.glob("*/*") if p.is_dir()):
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        finished = load_finished(folder)
+        # store/models/ holds the tiny models built for `tiny:<seed>` names, not stage outputs
+        state = "model" if folder.parent.name == "models" else "finished" if finished else "partial"
+        rows.append({"stage": folder.parent.name, "key": folder.name, "state": state,
+                     "bytes": sum(f.stat().st_size for f in files),
+                     "modified": max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime),
+                     "seconds": finished.seconds if finished else None, "path": str(folder)})
+    return rows
+
+
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 

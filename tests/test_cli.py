@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -80,3 +81,23 @@ def test_run_a_selection_flow_with_an_override():
     assert done.returncode == 0, done.stderr[-3000:]
     selection = next(line for line in done.stdout.splitlines() if line.strip().startswith("selection:"))
     assert '"selected": 4' in selection and "select-deita" in selection
+
+
+def test_store_lists_finished_and_partial_stages(monkeypatch, tmp_path):
+    from tasks.store import run_stage
+
+    monkeypatch.setenv("POMONA_HOME", str(tmp_path))
+    done = run_stage("select-random", {"n": 1}, [], lambda f: (f / "subset.jsonl").write_text("x" * 3000) and {})
+    with pytest.raises(ZeroDivisionError):
+        run_stage("score", {"n": 2}, [], lambda f: (f / "part-00000.parquet").write_text("y") and 1 / 0 or {})
+    (tmp_path / "store" / "models" / "tiny-0").mkdir(parents=True)
+    listed = invoke("store", monkeypatch=monkeypatch)
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    row = next(line for line in lines if line.startswith("select-random"))
+    assert done.key in row and "finished" in row and "KB" in row
+    assert any(line.startswith("score") and "partial" in line for line in lines)
+    assert any(line.startswith("models") and "model" in line for line in lines)
+    assert lines[-1].startswith("3 folders") and str(tmp_path / "store") in lines[-1]
+    only = invoke("store", "--partial", monkeypatch=monkeypatch).output.splitlines()
+    assert [line.split()[0] for line in only[1:-1]] == ["score"]
