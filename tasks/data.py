@@ -356,18 +356,35 @@ def load_canonical(path: str | os.PathLike) -> list[Record]:
 
 
 # ------------------------------------------------------------------------------------------------ the stage
+def require_records(result: ReadResult, path: str | os.PathLike, rejects_file: str | os.PathLike) -> None:
+    """Refuse a pool with no usable record here, in the records stage: later stages would otherwise "succeed" with
+    an empty subset, or fail with a message about their own internals (clusters, an empty training file)."""
+    if result.records:
+        return
+    if not result.rejects:
+        raise RecordError(str(path), "whole file", None,
+                          "no records in it: give a file with at least one record (data.path)")
+    counts = result.counts
+    reasons = ", ".join(f"{k.removeprefix('rejected[').removesuffix(']')} {v}" for k, v in counts.items()
+                        if k.startswith("rejected["))
+    raise RecordError(str(path), "whole file", None,
+                      f"all {counts['records_read']} records read were rejected ({reasons}), so none is left to "
+                      f"use: fix them (each is listed with its line and reason in {rejects_file})")
+
+
 def prepare_records(data, require_response: bool = True):
     """Stage `records`: read the user's file into canonical `records.jsonl` (+ `rejects.jsonl` with reasons)."""
     def body(folder: Path) -> dict:
         result = read_records(data.path, data.format, data.on_error, require_response)
         records = result.records[: data.limit] if data.limit else result.records
-        save_canonical(records, folder / "records.jsonl")
         write_jsonl(folder / "rejects.jsonl", result.rejects)
+        require_records(result, data.path, folder / "rejects.jsonl")
+        save_canonical(records, folder / "records.jsonl")
         counts = result.counts
         counts["records_used"] = len(records)
         summary = (f"Read **{counts['records_read']}** records ({result.format}) from `{data.path}`: "
                    f"{len(records)} used, {counts['records_rejected']} rejected (see rejects.jsonl).")
-        return {"metrics": counts, "params": {"source_format": result.format or "none"},
+        return {"metrics": counts, "params": {"source_format": result.format, "data_path": str(data.path)},
                 "artifacts": ["rejects.jsonl"], "summary": summary}
 
     config = {"data": data, "source_digest": file_digest(data.path), "require_response": require_response}

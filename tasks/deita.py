@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from configs.deita import DeitaEmbeddingConfig, DeitaScorerConfig, DeitaSelectio
 from configs.errors import ScoringError
 from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, write_jsonl
 from tasks.deita_selection import diversity_filter, evol_scores, ranking_order
-from tasks.select import SUBSET_FILES, write_subset
+from tasks.select import SUBSET_FILES, nothing_selected, write_subset
 from tasks.store import ArrayShards, ShardedTable, StageOutput, run_stage, stage_task
 
 EMBEDDING_TEMPLATE = "vicuna_v1.1"
@@ -277,6 +278,14 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
         tables = [{"complexity": complexity, "quality": quality}[s] for s in needed]
         rows = [i for i, r in enumerate(records) if all(r.id in table for table in tables)]
         cand = [records[i] for i in rows]
+        if not cand:
+            reasons = Counter(r["reason"].split(":")[0] for r in rejects_c + rejects_q)
+            listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+            raise nothing_selected("select-deita", records_out, (
+                f"the {' and '.join(needed)} scorer{'s' if len(needed) > 1 else ''} left no record with a score "
+                f"({listed}; each is listed in the deita-{'/'.join(needed)} stage's rejects.jsonl): raise "
+                f"max_prompt_tokens of selection.{'/'.join(n + '_scorer' for n in needed)}, or leave it unset to use "
+                "the model's context length"))
         c_turns = [complexity[r.id] for r in cand] if complexity_out is not None else None
         q_turns = [quality[r.id] for r in cand] if quality_out is not None else None
         scores = evol_scores(c_turns, q_turns, selection.score)

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.errors import RecordError, ScoringError
+from configs.errors import ConfigError, RecordError, ScoringError
 from configs.grape import CandidatesFile, Criterion, GrapeSelection
 from tasks.data import Record, jsonl_rows, load_canonical, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
@@ -164,6 +164,11 @@ def ingest_candidates(cfg: CandidatesFile) -> StageOutput:
         instructions, rows, rejects = read_candidates_file(cfg)
         metrics = write_candidates(folder, instructions, rows, rejects)
         reasons = Counter(r["reason"].split(":")[0] for r in rejects)
+        if not instructions:  # here, not as an empty fit and subset that report success
+            found = (f"every row was rejected ({', '.join(f'{k} {n}' for k, n in reasons.most_common())}; each "
+                     f"is listed in {folder / 'rejects.jsonl'}): fix them") if rejects else \
+                "it holds none: give a file with at least one instruction and its candidate responses"
+            raise RecordError(cfg.path, "whole file", None, f"no usable instruction with candidates: {found}")
         metrics.update({f"rejected[{k}]": v for k, v in sorted(reasons.items())})
         summary = (f"Read **{len(rows)}** candidate responses for {len(instructions)} instructions from "
                    f"`{cfg.path}`; {len(rejects)} rejected (see rejects.jsonl): {dict(reasons) or 'none'}.")
@@ -353,6 +358,13 @@ def grape_select(candidates_out: StageOutput, fit_out: StageOutput, selection: G
         ranked = rank_candidates(fit_rows, selection.criterion)
         order = {r.id: i for i, r in enumerate(instructions)}
         scored = [r for r in instructions if r.id in ranked]
+        if not scored:
+            reasons = ", ".join(f"{k.removeprefix('rejected[').removesuffix(']')} {int(v)}"
+                                for k, v in fit_out.metrics.items() if k.startswith("rejected["))
+            raise ConfigError(
+                f"select-grape: nothing selected: grape-fit scored none of the candidate responses of the "
+                f"{len(instructions)} instructions ({reasons or 'no candidates'}; each is listed in "
+                f"{fit_out.file('rejects.jsonl')}): fix those reasons, e.g. raise selection.max_length")
         keep_n = selection.count(len(scored))
         # All instructions (GRAPE), or beyond the paper the N whose winner fits best; ties keep input order.
         kept_ids = {r.id for r in sorted(scored, key=lambda r: (-ranked[r.id][0].fit, order[r.id]))[:keep_n]}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from configs.ifd import CherrySelection, DiversityConfig, IFDRule, PreExperience
 from configs.schema import Budget
 from tasks.data import Record, load_canonical, read_jsonl, to_format, write_jsonl
 from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, score_counts
-from tasks.select import SUBSET_FILES, write_subset
+from tasks.select import SUBSET_FILES, nothing_selected, write_subset
 from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
 
 IFDKind = Literal["cherry", "superfilter"]
@@ -83,6 +84,22 @@ def select_by_ifd(ids: Sequence[str], ifd: Sequence[float | None], rule: IFDRule
     counts = {"ifd_scored": scored, "dropped_above_threshold": scored - len(passing), "passing_threshold": len(passing),
               "share_base": base, "selected": keep}
     return [ids[i] for i in range(len(ids)) if i in chosen], counts
+
+
+def why_ifd_kept_nothing(rows: Sequence[dict[str, Any]], ifd: Sequence[float | None], rule: IFDRule) -> str:
+    """Which rule removed every sample (no IFD could be computed, or the threshold) and what to change."""
+    values = [v for v in ifd if v is not None]
+    if not values:
+        reasons = Counter(r["reason"].split(" (")[0] for r in rows if r["status"] != STATUS_SCORED)
+        listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+        return (f"no sample could be scored ({listed}; each is listed with its reason in the score stage's "
+                "rejects.jsonl): fix those reasons, e.g. raise selection.scoring.max_length or set "
+                "selection.scoring.overlong: truncate")
+    lowest = min(values)
+    kept = "below" if rule.strict else "at or below"
+    return (f"the IFD threshold removed all {len(values)} scored samples (none has IFD {kept} "
+            f"selection.rule.threshold {rule.threshold:g}; the lowest is {lowest:.4g}): raise the threshold above "
+            f"{lowest:.4g}")
 
 
 # --------------------------------------------------------------------------------------- Cherry pre-experience
@@ -371,6 +388,8 @@ def ifd_selection(records_out: StageOutput, scores_out: StageOutput, selection: 
             raise RuntimeError("score table and records disagree on ids/order: were they scored from these records?")
         ifd = ifd_scores(rows, kind)
         ids, counts = select_by_ifd([r.id for r in records], ifd, selection.rule, selection)
+        if not ids:
+            raise nothing_selected(f"select-{kind}", records_out, why_ifd_kept_nothing(rows, ifd, selection.rule))
         chosen = set(ids)
         write_jsonl(folder / "ifd_scores.jsonl", (
             {"id": row["id"], "ifd": value, "status": row["status"], "reason": row["reason"],

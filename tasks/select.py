@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
+from configs.errors import ConfigError
 from configs.selection import FullSelection, LongestSelection, RandomSelection
 from tasks.data import Record, atomic_write_text, load_canonical, write_records
 from tasks.store import StageOutput, file_digest, run_stage, stage_task
@@ -25,6 +26,9 @@ def write_subset(records: list[Record], selected: set[str] | list[str], folder: 
     if unknown:
         raise ValueError(f"selection returned ids that are not in the input: {sorted(unknown)[:5]}")
     chosen = [r for r in records if r.id in chosen_ids]
+    if not chosen:  # the methods say which of their rules removed everything before this; this is the backstop
+        raise ConfigError(f"{method}: the selection kept none of the {len(records)} candidates, so there is no "
+                          "subset to write: loosen the method's settings (see its counts in the log)")
     atomic_write_text(folder / "selected_ids.txt", "".join(r.id + "\n" for r in chosen))
     write_records(chosen, folder / "subset.jsonl", output_format)
     write_records(chosen, folder / "subset.messages.jsonl", "messages")
@@ -34,6 +38,17 @@ def write_subset(records: list[Record], selected: set[str] | list[str], folder: 
         "datasets": [{"name": f"{method}-subset", "file": "subset.messages.jsonl", "context": "training", "digest": digest}],
         "metrics": {"selected": len(chosen), "candidates": len(records)},
     }
+
+
+def nothing_selected(stage: str, records_out: StageOutput, rule: str) -> ConfigError:
+    """The error of a selection whose filter removed every record: the data file and its counts, then `rule` (what
+    removed them and what to change), so an empty subset never passes as a finished selection."""
+    m = records_out.metrics
+    # records stages finished before data_path was recorded are named by their folder
+    source = records_out.params.get("data_path") or f"the records in {records_out.path}"
+    counts = (f"{int(m.get('records_read', 0))} read, {int(m.get('records_rejected', 0))} rejected, "
+              f"{int(m.get('records_used', 0))} used")
+    return ConfigError(f"{stage}: nothing selected from {source} ({counts}): {rule}")
 
 
 def select_random(ids: list[str], count: int, seed: int) -> list[str]:

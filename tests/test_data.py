@@ -193,6 +193,25 @@ def test_unknown_format_and_missing_file(tmp_path):
         read_records(tmp_path / "missing.json")
 
 
+def test_a_pool_with_no_usable_record_fails_in_the_records_stage(tmp_path):
+    """Not later, as an empty subset that reports success or as another stage's message about its internals."""
+    from configs.schema import DataConfig
+    from tasks.data import prepare_records
+
+    empty = _write(tmp_path / "empty.json", [])
+    with pytest.raises(RecordError, match="no records in it") as err:
+        prepare_records(DataConfig(path=str(empty)))
+    assert str(err.value).startswith(f"{empty}, whole file:")
+    bad = tmp_path / "all-bad.jsonl"
+    bad.write_bytes(b'{"instruction": "broken", \n' + json.dumps({"instruction": "no output"}).encode() + b"\n")
+    with pytest.raises(RecordError) as err:
+        prepare_records(DataConfig(path=str(bad), on_error="skip"))
+    message = str(err.value)
+    assert message.startswith(f"{bad}, whole file: all 2 records read were rejected (invalid JSON 1, missing field 1)")
+    rejects = message.rsplit(" in ", 1)[1].rstrip(")")
+    assert [r["location"] for r in read_jsonl(rejects)] == ["line 1", "line 2"]
+
+
 # ------------------------------------------------------------------------------------------- baseline selections
 def _record(rid: str, *answers: str) -> Record:
     messages = []
@@ -220,3 +239,12 @@ def test_random_follows_its_seed_and_keeps_input_order():
     picked = select_random(ids, 10, seed=3)
     assert picked == [i for i in ids if i in set(random.Random(3).sample(ids, 10))]
     assert picked != select_random(ids, 10, seed=4) and picked == select_random(ids, 10, seed=3)
+
+
+def test_a_selection_that_keeps_nothing_is_an_error_not_an_empty_subset(tmp_path):
+    from configs.errors import ConfigError
+    from tasks.select import write_subset
+
+    with pytest.raises(ConfigError, match="random: the selection kept none of the 2 candidates"):
+        write_subset([_record("a", "x"), _record("b", "y")], [], tmp_path, "random")
+    assert not (tmp_path / "subset.jsonl").exists()

@@ -390,6 +390,33 @@ def test_scoring_and_embedding_stages_resume_from_their_shards(tiny_model_dir, m
     assert out.file("ids.txt").read_text().split() == [r.id for r in records]
 
 
+def test_a_scorer_that_rejects_every_record_fails_the_selection_naming_why(tmp_path):
+    from tasks.data import load_canonical, prepare_records, write_jsonl
+    from tasks.deita import select_deita
+    from tasks.store import StageOutput
+
+    records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=3))
+    ids = [r.id for r in load_canonical(records_out.file("records.jsonl"))]
+    scored = tmp_path / "complexity"
+    write_jsonl(scored / "scores.jsonl", [])
+    write_jsonl(scored / "rejects.jsonl", [{"id": i, "reason": "prompt too long: turn 0 has 90 tokens > 8"} for i in ids])
+    embedded = tmp_path / "embed"
+    embedded.mkdir()
+    (embedded / "ids.txt").write_text("\n".join(ids))
+    np.save(embedded / "embeddings.npy", np.eye(3, 4, dtype=np.float32))
+    complexity_out = StageOutput(stage="deita-complexity", key="c", path=str(scored), digest="c")
+    embeddings_out = StageOutput(stage="deita-embed", key="e", path=str(embedded), digest="e")
+    tiny = ModelConfig(name_or_path="tiny:0")
+    selection = DeitaSelection(score="complexity", budget=2, complexity_scorer=DeitaScorerConfig(model=tiny),
+                               embedding=DeitaEmbeddingConfig(model=tiny))
+    with pytest.raises(ConfigError) as err:
+        select_deita(records_out, complexity_out, None, embeddings_out, selection, progress=False)
+    assert str(err.value).startswith(
+        f"select-deita: nothing selected from {DATA / 'alpaca_cherry_40.json'} (40 read, 0 rejected, 3 used): the "
+        "complexity scorer left no record with a score (prompt too long 3; ")
+    assert "raise max_prompt_tokens of selection.complexity_scorer" in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------ end to end
 def _multi_turn_file(tmp_path):
     rows = json.loads((DATA / "alpaca_demo_200.json").read_text())[:14]

@@ -235,6 +235,28 @@ def test_too_long_and_empty_candidates_are_rejected_not_scored(tiny_model_dir, t
     assert out.metrics["single_candidate_instructions"] == 2 and out.metrics["selected"] == 2
 
 
+def test_no_usable_candidate_fails_its_stage_instead_of_selecting_nothing(tiny_model_dir, tmp_path):
+    from configs.errors import ConfigError
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"data": []}))
+    with pytest.raises(RecordError, match="empty.json, whole file: no usable instruction with candidates: it holds none"):
+        ingest_candidates(CandidatesFile(path=str(empty)))
+    blank = tmp_path / "blank.json"
+    blank.write_text(json.dumps([{"text": "Say hi.", "Answer1": " "}]))
+    with pytest.raises(RecordError, match=r"every row was rejected \(empty response 1, no usable candidate response 1; "):
+        ingest_candidates(CandidatesFile(path=str(blank)))
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps([{"text": "Say hi.", "Answer1": "hello " * 40, "Answer2": "hi " * 40}]))
+    selection = GrapeSelection(target=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=16,
+                               candidates=CandidatesFile(path=str(path)))
+    candidates = ingest_candidates(selection.candidates)
+    fit = score_candidate_fit(candidates, selection, progress=False)
+    with pytest.raises(ConfigError, match=r"grape-fit scored none of the candidate responses of the 1 instructions "
+                                          r"\(too long 2; .*raise selection.max_length"):
+        grape_select(candidates, fit, selection)
+
+
 # ------------------------------------------------------------------------------------------ ranking and DPO
 def test_tie_break_is_deterministic_and_independent_of_input_order():
     rows = [{"instruction_id": "i", "candidate_index": k, "generator": g, "nll_sum": 6.0, "scored_tokens": 3,

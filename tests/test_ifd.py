@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from configs.errors import ConfigError
 from configs.ifd import (CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig,
                          SuperfilterSelection)
 from configs.schema import Budget, DataConfig, ModelConfig
@@ -58,6 +59,21 @@ def test_select_by_ifd_threshold_strictness_share_base_and_input_order():
     assert chosen == ["a", "e", "f", "h"] and counts["share_base"] == 8 and counts["dropped_above_threshold"] == 2
     chosen, _ = select_by_ifd(ids, ifd, strict, Budget(budget=100))  # a budget never exceeds what passes
     assert chosen == ["a", "e", "f", "g", "h"]
+
+
+def test_why_ifd_kept_nothing_names_the_rule_and_what_to_change():
+    from tasks.ifd import why_ifd_kept_nothing
+
+    rows = [{"status": "scored", "reason": ""}] * 2 + [{"status": "skipped", "reason": "too long (900 > 512 tokens)"}]
+    why = why_ifd_kept_nothing(rows, [1.2, 0.98765, None], IFDRule(threshold=0.5, strict=True))
+    assert why.startswith("the IFD threshold removed all 2 scored samples (none has IFD below "
+                          "selection.rule.threshold 0.5; the lowest is 0.9877): raise the threshold above 0.9877")
+    assert "at or below" in why_ifd_kept_nothing(rows, [1.2, 0.98765, None], IFDRule(threshold=0.5))
+    skipped = [{"status": "skipped", "reason": "too long (900 > 512 tokens)"},
+               {"status": "nonfinite", "reason": "non-finite loss (conditioned nan, direct 1.0)"}]
+    why = why_ifd_kept_nothing(skipped, [None, None], IFDRule())
+    assert why.startswith("no sample could be scored (too long 1, non-finite loss 1; ")
+    assert "selection.scoring.max_length" in why
 
 
 def test_band_stride_pick_strides_over_the_band_in_dataset_order():
@@ -199,6 +215,13 @@ def test_ifd_and_diversity_stages_write_subset_histogram_and_counts():
     diverse = diversity_selection(records, out, selection)
     picked = diverse.file("selected_ids.txt").read_text().split()
     assert len(picked) == 3 and set(picked) <= {r["id"] for r in kept}
+    # a threshold below every IFD fails the stage naming the data file, its counts and the rule (no empty subset)
+    lowest = min(r["ifd"] for r in rows)
+    too_strict = SuperfilterSelection(scoring=scoring, budget=8, rule=IFDRule(threshold=lowest / 2))
+    with pytest.raises(ConfigError) as err:
+        ifd_selection(records, scores, too_strict)
+    assert str(err.value).startswith(f"select-superfilter: nothing selected from {DATA / 'alpaca_cherry_40.json'} "
+                                     "(40 read, 0 rejected, 24 used): the IFD threshold removed all 24 scored")
 
 
 def test_instruction_profile_resumes_from_its_shards_and_equals_one_pass(tiny_model_dir, monkeypatch,
