@@ -15,7 +15,8 @@ the answer "direct" (with only what the reference puts before it). Text, answer 
   direct text is the assistant header + that span (with the template's leading BOS, if any), cut like Cherry's.
 
 Where the reference scores garbage or crashes, a pair is skipped with a reason instead (never a default score):
-the instruction alone fills `max_length`, the output is empty, or the answer span is empty after truncation.
+the instruction alone fills `max_length`, the output is empty, the answer span is empty after truncation, or a chat
+template changes the output's text (e.g. trims it), so its tokens cannot be found.
 Cherry's own check is kept: skip when instruction tokens + direct answer tokens exceed `max_length` (after the
 direct text's cut this fires only for tokenizers that spend few tokens on BOS + "### Response:"). Otherwise the
 reference truncates an overlong pair, and so does the default; `overlong="skip"` skips every truncated pair.
@@ -52,6 +53,8 @@ SKIP_EMPTY_OUTPUT = "empty output"
 SKIP_EMPTY_SPAN = "empty answer span after truncation"
 SKIP_OVERLONG = "prompt + answer longer than max_length"
 SKIP_CHERRY_LENGTH_CHECK = "instruction + direct answer longer than max_length (Cherry's data_by_IFD check)"
+SKIP_TEMPLATE_ALTERED = ("the chat template altered the response text (e.g. trimmed its whitespace), so its tokens "
+                         "cannot be located in the rendered conversation")
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,10 @@ def _span_request(tokenizer, text: str, span: str, max_length: int, special: boo
     """The reference's `get_perplexity_and_embedding_part_text`: truncate, then score from `start_token` on."""
     ids = _encode(tokenizer, text, max_length, special)
     truncated = len(_encode(tokenizer, text, None, special)) > len(ids)
-    start_token = len(_encode(tokenizer, text[:text.rfind(span)], None, special))
+    at = text.rfind(span)
+    if at < 0:  # build_pair skips such pairs first; -1 here would silently score from the last character
+        raise ValueError("the answer is not in the text to score")
+    start_token = len(_encode(tokenizer, text[:at], None, special))
     return ScoreRequest(tuple(ids), start_token), truncated
 
 
@@ -156,9 +162,14 @@ def build_pair(template: TemplateName, tokenizer, instruction: str, input_text: 
              {"role": "assistant", "content": output}], tokenize=False)
         bare = tokenizer.apply_chat_template([{"role": "user", "content": user_message(instruction, input_text)}],
                                              tokenize=False, add_generation_prompt=False)
+        answer_at = whole.rfind(output)
+        # Not in the text at all (a `| trim` template), or only inside the user's turn: the span would start at a
+        # wrong place (rfind's -1 is the last character) and be skipped with a false reason, or scored wrongly.
+        if answer_at < 0 or (whole.startswith(bare) and answer_at < len(bare)):
+            return ScorePair(None, None, n_instr, False, SKIP_TEMPLATE_ALTERED)
         header = instr[len(bare):] if instr.startswith(bare) else ""
         lead = tokenizer.bos_token if tokenizer.bos_token and whole.startswith(tokenizer.bos_token) else ""
-        direct_text = lead + header + whole[whole.rfind(output):]
+        direct_text = lead + header + whole[answer_at:]
         direct_max = max_length - n_instr + len(_encode(tokenizer, lead + header, None, False))
     cond, cut_cond = _span_request(tokenizer, whole, output, max_length, special)
     direct, cut_direct = _span_request(tokenizer, direct_text, output, direct_max, special)

@@ -210,6 +210,23 @@ def test_unscorable_samples_are_skipped_with_a_reason(tiny):
     assert build_pair("wiz", tok, "hi", "", "answer " * 100, 64, overlong="skip").skip_reason == SKIP_OVERLONG
 
 
+def test_a_chat_template_that_trims_the_answer_is_named_as_the_skip_reason():
+    """Llama-3 style `| trim`: the response's text is not in the rendered conversation (it used to be skipped as
+    "empty answer span after truncation", and an answer found inside the user's turn was scored from there)."""
+    from models.templates import SKIP_TEMPLATE_ALTERED
+    from models.tiny import train_tokenizer
+
+    tok = train_tokenizer()
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}"
+                         "<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    pair = build_pair("chat", tok, "Say hi", "", "hello world\n", 256)
+    assert pair.skip_reason == SKIP_TEMPLATE_ALTERED and pair.conditioned is None
+    assert "altered the response text" in SKIP_TEMPLATE_ALTERED
+    # the trimmed answer's text does occur, but only in the user's turn
+    assert build_pair("chat", tok, "Repeat: ok\n twice", "", "ok\n ", 256).skip_reason == SKIP_TEMPLATE_ALTERED
+    assert build_pair("chat", tok, "Say hi", "", "hello world", 256).skip_reason is None
+
+
 class _WordTokenizer:
     """Splits on spaces, no BOS: "### Response:" is two tokens, so Cherry's length check can fire."""
 
