@@ -125,7 +125,9 @@ def _problem(model: type, error: dict) -> str:
     """One validation error as `the.yaml.path: message`: without pydantic's union-member tags in the path
     (`selection.random.seeed` is `selection.seeed` in the file) and its "Value error, " prefix."""
     nodes, shown = [model], []
-    for part in error["loc"]:
+    message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    loc = error["loc"]
+    for depth, part in enumerate(loc):
         with_field = [n for n in nodes if part in n.model_fields]
         tagged = [n for n in nodes if not with_field and "method" in n.model_fields
                   and n.model_fields["method"].default == part]
@@ -135,10 +137,32 @@ def _problem(model: type, error: dict) -> str:
         elif tagged:  # a discriminated union's member: not a key in the file
             nodes = tagged
         else:
+            if depth == len(loc) - 1 and error["type"] == "extra_forbidden":
+                message += _did_you_mean(str(part), nodes)
+            # a list index or mapping key: the models below it are those of the field above
             shown.append(str(part))
-            nodes = [] if not isinstance(part, int) else nodes
-    message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     return f"{'.'.join(shown)}: {message}" if shown else message
+
+
+# The same section under two names: a pipeline recipe trains in `train`, a comparison in `training`.
+_SECTION_TWINS = {"train": "training", "training": "train"}
+
+
+def _did_you_mean(key: str, models: list[type]) -> str:
+    """` (did you mean 'x'?)` with the allowed keys closest to an unknown `key`, else the allowed keys."""
+    import difflib
+
+    allowed = sorted({name for m in models for name in m.model_fields})
+    if not allowed:
+        return ""
+    twin = _SECTION_TWINS.get(key)
+    if twin in allowed:
+        return (f" (did you mean '{twin}'? a pipeline recipe names its training section 'train', a comparison "
+                "recipe 'training')")
+    close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
+    if close:
+        return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return f" (allowed here: {', '.join(allowed)})"
 
 
 def _models_in(annotation) -> list[type]:

@@ -39,7 +39,7 @@ def test_recipe_errors_are_one_line_in_the_terms_of_the_file(monkeypatch, tmp_pa
     pool = "data: {path: tests/data/alpaca_demo_200.json}\n"
     # the YAML path a user wrote (no union member tag), and the validator's own words (no "Value error, ")
     assert error_of("name: x\n" + pool + "selection: {method: random, budget: 3, seeed: 1}\n", "validate") \
-        .endswith("selection.seeed: Extra inputs are not permitted")
+        .endswith("selection.seeed: Extra inputs are not permitted (did you mean 'seed'?)")
     assert error_of("name: x\n" + pool + "selection: {method: random, budget: 3}\nevaluate: {}\n", "validate") \
         .endswith("r.yaml: 'evaluate' runs on the trained model: add a 'train' section")
     assert "is not UTF-8 text" in error_of(b"name: \xff\n", "validate")

@@ -17,6 +17,29 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
         load_recipe(recipe)
 
 
+def test_unknown_keys_suggest_the_closest_allowed_ones(tmp_path):
+    from configs.compare import CompareConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ndata: {path: a.json, formt: alpaca}\nselection: {method: random, budget: 3, zzz: 1}"
+                      "\ntraining: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    problems = str(err.value).split(": ", 1)[1].split("; ")
+    assert problems == [
+        "data.formt: Extra inputs are not permitted (did you mean 'format'?)",
+        "selection.zzz: Extra inputs are not permitted (allowed here: budget, method, seed, share)",
+        "training: Extra inputs are not permitted (did you mean 'train'? a pipeline recipe names its training "
+        "section 'train', a comparison recipe 'training')"]
+    # a comparison calls it `training`; keys inside lists of union members are matched against that member
+    compare = (REPO / "configs/recipes/compare_tiny.yaml").read_text().replace("\ntraining:", "\ntrain:")
+    recipe.write_text(compare)
+    with pytest.raises(ConfigError, match=r"train: Extra inputs are not permitted \(did you mean 'training'\?"):
+        load_recipe(recipe, CompareConfig)
+    with pytest.raises(ConfigError, match=r"methods.0.seeed: Extra inputs are not permitted \(did you mean 'seed'\?\)"):
+        load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig, overrides={"methods.0.seeed": 1})
+
+
 def test_budget_needs_exactly_one_of_budget_or_share(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: x\ndata: {path: a.json}\nselection: {method: random, budget: 3, share: 0.1}\n")
