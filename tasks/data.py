@@ -161,13 +161,23 @@ def detect_format(row: dict, file: str = "", location: str = "") -> Format:
                       f"unknown format: expected a 'messages', 'conversations' or 'instruction' field, found {sorted(row)}", row)
 
 
+ACCEPTED_INPUTS = ("Alpaca, ShareGPT or OpenAI-messages records as a .json array or .jsonl lines, a .parquet file, "
+                   "or a folder written by the datasets library's save_to_disk")
+
+
 def _raw_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         yield from _hf_rows(path)
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:  # ArrowInvalid: a truncated file, or not parquet at all
+            raise RecordError(str(path), "file", None, f"not a readable parquet file ({exc}): give {ACCEPTED_INPUTS}") \
+                from None
+        for i, row in enumerate(table.to_pylist()):
             yield f"row {i}", row
     elif path.suffix == ".jsonl":
         yield from jsonl_rows(path, on_error, rejects)
@@ -178,7 +188,12 @@ def _raw_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[tu
 def _hf_rows(path: Path) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:  # a folder without save_to_disk's state files (datasets' message names no fix)
+        raise RecordError(str(path), "folder", None,
+                          f"not a saved Hugging Face dataset (no dataset_info/state files): give {ACCEPTED_INPUTS}") \
+            from None
     if isinstance(ds, datasets.DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))
         ds = ds[split]

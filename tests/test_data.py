@@ -186,6 +186,16 @@ def test_broken_json_array_is_fatal_with_its_line(tmp_path):
         read_records(path)
 
 
+def test_a_folder_that_is_no_saved_dataset_and_a_corrupt_parquet_name_the_accepted_inputs(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("x")
+    with pytest.raises(RecordError, match=r"folder, folder: not a saved Hugging Face dataset .*: give .*\.jsonl"):
+        read_records(tmp_path / "folder", on_error="skip")
+    (tmp_path / "cut.parquet").write_bytes(b"PAR1" + b"x" * 16 + b"PAR1")
+    with pytest.raises(RecordError, match=r"cut.parquet, file: not a readable parquet file \(.*\): give .*save_to_disk"):
+        read_records(tmp_path / "cut.parquet", on_error="skip")
+
+
 def test_unknown_format_and_missing_file(tmp_path):
     with pytest.raises(RecordError, match="unknown format"):
         read_records(_write(tmp_path / "u.json", [{"question": "a"}]))
