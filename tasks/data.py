@@ -182,7 +182,7 @@ def _raw_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[tu
     elif path.suffix == ".jsonl":
         yield from jsonl_rows(path, on_error, rejects)
     else:
-        yield from _json_rows(path)
+        yield from json_rows(path)
 
 
 def _hf_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -227,7 +227,9 @@ def jsonl_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[t
             yield f"line {lineno}", row
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`record N`, row) of a JSON array (or Cherry's {"data": [...]}); not UTF-8 or invalid JSON raises, naming
+    the line, even with on_error=skip (nothing after the error can be read)."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -242,7 +244,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]  # {"Meta_Info":..., "data": [...]} files, as Cherry's logs are written
     if not isinstance(doc, list):
-        raise RecordError(str(path), "top level", None, f"wrong type: expected a JSON array of records, got {type(doc).__name__}")
+        raise RecordError(str(path), "top level", None, f"wrong type: expected a JSON array of records (or {{\"data\": [...]}}), got {type(doc).__name__}")
     for i, row in enumerate(doc):
         yield f"record {i}", row
 

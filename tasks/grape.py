@@ -28,7 +28,7 @@ from pathlib import Path
 
 from configs.errors import ConfigError, RecordError, ScoringError
 from configs.grape import CandidatesFile, Criterion, GrapeSelection
-from tasks.data import Record, jsonl_rows, load_canonical, record_id, write_jsonl
+from tasks.data import Record, json_rows, jsonl_rows, load_canonical, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import ShardedTable, StageOutput, file_digest, run_stage, stage_task
@@ -91,17 +91,11 @@ def _detect(row: dict, file: str, location: str) -> str:
 
 
 def _candidate_rows(path: Path, on_error: str, rejects: list[dict]) -> list[tuple[str, object]]:
-    if path.suffix == ".jsonl":  # a broken line is a reject (or the error) naming its line, as for records
+    # read as data files are: a broken JSONL line is a reject (or the error) naming its line; a JSON file that is
+    # not UTF-8 or not JSON is an error naming its line
+    if path.suffix == ".jsonl":
         return list(jsonl_rows(path, on_error, rejects))
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RecordError(str(path), f"line {exc.lineno}", None, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
-    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
-        doc = doc["data"]  # Cherry's {"Meta_Info":..., "data": [...]}
-    if not isinstance(doc, list):
-        raise RecordError(str(path), "top level", None, "expected a JSON array or {\"data\": [...]}")
-    return [(f"record {i}", row) for i, row in enumerate(doc)]
+    return list(json_rows(path))
 
 
 def read_candidates_file(cfg: CandidatesFile) -> tuple[list[Record], list[dict], list[dict]]:

@@ -89,6 +89,17 @@ def test_bundled_slice_labels_limit_and_formats(tmp_path):
         read_candidates_file(CandidatesFile(path=str(broken), on_error="raise"))
 
 
+def test_a_candidates_file_that_is_not_utf8_or_not_an_array_names_its_line(tmp_path):
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(b'{"data": [\n{"text": "caf\xe9?", "Answer1": "a", "Answer2": "b"}]}')
+    with pytest.raises(RecordError, match=r"latin1.json, line 2: not UTF-8: byte 0xe9"):
+        read_candidates_file(CandidatesFile(path=str(latin1), on_error="skip"))
+    obj = tmp_path / "obj.json"
+    obj.write_text('{"rows": []}')
+    with pytest.raises(RecordError, match=r"obj.json, top level: wrong type: expected a JSON array of records \(or "):
+        read_candidates_file(CandidatesFile(path=str(obj)))
+
+
 def _metaspace_tokenizer(chat_template: str):
     """A SentencePiece-style tokenizer (Metaspace: a word-start piece before the first word of a text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
