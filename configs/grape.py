@@ -6,6 +6,7 @@ with the run: the fit criterion, whether the end-of-turn marker is scored, the t
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Literal
 
@@ -16,6 +17,7 @@ from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, Tra
 
 Criterion = Literal["mean_logprob", "sum_logprob", "per_byte"]
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_PARAM_KEY = re.compile(r"^[\w./ -]+$")  # MLflow's param-name characters (without ':', refused on Windows)
 
 
 class SamplingConfig(StrictModel):
@@ -101,6 +103,13 @@ class CandidatesFile(StrictModel):
     @field_validator("generator_labels")
     @classmethod
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        # The keys become MLflow param names (selection.candidates.generator_labels.<key>), which MLflow refuses
+        # with other characters or when they are not a normalised path: refused here, not after the stages ran.
+        refused = [k for k in value if not _PARAM_KEY.match(k) or posixpath.normpath(f"p.{k}") != f"p.{k}"]
+        if refused:
+            raise ValueError(f"generator_labels keys {refused}: MLflow refuses them in param names (use letters, "
+                             "digits and _ - . / space, with no trailing or doubled / and no . or .. between /); "
+                             "rename that generator in the candidates file, or leave it unlabelled")
         bad = [v for v in value.values() if not _LABEL.match(v)]
         if bad:
             raise ValueError(f"generator labels {bad}: use letters, digits and _ . : -")

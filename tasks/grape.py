@@ -62,13 +62,13 @@ def _prompt(row: dict, file: str, location: str) -> str:
     return text
 
 
-def _row_candidates(row: dict, fmt: str, labels: dict[str, str], file: str, location: str) -> list[tuple[str, object, str]]:
-    """(generator label, raw response, field name) in file order."""
+def _row_candidates(row: dict, fmt: str, file: str, location: str) -> list[tuple[str, object, str]]:
+    """(generator name as the file has it, raw response, field name) in file order."""
     if fmt == "answers":
         keys = sorted((k for k in row if _ANSWER.match(k)), key=lambda k: int(_ANSWER.match(k).group(1)))
         if not keys:
             raise RecordError(file, location, None, "no Answer1, Answer2, ... fields", row)
-        return [(labels.get(k, k), row[k], k) for k in keys]
+        return [(k, row[k], k) for k in keys]
     completions = row.get("completions")
     if not isinstance(completions, list) or not completions:
         raise RecordError(file, location, "completions", "expected a non-empty list of {model, response}", row)
@@ -77,7 +77,7 @@ def _row_candidates(row: dict, fmt: str, labels: dict[str, str], file: str, loca
         if not isinstance(item, dict):
             raise RecordError(file, location, f"completions[{j}]", "wrong type: expected an object", row)
         model = item.get("model") if isinstance(item.get("model"), str) and item.get("model") else f"completion{j}"
-        out.append((labels.get(model, model), item.get("response"), f"completions[{j}].response"))
+        out.append((model, item.get("response"), f"completions[{j}].response"))
     return out
 
 
@@ -115,6 +115,7 @@ def read_candidates_file(cfg: CandidatesFile) -> tuple[list[Record], list[dict],
         rejects.append(err.as_reject())
 
     params = json.dumps({"backend": "file", "source": str(path)})
+    generators: set[str] = set()  # as the file names them, to check generator_labels against
     for location, raw in _candidate_rows(path, cfg.on_error, rejects):
         if cfg.limit is not None and len(instructions) >= cfg.limit:
             break
@@ -127,7 +128,9 @@ def read_candidates_file(cfg: CandidatesFile) -> tuple[list[Record], list[dict],
             if iid in seen:
                 raise RecordError(str(path), location, None, f"duplicate instruction: same prompt as {seen[iid]}", raw)
             kept = []
-            for label, response, field in _row_candidates(raw, fmt, cfg.generator_labels, str(path), location):
+            for name, response, field in _row_candidates(raw, fmt, str(path), location):
+                generators.add(name)
+                label = cfg.generator_labels.get(name, name)
                 if not isinstance(response, str) or not response.strip():
                     why = "empty response" if isinstance(response, str) or response is None else \
                         f"wrong type: expected a string, got {type(response).__name__}"
@@ -148,6 +151,11 @@ def read_candidates_file(cfg: CandidatesFile) -> tuple[list[Record], list[dict],
             rows.append({"instruction_id": iid, "candidate_index": index, "generator": label, "response": response,
                          "params": params, "seed": None, "prompt_tokens": None, "response_tokens": None,
                          "finish_reason": None})
+    unknown = sorted(set(cfg.generator_labels) - generators)
+    if unknown and generators:  # a typo'd key would leave its generator under the file's name, silently
+        read = f"the first {cfg.limit} instructions of {path}" if cfg.limit else str(path)
+        raise ConfigError(f"candidates.generator_labels: {unknown} name no generator in {read}; its generators "
+                          f"are {sorted(generators)} (AnswerN fields or completions[].model): use those names as keys")
     return instructions, rows, rejects
 
 

@@ -100,6 +100,32 @@ def test_a_candidates_file_that_is_not_utf8_or_not_an_array_names_its_line(tmp_p
         read_candidates_file(CandidatesFile(path=str(obj)))
 
 
+def test_generator_labels_must_name_a_generator_of_the_file_and_make_valid_param_names(tmp_path):
+    from mlflow.utils.validation import _validate_param_name
+    from pydantic import ValidationError
+
+    from configs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"generator_labels: \['answer2'\] name no generator in the first 3 "
+                                          r"instructions of .*vicuna_two_models_12.json; its generators are "
+                                          r"\['Answer1', 'Answer2'\]"):
+        read_candidates_file(CandidatesFile(path=str(SLICE), limit=3, generator_labels={"Answer1": "a",
+                                                                                         "answer2": "b"}))
+    ultra = tmp_path / "u.jsonl"
+    ultra.write_text(json.dumps({"instruction": "Hi.", "completions": [{"model": "gpt-4", "response": "Hello."}]}))
+    with pytest.raises(ConfigError, match=r"\['gpt4'\] name no generator .*its generators are \['gpt-4'\]"):
+        read_candidates_file(CandidatesFile(path=str(ultra), generator_labels={"gpt4": "g"}))
+    # the keys are logged as MLflow param names: those MLflow refuses are refused when the recipe loads
+    for key in ("meta-llama/Llama-2 7b", "Answer1", "wizard_lm.v2"):
+        CandidatesFile(path="x", generator_labels={key: "label"})
+        _validate_param_name(f"selection.candidates.generator_labels.{key}")
+    for key in ("llama (7b)", "a/", "a//b", "a/../b", "x,y"):
+        with pytest.raises(ValidationError, match="MLflow refuses them in param names"):
+            CandidatesFile(path="x", generator_labels={key: "label"})
+        with pytest.raises(Exception, match="Invalid value"):
+            _validate_param_name(f"selection.candidates.generator_labels.{key}")
+
+
 def _metaspace_tokenizer(chat_template: str):
     """A SentencePiece-style tokenizer (Metaspace: a word-start piece before the first word of a text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
