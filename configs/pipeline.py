@@ -141,7 +141,26 @@ def _problem(model: type, error: dict) -> str:
                 message += _did_you_mean(str(part), nodes)
             # a list index or mapping key: the models below it are those of the field above
             shown.append(str(part))
+    if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        message = _tag_problem(error, nodes) or message
     return f"{'.'.join(shown)}: {message}" if shown else message
+
+
+def _tag_problem(error: dict, members: list[type]) -> str | None:
+    """A missing or unknown discriminator (`method:`) in the file's terms, with the allowed values of the schema."""
+    import difflib
+
+    key = error.get("ctx", {}).get("discriminator", "").strip("'")
+    tags = [m.model_fields[key].default for m in members if key in m.model_fields]
+    if not tags:
+        return None
+    allowed = ", ".join(str(t) for t in tags)
+    if error["type"] == "union_tag_not_found":
+        return f"add `{key}:`, one of {allowed}"
+    tag = str(error["ctx"].get("tag"))
+    close = difflib.get_close_matches(tag, [str(t) for t in tags], n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown {key} '{tag}'{hint}: use one of {allowed}"
 
 
 # The same section under two names: a pipeline recipe trains in `train`, a comparison in `training`.

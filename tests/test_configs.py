@@ -40,6 +40,28 @@ def test_unknown_keys_suggest_the_closest_allowed_ones(tmp_path):
         load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig, overrides={"methods.0.seeed": 1})
 
 
+def test_a_missing_or_unknown_method_lists_the_methods_of_the_schema(tmp_path):
+    import typing
+
+    from configs.compare import CompareConfig
+    from configs.pipeline import SelectionConfig
+
+    methods = ", ".join(m.model_fields["method"].default for m in typing.get_args(typing.get_args(SelectionConfig)[0]))
+    assert methods.startswith("random, longest, full, cherry") and "deita" in methods
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ndata: {path: a.json}\nselection: {budget: 5}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    assert str(err.value) == f"recipe {recipe}: selection: add `method:`, one of {methods}"
+    recipe.write_text("name: x\ndata: {path: a.json}\nselection: {method: cheri, budget: 5}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    assert str(err.value).endswith(f"selection: unknown method 'cheri' (did you mean 'cherry'?): use one of {methods}")
+    compare = REPO / "configs/recipes/compare_tiny.yaml"
+    with pytest.raises(ConfigError, match=r"methods.1: add `method:`, one of random, longest"):
+        load_recipe(compare, CompareConfig, overrides={"methods.1": {"budget": 3}})
+
+
 def test_budget_needs_exactly_one_of_budget_or_share(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: x\ndata: {path: a.json}\nselection: {method: random, budget: 3, share: 0.1}\n")
