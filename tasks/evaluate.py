@@ -24,7 +24,7 @@ from configs.errors import ConfigError, RecordError
 from configs.evaluate import (EvaluateConfig, GenerationSettings, HeldoutLikelihoodConfig, HumanEvalConfig,
                               InstructionEvalConfig, JudgeConfig, LmEvalConfig)
 from configs.schema import ModelConfig, repo_path
-from tasks.data import read_jsonl, read_records, write_jsonl
+from tasks.data import jsonl_rows, read_jsonl, read_records, write_jsonl
 from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
                          stage_task)
 from tasks.track import sanitize_metric_key
@@ -91,6 +91,8 @@ def chat_prompts(tokenizer, instructions: Sequence[str]) -> list[str]:
 def instruction_prompt(name: str, row: dict, file: str, location: str) -> str:
     """The prompt of one test-set row, per set's field (Self-Instruct appends its first instance's input)."""
     field = INSTRUCTION_PROMPT_FIELDS[name]
+    if not isinstance(row, dict):
+        raise RecordError(file, location, None, f"wrong type: expected a JSON object, got {type(row).__name__}", row)
     value = row.get(field)
     if not isinstance(value, str) or not value.strip():
         raise RecordError(file, location, field, "missing or empty prompt field", row)
@@ -107,9 +109,13 @@ def load_instruction_set(name: str, data_dir: str, limit: int | None = None) -> 
     path = repo_path(data_dir) / f"{name}_test_set.jsonl"
     if not path.exists():
         raise ConfigError(f"instruction test set {name!r}: {path} does not exist")
-    rows = read_jsonl(path)[:limit] if limit else read_jsonl(path)
-    return [{"set": name, "index": i, "prompt": instruction_prompt(name, row, str(path), f"line {i + 1}")}
-            for i, row in enumerate(rows)]
+    rows = list(jsonl_rows(path, "raise", []))  # a line that is not UTF-8 JSON raises naming it
+    if not rows:  # an empty set would divide its win rates and mean scores by zero
+        raise RecordError(str(path), "whole file", None, f"no test prompts in it: add prompts, or remove {name!r} "
+                                                         "from evaluate.instruction.sets")
+    rows = rows[:limit] if limit else rows
+    return [{"set": name, "index": i, "prompt": instruction_prompt(name, row, str(path), location)}
+            for i, (location, row) in enumerate(rows)]
 
 
 def load_baseline_file(name: str, path: str, answer_field: str, prompts: list[dict]) -> list[str]:

@@ -286,6 +286,27 @@ def test_instruction_answers_judged_against_a_baseline_models_answers(tiny, tmp_
     assert table.metrics["judge/all/pairs"] == 2
 
 
+def test_an_empty_or_broken_instruction_test_set_names_its_file(tmp_path):
+    # an empty set used to pass here and divide by zero in the judge stage's mean scores
+    from configs.errors import RecordError
+    from tasks.evaluate import load_instruction_set
+
+    path = tmp_path / "vicuna_test_set.jsonl"
+    path.write_text("\n")
+    with pytest.raises(RecordError) as err:
+        load_instruction_set("vicuna", str(tmp_path))
+    assert str(err.value) == (f"{path}, whole file: no test prompts in it: add prompts, or remove 'vicuna' from "
+                              "evaluate.instruction.sets")
+    path.write_text('{"text": "Hi?"}\n\n{"text": "caf\xe9"\n')
+    with pytest.raises(RecordError, match=r"vicuna_test_set.jsonl, line 3: invalid JSON"):
+        load_instruction_set("vicuna", str(tmp_path))
+    path.write_text('{"text": "Hi?"}\n\n["Hello?"]\n')
+    with pytest.raises(RecordError, match=r"line 3: wrong type: expected a JSON object, got list"):
+        load_instruction_set("vicuna", str(tmp_path))
+    path.write_text('{"text": "Hi?"}\n\n{"text": "Bye?"}\n')
+    assert [r["prompt"] for r in load_instruction_set("vicuna", str(tmp_path), limit=1)] == ["Hi?"]
+
+
 def test_pairwise_needs_a_baseline():
     with pytest.raises(ValueError, match="needs a baseline"):
         InstructionEvalConfig(sets=["vicuna"])
