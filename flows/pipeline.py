@@ -21,7 +21,8 @@ def pipeline(config: PipelineConfig, fail_at: str | None = None) -> dict[str, St
     """Prepare the records, select a subset, (train, evaluate), all tracked under one MLflow parent run.
 
     Args:
-        config: The recipe: data, selection method and budget, output format, tracking.
+        config: The recipe: name, data, selection (method and budget), output_format, train (optional: SFT, then
+            DPO, of a base model on the subset), evaluate (optional: benchmarks of the trained model), tracking.
         fail_at: Test-only. The Prefect task name of a stage (e.g. 'select-baseline') that raises once Running,
             on this flow run's first attempt only; Retry the run (or rerun without it) to resume from the cache.
     """

@@ -173,3 +173,15 @@ def test_a_stage_folder_deleted_from_the_store_is_recomputed_not_handed_on(two_r
     assert [s for name, s in states if name == "train-sft"] == ["Cached"]  # the recomputed subset has the same digest: nothing downstream reruns
     assert third.result()["selection"].digest == selection.digest
     assert selection.file("subset.jsonl").exists()
+
+
+def test_the_run_forms_config_description_names_every_section():
+    """Prefect shows the docstring's `config:` line on the run form; it left out `train` and `evaluate`."""
+    import re
+
+    from configs.pipeline import PipelineConfig
+    from flows.pipeline import pipeline
+
+    described = pipeline.parameters.properties["config"]["description"]
+    named = set(re.findall(r"[a-z_]+", described))
+    assert set(PipelineConfig.model_fields) <= named, set(PipelineConfig.model_fields) - named
