@@ -182,8 +182,20 @@ def test_dpo_with_lora_starts_from_the_sft_adapter_and_reloads(resumed_sft, pare
     ids = tokenizer("Write a short poem about the sea.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert not torch.allclose(start(ids).logits, sft_merged(ids).logits, atol=1e-5)  # SFT moved the base
+        # What is evaluated and registered is base + SFT + DPO: the adapter alone names the bare base, so merged/
+        # is always written for a DPO adapter stacked on an SFT adapter (loading model/ dropped the SFT).
+        from tasks.train import trained_model
+
+        evaluated = trained_model(out, TINY)
+        assert Path(evaluated.name_or_path).name == "merged" and "use merged/" in result["adapter_applies_to"]
+        merged = AutoModelForCausalLM.from_pretrained(evaluated.name_or_path)
+        assert torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-4)
+        without_sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_merged.config._name_or_path),
+                                                str(Path(out.path) / "model"))
+        assert not torch.allclose(merged(ids).logits, without_sft(ids).logits, atol=1e-3)
     registered = client().get_model_version(out.params["train.registered_model"], out.params["train.registered_version"])
     assert registered.tags["selection_method"] == "given-pairs" and registered.tags["sft_stage_key"] == sft.key
+    assert registered.source.endswith("/merged") and registered.tags["adapter"] == "false"
 
 
 # --------------------------------------------------------------------------------------- preference pairs
@@ -333,6 +345,18 @@ def test_dpo_flow_trains_on_a_pairs_file_under_its_own_parent_run(prefect_server
     child = next(r for r in runs if r.data.tags.get("pomona.stage") == "train-dpo")
     assert parent.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "loss" in child.data.metrics and child.data.params["dpo.beta"] == "0.1"
+
+
+def test_full_fine_tuning_keeps_float32_weights_under_bf16_autocast():
+    """dtype 'auto' on CUDA: the trainer autocasts to bf16, the weights it updates stay float32 (bf16 weights lose
+    most updates at small learning rates); a LoRA base stays in the compute dtype; an explicit dtype is kept."""
+    from tasks.train import training_weights_dtype
+
+    full, lora = SFTStageConfig(), SFTStageConfig(lora=LoraSettings(r=4, alpha=8))
+    assert training_weights_dtype(TINY, full, "cuda") == torch.float32
+    assert training_weights_dtype(TINY, lora, "cuda") == torch.bfloat16
+    assert training_weights_dtype(TINY.model_copy(update={"dtype": "bfloat16"}), full, "cuda") == torch.bfloat16
+    assert training_weights_dtype(TINY, lora, "cpu") == torch.float32
 
 
 def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
