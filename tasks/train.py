@@ -141,7 +141,11 @@ def load_weights(path: Path, kwargs: dict[str, Any]):
     base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
     log.info("%s is a LoRA adapter: merging it into its base %s", path, base)
     loaded = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    return PeftModel.from_pretrained(loaded, str(path)).merge_and_unload()
+    merged = PeftModel.from_pretrained(loaded, str(path)).merge_and_unload()
+    # PEFT froze the base while applying the adapter; merged, it is a plain model again, trainable as one loaded
+    # from a folder (full-weight DPO on it failed: 'element 0 of tensors does not require grad').
+    merged.requires_grad_(True)
+    return merged
 
 
 def quantization_config(device: str, dtype):

@@ -373,3 +373,18 @@ def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
             (root / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     (root / "checkpoint-x").mkdir()
     assert last_checkpoint(tmp_path) == str(root / "checkpoint-10")  # 10 < 12 < 14 numerically, not as text
+
+
+def test_full_weight_dpo_trains_every_weight_of_a_merged_lora_sft(resumed_sft, parent_run):
+    sft, _ = resumed_sft
+    config = DPOStageConfig(max_steps=2, save_steps=100, beta=0.1, pairs_path=str(DATA / "dpo_en_20.json"),
+                            **{**FAST, "max_length": 128})
+    from tasks.train import load_for_training
+
+    start = load_for_training(ModelConfig(name_or_path=sft.params["train.model_dir"]), config, "cpu")
+    assert all(p.requires_grad for p in start.parameters())  # PEFT's merge left the base frozen
+    out = dpo_stage(None, TINY, config, sft=sft, tracking=parent_run)
+    tuned = weights(Path(out.path) / "model")
+    before = start.state_dict()
+    moved = [k for k, v in tuned.items() if k in before and not torch.allclose(v.float(), before[k].float())]
+    assert len(moved) > len(tuned) // 2, moved  # a full-weight stage, not an adapter
