@@ -24,9 +24,12 @@ def run_training_stage(stage_task, *args, parent_run_id: str | None = None, log_
     out = run_stage_task(stage_task, *args, tracking=parent_run_id, **kwargs)
     if parent_run_id:
         trained_in = out.params.get("train.mlflow_run_id")
-        # A reused stage's run was logged by the run that trained it: this run gets its own cached child run.
+        # A reused stage's run was logged by the run that trained it: this run gets its own cached child run. The
+        # training run is this run's own only under this parent: a concurrent run that waited on the stage lock
+        # and reused the stage before its trainer logged it must not log into the trainer's run.
         trained_run = tracked_run_or_none(trained_in) if trained_in else None
-        fresh = trained_run is not None and trained_run.data.tags.get("pomona.logged") != "true"
+        fresh = (trained_run is not None and trained_run.data.tags.get("pomona.logged") != "true"
+                 and trained_run.data.tags.get("mlflow.parentRunId") == parent_run_id)
         run_id = log_stage(parent_run_id, out, config=log_config, cached=not fresh,
                            run_id=trained_in if fresh else None)
         client().set_tag(run_id, "pomona.logged", "true")

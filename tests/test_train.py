@@ -388,3 +388,26 @@ def test_full_weight_dpo_trains_every_weight_of_a_merged_lora_sft(resumed_sft, p
     before = start.state_dict()
     moved = [k for k, v in tuned.items() if k in before and not torch.allclose(v.float(), before[k].float())]
     assert len(moved) > len(tuned) // 2, moved  # a full-weight stage, not an adapter
+
+
+def test_a_run_that_reuses_a_stage_another_run_trained_logs_its_own_cached_child_run(selection, prefect_server):
+    """Two runs of one stage at once: the second waits on the stage lock and reuses the folder before the first has
+    logged its training run. It must not log into (and claim) the first run's training run."""
+    from flows.train import run_training_stage
+    from tasks.track import client, start_parent_run
+    from tasks.train import sft_stage_task
+
+    config = SFTStageConfig(max_steps=1, save_steps=100, **{**FAST, "learning_rate": 2e-3})  # a stage of its own
+    first_parent = start_parent_run("train-race", "first", config, None)
+    second_parent = start_parent_run("train-race", "second", config, None)
+    trained = sft_stage(selection, TINY, config, tracking=first_parent)  # trained, not yet logged by its run
+    trained_in = trained.params["train.mlflow_run_id"]
+    reused = run_training_stage(sft_stage_task, selection, TINY, config, parent_run_id=second_parent)
+    assert reused.path == trained.path
+    mlc = client()
+    runs = mlc.search_runs([mlc.get_experiment_by_name("train-race").experiment_id],
+                           f"tags.mlflow.parentRunId = '{second_parent}'")
+    assert len(runs) == 1 and runs[0].info.run_id != trained_in
+    assert runs[0].data.tags["pomona.cached"] == "true" and runs[0].data.tags["pomona.trained_in_run"] == trained_in
+    trainer = mlc.get_run(trained_in)
+    assert trainer.data.tags["mlflow.parentRunId"] == first_parent and "pomona.logged" not in trainer.data.tags
