@@ -36,10 +36,16 @@ def code_version() -> str:
     versions = []
     for name in LIBRARIES:
         try:
-            versions.append(f"{name}={metadata.version(name.replace('_', '-'))}")
+            versions.append(f"{name}={release(metadata.version(name.replace('_', '-')))}")
         except metadata.PackageNotFoundError:
             versions.append(f"{name}=none")
     return f"src-{source_digest(Path(__file__).resolve().parents[1])[:16]};" + ";".join(versions)
+
+
+def release(version: str) -> str:
+    """A version without its local build label: torch 2.13.0+cpu in the CPU image and 2.13.0+cu128 in the CUDA
+    image are one release, so workers of both kinds sharing a store reuse each other's stages."""
+    return version.split("+", 1)[0]
 
 
 CODE_VERSION = code_version()

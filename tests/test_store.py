@@ -282,7 +282,7 @@ def test_shards_written_from_many_threads_all_reach_the_manifest(tmp_path):
 def test_code_version_follows_every_edit_of_the_stage_code(tmp_path):
     """Stage keys include a digest of configs/, models/ and tasks/: an edited template string (or any stage code)
     is a new key, where a hand-bumped constant let old folders be reused after such changes."""
-    from configs.settings import CODE_VERSION, source_digest
+    from configs.settings import CODE_VERSION, release, source_digest
 
     for package in ("configs", "models", "tasks", "flows"):
         (tmp_path / package).mkdir()
@@ -296,6 +296,8 @@ def test_code_version_follows_every_edit_of_the_stage_code(tmp_path):
     (tmp_path / "tasks" / "b.py").write_text("")  # a new file counts too
     assert source_digest(tmp_path) != before
     assert CODE_VERSION.startswith("src-") and "torch=" in CODE_VERSION and "trl=" in CODE_VERSION
+    assert "+" not in CODE_VERSION  # torch 2.13.0+cpu and 2.13.0+cu128 workers share one store
+    assert release("2.13.0+cu128") == release("2.13.0+cpu") == "2.13.0" and release("4.57.1") == "4.57.1"
 
 
 def test_a_second_run_of_a_stage_waits_for_the_first_and_reuses_its_output():
