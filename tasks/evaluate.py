@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import resource
+import secrets
 import signal
 import subprocess
 import sys
@@ -166,11 +167,13 @@ def _kill_group(pgid: int) -> None:
         pass  # the group already exited: nothing left to kill
 
 
-def run_sandboxed(program: str, timeout_s: float, memory_mb: int = 2048) -> SandboxResult:
+def run_sandboxed(program: str, timeout_s: float, memory_mb: int = 2048,
+                  pass_marker: str | None = None) -> SandboxResult:
     """Run untrusted Python in a fresh process group in an empty temp folder; kill the whole group on timeout.
 
     Limits: wall clock (`timeout_s`), CPU seconds, address space (`memory_mb`); isolated interpreter (`-I`), no
-    stdin, minimal environment. Children the program starts share its group and die with it.
+    stdin, minimal environment. Children the program starts share its group and die with it. With `pass_marker`,
+    a run passes only when it exits 0 AND printed the marker: exit status 0 alone is what `sys.exit(0)` gives too.
     """
     with tempfile.TemporaryDirectory(prefix="pomona-sandbox-") as tmp:
         script = Path(tmp) / "program.py"
@@ -180,25 +183,32 @@ def run_sandboxed(program: str, timeout_s: float, memory_mb: int = 2048) -> Sand
             stderr=subprocess.PIPE, start_new_session=True, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
             preexec_fn=_limit_resources(memory_mb, int(timeout_s) + 1))
         try:
-            _, err = proc.communicate(timeout=timeout_s)
+            out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid)
             proc.communicate()
             return SandboxResult("timed out", f"killed after {timeout_s:g} s")
         finally:
             _kill_group(proc.pid)  # background children outlive a normal exit otherwise
-    if proc.returncode == 0:
+    if proc.returncode == 0 and (pass_marker is None or pass_marker.encode() in out):
         return SandboxResult("passed", "")
+    if proc.returncode == 0:
+        return SandboxResult("failed", "exited with status 0 before the tests finished (no completion marker)")
     tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
     return SandboxResult("failed", tail[0][:500])
 
 
-def humaneval_program(problem: dict, completion: str) -> str:
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+def humaneval_program(problem: dict, completion: str, pass_marker: str) -> str:
+    """The completed function, the problem's tests, and the marker printed only once `check` has returned."""
+    return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+            f"print({pass_marker!r}, flush=True)\n")
 
 
 def check_completion(problem: dict, completion: str, timeout_s: float, memory_mb: int = 2048) -> SandboxResult:
-    return run_sandboxed(humaneval_program(problem, completion), timeout_s, memory_mb)
+    """Run one completion against its tests. A fresh random marker per run, so generated code cannot have it
+    (this guards against early exits such as `sys.exit(0)`, not against a program that reads its own source)."""
+    marker = f"pomona-tests-finished-{secrets.token_hex(16)}"
+    return run_sandboxed(humaneval_program(problem, completion, marker), timeout_s, memory_mb, pass_marker=marker)
 
 
 def pass_at_k(results_per_problem: Sequence[Sequence[bool]], k: int = 1) -> float:

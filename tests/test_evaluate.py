@@ -161,6 +161,19 @@ def test_pass_at_1_on_known_correct_and_wrong_completions():
     assert pass_at_k([[True, False, False, False]], 1) == pytest.approx(0.25)  # unbiased estimator with n=4
 
 
+@pytest.mark.parametrize("early_exit", ["import sys; sys.exit(0)", "import os; os._exit(0)", "quit()",
+                                        "raise SystemExit(0)"])
+def test_a_completion_that_exits_0_before_the_tests_finish_fails(early_exit):
+    from tasks.evaluate import check_completion, load_humaneval
+
+    problem = load_humaneval(1)[0]
+    correct = ("    for i, a in enumerate(numbers):\n        for b in numbers[i + 1:]:\n"
+               "            if abs(a - b) < threshold:\n                return True\n    return False\n")
+    assert check_completion(problem, correct, 10).status == "passed"
+    result = check_completion(problem, f"    {early_exit}\n", 10)  # runs when check() first calls the function
+    assert result.status == "failed" and "before the tests finished" in result.detail
+
+
 # ------------------------------------------------------------------------------------- stages, tiny model
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
