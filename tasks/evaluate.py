@@ -152,11 +152,43 @@ class SandboxResult:
     detail: str
 
 
-def _limit_resources(memory_mb: int, cpu_s: int):
+SANDBOX_FILE_MB = 64
+"""Largest file a sandboxed program may write, its own stdout and stderr included (RLIMIT_FSIZE)."""
+SANDBOX_EXTRA_PROCESSES = 64
+"""Processes and threads a sandboxed program may add to what its user already runs (RLIMIT_NPROC, against fork
+bombs; the kernel does not enforce it for root)."""
+OUTPUT_TAIL_BYTES = 4096
+"""How much of a sandboxed program's stdout and stderr is read back: their ends hold the marker and the error."""
+
+
+def _user_task_count(uid: int) -> int:
+    """Processes and threads this user runs now: what RLIMIT_NPROC counts, so the limit is set above it."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid:
+                count += len(os.listdir(f"/proc/{entry.name}/task"))
+        except FileNotFoundError:
+            continue  # the process exited while we counted
+    return count
+
+
+def _process_limit() -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    wanted = _user_task_count(os.getuid()) + SANDBOX_EXTRA_PROCESSES
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+def _limit_resources(memory_mb: int, cpu_s: int, file_mb: int, processes: int):
+    # Runs in the child between fork and exec: only setrlimit calls, the values are computed in the parent.
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_mb << 20, file_mb << 20))
+        resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
     return apply
 
 
@@ -167,34 +199,48 @@ def _kill_group(pgid: int) -> None:
         pass  # the group already exited: nothing left to kill
 
 
-def run_sandboxed(program: str, timeout_s: float, memory_mb: int = 2048,
-                  pass_marker: str | None = None) -> SandboxResult:
-    """Run untrusted Python in a fresh process group in an empty temp folder; kill the whole group on timeout.
+def _tail(file, limit: int = OUTPUT_TAIL_BYTES) -> str:
+    """The last `limit` bytes of an output file, decoded (a cut multi-byte character becomes U+FFFD)."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - limit))
+    return file.read().decode("utf-8", "replace")
 
-    Limits: wall clock (`timeout_s`), CPU seconds, address space (`memory_mb`); isolated interpreter (`-I`), no
-    stdin, minimal environment. Children the program starts share its group and die with it. With `pass_marker`,
-    a run passes only when it exits 0 AND printed the marker: exit status 0 alone is what `sys.exit(0)` gives too.
+
+def run_sandboxed(program: str, timeout_s: float, memory_mb: int = 2048, pass_marker: str | None = None,
+                  file_mb: int = SANDBOX_FILE_MB) -> SandboxResult:
+    """Run untrusted Python in its own session in an empty temp folder; kill its whole process group on timeout.
+
+    Limits: wall clock (`timeout_s`), CPU seconds, address space (`memory_mb`), size of any file it writes
+    (`file_mb`), processes (`SANDBOX_EXTRA_PROCESSES` beyond the user's current count); isolated interpreter
+    (`-I`), no stdin, minimal environment. Children the program starts share its group and die with it. Its stdout
+    and stderr go to unlinked temp files under the same size limit, and only their last few KB are read back, so a
+    program printing without end cannot fill this process's memory. With `pass_marker`, a run passes only when it
+    exits 0 AND printed the marker: exit status 0 alone is what `sys.exit(0)` gives too.
     """
-    with tempfile.TemporaryDirectory(prefix="pomona-sandbox-") as tmp:
+    limits = _limit_resources(memory_mb, int(timeout_s) + 1, file_mb, _process_limit())
+    with tempfile.TemporaryDirectory(prefix="pomona-sandbox-") as tmp, \
+            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         script = Path(tmp) / "program.py"
         script.write_text(program, encoding="utf-8")
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", str(script)], cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
-            preexec_fn=_limit_resources(memory_mb, int(timeout_s) + 1))
+            [sys.executable, "-I", "-B", str(script)], cwd=tmp, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            start_new_session=True, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}, preexec_fn=limits)
         try:
-            out, err = proc.communicate(timeout=timeout_s)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid)
-            proc.communicate()
+            proc.wait()
             return SandboxResult("timed out", f"killed after {timeout_s:g} s")
         finally:
             _kill_group(proc.pid)  # background children outlive a normal exit otherwise
-    if proc.returncode == 0 and (pass_marker is None or pass_marker.encode() in out):
+        stdout, stderr = _tail(out), _tail(err)
+    if proc.returncode == 0 and (pass_marker is None or pass_marker in stdout):
         return SandboxResult("passed", "")
     if proc.returncode == 0:
         return SandboxResult("failed", "exited with status 0 before the tests finished (no completion marker)")
-    tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    if proc.returncode < 0:
+        return SandboxResult("failed", f"killed by signal {-proc.returncode} ({signal.strsignal(-proc.returncode)})")
+    tail = stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
     return SandboxResult("failed", tail[0][:500])
 
 

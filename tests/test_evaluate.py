@@ -147,6 +147,54 @@ def test_sandbox_caps_a_completions_memory():
     assert run_sandboxed(hog, timeout_s=20, memory_mb=2048).status == "passed"
 
 
+def test_sandbox_output_flood_ends_without_filling_memory():
+    import resource
+
+    from tasks.evaluate import run_sandboxed
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.monotonic()
+    result = run_sandboxed("while True:\n    print('x' * 4096)\n", timeout_s=5)
+    assert result.status in ("failed", "timed out")
+    assert time.monotonic() - start < 30
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 64 * 1024, "its output was buffered"
+
+
+def test_sandbox_stops_a_huge_file_write():
+    from tasks.evaluate import run_sandboxed
+
+    writer = "with open('big.bin', 'wb') as f:\n    f.write(b'x' * (200 << 20))\nprint('written')\n"
+    result = run_sandboxed(writer, timeout_s=20, file_mb=16)
+    assert result.status == "failed" and "File too large" in result.detail
+
+
+def test_sandbox_kills_a_hanging_programs_grandchildren(tmp_path):
+    from tasks.evaluate import run_sandboxed
+
+    pid_file = tmp_path / "grandchild.pid"
+    # the program's child (a shell) starts a sleeping grandchild and waits; the program itself then hangs
+    program = ("import subprocess\n"
+               f"subprocess.Popen(['sh', '-c', 'sleep 60 & echo $! > {pid_file}; wait'])\n"
+               "while True:\n    pass\n")
+    assert run_sandboxed(program, timeout_s=2).status == "timed out"
+    grandchild = int(pid_file.read_text())
+    time.sleep(0.2)
+    alive = os.path.exists(f"/proc/{grandchild}") and "Z" not in open(f"/proc/{grandchild}/stat").read().split()[2]
+    assert not alive, "the program's grandchild survived the timeout"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="RLIMIT_NPROC is not enforced for root, so the fork limit cannot show")
+def test_sandbox_limits_how_many_processes_a_program_starts():
+    from tasks.evaluate import SANDBOX_EXTRA_PROCESSES, run_sandboxed
+
+    # a bounded fork bomb (safe even without the limit): each child sleeps, the parent keeps forking
+    bomb = ("import os, time\n"
+            f"for _ in range({SANDBOX_EXTRA_PROCESSES * 4}):\n"
+            "    if os.fork() == 0:\n        time.sleep(30)\n        os._exit(0)\n")
+    result = run_sandboxed(bomb, timeout_s=20)
+    assert result.status == "failed" and "BlockingIOError" in result.detail
+
+
 def test_pass_at_1_on_known_correct_and_wrong_completions():
     from tasks.evaluate import check_completion, load_humaneval, pass_at_k
 
