@@ -48,27 +48,35 @@ def quality_prompt(instruction: str, output: str) -> str:
     return QUALITY_TEMPLATE.format(instruction=instruction, output=output)
 
 
-def score_token_ids(tokenizer) -> list[int]:
-    """The vocabulary ids of "1".."6", looked up in this tokenizer; an error when a digit is not one token.
+def single_token_ids(tokenizer, labels: Sequence[str], purpose: str) -> list[int]:
+    """The vocabulary id of each label, whose next-token logit is read (Deita's score digits, a judge's verdicts).
 
-    The vocabulary entry is preferred (for Llama's SentencePiece this is the bare digit piece the reference uses,
-    id 29896 for "1"); otherwise the digit must encode to exactly one token.
+    The vocabulary entry is preferred when it decodes back to the label (for Llama's SentencePiece this is the bare
+    digit piece the Deita reference uses, id 29896 for "1", while `encode("1")` gives a word-start piece and the
+    digit); otherwise the label must encode to exactly one token, not the unknown token. A label that is neither,
+    or two labels sharing an id, is a ScoringError naming `purpose` and the label: one logit cannot stand for it.
     """
     ids: list[int] = []
     unk = getattr(tokenizer, "unk_token_id", None)
-    for digit in SCORE_TOKENS:
-        token_id = tokenizer.convert_tokens_to_ids(digit)
-        if token_id is None or token_id == unk or tokenizer.decode([token_id]).strip() != digit:
-            encoded = tokenizer.encode(digit, add_special_tokens=False)
-            if len(encoded) != 1:
+    for label in labels:
+        token_id = tokenizer.convert_tokens_to_ids(label)
+        if token_id is None or token_id == unk or tokenizer.decode([token_id]).strip() != label:
+            encoded = tokenizer.encode(label, add_special_tokens=False)
+            if len(encoded) != 1 or (unk is not None and encoded[0] == unk):
                 raise ScoringError(
-                    f"score token {digit!r} is not a single token in this tokenizer (it encodes to {encoded}): "
-                    "the Deita score cannot be read off one next-token distribution; use another scorer model")
+                    f"{purpose} label {label!r} is not a single token in this tokenizer (it encodes to {encoded}): "
+                    "its probability cannot be read off one next-token distribution; use another model")
             token_id = encoded[0]
         ids.append(int(token_id))
     if len(set(ids)) != len(ids):
-        raise ScoringError(f"score tokens 1..6 map to repeated ids {ids}: the tokenizer cannot tell the scores apart")
+        raise ScoringError(f"{purpose} labels {list(labels)} map to repeated ids {ids}: the tokenizer cannot tell "
+                           "them apart")
     return ids
+
+
+def score_token_ids(tokenizer) -> list[int]:
+    """The vocabulary ids of "1".."6" (see `single_token_ids`)."""
+    return single_token_ids(tokenizer, SCORE_TOKENS, "Deita score")
 
 
 def expected_scores(score_logits) -> np.ndarray:

@@ -15,7 +15,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from configs.errors import ScoringError
 
 PAIRWISE_PROMPT = (
     "You are a fair judge. Compare the two responses to the user's question below and decide which one is more "
@@ -24,18 +23,6 @@ PAIRWISE_PROMPT = (
     "Which response is better? Answer with a single digit: 1 or 2."
 )
 VERDICT_LABELS = ("1", "2")
-
-
-def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
-    """Token id of each label, from the tokenizer (never hard-coded); a label that is not one token is an error."""
-    ids = []
-    for label in labels:
-        encoded = tokenizer.encode(label, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise ScoringError(f"judge tokenizer splits verdict label {label!r} into {len(encoded)} tokens {encoded}; "
-                               "a single-token label is required to read its logit")
-        ids.append(encoded[0])
-    return ids
 
 
 def softmax(values: Sequence[float]) -> list[float]:
@@ -79,7 +66,9 @@ class LogitJudge:
         self.tie_margin = tie_margin
         self.max_answer_tokens = max_answer_tokens
         self.batch_size = batch_size
-        self.verdict_ids = label_token_ids(tokenizer, VERDICT_LABELS)
+        from models.deita import single_token_ids
+
+        self.verdict_ids = single_token_ids(tokenizer, VERDICT_LABELS, "judge verdict")
 
     def _cut(self, text: str) -> str:
         ids = self.tokenizer.encode(text, add_special_tokens=False)

@@ -14,7 +14,7 @@ from configs.deita import DeitaEmbeddingConfig, DeitaFlowConfig, DeitaScorerConf
 from configs.errors import ConfigError, ScoringError
 from configs.schema import DataConfig, ModelConfig
 from models.deita import (COMPLEXITY_TEMPLATE, QUALITY_TEMPLATE, DeitaScorer, detect_kind, expected_scores,
-                          score_token_ids)
+                          score_token_ids, single_token_ids)
 from models.loading import load_model
 from tasks.deita_selection import (_next_block_size, _piece_width, bfloat16_margin, bound_rows,
                                    diversity_filter, diversity_filter_sequential, evol_scores, exact_similarity,
@@ -99,6 +99,51 @@ class _NoDigitTokenizer:
 def test_a_digit_that_is_not_one_token_is_an_error():
     with pytest.raises(ScoringError, match="not a single token"):
         score_token_ids(_NoDigitTokenizer())
+
+
+class _SentencePieceDigits:
+    """Like Llama's tokenizer: each digit is a vocabulary piece, but `encode("1")` adds a word-start piece first."""
+
+    unk_token_id = 0
+    vocab = {"1": 29896, "2": 29906, "3": 29941, "4": 29946, "5": 29945, "6": 29953}
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab.get(token, 0)
+
+    def decode(self, ids):
+        return {v: k for k, v in self.vocab.items()}.get(ids[0], "<unk>")
+
+    def encode(self, text, add_special_tokens=False):
+        return [29871, self.vocab[text]] if text in self.vocab else [0]
+
+
+def test_single_token_ids_prefers_the_vocabulary_piece_and_names_a_bad_label():
+    from models.judge import LogitJudge
+
+    tokenizer = _SentencePieceDigits()
+    assert single_token_ids(tokenizer, ["1", "2"], "judge verdict") == [29896, 29906]
+    assert score_token_ids(tokenizer) == [29896, 29906, 29941, 29946, 29945, 29953]
+    # the judge reads its verdict logits through the same lookup (it used to refuse this tokenizer)
+    assert LogitJudge(None, tokenizer).verdict_ids == [29896, 29906]
+    with pytest.raises(ScoringError, match="judge verdict label '7' is not a single token"):
+        single_token_ids(tokenizer, ["1", "7"], "judge verdict")
+    with pytest.raises(ScoringError, match="judge verdict label '1' is not a single token"):
+        LogitJudge(None, _NoDigitTokenizer())
+
+
+def test_labels_sharing_one_id_are_an_error():
+    class OneId(_SentencePieceDigits):
+        def convert_tokens_to_ids(self, token):
+            return 29896
+
+        def decode(self, ids):
+            return "1"
+
+        def encode(self, text, add_special_tokens=False):
+            return [29896]
+
+    with pytest.raises(ScoringError, match="repeated ids"):
+        single_token_ids(OneId(), ["1", "2"], "judge verdict")
 
 
 def test_released_scorers_are_recognised_and_misuse_refused():
