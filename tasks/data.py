@@ -84,7 +84,9 @@ class Record:
         if self.source_format == "alpaca":
             source["output"] = response
         elif self.source_format == "sharegpt":
-            source["conversations"] = _to_sharegpt(messages)
+            # a top-level system prompt stays there: the conversation must not repeat it as a turn
+            turns = messages[1:] if source.get("system") else messages
+            source["conversations"] = _to_sharegpt(turns)
         else:
             source["messages"] = messages
         return Record(record_id(messages), messages, self.source_format, source, self.location)
@@ -284,10 +286,23 @@ def _to_messages(row: dict, fmt: str, file: str, location: str, require_response
             messages.append({"role": "assistant", "content": output})
         return messages
     if fmt == "sharegpt":
-        return _conversation(row, "conversations", "from", "value", file, location, require_response)
+        return sharegpt_messages(row, file, location, require_response)
     if fmt == "messages":
         return _conversation(row, "messages", "role", "content", file, location, require_response)
     raise RecordError(file, location, None, f"unknown format {fmt!r}")
+
+
+def sharegpt_messages(row: dict, file: str, location: str, require_response: bool) -> list[dict[str, str]]:
+    """The `conversations` turns as messages, led by the top-level `system` prompt when the row has one."""
+    messages = _conversation(row, "conversations", "from", "value", file, location, require_response)
+    # ShareGPT keeps a system prompt either as a top-level "system" field or as a first "system" turn.
+    system = _text(row, "system", file, location, required=False)
+    if system:
+        if messages[0]["role"] == "system":
+            raise RecordError(file, location, "system", "a top-level system prompt and a system turn at "
+                              "conversations[0] as well: keep one of them", row)
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
 
 
 def _conversation(row: dict, key: str, role_key: str, text_key: str, file: str, location: str,

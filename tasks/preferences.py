@@ -2,7 +2,7 @@
 
 Two input shapes:
 - ShareGPT DPO (LLaMA-Factory, e.g. `../shared/data/dpo_en_demo.json`): `conversations` (from/value turns ending
-  with the user), `chosen` and `rejected` (one `{from: gpt, value}` each).
+  with the user, after an optional top-level `system` prompt), `chosen` and `rejected` (one `{from: gpt, value}` each).
 - GRAPE pairs (what the GRAPE selection writes, JSONL): `prompt` (role/content messages ending with the user),
   `chosen` and `rejected` (lists of assistant messages).
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from configs.errors import RecordError
-from tasks.data import _conversation, _raw_rows, _text
+from tasks.data import _conversation, _raw_rows, _text, sharegpt_messages
 
 PairFormat = Literal["sharegpt", "grape"]
 
@@ -44,8 +44,7 @@ def detect_pair_format(row: dict, file: str, location: str) -> PairFormat:
                                             f"'prompt' (GRAPE pairs) beside 'chosen'/'rejected', found {sorted(row)}", row)
 
 
-def _prompt(row: dict, key: str, role_key: str, text_key: str, file: str, location: str) -> list[dict[str, str]]:
-    messages = _conversation(row, key, role_key, text_key, file, location, require_response=False)
+def _prompt(messages: list[dict[str, str]], row: dict, key: str, file: str, location: str) -> list[dict[str, str]]:
     if messages[-1]["role"] != "user":
         raise RecordError(file, location, key, "the prompt must end with a user turn (the answer is in chosen/rejected)", row)
     return messages
@@ -88,11 +87,13 @@ def preference_row(raw: Any, fmt: PairFormat, file: str, location: str) -> dict[
     if not isinstance(raw, dict):
         raise RecordError(file, location, None, f"wrong type: expected a JSON object, got {type(raw).__name__}", raw)
     if fmt == "sharegpt":
-        prompt = _prompt(raw, "conversations", "from", "value", file, location)
+        prompt = _prompt(sharegpt_messages(raw, file, location, require_response=False), raw, "conversations", file,
+                         location)
         chosen = _sharegpt_answer(raw, "chosen", file, location)
         rejected = _sharegpt_answer(raw, "rejected", file, location)
     else:
-        prompt = _prompt(raw, "prompt", "role", "content", file, location)
+        prompt = _prompt(_conversation(raw, "prompt", "role", "content", file, location, require_response=False), raw,
+                         "prompt", file, location)
         chosen = _grape_answer(raw, "chosen", file, location)
         rejected = _grape_answer(raw, "rejected", file, location)
     if chosen == rejected:

@@ -70,6 +70,25 @@ def test_sharegpt_and_messages_multi_turn(tmp_path):
     assert read_records(_write(tmp_path / "a.json", [alpaca])).records[0].messages == multi.messages
 
 
+def test_a_sharegpt_top_level_system_prompt_is_the_first_message(tmp_path):
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    record = read_records(_write(tmp_path / "s.json", [{"system": "Be brief.", "conversations": turns}])).records[0]
+    assert record.messages[0] == {"role": "system", "content": "Be brief."} and record.system == "Be brief."
+    assert record.turns() == [("Hi", "Hello.")]
+    # a new answer keeps the prompt where the user put it, so the row still reads back the same way
+    answered = record.with_response("Hey.")
+    assert answered.source["system"] == "Be brief." and answered.source["conversations"][0]["from"] == "human"
+    write_records([answered], tmp_path / "back.jsonl", "source")
+    assert read_records(tmp_path / "back.jsonl").records[0].messages == answered.messages
+
+
+def test_a_sharegpt_system_prompt_given_twice_is_an_error(tmp_path):
+    row = {"system": "Be brief.", "conversations": [{"from": "system", "value": "Be kind."},
+                                                    {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    with pytest.raises(RecordError, match=r"record 0, field 'system': a top-level system prompt and a system turn"):
+        read_records(_write(tmp_path / "s.json", [row]))
+
+
 def test_source_format_writes_the_users_row_back(tmp_path):
     rows = _sharegpt_rows()[:5]
     for r in rows:

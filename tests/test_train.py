@@ -211,6 +211,19 @@ def test_sharegpt_dpo_pairs_become_conversational_preference_rows():
     assert max(len(r["prompt"]) for r in read.rows) > 1  # multi-turn prompts keep their history
 
 
+def test_a_sharegpt_dpo_pairs_top_level_system_prompt_leads_its_prompt(tmp_path):
+    row = {"system": "Be brief.", "conversations": [{"from": "human", "value": "Name a colour."}],
+           "chosen": {"from": "gpt", "value": "Blue."}, "rejected": {"from": "gpt", "value": "No."}}
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [row])
+    assert read_preference_pairs(path).rows[0]["prompt"] == [{"role": "system", "content": "Be brief."},
+                                                             {"role": "user", "content": "Name a colour."}]
+    row["conversations"].insert(0, {"from": "system", "value": "Be kind."})
+    write_jsonl(path, [row])
+    with pytest.raises(RecordError, match="field 'system': a top-level system prompt and a system turn"):
+        read_preference_pairs(path)
+
+
 def test_grape_pairs_and_bad_rows_name_file_record_and_field(tmp_path):
     good = {"prompt": [{"role": "user", "content": "Name a colour."}],
             "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "No."}]}
