@@ -19,7 +19,8 @@ class GenerationSettings(StrictModel):
     """How answers are generated (instruction sets and HumanEval). Greedy by default so reruns are identical."""
 
     max_new_tokens: int = Field(256, ge=1, description="Longest answer, in tokens.")
-    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding (instruction sets only: HumanEval "
+                                               "is always greedy).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (only with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (only with do_sample).")
     seed: int = Field(0, description="Torch seed set before generating (matters only with do_sample).")

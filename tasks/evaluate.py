@@ -56,10 +56,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], settings: Generatio
     torch.manual_seed(settings.seed + seed_offset)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens or settings.max_new_tokens,
-                              "do_sample": settings.do_sample, "pad_token_id": tokenizer.pad_token_id}
-    if settings.do_sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    kwargs = generation_kwargs(settings, tokenizer.pad_token_id, max_new_tokens)
     outputs: list[str] = []
     try:
         starts = range(0, len(prompts), settings.batch_size)
@@ -73,6 +70,24 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], settings: Generatio
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+def generation_kwargs(settings: GenerationSettings, pad_token_id: int | None,
+                      max_new_tokens: int | None = None) -> dict[str, Any]:
+    """The `model.generate` keyword arguments for these settings (sampling parameters only when sampling)."""
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens or settings.max_new_tokens,
+                              "do_sample": settings.do_sample, "pad_token_id": pad_token_id}
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    return kwargs
+
+
+def humaneval_generation(settings: GenerationSettings) -> GenerationSettings:
+    """HumanEval's decoding: greedy, as its pass@1 is reported, whatever sampling the instruction sets use. The
+    sampling fields go back to their defaults, so a changed temperature does not key (rerun) the HumanEval stage."""
+    defaults = GenerationSettings.model_fields
+    return settings.model_copy(update={name: defaults[name].default
+                                       for name in ("do_sample", "temperature", "top_p", "seed")})
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -531,6 +546,8 @@ def humaneval_stage(model: ModelConfig, model_digest: str, cfg: HumanEvalConfig,
                     generation: GenerationSettings) -> StageOutput:
     """Stage `eval-humaneval`: greedy completions of the HumanEval prompts, run in the sandbox, pass@1."""
     from models.loading import load_model
+
+    generation = humaneval_generation(generation)
 
     def body(folder: Path) -> dict:
         loaded = functools.cache(lambda: load_model(model))  # loads only if a shard is left to generate

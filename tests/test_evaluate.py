@@ -386,6 +386,33 @@ def test_humaneval_stage_generates_executes_and_scores(tiny):
     assert out.metrics["pass@1"] == sum(r["status"] == "passed" for r in rows) / 2
 
 
+def test_humaneval_decodes_greedily_even_when_the_config_samples(tiny, monkeypatch):
+    import tasks.evaluate
+    from tasks.evaluate import humaneval_stage
+
+    used = []
+
+    def recording(model, tokenizer, prompts, settings, **kw):
+        used.append(settings)
+        return real(model, tokenizer, prompts, settings, **kw)
+
+    real = tasks.evaluate.generate_texts
+    monkeypatch.setattr(tasks.evaluate, "generate_texts", recording)
+    sampling = GenerationSettings(batch_size=2, do_sample=True, temperature=0.7, top_p=0.9, seed=3)
+    humaneval_stage(tiny, "digest-greedy", HumanEvalConfig(limit=2, timeout_s=5, max_new_tokens=8), sampling)
+    assert used and not any(settings.do_sample for settings in used)
+
+
+def test_generation_kwargs_carry_sampling_parameters_only_when_sampling():
+    from tasks.evaluate import generation_kwargs, humaneval_generation
+
+    sampling = GenerationSettings(do_sample=True, temperature=0.7, top_p=0.9)
+    assert generation_kwargs(sampling, 0) == {"max_new_tokens": 256, "do_sample": True, "pad_token_id": 0,
+                                              "temperature": 0.7, "top_p": 0.9}
+    assert generation_kwargs(humaneval_generation(sampling), 0, 16) == {"max_new_tokens": 16, "do_sample": False,
+                                                                        "pad_token_id": 0}
+
+
 def test_killed_humaneval_resumes_at_its_unfinished_shard_with_identical_results(tiny, tmp_path, monkeypatch):
     import tasks.evaluate
     from tasks.evaluate import humaneval_stage
