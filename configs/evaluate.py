@@ -90,7 +90,8 @@ class HumanEvalConfig(StrictModel):
 
 
 class HeldoutLikelihoodConfig(StrictModel):
-    """Mean NLL of held-out responses given their prompts (the likelihood engine): cheap and deterministic."""
+    """Mean NLL of held-out responses given their prompts (the likelihood engine): cheap and deterministic. The
+    last reply and its end-of-turn marker are scored, cut out of the templated conversation as GRAPE's fit does."""
 
     data: DataConfig = Field(description="Held-out records (keep them out of the training pool).")
     max_length: int = Field(1024, ge=16, description="Sequences are cut to this many tokens (the prompt is kept whole when it fits).")

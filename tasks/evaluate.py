@@ -374,27 +374,38 @@ def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, work_dir: Path) -> dict:
 def heldout_requests(records, tokenizer, max_length: int):
     """One ScoreRequest per record: the last assistant reply scored given the conversation before it.
 
-    Returns (requests, rejects, ids of replies cut at max_length); a record whose prompt alone fills max_length is
-    rejected with the reason.
+    The reply's tokens are cut out of the tokenized conversation exactly as GRAPE's fit cuts a candidate
+    (`models.fit.candidate_tokens`): the reply as the model sees it in training, plus the template's end-of-turn
+    marker (a reply should end there), without the template's trailing newline. Returns (requests, rejects, ids of
+    replies cut at max_length); a record whose prompt alone fills max_length, or whose reply the template does not
+    render verbatim, is rejected with the reason.
     """
+    from models.fit import candidate_tokens
     from models.likelihood import ScoreRequest
 
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("held-out likelihood needs a tokenizer with a chat template")
     requests, rejects, truncated = [], [], set()
     for record in records:
-        messages = record.messages
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        full_ids = tokenizer.encode(full, add_special_tokens=False)
+        *context, reply = record.messages
+        if reply["role"] != "assistant":
+            rejects.append({"id": record.id, "location": record.location,
+                            "reason": "no final assistant reply to score"})
+            continue
+        try:
+            tokens = candidate_tokens(tokenizer, context, [reply["content"]], record.id)[0]
+        except RecordError as err:
+            rejects.append({"id": record.id, "location": record.location, "reason": err.reason})
+            continue
+        prompt_ids = tokens.prompt_ids
         if len(prompt_ids) >= max_length - 1:
             rejects.append({"id": record.id, "location": record.location,
                             "reason": f"prompt has {len(prompt_ids)} tokens, max_length is {max_length}"})
             continue
-        if len(full_ids) > max_length:
+        ids = prompt_ids + tokens.target_ids(score_end_of_turn=True)
+        if len(ids) > max_length:
             truncated.add(record.id)
-        requests.append((record.id, ScoreRequest(tuple(full_ids[:max_length]), len(prompt_ids))))
+        requests.append((record.id, ScoreRequest(ids[:max_length], len(prompt_ids))))
     return requests, rejects, truncated
 
 

@@ -474,6 +474,37 @@ def test_heldout_likelihood_stage_is_deterministic_and_rejects_long_prompts(tiny
     assert again.path != out.path and again.metrics["mean_nll"] == pytest.approx(out.metrics["mean_nll"], abs=1e-6)
 
 
+def test_heldout_nll_is_the_grape_engines_response_nll_of_the_same_conversation(tiny, tmp_path):
+    import copy
+
+    from models.fit import CandidateGroup, candidate_tokens, fit_plain
+    from models.likelihood import score_requests
+    from models.loading import load_model
+    from tasks.data import read_records
+    from tasks.evaluate import heldout_requests
+
+    model, tok = load_model(tiny)
+    tok = copy.deepcopy(tok)  # a ChatML-like template: a newline after each turn's end marker
+    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    rows = json.loads((DATA / "alpaca_demo_200.json").read_text())[:3]
+    rows.append({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."},
+                                   {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]})
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows[:3]))
+    (tmp_path / "sharegpt.json").write_text(json.dumps(rows[3:]))
+    records = read_records(tmp_path / "alpaca.json").records + read_records(tmp_path / "sharegpt.json").records
+    requests, rejects, truncated = heldout_requests(records, tok, max_length=4096)
+    assert not rejects and not truncated and len(requests) == 4
+    for record, (rid, request) in zip(records, requests):
+        # the scored tokens are the reply and its end marker, not the template's newline after it
+        assert tok.decode(request.input_ids[request.target_start:]) == record.messages[-1]["content"] + "<|end|>"
+        (tokens,) = candidate_tokens(tok, record.messages[:-1], [record.messages[-1]["content"]], record.id)
+        (engine,) = fit_plain(model, [CandidateGroup(tokens.prompt_ids, (tokens.target_ids(True),))])[0:1]
+        (heldout,) = score_requests(model, [request])
+        assert rid == record.id and heldout.n_tokens == engine[0].n_tokens
+        assert heldout.nll_sum == pytest.approx(engine[0].nll_sum, abs=1e-4)
+
+
 def test_evaluate_flow_logs_table(prefect_server, tiny):
     from flows.evaluate import evaluate
     from tasks.track import client
