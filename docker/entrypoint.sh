@@ -3,7 +3,8 @@
 #   prefect-server  Prefect API + UI on PostgreSQL (PREFECT_API_DATABASE_CONNECTION_URL)
 #   mlflow-server   MLflow tracking server on PostgreSQL (MLFLOW_BACKEND_STORE_URI) with an artifact volume
 #   worker          registers pomona's deployments (`<flow>/$POMONA_WORK_POOL`) on the pool $POMONA_WORK_POOL,
-#                   then runs a Prefect process worker on it
+#                   then runs a Prefect process worker on it; runs start in $POMONA_WORKING_DIR (default: this
+#                   folder, the image's /app), not in the worker's temporary folder, so recipe paths resolve
 #   serve           `pomona serve`: deployments served from this container (no work pool)
 #   anything else   run as a command (`pomona run configs/recipes/demo.yaml`, `bash`, ...)
 # POMONA_ENTRYPOINT_DRY_RUN=1 prints the commands instead of running them (the tests check they resolve).
@@ -34,7 +35,8 @@ case "$role" in
     worker)
         pool="${POMONA_WORK_POOL:-pomona}"
         # Deployments are idempotent: re-registering on every start keeps them in step with the image's code.
-        run pomona deploy --work-pool "$pool" --name "${POMONA_DEPLOYMENT_NAME:-$pool}"
+        run pomona deploy --work-pool "$pool" --name "${POMONA_DEPLOYMENT_NAME:-$pool}" \
+            --working-dir "${POMONA_WORKING_DIR:-$PWD}"
         run_exec prefect worker start --pool "$pool" --type process "$@"
         ;;
     serve)

@@ -176,12 +176,15 @@ def serve(recipe: Optional[Path] = typer.Option(None, help="Recipe whose values 
 @app.command()
 def deploy(work_pool: str = typer.Option(..., help="Prefect work pool (created as a process pool when missing)."),
            recipe: Optional[Path] = typer.Option(None, help="Recipe that pre-fills the pipeline's run form."),
-           name: str = typer.Option("pomona", help="Deployment name: runs are `<flow>/<name>`.")):
+           name: str = typer.Option("pomona", help="Deployment name: runs are `<flow>/<name>`."),
+           working_dir: Optional[Path] = typer.Option(
+               None, help="Folder each deployed run starts in, against which recipes' relative paths resolve "
+                          "(default: the current folder; a process worker would otherwise use a temporary one).")):
     """Register every pomona flow as a deployment on a work pool, for `prefect worker start --pool NAME`."""
     from flows.serve import deploy as deploy_all
 
     with user_errors():
-        for deployment_id in deploy_all(work_pool, recipe=recipe, name=name):
+        for deployment_id in deploy_all(work_pool, recipe=recipe, name=name, working_dir=working_dir):
             typer.echo(deployment_id)
 
 

@@ -127,14 +127,20 @@ def default_parameters(stem: str, flow_obj, recipe: Path | None) -> dict[str, An
 
 
 def build_deployments(recipe: Path | None = None, work_pool: str | None = None,
-                      name: str = DEPLOYMENT_NAME) -> list:
-    """One `RunnerDeployment` per flow, with tags, a concurrency limit, version and parameter defaults."""
+                      name: str = DEPLOYMENT_NAME, working_dir: Path | None = None) -> list:
+    """One `RunnerDeployment` per flow, with tags, a concurrency limit, version and parameter defaults.
+
+    `working_dir` (work pools only) becomes the process worker's `working_dir` job variable: without it the worker
+    starts each flow run in a fresh temporary folder, where a recipe's relative paths (configs/recipes/...,
+    tests/data/..., the default ./pomona-runs) name nothing.
+    """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.deployments.runner import EntrypointType
 
     from tasks.track import git_commit
 
     version = git_commit()[:12]
+    job_variables = {"working_dir": str(working_dir)} if work_pool and working_dir is not None else {}
     deployments = []
     for stem, flow_obj in discover_flows():
         policy = POLICIES.get(stem, _OTHER)
@@ -148,6 +154,7 @@ def build_deployments(recipe: Path | None = None, work_pool: str | None = None,
             # images, where pomona is an installed package.
             entrypoint_type=EntrypointType.MODULE_PATH,
             work_pool_name=work_pool,
+            job_variables=dict(job_variables),
             **policy.extra,
         ))
     if not deployments:
@@ -162,18 +169,35 @@ def serve(recipe: Path | None = None, limit: int | None = 2) -> None:
     prefect_serve(*build_deployments(recipe), limit=limit)
 
 
-def deploy(work_pool: str, recipe: Path | None = None, name: str = DEPLOYMENT_NAME) -> list[str]:
-    """Register every deployment onto `work_pool` (created as a process pool when missing); returns their ids."""
+def project_dir(working_dir: Path | None = None) -> Path:
+    """The folder deployed runs start in: `working_dir`, else the current one (where `pomona run` would resolve
+    the same recipe's relative paths); it must exist, as the worker cannot start a run in a missing folder."""
+    folder = Path(working_dir or Path.cwd()).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"working directory {folder} for the deployed runs is not a folder")
+    return folder
+
+
+def deploy(work_pool: str, recipe: Path | None = None, name: str = DEPLOYMENT_NAME,
+           working_dir: Path | None = None) -> list[str]:
+    """Register every deployment onto `work_pool` (created as a process pool when missing); returns their ids.
+
+    On a process pool each run starts in `project_dir(working_dir)` (the worker's default is a temporary folder).
+    """
     from prefect import deploy as prefect_deploy
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
+    folder = project_dir(working_dir)
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
+            pool = client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
         except ObjectAlreadyExists:
-            pass  # an existing pool is what we want; its type is the operator's choice
-    ids = prefect_deploy(*build_deployments(recipe, work_pool=work_pool, name=name), work_pool_name=work_pool,
-                         build=False, push=False, print_next_steps_message=False, ignore_warnings=True)
+            pool = client.read_work_pool(work_pool)  # an existing pool is what we want; its type is the operator's
+    # `working_dir` is a variable of process pools only; other pool types set their own working folder.
+    ids = prefect_deploy(*build_deployments(recipe, work_pool=work_pool, name=name,
+                                            working_dir=folder if pool.type == "process" else None),
+                         work_pool_name=work_pool, build=False, push=False, print_next_steps_message=False,
+                         ignore_warnings=True)
     return [str(i) for i in ids]

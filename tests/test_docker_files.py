@@ -117,8 +117,10 @@ def test_dockerfiles_copy_what_exists_and_use_the_entrypoint(dockerfile, compose
 
 def entrypoint(role: str, **env: str) -> list[str]:
     """The commands the entry point would run for `role`, one argv per line (dry run)."""
-    full = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "POMONA_ENTRYPOINT_DRY_RUN": "1", **env}
-    done = subprocess.run(["sh", str(ENTRYPOINT), role], capture_output=True, text=True, env=full, check=True)
+    outer = {k: v for k, v in os.environ.items() if k != "POMONA_WORKING_DIR"}
+    full = {**outer, "PATH": f"{BIN}:{os.environ['PATH']}", "POMONA_ENTRYPOINT_DRY_RUN": "1", "PWD": str(REPO), **env}
+    done = subprocess.run(["sh", str(ENTRYPOINT), role], capture_output=True, text=True, env=full, check=True,
+                          cwd=REPO)
     return [shlex.split(line) for line in done.stdout.splitlines()]
 
 
@@ -136,8 +138,12 @@ def help_text(argv: list[str]) -> str:
 
 
 ROLES = [
-    ("worker", {}, [["pomona", "deploy", "--work-pool", "pomona", "--name", "pomona"],
+    # Deployed runs start in the image's working folder (/app), not the process worker's temporary one.
+    ("worker", {}, [["pomona", "deploy", "--work-pool", "pomona", "--name", "pomona", "--working-dir", str(REPO)],
                     ["prefect", "worker", "start", "--pool", "pomona", "--type", "process"]]),
+    ("worker", {"POMONA_WORKING_DIR": "/srv/project"},
+     [["pomona", "deploy", "--work-pool", "pomona", "--name", "pomona", "--working-dir", "/srv/project"],
+      ["prefect", "worker", "start", "--pool", "pomona", "--type", "process"]]),
     ("prefect-server", {}, [["prefect", "server", "start", "--host", "0.0.0.0", "--port", "4200"]]),
     ("mlflow-server", {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:p@postgres:5432/mlflow"},
      [["mlflow", "server", "--host", "0.0.0.0", "--port", "5000", "--workers", "1", "--backend-store-uri",

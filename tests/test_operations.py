@@ -124,6 +124,29 @@ def test_deploy_registers_every_flow_on_a_work_pool(api):
     assert {d.work_pool_name for d in pooled} == {"pomona-test-pool"}
     assert {d.name for d in pooled} == {"pool-test"} and all("pomona" in d.tags for d in pooled)
     assert deployment.id in {d.id for d in pooled} and deployment.entrypoint == "flows.pipeline.pipeline"
+    # runs start where `pomona deploy` ran (the project), not in the process worker's temporary folder
+    assert {d.job_variables.get("working_dir") for d in pooled} == {str(Path.cwd().resolve())}
+
+
+def test_work_pool_deployments_start_their_runs_in_the_project_folder(tmp_path):
+    """A process worker runs a deployment in a temporary folder unless its `working_dir` job variable is set; the
+    worker's own job configuration (built as a worker builds it) must carry pomona's folder."""
+    import asyncio
+
+    from prefect.workers.process import ProcessWorker
+
+    from flows.serve import build_deployments, project_dir
+
+    built = build_deployments(work_pool="some-pool", working_dir=tmp_path)
+    assert {d.job_variables["working_dir"] for d in built} == {str(tmp_path)}
+    configuration = asyncio.run(ProcessWorker.job_configuration.from_template_and_values(
+        ProcessWorker.get_default_base_job_template(), built[0].job_variables))
+    assert configuration.working_dir == tmp_path
+    assert all(not d.job_variables for d in build_deployments())  # `pomona serve` runs in its own folder
+    assert project_dir() == Path.cwd().resolve()
+    from configs.errors import ConfigError
+    with pytest.raises(ConfigError, match="not a folder"):
+        project_dir(tmp_path / "missing")
 
 
 @pytest.mark.postgres
