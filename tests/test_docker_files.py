@@ -194,3 +194,28 @@ def test_images_learn_their_commit_from_the_build(compose, monkeypatch):
     assert git_commit() == "abc123"
     monkeypatch.delenv("POMONA_GIT_COMMIT")
     assert len(git_commit()) == 40  # this checkout's own commit
+
+
+def image_user(dockerfile: str) -> tuple[str, str]:
+    """(the uid the image's `pomona` user gets, with ARG defaults substituted; the useradd line)."""
+    text = (DOCKER / dockerfile).read_text().replace("\\\n", " ")
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.M))
+    useradd = re.search(r"useradd [^&]*--uid (\S+) pomona", text)
+    assert useradd, f"{dockerfile} creates no `pomona` user with an explicit uid"
+    uid = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m[1], m[0]), useradd[1].strip('"'))
+    return uid, useradd[0]
+
+
+def test_cpu_and_gpu_images_run_as_the_same_uid(compose):
+    # Both workers write the shared pomona-data volume: a second uid could not write the first one's stage folders.
+    users = {name: image_user(name) for name in ("Dockerfile.cpu", "Dockerfile.cuda")}
+    assert len({uid for uid, _ in users.values()}) == 1, users
+    assert all(uid.isdigit() for uid, _ in users.values()), users
+    assert all("${POMONA_UID}" in line for _, line in users.values())  # one build argument sets it
+    for service in ("worker", "worker-gpu"):
+        build = compose["services"][service].get("build") or compose["x-pomona-cpu"]["build"]
+        assert build["args"]["POMONA_UID"] == "${POMONA_UID:-1000}", service
+    uid = next(iter(users.values()))[0]
+    assert f"${{POMONA_UID:-{uid}}}" == "${POMONA_UID:-1000}"  # compose's default is the images' default
+    # ubuntu:24.04 (the CUDA base) already has uid 1000 (`ubuntu`): it must make way, or useradd fails the build
+    assert 'userdel --remove "$existing"' in (DOCKER / "Dockerfile.cuda").read_text()
