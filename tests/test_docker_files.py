@@ -219,3 +219,19 @@ def test_cpu_and_gpu_images_run_as_the_same_uid(compose):
     assert f"${{POMONA_UID:-{uid}}}" == "${POMONA_UID:-1000}"  # compose's default is the images' default
     # ubuntu:24.04 (the CUDA base) already has uid 1000 (`ubuntu`): it must make way, or useradd fails the build
     assert 'userdel --remove "$existing"' in (DOCKER / "Dockerfile.cuda").read_text()
+
+
+def test_cuda_image_installs_under_the_tested_constraints():
+    # Its filter of constraints.txt once named `lm-eval==`, which the file spells `lm_eval==`: lm-eval went unpinned.
+    text = (DOCKER / "Dockerfile.cuda").read_text().replace("\\\n", " ")
+    found = re.search(r"grep -E '\^\((?P<names>[^)]+)\)==' +constraints\.txt > (?P<out>\S+)", text)
+    assert found, "Dockerfile.cuda filters constraints.txt with grep -E '^(name|...)==' constraints.txt > FILE"
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    for name in found["names"].split("|"):
+        matched = [line for line in lines if re.match(rf"^(?:{name})==", line)]
+        assert len(matched) == 1, f"Dockerfile.cuda's constraint filter: {name!r} matches {matched} in constraints.txt"
+    for needed in ("torch", "transformers", "trl", "peft", "prefect", "fastapi", "mlflow", "lm_eval"):
+        assert needed in found["names"].split("|"), needed
+    install = re.search(rf"pip install -c {re.escape(found['out'])} \"\.\[dev,vllm\]\"", text)
+    assert install, "pomona and vLLM are installed with -c <the filtered constraints>, like the CPU image"
+    assert re.search(r'pip install -c constraints\.txt "\.\[dev\]"', (DOCKER / "Dockerfile.cpu").read_text())
