@@ -37,7 +37,8 @@ case "$role" in
         # Deployments are idempotent: re-registering on every start keeps them in step with the image's code.
         run pomona deploy --work-pool "$pool" --name "${POMONA_DEPLOYMENT_NAME:-$pool}" \
             --working-dir "${POMONA_WORKING_DIR:-$PWD}"
-        run_exec prefect worker start --pool "$pool" --type process "$@"
+        # --with-healthcheck: /health on $PREFECT_WORKER_WEBSERVER_PORT (8080) for compose's healthcheck
+        run_exec prefect worker start --pool "$pool" --type process --with-healthcheck "$@"
         ;;
     serve)
         run_exec pomona serve "$@"

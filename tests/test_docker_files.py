@@ -140,10 +140,10 @@ def help_text(argv: list[str]) -> str:
 ROLES = [
     # Deployed runs start in the image's working folder (/app), not the process worker's temporary one.
     ("worker", {}, [["pomona", "deploy", "--work-pool", "pomona", "--name", "pomona", "--working-dir", str(REPO)],
-                    ["prefect", "worker", "start", "--pool", "pomona", "--type", "process"]]),
+                    ["prefect", "worker", "start", "--pool", "pomona", "--type", "process", "--with-healthcheck"]]),
     ("worker", {"POMONA_WORKING_DIR": "/srv/project"},
      [["pomona", "deploy", "--work-pool", "pomona", "--name", "pomona", "--working-dir", "/srv/project"],
-      ["prefect", "worker", "start", "--pool", "pomona", "--type", "process"]]),
+      ["prefect", "worker", "start", "--pool", "pomona", "--type", "process", "--with-healthcheck"]]),
     ("prefect-server", {}, [["prefect", "server", "start", "--host", "0.0.0.0", "--port", "4200"]]),
     ("mlflow-server", {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:p@postgres:5432/mlflow"},
      [["mlflow", "server", "--host", "0.0.0.0", "--port", "5000", "--workers", "1", "--backend-store-uri",
@@ -235,3 +235,19 @@ def test_cuda_image_installs_under_the_tested_constraints():
     install = re.search(rf"pip install -c {re.escape(found['out'])} \"\.\[dev,vllm\]\"", text)
     assert install, "pomona and vLLM are installed with -c <the filtered constraints>, like the CPU image"
     assert re.search(r'pip install -c constraints\.txt "\.\[dev\]"', (DOCKER / "Dockerfile.cpu").read_text())
+
+
+def test_workers_have_a_healthcheck_on_the_worker_health_server(compose):
+    # A hung worker (or one that lost the API) stops polling its pool; without a healthcheck compose shows it healthy.
+    services = compose["services"]
+    server_check = services["prefect-server"]["healthcheck"]
+    for name in ("worker", "worker-gpu"):
+        check, env = services[name].get("healthcheck"), services[name]["environment"]
+        assert check, f"{name} has no healthcheck"
+        probe = " ".join(check["test"])
+        assert check["test"][:3] == server_check["test"][:3]  # the same python probe as the servers
+        assert f"localhost:{env['PREFECT_WORKER_WEBSERVER_PORT']}/health" in probe, name
+        assert {"interval", "timeout", "retries", "start_period"} <= set(check), name
+        assert int(check["start_period"].rstrip("s")) >= 60, "pomona deploy runs before the worker starts"
+    worker_commands = [argv for argv in entrypoint("worker") if argv[:3] == ["prefect", "worker", "start"]]
+    assert worker_commands and "--with-healthcheck" in worker_commands[0]  # the server the probe asks
