@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 RUNTIME_ONLY = {"pomona_runtime_only": True}
@@ -143,6 +143,17 @@ class TrackingConfig(StrictModel):
 
     experiment: str | None = Field(None, description="MLflow experiment; defaults to the recipe name.")
     enabled: bool = Field(True, description="Log params, metrics and artifacts to MLflow.")
+    ui_url: str | None = Field(
+        None, description="Public URL of the MLflow UI that run links point at (e.g. https://mlflow.example.org); "
+                          "default: env POMONA_MLFLOW_UI_URL, else MLFLOW_TRACKING_URI when it is an http(s) server. "
+                          "The tracking URI itself may name a database with its password and is never shown.")
+
+    @field_validator("ui_url")
+    @classmethod
+    def _browsable(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("ui_url must be an http:// or https:// address of the MLflow UI")
+        return value.rstrip("/") if value else value
 
 
 def tracking_field():

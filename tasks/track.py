@@ -21,6 +21,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from configs.redact import redact_url, strip_userinfo
 from configs.settings import pomona_home
 from tasks.store import KEY_FILE, MANIFEST, StageOutput, content_digest
 
@@ -100,6 +101,9 @@ def start_parent_run(experiment: str, run_name: str, config: Any, flow_run_id: s
     exp_id = ensure_experiment(experiment)
     tags = {"pomona.config_hash": content_digest(config)[:16], "pomona.git_commit": git_commit(),
             "prefect.flow_run_id": flow_run_id or "none"}
+    ui_url = getattr(getattr(config, "tracking", None), "ui_url", None)
+    if ui_url:  # stage runs copy it, so every link of this run points at the UI the recipe named
+        tags[UI_URL_TAG] = ui_url
     run = mlc.create_run(exp_id, run_name=run_name, tags=tags)
     with failed_if_raises(run.info.run_id):
         params = [Param(k, v) for k, v in flatten(config).items()]
@@ -145,6 +149,8 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
             "pomona.output_digest": out.digest, "pomona.cached": str(cached).lower(),
             "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "none"),
             "pomona.config_hash": parent.data.tags.get("pomona.config_hash", "")}
+    if UI_URL_TAG in parent.data.tags:
+        tags[UI_URL_TAG] = parent.data.tags[UI_URL_TAG]
     tags.update(extra_tags or {})
     if run_id is None:
         run_id = mlc.create_run(parent.info.experiment_id, run_name=out.stage, tags=tags).info.run_id
@@ -208,13 +214,27 @@ def dataset_frame(path: Path):
     return pd.DataFrame(rows)
 
 
+UI_URL_TAG = "pomona.mlflow_ui_url"
+
+
+def mlflow_ui_url(configured: str | None = None) -> str | None:
+    """Where a browser finds the MLflow UI: the recipe's `tracking.ui_url`, else $POMONA_MLFLOW_UI_URL, else the
+    tracking URI when it is an http(s) server (without any user:password in it); None for a database store."""
+    url = configured or os.environ.get("POMONA_MLFLOW_UI_URL")
+    if not url:
+        uri = tracking_uri()
+        url = uri if uri.startswith(("http://", "https://")) else None
+    return strip_userinfo(url).rstrip("/") if url else None
+
+
 def run_link(run_id: str) -> str:
-    """A link to the run in the MLflow UI when tracking is a server, else the run id."""
-    uri = tracking_uri()
-    if uri.startswith("http"):
-        run = client().get_run(run_id)
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    return f"run {run_id} in {uri}"
+    """A link to the run in the MLflow UI; without a browsable UI, the run id and the store with its credentials
+    masked (a `postgresql://user:password@host/db` URI must never reach a log or an artifact)."""
+    run = client().get_run(run_id)
+    base = mlflow_ui_url(run.data.tags.get(UI_URL_TAG))
+    if base:
+        return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"run {run_id} in {redact_url(tracking_uri())}"
 
 
 def selection_preview(out: StageOutput, rows: int = 5, width: int = 80) -> str:

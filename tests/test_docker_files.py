@@ -96,6 +96,8 @@ def test_workers_reach_the_servers_by_service_name(compose):
     env = compose["services"]["worker"]["environment"]
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["POMONA_MLFLOW_UI_URL"] == "http://localhost:5000"  # links a browser on the host can open
+    assert "127.0.0.1:5000:5000" in compose["services"]["mlflow"]["ports"]
     gpu_env = compose["services"]["worker-gpu"]["environment"]
     assert gpu_env["POMONA_WORK_POOL"] != env["POMONA_WORK_POOL"]  # separate pools, separate deployments
 

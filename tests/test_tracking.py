@@ -1,0 +1,90 @@
+"""What tracking shows people: links to the MLflow UI, and never a credential (in links, params or config.yaml)."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs.redact import redact_url, strip_userinfo
+from tasks.store import StageOutput
+from tests.conftest import REPO
+
+DB_URI = "postgresql+psycopg2://pomona:s3cret@postgres:5432/mlflow"
+
+
+def test_redact_url_masks_userinfo_and_secret_query_values_only():
+    assert redact_url(DB_URI) == "postgresql+psycopg2://***@postgres:5432/mlflow"
+    assert redact_url("https://user:pw@api.example.org/v1?api_key=abc&api-version=2024-01") \
+        == "https://***@api.example.org/v1?api_key=***&api-version=2024-01"
+    assert redact_url("https://h/v1?token=t&x=1") == "https://h/v1?token=***&x=1"
+    for plain in ("http://127.0.0.1:8000/v1", "sqlite:////tmp/mlflow.db", "configs/recipes/demo.yaml", "a@b.c",
+                  "user:pw@host is not a URL", "https://h/v1?api-version=1"):
+        assert redact_url(plain) == plain
+    assert strip_userinfo("http://u:p@mlflow:5000/") == "http://mlflow:5000/"
+
+
+class _Run:
+    def __init__(self, tags=None):
+        self.info = type("Info", (), {"experiment_id": "7"})()
+        self.data = type("Data", (), {"tags": tags or {}})()
+
+
+@pytest.fixture
+def fake_store(monkeypatch):
+    """run_link against a given tracking URI without a server: the client only answers get_run."""
+    import tasks.track as track
+
+    runs: dict[str, _Run] = {}
+    monkeypatch.setattr(track, "client", lambda: type("C", (), {"get_run": staticmethod(runs.__getitem__)})())
+    monkeypatch.delenv("POMONA_MLFLOW_UI_URL", raising=False)
+    return runs
+
+
+def test_run_link_never_shows_database_credentials(fake_store, monkeypatch):
+    from tasks.track import run_link
+
+    fake_store["r1"] = _Run()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DB_URI)
+    link = run_link("r1")
+    assert "s3cret" not in link and "pomona:" not in link
+    assert link == "run r1 in postgresql+psycopg2://***@postgres:5432/mlflow"
+    # an http tracking server with basic auth: a browsable link, without the user:password
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://admin:s3cret@mlflow:5000/")
+    assert run_link("r1") == "http://mlflow:5000/#/experiments/7/runs/r1"
+
+
+def test_run_link_points_at_the_public_ui_when_one_is_set(fake_store, monkeypatch):
+    from tasks.track import UI_URL_TAG, run_link
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DB_URI)
+    monkeypatch.setenv("POMONA_MLFLOW_UI_URL", "https://mlflow.example.org/")
+    fake_store["r1"] = _Run()
+    assert run_link("r1") == "https://mlflow.example.org/#/experiments/7/runs/r1"
+    fake_store["r2"] = _Run({UI_URL_TAG: "https://ui.team.example"})  # the recipe's tracking.ui_url wins
+    assert run_link("r2") == "https://ui.team.example/#/experiments/7/runs/r2"
+
+
+def test_tracking_ui_url_is_a_described_optional_http_setting():
+    from pydantic import ValidationError
+
+    from configs.schema import TrackingConfig
+
+    field = TrackingConfig.model_fields["ui_url"]
+    assert field.default is None and "MLflow UI" in field.description
+    assert TrackingConfig(ui_url="https://mlflow.example.org/").ui_url == "https://mlflow.example.org"
+    with pytest.raises(ValidationError, match="http"):
+        TrackingConfig(ui_url="mlflow.example.org")
+
+
+def test_stage_runs_link_to_the_ui_their_recipe_names(tmp_path):
+    """The recipe's tracking.ui_url reaches every stage run's link, through a real (SQLite) MLflow store."""
+    from configs.pipeline import load_recipe
+    from tasks.track import UI_URL_TAG, client, log_stage_run, run_link, start_parent_run
+
+    config = load_recipe(REPO / "configs" / "recipes" / "demo.yaml",
+                         overrides={"tracking.ui_url": "https://mlflow.example.org", "name": "ui-link-test"})
+    parent = start_parent_run("unit-test-ui-link", "p", config, None)
+    (tmp_path / "stage_key.json").write_text("{}")
+    child = log_stage_run(parent, StageOutput(stage="unit", key="k", path=str(tmp_path), digest="d"))
+    assert client().get_run(child).data.tags[UI_URL_TAG] == "https://mlflow.example.org"
+    experiment = client().get_run(child).info.experiment_id
+    assert run_link(child) == f"https://mlflow.example.org/#/experiments/{experiment}/runs/{child}"
