@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 import yaml
 
+from configs.redact import redact_values
 from configs.settings import prepare_environment
 
 app = typer.Typer(help="pomona: select instruction-tuning data that fits a model, train on it, prove it.",
@@ -118,7 +119,8 @@ def validate(recipe: Path, flow: str = typer.Option("pipeline", help="Which flow
     with user_errors():
         config = recipe_for_flow(recipe, flow)
         check_input_files(recipe, config)
-    typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    # URLs masked as in MLflow: this output gets pasted into issues and chats
+    typer.echo(yaml.safe_dump(redact_values(config.model_dump(mode="json")), sort_keys=False))
 
 
 @app.command()

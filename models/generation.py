@@ -16,9 +16,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from configs.errors import ConfigError, PomonaError
 from configs.grape import EndpointConfig, GeneratorConfig, SamplingConfig
+from configs.redact import redact_url
 
 Messages = list[dict[str, str]]
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -171,7 +173,10 @@ class OpenAIChatGenerator:
             headers["Authorization"] = f"Bearer {key}"
         self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(self.endpoint.timeout_s),
                                    limits=httpx.Limits(max_connections=self.endpoint.concurrency))
-        self.url = f"{self.endpoint.base_url}/chat/completions"
+        # Joined on the path: a base_url with a query (`?api_key=...`, `?api-version=...`) keeps it after the path.
+        base = urlsplit(self.endpoint.base_url)
+        self.url = urlunsplit(base._replace(path=base.path.rstrip("/") + "/chat/completions"))
+        self.shown_url = redact_url(self.url)  # for messages: a user:password or api_key in the URL stays out of logs
         self._in_flight = 0
         self.max_in_flight = 0  # observed, for the summary (and the concurrency test)
         self._lock = threading.Lock()
@@ -217,12 +222,12 @@ class OpenAIChatGenerator:
                     return self._parse(response, seed)
                 last = f"HTTP {response.status_code}: {response.text[:300]}"
                 if response.status_code not in RETRYABLE_STATUS:
-                    raise GenerationError(f"generator {self.name!r}: {self.url} refused the request ({last}); "
+                    raise GenerationError(f"generator {self.name!r}: {self.shown_url} refused the request ({last}); "
                                           "not retried: check the endpoint, model name and API key")
                 retry_after = response.headers.get("Retry-After")
             if attempt < self.endpoint.max_retries:
                 self._sleep(self._delay(attempt, retry_after))
-        raise GenerationError(f"generator {self.name!r}: {self.url} failed after {self.endpoint.max_retries + 1} "
+        raise GenerationError(f"generator {self.name!r}: {self.shown_url} failed after {self.endpoint.max_retries + 1} "
                               f"attempts; last error: {last}")
 
     def _parse(self, response, seed: int) -> Generation:
@@ -233,7 +238,7 @@ class OpenAIChatGenerator:
             if not isinstance(text, str):
                 raise TypeError(f"message.content is {type(text).__name__}")
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise GenerationError(f"generator {self.name!r}: {self.url} answered 200 with an unexpected body "
+            raise GenerationError(f"generator {self.name!r}: {self.shown_url} answered 200 with an unexpected body "
                                   f"({type(exc).__name__}: {exc}): {response.text[:300]}") from None
         usage = doc.get("usage") or {}
         return Generation(text, usage.get("prompt_tokens"), usage.get("completion_tokens"),
@@ -278,13 +283,13 @@ def make_generator(config: GeneratorConfig) -> Generator:
 
 
 def generation_params(config: GeneratorConfig) -> dict:
-    """What a candidate row records about how it was generated (never an API key)."""
+    """What a candidate row records about how it was generated (never an API key, nor a secret in the URL)."""
     params = {"backend": config.backend, **config.sampling.model_dump(),
               "seed_scope": "shard" if config.backend == "transformers" else "request"}
     if config.model is not None:
         params["model"] = config.model.name_or_path
     if config.endpoint is not None:
-        params.update({"endpoint": config.endpoint.base_url, "model": config.endpoint.model})
+        params.update({"endpoint": redact_url(config.endpoint.base_url), "model": config.endpoint.model})
     return params
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from configs.redact import redact_url
 from configs.settings import CODE_VERSION, prefect_results_dir, store_root
 
 SUCCESS = "_SUCCESS"
@@ -102,7 +103,9 @@ def canonical(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         obj = os.fspath(obj)
     if isinstance(obj, str):
-        return store_relative(obj)
+        # A URL's credentials stay out of stage_key.json (logged to MLflow) and out of the key: a rotated API key
+        # or password reaches the same endpoint and must not recompute the stage.
+        return store_relative(redact_url(obj))
     if obj is None or isinstance(obj, (int, float, bool)):
         return obj
     from pydantic_core import to_jsonable_python

@@ -21,7 +21,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from configs.redact import redact_url, strip_userinfo
+from configs.redact import redact_url, redact_values, strip_userinfo
 from configs.settings import pomona_home
 from tasks.store import KEY_FILE, MANIFEST, StageOutput, content_digest
 
@@ -62,7 +62,8 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
         for k, v in obj.items():
             out.update(flatten(v, f"{prefix}{k}."))
         return out
-    value = json.dumps(obj) if isinstance(obj, list) else str(obj)
+    # URLs lose user:password and secret query values (an endpoint's base_url): params are shown to everyone
+    value = json.dumps(redact_values(obj)) if isinstance(obj, list) else redact_url(str(obj))
     out[sanitize_metric_key(prefix.rstrip("."))] = param_value(value)
     return out
 
@@ -109,7 +110,8 @@ def start_parent_run(experiment: str, run_name: str, config: Any, flow_run_id: s
         params = [Param(k, v) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):
             mlc.log_batch(run.info.run_id, params=params[i:i + 100])
-        mlc.log_text(run.info.run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        mlc.log_text(run.info.run_id, yaml.safe_dump(redact_values(config.model_dump(mode="json")), sort_keys=False),
+                     "config.yaml")
     return run.info.run_id
 
 
@@ -169,7 +171,7 @@ def log_stage_contents(mlc, parent_run_id: str, run_id: str, out: StageOutput, c
     from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
     params = {**(flatten(config) if config is not None else {}),
-              **{sanitize_metric_key(k): param_value(str(v)) for k, v in out.params.items()}}
+              **{sanitize_metric_key(k): param_value(redact_url(str(v))) for k, v in out.params.items()}}
     plist = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(plist), 100):
         mlc.log_batch(run_id, params=plist[i:i + 100])

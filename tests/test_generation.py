@@ -234,3 +234,15 @@ def test_generate_stage_resumes_at_the_failed_shard(fake_server):
     assert shard0 == list(range(shard0[0], shard0[0] + 4))
     again = generate_candidates(records, generator, shard_size=4, progress=False)
     assert again.digest == out.digest and len(fake_server.requests) == 13  # finished: nothing re-sent
+
+
+def test_http_backend_keeps_url_credentials_out_of_its_errors_and_joins_the_path_before_the_query(fake_server):
+    # userinfo is sent as basic auth by httpx; a query (api_key=...) must follow the path, not swallow it
+    url = fake_server.url.replace("http://", "http://alice:pa55word@") + "?api_key=SECRETKEY"
+    backend = OpenAIChatGenerator(http_generator(url, max_retries=0), sleep=lambda s: None)
+    assert backend.url.endswith("/v1/chat/completions?api_key=SECRETKEY")
+    with pytest.raises(GenerationError) as failure:  # the fake server answers 404 to a path with a query
+        backend.generate(CONVERSATIONS[:1], seed=0)
+    message = str(failure.value)
+    assert "127.0.0.1" in message and "pa55word" not in message and "SECRETKEY" not in message
+    assert fake_server.headers[0]["Authorization"].startswith("Basic ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from configs.redact import redact_url, strip_userinfo
@@ -88,3 +90,51 @@ def test_stage_runs_link_to_the_ui_their_recipe_names(tmp_path):
     assert client().get_run(child).data.tags[UI_URL_TAG] == "https://mlflow.example.org"
     experiment = client().get_run(child).info.experiment_id
     assert run_link(child) == f"https://mlflow.example.org/#/experiments/{experiment}/runs/{child}"
+
+
+# ------------------------------------------------------------------------------ secrets in endpoint URLs
+SECRET_URL = "https://alice:pa55word@llm.example.org/v1?api_key=SECRETKEY&api-version=2024-06"
+SECRETS = ("pa55word", "SECRETKEY", "alice")
+
+
+def secret_generator(url: str = SECRET_URL):
+    from configs.grape import EndpointConfig, GeneratorConfig
+
+    return GeneratorConfig(name="hosted", backend="openai", endpoint=EndpointConfig(base_url=url, model="m"))
+
+
+def test_endpoint_secrets_never_reach_mlflow_params_or_config_yaml(tmp_path):
+    from tasks.track import client, flatten, log_stage_run, start_parent_run
+
+    generator = secret_generator()
+    params = flatten(generator)
+    assert params["endpoint.base_url"] == "https://***@llm.example.org/v1?api_key=***&api-version=2024-06"
+    assert flatten({"urls": [SECRET_URL]})["urls"] == '["https://***@llm.example.org/v1?api_key=***&api-version=2024-06"]'
+
+    parent = start_parent_run("unit-test-secrets", "p", generator, None)
+    (tmp_path / "stage_key.json").write_text("{}")
+    out = StageOutput(stage="generate", key="k", path=str(tmp_path), digest="d", params={"endpoint": SECRET_URL})
+    child = log_stage_run(parent, out, config=generator)
+    for run_id in (parent, child):
+        logged = client().get_run(run_id).data.params
+        assert "llm.example.org" in " ".join(logged.values())
+        assert not [v for v in logged.values() for s in SECRETS if s in v], logged
+    config_yaml = Path(client().download_artifacts(parent, "config.yaml", str(tmp_path))).read_text()
+    assert "llm.example.org" in config_yaml and not any(s in config_yaml for s in SECRETS)
+
+
+def test_endpoint_secrets_stay_out_of_stage_keys_and_generation_params():
+    import json
+
+    from models.generation import generation_params
+    from tasks.store import canonical, stage_key
+
+    material = json.dumps(canonical(secret_generator()))
+    assert "llm.example.org" in material and not any(s in material for s in SECRETS)
+    # a rotated key or password reaches the same endpoint: same stage
+    rotated = SECRET_URL.replace("pa55word", "n3w").replace("SECRETKEY", "NEWKEY")
+    assert stage_key("generate", secret_generator(), []) == stage_key("generate", secret_generator(rotated), [])
+    assert stage_key("generate", secret_generator(), []) != stage_key(
+        "generate", secret_generator(SECRET_URL.replace("llm.", "other.")), [])
+    shown = json.dumps(generation_params(secret_generator()))
+    assert "llm.example.org" in shown and not any(s in shown for s in SECRETS)
