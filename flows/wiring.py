@@ -28,11 +28,13 @@ def fail_at_stage(stage: str | None) -> Iterator[None]:
 
     So a UI "Retry" (same flow run, run_count 2) or a new run with `fail_at=None` passes. Nothing of the failed
     attempt is cached (Prefect caches only completed tasks; the stage writes no `_SUCCESS`). A name that matches
-    no stage is an error, so a typo cannot make a test pass silently.
+    no stage is an error, so a typo cannot make a test pass silently: a name no pomona stage has is refused before
+    any stage runs (`check_fail_at`), and one that is a stage of other flows only, when this flow ends.
     """
     if not stage:
         yield
         return
+    check_fail_at(stage)
     from prefect.runtime import flow_run
 
     seen: dict = {"stage": stage, "first_attempt": flow_run.get_run_count() <= 1, "ran": []}
@@ -45,6 +47,23 @@ def fail_at_stage(stage: str | None) -> Iterator[None]:
         from configs.errors import ConfigError
 
         raise ConfigError(f"fail_at={stage!r} matched no stage of this flow; stages run: {seen['ran']}")
+
+
+def check_fail_at(stage: str) -> None:
+    """Refuse a `fail_at` that names no stage task at all, listing the names (the closest first when one is near);
+    otherwise a typo is found only after every stage of the run has computed."""
+    import difflib
+
+    from configs.errors import ConfigError
+    from tasks.store import stage_task_names
+
+    names = stage_task_names()
+    if stage in names:
+        return
+    close = difflib.get_close_matches(stage, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"fail_at={stage!r} matched no stage: it names no stage task of pomona; {hint}"
+                      f"stage tasks are: {', '.join(names)}")
 
 
 def _failing_copy(stage_task):

@@ -307,9 +307,29 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"{task_name}-{stage_key(task_name, material)}"
 
 
+STAGE_TASK_NAMES: set[str] = set()
+"""Names of every stage task made by `stage_task` in the modules imported so far (see `stage_task_names`)."""
+
+
+def stage_task_names() -> list[str]:
+    """Every stage task name pomona defines: each `tasks` module is imported, so a flow that has not yet imported a
+    method's stages (the pipeline imports them on first use) still knows their names."""
+    import importlib
+    import pkgutil
+
+    import tasks
+
+    for module in pkgutil.iter_modules(tasks.__path__):
+        if module.name != "train_entry":  # a subprocess's entry point, defines no stage
+            importlib.import_module(f"tasks.{module.name}")
+    return sorted(STAGE_TASK_NAMES)
+
+
 def stage_task(fn: Callable, name: str, **options: Any):
     """Wrap a stage function as a Prefect task cached on `stage_cache_key`, results persisted in POMONA_HOME."""
     from prefect import task
+
+    STAGE_TASK_NAMES.add(name)
 
     # log_prints off inside stages: libraries that capture stdout by swapping sys.stdout (dill's globalvars, used by
     # datasets' fingerprinting under TRL) would otherwise pour their captured text - whole bytecode listings - into

@@ -185,3 +185,36 @@ def test_the_run_forms_config_description_names_every_section():
     described = pipeline.parameters.properties["config"]["description"]
     named = set(re.findall(r"[a-z_]+", described))
     assert set(PipelineConfig.model_fields) <= named, set(PipelineConfig.model_fields) - named
+
+
+def test_a_fail_at_naming_no_stage_is_refused_before_any_stage_runs(prefect_server):
+    """A typo in the test-only `fail_at` used to surface only after every stage had computed."""
+    from configs.errors import ConfigError
+    from flows.pipeline import pipeline
+
+    config = load_recipe(REPO / "configs/recipes/demo.yaml",
+                         overrides={"tracking.enabled": False, "train": None, "evaluate": None,
+                                    "selection.budget": 7})
+    state = pipeline(config, fail_at="select-baselin", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError) as refused:
+        state.result()
+    message = str(refused.value)
+    assert "did you mean 'select-baseline'" in message
+    assert "prepare-records" in message and "train-sft" in message  # the valid names are listed
+    assert task_states(state.state_details.flow_run_id) == {}  # not one stage ran
+
+
+def test_fail_at_is_checked_against_every_stage_task_name():
+    from flows.wiring import check_fail_at, fail_at_stage
+    from tasks.store import stage_task_names
+
+    names = stage_task_names()
+    assert {"prepare-records", "select-baseline", "select-grape", "train-dpo", "eval-table", "compare-table"} <= set(names)
+    for name in names:
+        check_fail_at(name)
+    ran = []
+    with pytest.raises(Exception, match="matched no stage"):
+        with fail_at_stage("no-such-stage"):
+            ran.append(True)
+    assert not ran
