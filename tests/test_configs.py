@@ -186,7 +186,7 @@ def test_every_config_field_has_a_description_for_the_prefect_form():
 # Which flow each bundled recipe is for (the file's header says how to run it); a new recipe must be listed.
 RECIPE_FLOWS = {
     "demo": "pipeline", "cherry_tiny": "pipeline", "superfilter_tiny": "pipeline", "deita_tiny": "pipeline",
-    "grape_vicuna_smollm2": "grape", "compare_tiny": "compare", "compare_smollm2": "compare",
+    "grape_vicuna_smollm2": "grape", "grape_tiny": "grape", "compare_tiny": "compare", "compare_smollm2": "compare",
     "compare_smollm2_small": "compare", "sft_tiny": "sft", "dpo_tiny": "dpo", "evaluate_tiny": "evaluate",
 }
 

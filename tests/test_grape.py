@@ -420,3 +420,22 @@ def test_generator_names_with_dots_make_valid_summary_keys():
     assert ArtifactCreate(key=key, type="markdown", data="x").key == key
     with pytest.raises(ValueError):
         ArtifactCreate(key="generate-smollm2-1.7b-summary", type="markdown", data="x")
+
+
+def test_bundled_tiny_recipe_runs_offline_and_prefills_the_grape_form(prefect_server, monkeypatch):
+    """configs/recipes/grape_tiny.yaml: the Prefect UI's grape form has a recipe that runs as it is (bundled
+    candidates, tiny target), from the project folder a deployed run starts in."""
+    from configs.pipeline import load_recipe
+    from flows.grape import grape_flow
+    from flows.serve import recipe_defaults
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)  # the recipe's paths are relative to the project, as in `pomona run`
+    recipe = REPO / "configs" / "recipes" / "grape_tiny.yaml"
+    assert recipe_defaults(grape_flow, "grape")["config"]["name"] == "grape-tiny"
+    config = load_recipe(recipe, GrapeRecipe, overrides={"tracking.enabled": False})
+    out = grape_flow(config)
+    assert out["candidates"].metrics["candidates"] == 24  # 12 instructions x 2 models
+    assert out["fit"].metrics["candidates_rejected"] == 0
+    assert out["selection"].metrics["selected"] == 12
+    assert len(read_jsonl(out["selection"].file("pairs.jsonl"))) == out["selection"].metrics["dpo_pairs"] > 0
