@@ -262,6 +262,7 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
     trainer.save_model(str(model_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(model_dir))
+        canonical_adapter_config(model_dir)
         info.update(global_step=trainer.state.global_step, resumed_from=resume, train_loss=result.training_loss,
                     adapter=config.lora is not None, qlora=config.qlora, base_model=str(model.name_or_path),
                     device=device, deepspeed=config.deepspeed, log_history=trainer.state.log_history)
@@ -275,6 +276,23 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
             info["adapter_applies_to"] = "base + the start model's adapter (use merged/)" if stacked else "base"
         atomic_write_text(out_dir / RESULT_FILE, json.dumps(info, indent=1, default=str))
     return model_dir
+
+
+def canonical_adapter_config(model_dir: Path) -> None:
+    """Sort the module lists of a saved adapter's `adapter_config.json`. PEFT keeps `target_modules` as a set and
+    writes it in an order that follows the process's string hash seed, so the same weights trained twice gave two
+    model/ digests: retraining a stage (its folder deleted, or another worker) gave every downstream stage a new
+    key and recomputed it."""
+    path = Path(model_dir) / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    changed = False
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key], changed = sorted(config[key]), True
+    if changed:
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
 
 
 def merge_adapter(adapter_dir: Path, merged_dir: Path, base: ModelConfig, device: str) -> Path:

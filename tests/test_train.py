@@ -121,6 +121,25 @@ def test_rerun_of_an_interrupted_stage_resumes_from_its_checkpoint(resumed_sft, 
     assert (Path(out.path) / "_SUCCESS").exists()
 
 
+def test_the_adapter_config_is_the_same_whatever_the_hash_seed(resumed_sft, tmp_path):
+    """PEFT writes target_modules from a set (order = the process's hash seed): sorted, retraining the same weights
+    gives the same model/ digest, so the stages downstream of a retrained stage keep their keys."""
+    from tasks.train import canonical_adapter_config
+
+    out, _ = resumed_sft
+    saved = json.loads((Path(out.path) / "model" / "adapter_config.json").read_text())
+    modules = saved["target_modules"]
+    assert len(modules) > 2 and modules == sorted(modules)  # all-linear on the tiny model: 7 per layer
+    texts = []
+    for order in (modules, modules[::-1]):
+        folder = tmp_path / f"order-{len(texts)}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({**saved, "target_modules": order}))
+        canonical_adapter_config(folder)
+        texts.append((folder / "adapter_config.json").read_text())
+    assert texts[0] == texts[1]
+
+
 def test_the_stage_run_holds_params_curves_model_and_a_tagged_registry_version(resumed_sft, selection):
     import mlflow
 
