@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from configs.errors import ConfigError
+from configs.errors import ConfigError, ScoringError
 from configs.ifd import (CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig,
                          SuperfilterSelection)
 from configs.schema import Budget, DataConfig, ModelConfig
@@ -35,7 +35,7 @@ def test_a_zero_direct_loss_is_a_counted_skip_for_cherry_only():
                 "truncated": False, "seq_tokens": 4}
 
     rows = [row("a", 1.0, 2.0), row("b", 0.5, 0.0)]
-    with pytest.raises(Exception, match="exactly 0"):
+    with pytest.raises(ScoringError, match="exactly 0"):
         ifd_scores(rows, "cherry")
     cherry = skip_undefined_ifd(rows, "cherry")
     assert ifd_scores(cherry, "cherry") == [0.5, None]
@@ -57,8 +57,8 @@ def test_select_by_ifd_threshold_strictness_share_base_and_input_order():
     chosen, counts = select_by_ifd(ids, ifd, strict, Budget(share=0.5))
     # strict also drops b; share of all 8 = 4: h, f, a, e
     assert chosen == ["a", "e", "f", "h"] and counts["share_base"] == 8 and counts["dropped_above_threshold"] == 2
-    chosen, _ = select_by_ifd(ids, ifd, strict, Budget(budget=100))  # a budget never exceeds what passes
-    assert chosen == ["a", "e", "f", "g", "h"]
+    chosen, counts = select_by_ifd(ids, ifd, strict, Budget(budget=100))  # a budget never exceeds what passes
+    assert chosen == ["a", "e", "f", "g", "h"] and counts["selected"] == 5  # the count reported is the count kept
 
 
 def test_why_ifd_kept_nothing_names_the_rule_and_what_to_change():
@@ -88,6 +88,19 @@ def test_band_stride_pick_strides_over_the_band_in_dataset_order():
     # a cluster smaller than asked is taken whole, its outliers too (the authors' rule)
     assert list(band_stride_pick(values[:3], 10, 25, 75)) == [0, 1, 2]
     assert list(band_stride_pick(values[:3], 3, 25, 75)) == [2]  # not smaller: the band alone
+
+
+def test_band_bounds_are_inclusive_and_each_percentile_is_its_own():
+    # 0..8 in shuffled dataset order: the 25th/50th/75th percentiles are exactly 2, 4 and 6, so a sample sitting
+    # on a bound shows whether the band includes it, and the asymmetric band (25, 50) whether each bound is its own
+    values = np.array([6.0, 0.0, 8.0, 2.0, 5.0, 1.0, 4.0, 7.0, 3.0])
+    assert (np.percentile(values, 25), np.percentile(values, 50), np.percentile(values, 75)) == (2.0, 4.0, 6.0)
+    # band [2, 6] = values 6, 2, 5, 4, 3 at positions 0, 3, 4, 6, 8 (both bounds included)
+    assert list(band_stride_pick(values, per_cluster=5, low=25, high=75)) == [0, 3, 4, 6, 8]
+    assert list(band_stride_pick(values, per_cluster=2, low=25, high=75)) == [0, 4]  # stride 5 // 2 = 2
+    # band [2, 4] = values 2, 4, 3 at positions 3, 6, 8
+    assert list(band_stride_pick(values, per_cluster=3, low=25, high=50)) == [3, 6, 8]
+    assert list(band_stride_pick(values, per_cluster=1, low=25, high=50)) == [3]
 
 
 def test_pick_pre_experience_clusters_then_picks_per_cluster():
