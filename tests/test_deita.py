@@ -543,3 +543,21 @@ def test_deita_flow_end_to_end_on_the_tiny_model(prefect_server, tmp_path, one_t
     again = deita_flow(config)
     assert again["selection"].digest == sel.digest
     assert (Path(sel.path) / "_SUCCESS").stat().st_mtime_ns == finished_at
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_similarity_exactly_at_tau_is_kept_and_one_above_is_not(precision, one_torch_thread):
+    # Deita rejects a candidate only when its cosine to a kept sample is > tau: these unit vectors have pairwise
+    # cosines of exactly 0.5 (every coordinate is a power of two), so tau = 0.5 keeps all three and any tau below
+    # rejects the two after the first.
+    x = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [0.5, -0.5, 0.5, 0.5]], dtype=np.float32)
+    assert exact_similarity(x[0], x[1]) == exact_similarity(x[0], x[2]) == exact_similarity(x[1], x[2]) == 0.5
+    order = np.array([0, 1, 2])
+    for tau, expected in ((0.5, [0, 1, 2]), (0.4999, [0])):
+        assert diversity_filter_sequential(x, order, tau, 10).selected.tolist() == expected
+        for block in (1, 2, 8):
+            fast = diversity_filter(x, order, tau, 10, block_size=block, precision=precision, bound_dims=0)
+            assert fast.selected.tolist() == expected, (tau, block)
+    # the budget caps the kept set exactly, in ranking order
+    assert diversity_filter_sequential(x, order, 0.5, 2).selected.tolist() == [0, 1]
+    assert diversity_filter(x, order, 0.5, 2, block_size=8, precision=precision).selected.tolist() == [0, 1]
