@@ -101,6 +101,7 @@ def test_a_candidates_file_that_is_not_utf8_or_not_an_array_names_its_line(tmp_p
 
 
 def test_generator_labels_must_name_a_generator_of_the_file_and_make_valid_param_names(tmp_path):
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.validation import _validate_param_name
     from pydantic import ValidationError
 
@@ -122,7 +123,7 @@ def test_generator_labels_must_name_a_generator_of_the_file_and_make_valid_param
     for key in ("llama (7b)", "a/", "a//b", "a/../b", "x,y"):
         with pytest.raises(ValidationError, match="MLflow refuses them in param names"):
             CandidatesFile(path="x", generator_labels={key: "label"})
-        with pytest.raises(Exception, match="Invalid value"):
+        with pytest.raises(MlflowException, match="Invalid value"):
             _validate_param_name(f"selection.candidates.generator_labels.{key}")
 
 
@@ -151,6 +152,9 @@ def test_response_tokens_are_those_the_conversation_tokenizes_to():
     ids = tok(conversation.rstrip(), add_special_tokens=False)["input_ids"]
     assert tokens.prompt_ids + tokens.response_ids + tokens.tail_ids == tuple(ids)
     assert tok.convert_ids_to_tokens(tokens.tail_ids) == ["<|end|>"]
+    # the fit covers the end-of-turn marker only when asked to
+    assert tokens.target_ids(True) == tokens.response_ids + tokens.tail_ids
+    assert tokens.target_ids(False) == tokens.response_ids
     alone = tok("Hello world", add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(alone)[0] == "\u2581Hello" and tuple(alone) != tokens.response_ids
 
@@ -254,6 +258,28 @@ def test_fit_rows_match_the_direct_loop_and_count_response_tokens(scored_slice, 
     # the stage is resumable and cached: a second call returns the recorded output
     again = score_candidate_fit(candidates, scored_slice[0], progress=False)
     assert again.reused and not fit.reused and again.digest == fit.digest
+
+
+def test_without_the_end_of_turn_marker_only_the_response_tokens_are_scored(tiny_model_dir, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([{"text": "Say hi.", "Answer1": "hi there", "Answer2": "hello, how are you?"}]))
+    target = ModelConfig(name_or_path=str(tiny_model_dir))
+    selection = GrapeSelection(target=target, score_end_of_turn=False, candidates=CandidatesFile(path=str(path)))
+    candidates = ingest_candidates(selection.candidates)
+    rows = read_parquet(score_candidate_fit(candidates, selection, progress=False).file("fit.parquet"))
+    model, tok = load_model(target)
+    messages = [{"role": "user", "content": "Say hi."}]
+    for row, response in zip(rows, ["hi there", "hello, how are you?"]):
+        assert row["tail_tokens"] == 1 and row["scored_tokens"] == row["response_tokens"]
+        # the direct loop's log-probs, all but the last token (the end-of-turn marker)
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        ids = tok(full.rstrip(), add_special_tokens=False)["input_ids"]
+        start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        expected = -sum(logprobs[i - 1, ids[i]].item() for i in range(start, len(ids) - 1))
+        assert row["nll_sum"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
 def test_too_long_and_empty_candidates_are_rejected_not_scored(tiny_model_dir, tmp_path):
