@@ -523,3 +523,23 @@ def test_evaluate_flow_logs_table(prefect_server, tiny):
     assert "likelihood/mean_nll" in table.metrics and math.isfinite(table.metrics["likelihood/mean_nll"])
     runs = client().search_runs([client().get_experiment_by_name("eval-flow-test").experiment_id])
     assert {r.info.run_name for r in runs} >= {"eval-flow-test", "eval-likelihood", "eval-table"}
+
+
+def test_pass_at_k_is_the_mean_of_per_problem_estimates_not_a_pooled_rate():
+    from tasks.evaluate import pass_at_k
+
+    # problem 1: 1 of 1 passes (1.0); problem 2: 0 of 3 (0.0) -> mean 0.5, where pooling would give 1 / 4
+    assert pass_at_k([[True], [False, False, False]], 1) == pytest.approx(0.5)
+    # unbiased pass@k = 1 - C(n - c, k) / C(n, k): n=5, c=2, k=2 -> 1 - 3/10 = 0.7; with n=2, c=0: 0 -> mean 0.35
+    assert pass_at_k([[True, True, False, False, False], [False, False]], 2) == pytest.approx(0.35)
+
+
+def test_an_exact_even_verdict_is_a_tie_in_each_order(tokenizer):
+    from models.judge import order_outcome
+
+    assert order_outcome(0.5) == 0 and order_outcome(0.6, tie_margin=0.1) == 0
+    assert order_outcome(0.4, tie_margin=0.1) == 0 and order_outcome(0.39, tie_margin=0.1) == -1
+    judge, _ = _judge(tokenizer, lambda text: {})  # equal logits for "1" and "2": P = 0.5 in both orders
+    verdicts = judge.pairwise(["q"], ["a"], ["b"])
+    assert verdicts[0].p_candidate_first == verdicts[0].p_candidate_second == 0.5
+    assert verdicts[0].outcome == "tie"
