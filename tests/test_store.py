@@ -375,3 +375,18 @@ def test_a_stage_run_whose_logging_fails_ends_failed_and_a_missing_run_is_none(t
     assert [r.info.status for r in runs] == ["FAILED"]
     assert tracked_run_or_none(runs[0].info.run_id).info.run_id == runs[0].info.run_id
     assert tracked_run_or_none("0" * 32) is None
+
+
+def test_stage_key_changes_with_the_code_version(monkeypatch):
+    """Outputs of other code are never reused: the same stage, config and inputs under another CODE_VERSION (an
+    edited template, a library upgrade) is another key, and so another Prefect cache key."""
+    import tasks.store
+
+    config, inputs = RandomSelection(budget=5), ["d1"]
+    before = stage_key("select", config, inputs)
+    cache_before = stage_cache_key(None, {"selection": config})
+    monkeypatch.setattr(tasks.store, "CODE_VERSION", tasks.store.CODE_VERSION + "-edited")
+    assert stage_key("select", config, inputs) != before
+    assert stage_cache_key(None, {"selection": config}) != cache_before
+    monkeypatch.undo()
+    assert stage_key("select", config, inputs) == before
