@@ -206,6 +206,7 @@ def test_a_fail_at_naming_no_stage_is_refused_before_any_stage_runs(prefect_serv
 
 
 def test_fail_at_is_checked_against_every_stage_task_name():
+    from configs.errors import ConfigError
     from flows.wiring import check_fail_at, fail_at_stage
     from tasks.store import stage_task_names
 
@@ -214,7 +215,7 @@ def test_fail_at_is_checked_against_every_stage_task_name():
     for name in names:
         check_fail_at(name)
     ran = []
-    with pytest.raises(Exception, match="matched no stage"):
+    with pytest.raises(ConfigError, match="matched no stage"):
         with fail_at_stage("no-such-stage"):
             ran.append(True)
     assert not ran
