@@ -332,3 +332,24 @@ def test_multi_turn_records_are_scored_on_their_first_turn_and_counted(tmp_path)
     _, tok = load_model(ModelConfig(name_or_path="tiny:0"))
     first = build_pair("wiz", tok, "Name a colour.", "", "Blue.", 128)
     assert read_scores(out)[0]["cond_tokens"] == first.conditioned.n_targets
+
+
+def test_score_rows_hold_the_conditioned_and_direct_losses_each_in_its_own_column(tiny):
+    """IFD divides the conditioned loss by the direct one: a row with the two swapped (or a sum where the mean
+    belongs) inverts every IFD, so each column is held against the one-sample loop on its own request."""
+    from tasks.data import read_records
+    from tasks.score import STATUS_SCORED, score_shard
+
+    model, tok = tiny
+    records = read_records(DATA / "alpaca_cherry_40.json").records[:3]
+    rows = score_shard(model, tok, records, 0, ScoringConfig(scorer=ModelConfig(name_or_path="x"), max_length=512))
+    gaps = []
+    for record, row in zip(records, rows):
+        pair = build_pair("wiz", tok, *record.alpaca_fields(), 512)
+        cond, direct = reference_scores(model, [pair.conditioned, pair.direct])
+        assert row["status"] == STATUS_SCORED
+        assert abs(row["cond_mean_nll"] - cond.mean_nll) < 1e-5 and abs(row["direct_mean_nll"] - direct.mean_nll) < 1e-5
+        assert row["cond_tokens"] == cond.n_tokens and row["direct_tokens"] == direct.n_tokens
+        assert row["cond_nll_sum"] == pytest.approx(cond.nll_sum, rel=1e-5)
+        gaps.append(abs(cond.mean_nll - direct.mean_nll))
+    assert max(gaps) > 1e-4  # 10x the tolerance above: a swap of the two columns shows
