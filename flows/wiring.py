@@ -96,7 +96,9 @@ def run_stage_task(stage_task, *args: Any, parent_run_id: str | None = None, log
         from prefect.logging import get_run_logger
 
         get_run_logger().warning("stage %s: Prefect's cached result points at %s, which is no longer a finished "
-                                 "stage folder; running the stage again", stage_task.name, out.path)
+                                 "stage folder in this home; running the stage task again: it reuses the stage's "
+                                 "finished folder in this home if there is one (a moved home), else computes it",
+                                 stage_task.name, out.path)
         state = stage_task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
         out = state.result()
     if parent_run_id:
