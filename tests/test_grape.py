@@ -186,15 +186,20 @@ def test_prefix_reuse_equals_one_pass_per_candidate(tiny_model_dir):
                 assert b.nll_sum == pytest.approx(a.nll_sum, rel=1e-5, abs=1e-4)
 
 
-def _direct_fits(model, tok, messages, response):
-    """Independent reference: the whole conversation tokenized at once, one unbatched forward pass."""
+def _direct_logprobs(model, tok, messages, response) -> list[float]:
+    """Independent reference: the log-prob of every token after the prompt (the response, then the end-of-turn
+    marker), the whole conversation tokenized at once, one unbatched forward pass."""
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     full = tok.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
     ids = tok(full.rstrip(), add_special_tokens=False)["input_ids"]
     start = len(tok(prompt, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
         logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
-    picked = [logprobs[i - 1, ids[i]].item() for i in range(start, len(ids))]
+    return [logprobs[i - 1, ids[i]].item() for i in range(start, len(ids))]
+
+
+def _direct_fits(model, tok, messages, response):
+    picked = _direct_logprobs(model, tok, messages, response)
     return {"mean_logprob": sum(picked) / len(picked), "sum_logprob": sum(picked),
             "per_byte": sum(picked) / len(response.encode())}
 
@@ -272,13 +277,7 @@ def test_without_the_end_of_turn_marker_only_the_response_tokens_are_scored(tiny
     for row, response in zip(rows, ["hi there", "hello, how are you?"]):
         assert row["tail_tokens"] == 1 and row["scored_tokens"] == row["response_tokens"]
         # the direct loop's log-probs, all but the last token (the end-of-turn marker)
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        full = tok.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-        ids = tok(full.rstrip(), add_special_tokens=False)["input_ids"]
-        start = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
-        expected = -sum(logprobs[i - 1, ids[i]].item() for i in range(start, len(ids) - 1))
+        expected = -sum(_direct_logprobs(model, tok, messages, response)[:-1])
         assert row["nll_sum"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
