@@ -677,14 +677,11 @@ def start_method_run(parent_run_id: str, label: str, selection: Any) -> str:
     """The MLflow child run of one compared method (its stages nest under it); params = the method's config."""
     from mlflow.entities import Param
 
-    from tasks.track import UI_URL_TAG, client, flatten
+    from tasks.track import child_tags, client, flatten
 
     mlc = client()
     parent = mlc.get_run(parent_run_id)
-    tags = {"mlflow.parentRunId": parent_run_id, "pomona.method": label, "pomona.stage": "method",
-            "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "none")}
-    if UI_URL_TAG in parent.data.tags:  # its stages' links point at the UI the recipe named, too
-        tags[UI_URL_TAG] = parent.data.tags[UI_URL_TAG]
+    tags = {**child_tags(parent), "pomona.method": label, "pomona.stage": "method"}
     run = mlc.create_run(parent.info.experiment_id, run_name=f"method:{label}", tags=tags)
     params = [Param(k, v) for k, v in flatten(selection).items()] if selection is not None else []
     if params:

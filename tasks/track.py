@@ -138,6 +138,16 @@ def tracked_run_or_none(run_id: str):
         raise
 
 
+def child_tags(parent) -> dict[str, str]:
+    """Tags every child run takes from its parent run: the nesting, the Prefect flow run, and the MLflow UI the
+    recipe named (so the child's links point there too)."""
+    tags = {"mlflow.parentRunId": parent.info.run_id,
+            "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "none")}
+    if UI_URL_TAG in parent.data.tags:
+        tags[UI_URL_TAG] = parent.data.tags[UI_URL_TAG]
+    return tags
+
+
 def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cached: bool = False,
                   extra_tags: dict[str, str] | None = None, run_id: str | None = None) -> str:
     """A child run for one stage: its config as params, metrics, artifacts and dataset inputs.
@@ -147,12 +157,9 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     """
     mlc = client()
     parent = mlc.get_run(parent_run_id)
-    tags = {"mlflow.parentRunId": parent_run_id, "pomona.stage": out.stage, "pomona.stage_key": out.key,
+    tags = {**child_tags(parent), "pomona.stage": out.stage, "pomona.stage_key": out.key,
             "pomona.output_digest": out.digest, "pomona.cached": str(cached).lower(),
-            "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "none"),
             "pomona.config_hash": parent.data.tags.get("pomona.config_hash", "")}
-    if UI_URL_TAG in parent.data.tags:
-        tags[UI_URL_TAG] = parent.data.tags[UI_URL_TAG]
     tags.update(extra_tags or {})
     if run_id is None:
         run_id = mlc.create_run(parent.info.experiment_id, run_name=out.stage, tags=tags).info.run_id
