@@ -142,7 +142,8 @@ def read_records(path: str | os.PathLike, fmt: Format | Literal["auto"] = "auto"
             messages = _to_messages(raw, row_fmt, str(path), location, require_response)
             rid = record_id(messages)
             if rid in seen:
-                raise RecordError(str(path), location, "id", f"duplicate id {rid}: same conversation as {seen[rid]}", raw)
+                raise RecordError(str(path), location, "id",
+                                  f"duplicate id: {rid} is the same conversation as {seen[rid]}", raw)
             seen[rid] = location
             result.records.append(Record(rid, messages, row_fmt, raw, location))
         except RecordError as err:
@@ -310,8 +311,10 @@ def _conversation(row: dict, key: str, role_key: str, text_key: str, file: str, 
     turns = row.get(key)
     if turns is None:
         raise RecordError(file, location, key, "missing field", row)
-    if not isinstance(turns, list) or not turns:
-        raise RecordError(file, location, key, "wrong type: expected a non-empty list of turns", row)
+    if not isinstance(turns, list):
+        raise RecordError(file, location, key, f"wrong type: expected a list of turns, got {type(turns).__name__}", row)
+    if not turns:
+        raise RecordError(file, location, key, "empty field: the list of turns is empty", row)
     messages = []
     for j, turn in enumerate(turns):
         where = f"{key}[{j}]"
@@ -320,17 +323,31 @@ def _conversation(row: dict, key: str, role_key: str, text_key: str, file: str, 
         role_raw = turn.get(role_key)
         role = _ROLE_ALIASES.get(role_raw) if isinstance(role_raw, str) else None
         if role is None:
-            raise RecordError(file, location, f"{where}.{role_key}", f"unknown role {role_raw!r}", row)
+            # the role goes after the colon: the reject counts group by the text before it, one key for all roles
+            raise RecordError(file, location, f"{where}.{role_key}",
+                              f"unknown role: {role_raw!r} is none of {', '.join(_ROLE_ALIASES)}", row)
         content = _text(turn, text_key, file, location, where=f"{where}.{text_key}")
         messages.append({"role": role, "content": content})
-    body = [m["role"] for m in messages if m["role"] != "system"]
-    if any(m["role"] == "system" for m in messages[1:]):
-        raise RecordError(file, location, key, "a system message may only come first", row)
-    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
-    if body != expected:
-        raise RecordError(file, location, key, f"roles must alternate user/assistant, got {body}", row)
+    for j, message in enumerate(messages[1:], start=1):
+        if message["role"] == "system":
+            raise RecordError(file, location, f"{key}[{j}].{role_key}", "a system message may only come first", row)
+    offset = 1 if messages[0]["role"] == "system" else 0
+    body = [m["role"] for m in messages[offset:]]
+    if not body:
+        raise RecordError(file, location, key, "no user turn: the conversation holds only a system prompt", row)
+    for i, role in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            j = offset + i
+            rule = ("a conversation starts with a user turn" if i == 0 else
+                    f"{key}[{j - 1}] is already a{'n' if role == 'assistant' else ''} {role} turn")
+            # name the first turn out of place: a list of every role of a 100-turn conversation finds nothing
+            raise RecordError(file, location, f"{key}[{j}].{role_key}",
+                              f"roles must alternate user/assistant: {turns[j].get(role_key)!r} ({role}) where "
+                              f"a{'n' if expected == 'assistant' else ''} {expected} turn belongs ({rule})", row)
     if require_response and body[-1] != "assistant":
-        raise RecordError(file, location, key, "the conversation has no final assistant response", row)
+        raise RecordError(file, location, f"{key}[{len(turns) - 1}]",
+                          "no final assistant response: the conversation ends on a user turn", row)
     return messages
 
 

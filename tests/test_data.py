@@ -185,7 +185,7 @@ def test_skip_mode_counts_and_keeps_every_reject(tmp_path):
 
 def test_bad_sharegpt_and_messages_name_the_turn(tmp_path):
     path = _write(tmp_path / "c.json", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}])
-    with pytest.raises(RecordError, match=r"record 0, field 'conversations\[1\].from': unknown role 'robot'"):
+    with pytest.raises(RecordError, match=r"record 0, field 'conversations\[1\].from': unknown role: 'robot'"):
         read_records(path)
     path = _write(tmp_path / "m.json", [{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}])
     with pytest.raises(RecordError, match="roles must alternate"):
@@ -193,6 +193,53 @@ def test_bad_sharegpt_and_messages_name_the_turn(tmp_path):
     path = _write(tmp_path / "m2.json", [{"messages": [{"role": "user", "content": 3}]}])
     with pytest.raises(RecordError, match=r"messages\[0\].content': wrong type"):
         read_records(path)
+
+
+# Real ShareGPT V3 conversations (tests/data/README.md): record -> (field, reason) of each one pomona must refuse.
+SHAREGPT_REJECTS = {
+    0: ("conversations[0].from", "roles must alternate user/assistant: 'gpt' (assistant) where a user turn belongs "
+                                 "(a conversation starts with a user turn)"),
+    1: ("conversations[0].from", "roles must alternate"), 2: ("conversations[0].from", "roles must alternate"),
+    3: ("conversations[1].from", "roles must alternate user/assistant: 'human' (user) where an assistant turn "
+                                 "belongs (conversations[0] is already a user turn)"),
+    4: ("conversations[3].from", "unknown role: 'bing' is none of human, user, gpt"),
+    5: ("conversations[0].from", "roles must alternate"),
+    6: ("conversations[3].value", "empty field"), 7: ("conversations[4].value", "empty field"),
+    8: ("conversations", "empty field: the list of turns is empty"),
+    9: ("conversations[12]", "no final assistant response: the conversation ends on a user turn"),
+    10: ("conversations", "no user turn: the conversation holds only a system prompt"), 11: ("conversations", "no user turn"),
+    15: ("conversations[2].from", "unknown role: 'bing'"), 18: ("conversations[1]", "no final assistant response"),
+    19: ("conversations[2].from", "unknown role: 'bard'"),
+    28: ("id", "duplicate id: 5bacc6545d4e0e06 is the same conversation as record 27"),
+}
+
+
+def test_real_sharegpt_rejects_name_the_turn_and_count_by_kind():
+    """Conversations that open with gpt, two human turns in a row, bing/bard roles, empty values, an empty list, a
+    system turn alone (it raised IndexError), a duplicate: each is a reject naming its turn, and the counts have one
+    key per kind of problem (not one per duplicate's id or per unknown role)."""
+    result = read_records(DATA / "sharegpt_v3_41.json", on_error="skip")
+    got = {int(r["location"].split()[1]): (r["field"], r["reason"]) for r in result.rejects}
+    assert sorted(got) == sorted(SHAREGPT_REJECTS)
+    for n, (field, reason) in SHAREGPT_REJECTS.items():
+        assert got[n][0] == field and got[n][1].startswith(reason), (n, got[n])
+    assert result.counts == {
+        "records_read": 41, "records_kept": 25, "records_rejected": 16, "rejected[duplicate id]": 1,
+        "rejected[empty field]": 3, "rejected[no user turn]": 2, "rejected[roles must alternate user/assistant]": 5,
+        "rejected[no final assistant response]": 2, "rejected[unknown role]": 3}
+    kept = {r.location: r for r in result.records}
+    # a system turn before the first human turn stays the system message; "user" and "chatgpt" are aliases
+    assert [m["role"] for m in kept["record 12"].messages] == ["system", "user", "assistant"]
+    assert [m["role"] for m in kept["record 14"].messages] == ["system", "user", "assistant"]
+    assert [m["role"] for m in kept["record 16"].messages] == ["user", "assistant"]
+    assert len(kept["record 26"].turns()) == 14
+
+
+def test_a_sharegpt_system_turn_alone_is_a_record_error_not_an_index_error(tmp_path):
+    rows = json.loads((DATA / "sharegpt_v3_41.json").read_text())
+    for require_response in (True, False):
+        with pytest.raises(RecordError, match=r"record 0, field 'conversations': no user turn"):
+            read_records(_write(tmp_path / "s.json", [rows[10]]), require_response=require_response)
 
 
 def test_broken_json_array_is_fatal_with_its_line(tmp_path):
