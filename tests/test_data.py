@@ -197,11 +197,11 @@ def test_bad_sharegpt_and_messages_name_the_turn(tmp_path):
 
 # Real ShareGPT V3 conversations (tests/data/README.md): record -> (field, reason) of each one pomona must refuse.
 SHAREGPT_REJECTS = {
-    0: ("conversations[0].from", "roles must alternate user/assistant: 'gpt' (assistant) where a user turn belongs "
-                                 "(a conversation starts with a user turn)"),
+    0: ("conversations[0].from", ("roles must alternate user/assistant: 'gpt' (assistant) where a user turn belongs "
+                                  "(a conversation starts with a user turn)")),
     1: ("conversations[0].from", "roles must alternate"), 2: ("conversations[0].from", "roles must alternate"),
-    3: ("conversations[1].from", "roles must alternate user/assistant: 'human' (user) where an assistant turn "
-                                 "belongs (conversations[0] is already a user turn)"),
+    3: ("conversations[1].from", ("roles must alternate user/assistant: 'human' (user) where an assistant turn "
+                                  "belongs (conversations[0] is already a user turn)")),
     4: ("conversations[3].from", "unknown role: 'bing' is none of human, user, gpt"),
     5: ("conversations[0].from", "roles must alternate"),
     6: ("conversations[3].value", "empty field"), 7: ("conversations[4].value", "empty field"),
