@@ -84,6 +84,29 @@ def sft_rows(messages_path: Path, tokenizer, config: SFTStageConfig) -> tuple[li
     return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows], "completion"
 
 
+ROW_COLUMN = "pomona_row"
+TRAIN_REJECTS = "rejects.jsonl"
+
+
+def numbered_rows(rows: list[dict]) -> list[dict]:
+    """The rows with their index in an extra column, which TRL's preparation carries along: what it drops can be
+    named (it silently filters examples that truncation left without a trained token)."""
+    return [{**row, ROW_COLUMN: i} for i, row in enumerate(rows)]
+
+
+def truncation_counts(prepared, given: int, config: SFTStageConfig) -> tuple[list[int], int]:
+    """(indices of the given rows TRL dropped, how many kept ones fill max_length: cut, or exactly that long).
+
+    A long multi-turn conversation whose first trained token lies beyond `max_length` (a long first user turn, or
+    every assistant turn but the last when only the final reply is trained) has nothing left to learn after the cut,
+    and TRL drops it without a word. Packing neither truncates nor drops (and does not keep the column)."""
+    if config.packing or config.max_length is None:
+        return [], 0
+    kept = set(prepared[ROW_COLUMN])
+    at_max = sum(1 for ids in prepared["input_ids"] if len(ids) >= config.max_length)
+    return [i for i in range(given) if i not in kept], at_max
+
+
 # ------------------------------------------------------------------------------------------------- model
 def training_device(model: ModelConfig) -> str:
     from models.loading import resolve_device
@@ -241,8 +264,25 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
         args.assistant_only_loss = loss_mask == "assistant"
         args.completion_only_loss = True if loss_mask == "completion" else None
         info["loss_mask"] = loss_mask
-        trainer = SFTTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows),
+        trainer = SFTTrainer(model=policy, args=args, train_dataset=Dataset.from_list(numbered_rows(rows)),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        dropped, at_max = truncation_counts(trainer.train_dataset, len(rows), config)
+        if len(dropped) == len(rows):
+            raise ConfigError(
+                f"{data_path}: all {len(rows)} training examples lose every trained token when cut to "
+                f"sft.max_length={config.max_length} (loss mask '{loss_mask}': the first trained token of each lies "
+                "beyond it), so nothing is left to train on: raise sft.max_length")
+        info.update(examples_given=len(rows), examples_dropped=len(dropped), examples_at_max_length=at_max)
+        if dropped:
+            log.warning("%d of %d training examples lose every trained token when cut to max_length=%d and are not "
+                        "trained on (listed in %s)", len(dropped), len(rows), config.max_length, TRAIN_REJECTS)
+        if trainer.is_world_process_zero():
+            write_jsonl(out_dir / TRAIN_REJECTS, [
+                {"line": i + 1, "stage": "train-sft", "reason": f"fully masked after truncation: cut to "
+                 f"max_length={config.max_length}, no token of what the loss mask '{loss_mask}' trains on is left",
+                 "row": rows[i]} for i in dropped])
+        gone = set(dropped)
+        rows = [row for i, row in enumerate(rows) if i not in gone]
     else:
         from datasets import Dataset
         from trl import DPOTrainer
@@ -511,6 +551,12 @@ def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, regi
     mean_loss = whole_run_mean_loss(info["train_loss"], info["global_step"], resumed_step, info.get("log_history", []))
     metrics = {"train.global_step": info["global_step"], "train.examples": info["examples"],
                "train.mean_loss": mean_loss, "train.resumed_from_step": resumed_step}
+    if "examples_dropped" in info:  # SFT: examples TRL dropped after truncation, and the kept ones it cut
+        metrics.update({"train.examples_given": info["examples_given"],
+                        "train.examples_dropped_truncated": info["examples_dropped"],
+                        "train.examples_at_max_length": info["examples_at_max_length"]})
+        if (folder / TRAIN_REJECTS).exists():
+            artifacts.append(TRAIN_REJECTS)
     if history:
         metrics["train.final_loss"] = history[-1]["loss"]
     params = {"train.loss_mask": info.get("loss_mask", "dpo"), "train.model_dir": str(folder / MODEL_DIR), **registered}
@@ -520,6 +566,9 @@ def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, regi
                f"{mean_loss:.4f}" + (f", resumed from `{Path(resumed).name}`" if resumed else "")
                + (f"; registered as {registered['train.registered_model']} v{registered['train.registered_version']}"
                   if registered else "") + ".")
+    if info.get("examples_dropped"):
+        summary += (f" {info['examples_dropped']} of {info['examples_given']} examples had no trained token left "
+                    "after truncation to max_length and were not trained on (see rejects.jsonl).")
     if info.get("loss_mask") == "completion":
         summary += " The chat template has no generation markers: loss on the final assistant reply only."
     return {"metrics": metrics, "params": params, "artifacts": artifacts, "datasets": [dataset], "summary": summary}

@@ -443,3 +443,40 @@ def test_a_run_that_reuses_a_stage_another_run_trained_logs_its_own_cached_child
     assert runs[0].data.tags["pomona.cached"] == "true" and runs[0].data.tags["pomona.trained_in_run"] == trained_in
     trainer = mlc.get_run(trained_in)
     assert trainer.data.tags["mlflow.parentRunId"] == first_parent and "pomona.logged" not in trainer.data.tags
+
+
+def _sharegpt_messages(tmp_path) -> Path:
+    """The real ShareGPT slice's usable conversations as a training file (long multi-turn ones among them)."""
+    from tasks.data import read_records
+
+    records = read_records(DATA / "sharegpt_v3_41.json", on_error="skip").records
+    path = tmp_path / "sharegpt.messages.jsonl"
+    write_jsonl(path, [{"messages": r.messages} for r in records])
+    return path
+
+
+def test_sft_counts_and_lists_the_conversations_truncation_leaves_nothing_to_train_on(tmp_path):
+    """TRL drops an example whose trained tokens all lie past max_length (a long first turn of a ShareGPT
+    conversation): the stage said it trained on all 25, and nothing named the 11 it never saw."""
+    from models.loading import load_tokenizer
+
+    data = _sharegpt_messages(tmp_path)
+    config = SFTStageConfig(max_steps=1, save_steps=100, **{**FAST, "max_length": 96})
+    sft_train(data, TINY, config, tmp_path / "out")
+    info = read_train_result(tmp_path / "out")
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert info["examples_given"] == 25 and info["examples_dropped"] == len(rejects) == 11
+    assert info["examples"] == 14 and 0 < info["examples_at_max_length"] <= 14
+    # each listed one really has its first assistant token beyond the cut; each trained one has it within
+    tokenizer = load_tokenizer(TINY)
+    rows = [json.loads(line)["messages"] for line in data.read_text().splitlines()]
+    first_answer = [len(tokenizer.apply_chat_template(m[:next(i for i, t in enumerate(m) if t["role"] == "assistant")],
+                                                      add_generation_prompt=True, return_dict=True)["input_ids"])
+                    for m in rows]
+    listed = {r["line"] for r in rejects}
+    assert listed == {n + 1 for n, start in enumerate(first_answer) if start >= 96}
+    assert all(r["row"]["messages"] == rows[r["line"] - 1] and "max_length=96" in r["reason"] for r in rejects)
+    only_long = tmp_path / "long.messages.jsonl"
+    write_jsonl(only_long, [{"messages": r["row"]["messages"]} for r in rejects])
+    with pytest.raises(ConfigError, match=r"all 11 training examples lose every trained token .*sft.max_length=96"):
+        sft_train(only_long, TINY, config, tmp_path / "none")
