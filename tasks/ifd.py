@@ -356,10 +356,17 @@ def pre_experience_sft(pick_out: StageOutput, scoring: ScoringConfig, pre: PreEx
         metrics = {"examples": float(result.get("examples", 0)), "global_step": float(result.get("global_step", 0))}
         if result.get("train_loss") is not None:
             metrics["train_loss"] = float(result["train_loss"])
+        dropped = int(result.get("examples_dropped", 0))
+        metrics.update(examples_given=float(result.get("examples_given", metrics["examples"])),
+                       examples_dropped_truncated=float(dropped))
+        note = (f"; {dropped} of the {int(metrics['examples_given'])} picked had no answer token left at "
+                f"pre_experience.sft.max_length={pre.sft.max_length} and were not trained on (train/rejects.jsonl)"
+                if dropped else "")
         return {"metrics": metrics, "params": {"model_dir": pre_experienced_dir(pre),
                                                "base_model": scoring.scorer.name_or_path},
+                "artifacts": ["train/rejects.jsonl"] if (folder / "train" / "rejects.jsonl").exists() else [],
                 "summary": f"Pre-experienced `{scoring.scorer.name_or_path}` on {int(metrics['examples'])} samples "
-                           f"({int(metrics['global_step'])} steps): `{model_dir}`."}
+                           f"({int(metrics['global_step'])} steps){note}: `{model_dir}`."}
 
     # the digest covers the weights the score stage loads (train_result.json holds wall-clock timings: digesting it
     # made every retraining a new input for the stages downstream, identical weights or not)

@@ -323,3 +323,26 @@ def test_pre_experience_trains_on_the_text_ifd_is_scored_on(tiny_model_dir, temp
         pair = build_pair(template, tokenizer, *record.alpaca_fields(), max_length=4096)
         assert tokenizer.encode(row["prompt"] + row["completion"]) == list(pair.conditioned.input_ids)
         assert row["completion"] == record.alpaca_fields()[2]
+
+
+def test_pre_experience_says_which_picked_samples_truncation_left_untrained(tmp_path):
+    """Cherry's pre-experience SFT on real ShareGPT first turns: a picked sample whose long instruction fills
+    pre_experience.sft.max_length has no answer token left and TRL drops it; the stage said 'on N samples' with
+    N the trained ones and nothing about the others."""
+    import json
+
+    from tasks.data import read_records, write_jsonl
+    from tasks.ifd import PRE_EXPERIENCE_TRAIN, pre_experience_rows, pre_experience_sft
+    from tasks.store import StageOutput
+
+    records = read_records(DATA / "sharegpt_v3_41.json", on_error="skip").records[:12]
+    pick = tmp_path / "pick"
+    write_jsonl(pick / PRE_EXPERIENCE_TRAIN, pre_experience_rows(records, "wiz"))
+    pick_out = StageOutput(stage="cherry-pick", key="test", path=str(pick), digest="0")
+    pre = PreExperienceConfig(sft=SFTStageConfig(max_steps=1, per_device_train_batch_size=4, max_length=96,
+                                                 register_model=False))
+    out = pre_experience_sft(pick_out, ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0")), pre)
+    rejects = [json.loads(line) for line in out.file("train/rejects.jsonl").read_text().splitlines()]
+    assert out.metrics["examples_given"] == 12 and out.metrics["examples_dropped_truncated"] == len(rejects) > 0
+    assert out.metrics["examples"] == 12 - len(rejects) and "train/rejects.jsonl" in out.artifacts
+    assert f"{len(rejects)} of the 12 picked had no answer token left" in out.summary
