@@ -30,6 +30,10 @@ class GenerationError(PomonaError):
     """A generator could not answer (endpoint down after retries, a malformed reply, a failed model)."""
 
 
+CONTEXT_OVERFLOW = "context_overflow"
+"""finish_reason of a conversation whose prompt + max_new_tokens exceed the generator's context: not generated."""
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
@@ -69,6 +73,7 @@ class TransformersGenerator:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
 
     def _decoding_kwargs(self) -> dict:
         s = self.sampling
@@ -86,10 +91,17 @@ class TransformersGenerator:
 
         torch.manual_seed(seed)
         texts = [render_prompt(self.tokenizer, c) for c in conversations]
+        # A long multi-turn conversation can exceed the model's context: generating past it gives garbage from a
+        # rotary model and an index error from one with learned positions. It gets no answer, said in its row.
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        over = {i for i, n in enumerate(lengths)
+                if self.context is not None and n + self.sampling.max_new_tokens > self.context}
+        answers = {i: Generation("", lengths[i], 0, CONTEXT_OVERFLOW, seed) for i in over}
+        fits = [i for i in range(len(texts)) if i not in over]
         device = next(self.model.parameters()).device
-        out: list[Generation] = []
-        for start in tqdm(range(0, len(texts), self.batch_size), desc=f"generate {self.name}", disable=not progress):
-            batch = self.tokenizer(texts[start:start + self.batch_size], add_special_tokens=False, padding=True,
+        for start in tqdm(range(0, len(fits), self.batch_size), desc=f"generate {self.name}", disable=not progress):
+            rows = fits[start:start + self.batch_size]
+            batch = self.tokenizer([texts[i] for i in rows], add_special_tokens=False, padding=True,
                                    return_tensors="pt").to(device)
             with torch.no_grad():
                 ids = self.model.generate(**batch, max_new_tokens=self.sampling.max_new_tokens,
@@ -100,9 +112,9 @@ class TransformersGenerator:
                 stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
                 kept = new if stop is None else new[:stop]
                 text = self.tokenizer.decode(kept, skip_special_tokens=True)
-                out.append(Generation(text, int(prompt_lengths[row]), len(new) if stop is None else stop + 1,
-                                      "length" if stop is None else "stop", seed))
-        return out
+                answers[rows[row]] = Generation(text, int(prompt_lengths[row]), len(new) if stop is None else stop + 1,
+                                                "length" if stop is None else "stop", seed)
+        return [answers[i] for i in range(len(texts))]
 
     def close(self) -> None:
         self.model = None  # let the weights go before the next generator loads

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from configs.errors import ConfigError, RecordError, ScoringError
 from configs.grape import CandidatesFile, Criterion, GrapeSelection
+from models.generation import CONTEXT_OVERFLOW
 from tasks.data import Record, json_rows, jsonl_rows, load_canonical, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
@@ -227,7 +228,9 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
                 for cand in by_instruction.get(record.id, []):
                     where = f"instruction {record.id}"
                     if not cand["response"].strip():
-                        rejects.append(_reject(where, cand, "empty response"))
+                        rejects.append(_reject(where, cand, "not generated: the conversation's prompt + max_new_tokens "
+                                               "exceed the generator's context (finish_reason context_overflow)"
+                                               if cand.get("finish_reason") == CONTEXT_OVERFLOW else "empty response"))
                         continue
                     try:
                         tokens = candidate_tokens(tok, messages, [cand["response"]], record.id)[0]

@@ -246,3 +246,36 @@ def test_http_backend_keeps_url_credentials_out_of_its_errors_and_joins_the_path
     message = str(failure.value)
     assert "127.0.0.1" in message and "pa55word" not in message and "SECRETKEY" not in message
     assert fake_server.headers[0]["Authorization"].startswith("Basic ")
+
+
+def test_a_conversation_longer_than_the_generators_context_gets_no_answer_and_says_why(tmp_path):
+    """Real multi-turn ShareGPT conversations outgrow a small model's context (the tiny model: 2,048 positions):
+    the generator answered them anyway, past its positions, and the answer looked like any other."""
+    from models.fit import render_prompt
+    from tasks.data import read_records
+    from tasks.generate import instruction_messages
+
+    # instructions for generation: an unanswered last turn is welcome (record 9 has 13 turns, 4,000+ tokens)
+    records = read_records(DATA / "sharegpt_v3_41.json", on_error="skip", require_response=False).records
+    generator = TransformersGenerator(GeneratorConfig(
+        name="tiny0", model=ModelConfig(name_or_path="tiny:0"), batch_size=4,
+        sampling=SamplingConfig(max_new_tokens=4, temperature=0)))
+    tokens = [len(generator.tokenizer(render_prompt(generator.tokenizer, instruction_messages(r)),
+                                      add_special_tokens=False)["input_ids"]) for r in records]
+    order = sorted(range(len(records)), key=tokens.__getitem__)
+    longest, short = order[-1], order[:2]
+    assert tokens[longest] > generator.context == 2048
+    picked = [short[0], longest, short[1]]
+    out = generator.generate([instruction_messages(records[i]) for i in picked], seed=0)
+    assert out[1].finish_reason == "context_overflow" and out[1].text == "" and out[1].prompt_tokens == tokens[longest]
+    assert [g.finish_reason for g in (out[0], out[2])] != ["context_overflow"] * 2
+    alone = generator.generate([instruction_messages(records[i]) for i in short], seed=0)
+    assert [g.text for g in alone] == [out[0].text, out[2].text]  # the others answered as without it
+
+    path = tmp_path / "three.json"
+    path.write_text(json.dumps([records[i].source for i in picked]))
+    stage = generate_candidates(prepare_records(DataConfig(path=str(path)), require_response=False), GeneratorConfig(
+        name="tiny0", model=ModelConfig(name_or_path="tiny:0"), sampling=SamplingConfig(max_new_tokens=4, temperature=0)),
+        progress=False)
+    assert stage.metrics["finish_reason/context_overflow"] == 1
+    assert "answered 2 of 3 instructions" in stage.summary and "1 conversations do not fit" in stage.summary

@@ -464,3 +464,29 @@ def test_bundled_tiny_recipe_runs_offline_and_prefills_the_grape_form(prefect_se
     assert out["fit"].metrics["candidates_rejected"] == 0
     assert out["selection"].metrics["selected"] == 12
     assert len(read_jsonl(out["selection"].file("pairs.jsonl"))) == out["selection"].metrics["dpo_pairs"] > 0
+
+
+def test_a_candidate_the_generator_could_not_fit_in_its_context_is_rejected_saying_so(tiny_model_dir, tmp_path):
+    """A generator skips a conversation longer than its context (finish_reason context_overflow, no text); the fit
+    stage's reject must say that, not 'empty response' as if the model had answered nothing."""
+    from configs.grape import GeneratorConfig
+    from tasks.data import Record
+    from tasks.generate import write_candidates
+    from tasks.store import StageOutput
+
+    messages = [{"role": "user", "content": "Say hi."}]
+    record = Record("i1", messages, "messages", {"messages": messages})
+    row = {"instruction_id": "i1", "params": "{}", "seed": 0, "prompt_tokens": 5}
+    rows = [{**row, "candidate_index": 0, "generator": "small", "response": "", "response_tokens": 0,
+             "finish_reason": "context_overflow"},
+            {**row, "candidate_index": 1, "generator": "big", "response": "hi", "response_tokens": 1,
+             "finish_reason": "stop"}]
+    write_candidates(tmp_path, [record], rows, [])
+    candidates = StageOutput(stage="candidates", key="test", path=str(tmp_path), digest="0")
+    target = ModelConfig(name_or_path=str(tiny_model_dir))
+    selection = GrapeSelection(target=target, generators=[GeneratorConfig(name="small", model=target)])
+    fit = score_candidate_fit(candidates, selection, progress=False)
+    [reject] = read_jsonl(fit.file("rejects.jsonl"))
+    assert reject["field"] == "candidate 0 (small)" and reject["reason"].startswith(
+        "not generated: the conversation's prompt + max_new_tokens exceed the generator's context")
+    assert fit.metrics["rejected[not generated]"] == 1 and fit.metrics["candidates_scored"] == 1
