@@ -178,6 +178,17 @@ def embed_shard(model, tokenizer, records: list[Record], embedding: DeitaEmbeddi
                        batch_size=embedding.batch_size, normalize=True, max_length=embedding.max_length)
 
 
+def truncated_conversations(tokenizer, records: list[Record], max_length: int, chunk: int = 512) -> int:
+    """How many conversations the embedding cuts at `max_length` (their vicuna text is longer). Deita's embedder
+    cuts them too; pomona counts them, since a long ShareGPT conversation is then embedded from its start only."""
+    eos = tokenizer.eos_token or ""
+    cut = 0
+    for start in range(0, len(records), chunk):  # chunks: the token lists of 17k conversations at once are large
+        texts = [vicuna_text(r, eos) for r in records[start:start + chunk]]
+        cut += sum(len(ids) > max_length for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
+    return cut
+
+
 def embed_shard_at(index: int, records_path: str, embedding: DeitaEmbeddingConfig) -> np.ndarray:
     """Shard `index` of a deita-embed stage, computed in whatever process the task runner chose."""
     from tasks.runner import worker_model, worker_records
@@ -236,13 +247,19 @@ def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, pro
         atomic_write_text(folder / "ids.txt", "".join(r.id + "\n" for r in records))
         meta = {"model": embedding.model.name_or_path, "pooling": embedding.pooling, "template": EMBEDDING_TEMPLATE,
                 "max_length": embedding.max_length, "dim": dim, "normalized": True, "rows": len(records)}
+        from models.loading import load_tokenizer
+
+        truncated = truncated_conversations(load_tokenizer(embedding.model), records, embedding.max_length)
+        meta["truncated"] = truncated
         atomic_write_text(folder / "embedding-meta.json", json.dumps(meta, indent=1))
-        return {"metrics": {"records": len(records), "dim": dim},
+        note = (f" {truncated} conversations are longer than max_length {embedding.max_length} and were embedded "
+                "from their first tokens only." if truncated else "")
+        return {"metrics": {"records": len(records), "dim": dim, "truncated": truncated},
                 "params": {"embedding_model": embedding.model.name_or_path, "embedding_pooling": embedding.pooling,
                            "embedding_template": EMBEDDING_TEMPLATE},
                 "artifacts": ["embedding-meta.json"],
                 "summary": f"Embedded **{len(records)}** conversations with `{embedding.model.name_or_path}` "
-                           f"({embedding.pooling} pooling, {EMBEDDING_TEMPLATE} template, dim {dim})."}
+                           f"({embedding.pooling} pooling, {EMBEDDING_TEMPLATE} template, dim {dim}).{note}"}
 
     key_config = embedding.model_dump(mode="json", exclude={"batch_size", "scale_out"})
     return run_stage("deita-embed", {"embedding": key_config, "template": EMBEDDING_TEMPLATE}, [records_out], body,

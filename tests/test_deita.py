@@ -561,3 +561,22 @@ def test_a_similarity_exactly_at_tau_is_kept_and_one_above_is_not(precision, one
     # the budget caps the kept set exactly, in ranking order
     assert diversity_filter_sequential(x, order, 0.5, 2).selected.tolist() == [0, 1]
     assert diversity_filter(x, order, 0.5, 2, block_size=8, precision=precision).selected.tolist() == [0, 1]
+
+
+def test_the_embedding_stage_counts_the_conversations_it_cuts(tiny_model_dir):
+    """Long multi-turn ShareGPT conversations are embedded from their first max_length tokens (as Deita's
+    embedder): that is counted and said, not left silent."""
+    from models.loading import load_tokenizer
+    from tasks.data import load_canonical, prepare_records
+    from tasks.deita import embed_records, vicuna_text
+
+    records_out = prepare_records(DataConfig(path=str(DATA / "sharegpt_v3_41.json"), on_error="skip"))
+    tiny = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
+    out = embed_records(records_out, DeitaEmbeddingConfig(model=tiny, max_length=512, batch_size=8), progress=False)
+    tokenizer = load_tokenizer(tiny)
+    lengths = [len(tokenizer(vicuna_text(r, tokenizer.eos_token))["input_ids"])
+               for r in load_canonical(records_out.file("records.jsonl"))]
+    expected = sum(n > 512 for n in lengths)
+    assert 0 < expected < len(lengths) and out.metrics["truncated"] == expected
+    assert f"{expected} conversations are longer than max_length 512" in out.summary
+    assert json.loads(out.file("embedding-meta.json").read_text())["truncated"] == expected
