@@ -51,5 +51,17 @@ class RecordError(PomonaError):
             "location": self.location,
             "field": self.field,
             "reason": self.reason,
-            "raw": self.raw if isinstance(self.raw, (dict, list, str)) else repr(self.raw),
+            "raw": printable(self.raw) if isinstance(self.raw, (dict, list, str)) else repr(self.raw),
         }
+
+
+def printable(raw: object) -> object:
+    """`raw` with each lone UTF-16 surrogate written out as the text \\udXXX: a rejects file is UTF-8, and a row
+    rejected for that (or for anything else while holding one) must still be written to it."""
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(raw, dict):
+        return {printable(k): printable(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [printable(v) for v in raw]
+    return raw

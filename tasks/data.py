@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -137,6 +138,11 @@ def read_records(path: str | os.PathLike, fmt: Format | Literal["auto"] = "auto"
         try:
             if not isinstance(raw, dict):
                 raise RecordError(str(path), location, None, f"wrong type: expected a JSON object, got {type(raw).__name__}", raw)
+            bad = lone_surrogate(raw)
+            if bad:  # no character: it cannot be hashed or written as UTF-8 (the read died on it, naming nothing)
+                raise RecordError(str(path), location, bad[0] or None, f"invalid unicode: lone surrogate "
+                                  f"U+{ord(bad[1]):04X} at character {bad[2]} (half of a UTF-16 pair, e.g. text cut "
+                                  "inside an emoji)", raw)
             row_fmt = fmt if fmt != "auto" else (result.format or detect_format(raw, str(path), location))
             result.format = result.format or row_fmt
             messages = _to_messages(raw, row_fmt, str(path), location, require_response)
@@ -252,17 +258,40 @@ def json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"record {i}", row
 
 
-def _text(row: dict, key: str, file: str, location: str, required: bool = True, where: str | None = None) -> str:
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: object, path: str = "") -> tuple[str, str, int] | None:
+    """(field path, the surrogate, its position) of the first string anywhere in `value` holding a lone UTF-16
+    surrogate (JSON's "\\ud83d" without its pair: text cut inside an emoji), else None."""
+    if isinstance(value, str):
+        bad = _SURROGATE.search(value)
+        return (path, bad.group(), bad.start()) if bad else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = lone_surrogate(key, path) if isinstance(key, str) else None
+        found = found or lone_surrogate(item, f"{path}[{key}]" if isinstance(key, int) else
+                                        f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+def _text(row: dict, key: str, file: str, location: str, required: bool = True, where: str | None = None,
+          record: dict | None = None) -> str:
+    """`row[key]` as a string. `record` is the whole row when `row` is one turn of it: a reject carries the whole
+    conversation, not just the turn that was wrong (the rejects file could not give back the rest)."""
     name = where or key
+    raw = row if record is None else record
     value = row.get(key)
     if value is None:
         if required:
-            raise RecordError(file, location, name, "missing field", row)
+            raise RecordError(file, location, name, "missing field", raw)
         return ""
     if not isinstance(value, str):
-        raise RecordError(file, location, name, f"wrong type: expected a string, got {type(value).__name__}", row)
+        raise RecordError(file, location, name, f"wrong type: expected a string, got {type(value).__name__}", raw)
     if required and not value.strip():
-        raise RecordError(file, location, name, "empty field", row)
+        raise RecordError(file, location, name, "empty field", raw)
     return value
 
 
@@ -326,7 +355,7 @@ def _conversation(row: dict, key: str, role_key: str, text_key: str, file: str, 
             # the role goes after the colon: the reject counts group by the text before it, one key for all roles
             raise RecordError(file, location, f"{where}.{role_key}",
                               f"unknown role: {role_raw!r} is none of {', '.join(_ROLE_ALIASES)}", row)
-        content = _text(turn, text_key, file, location, where=f"{where}.{text_key}")
+        content = _text(turn, text_key, file, location, where=f"{where}.{text_key}", record=row)
         messages.append({"role": role, "content": content})
     for j, message in enumerate(messages[1:], start=1):
         if message["role"] == "system":

@@ -324,3 +324,35 @@ def test_a_selection_that_keeps_nothing_is_an_error_not_an_empty_subset(tmp_path
     with pytest.raises(ConfigError, match="random: the selection kept none of the 2 candidates"):
         write_subset([_record("a", "x"), _record("b", "y")], [], tmp_path, "random")
     assert not (tmp_path / "subset.jsonl").exists()
+
+
+def test_a_lone_surrogate_is_a_reject_naming_its_field_and_the_rejects_file_can_hold_it(tmp_path):
+    """JSON's "\\ud83d" without its pair (text cut inside an emoji) is no character: it crashed the whole read with
+    a UnicodeEncodeError (hashing the record), naming nothing, even with on_error=skip."""
+    from tasks.data import write_jsonl
+
+    text = ('[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "cut \\ud83d"}]},'
+            ' {"id": "x\\udc00", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},'
+            ' {"conversations": [{"from": "human", "value": "smile \\ud83d\\ude00"}, {"from": "gpt", "value": "ok"}]}]')
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    result = read_records(path, on_error="skip")
+    assert [r.messages[0]["content"] for r in result.records] == ["smile \U0001F600"]  # a whole pair is fine
+    assert [(r["location"], r["field"]) for r in result.rejects] == [("record 0", "conversations[1].value"),
+                                                                     ("record 1", "id")]
+    assert result.rejects[0]["reason"].startswith("invalid unicode: lone surrogate U+D83D at character 4")
+    assert result.counts["rejected[invalid unicode]"] == 2
+    write_jsonl(tmp_path / "rejects.jsonl", result.rejects)
+    assert read_jsonl(tmp_path / "rejects.jsonl")[0]["raw"]["conversations"][1]["value"] == "cut \\ud83d"
+    with pytest.raises(RecordError, match=r"record 0, field 'conversations\[1\].value': invalid unicode"):
+        read_records(path)
+
+
+def test_a_rejected_turn_keeps_its_whole_conversation_in_the_rejects_file():
+    """An empty or missing value used to put only that turn in `raw`: the rest of the conversation was lost."""
+    result = read_records(DATA / "sharegpt_v3_41.json", on_error="skip")
+    rows = json.loads((DATA / "sharegpt_v3_41.json").read_text())
+    empty = [r for r in result.rejects if r["reason"] == "empty field" and r["field"].startswith("conversations[")]
+    assert len(empty) == 2
+    for reject in empty:
+        assert reject["raw"] == rows[int(reject["location"].split()[1])]
