@@ -86,7 +86,9 @@ def expected_scores(score_logits) -> np.ndarray:
         raise ValueError(f"expected logits of shape [n, {len(SCORE_TOKENS)}], got {logits.shape}")
     if not np.isfinite(logits).all():
         bad = np.nonzero(~np.isfinite(logits).all(axis=1))[0]
-        raise ScoringError(f"prompts {bad[:5].tolist()}: non-finite score-token logits")
+        err = ScoringError(f"prompts {bad[:5].tolist()}: non-finite score-token logits")
+        err.rows = bad.tolist()  # which prompts, for a caller that can name their records
+        raise err
     shifted = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(shifted)
     probs /= probs.sum(axis=1, keepdims=True)

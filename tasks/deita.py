@@ -75,7 +75,19 @@ def dimension_rows(scorer, records: list[Record]) -> list[dict]:
         owners += [len(rows) - 1] * len(prompts)
         flat += prompts
     if flat:
-        values = scorer.score_encoded(flat)
+        try:
+            values = scorer.score_encoded(flat)
+        except ScoringError as err:
+            if not getattr(err, "rows", None):
+                raise
+            # the flat prompt index means nothing to the user: name the record, its place in the file and the turn
+            first = err.rows[0]
+            record = records[owners[first]]
+            turn = first - owners.index(owners[first])
+            raise ScoringError(
+                f"deita-{scorer.dimension}: the scorer gave non-finite score-token logits for {len(err.rows)} "
+                f"turn(s) of this shard, first record {record.id} ({record.location}), turn {turn}; no score is made "
+                "up for them: check the scorer model and its dtype (float16 overflows)") from err
         for owner, value in zip(owners, values.tolist()):
             rows[owner]["scores"].append(float(value))
     return rows

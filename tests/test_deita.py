@@ -580,3 +580,29 @@ def test_the_embedding_stage_counts_the_conversations_it_cuts(tiny_model_dir):
     assert 0 < expected < len(lengths) and out.metrics["truncated"] == expected
     assert f"{expected} conversations are longer than max_length 512" in out.summary
     assert json.loads(out.file("embedding-meta.json").read_text())["truncated"] == expected
+
+
+def test_a_non_finite_score_names_the_record_and_turn_not_a_prompt_index(tiny_model_dir, monkeypatch):
+    """The shard scores every turn of its conversations as one flat list; a NaN logit was reported as 'prompts [7]',
+    an index into that list, which names no record of the user's file."""
+    import models.deita
+    from tasks.data import read_records
+    from tasks.deita import dimension_rows
+
+    records = read_records(DATA / "sharegpt_v3_41.json", on_error="skip").records[:6]
+    turns = [len(r.turns()) for r in records]
+    assert max(turns) > 1  # multi-turn, so the flat index and the record differ
+    target = next(i for i, n in enumerate(turns) if n > 1)
+    flat_index = sum(turns[:target]) + 1  # the target's second turn
+
+    real = models.deita.next_token_logits
+
+    def nan_at_one(*args, **kwargs):
+        logits = real(*args, **kwargs)
+        logits[flat_index, 2] = float("nan")
+        return logits
+
+    scorer = DeitaScorer.load(ModelConfig(name_or_path=str(tiny_model_dir)), "quality")
+    monkeypatch.setattr(models.deita, "next_token_logits", nan_at_one)
+    with pytest.raises(ScoringError, match=rf"first record {records[target].id} \({records[target].location}\), turn 1;"):
+        dimension_rows(scorer, records)
