@@ -347,7 +347,7 @@ def pre_experience_pick(records_out: StageOutput, profile_out: StageOutput, pre:
 
 def pre_experience_sft(pick_out: StageOutput, scoring: ScoringConfig, pre: PreExperienceConfig) -> StageOutput:
     """Stage `cherry-sft`: the brief SFT of the scorer on the pre-experience set; params.model_dir is the result."""
-    from tasks.train import read_train_result, sft_train
+    from tasks.train import TRAIN_REJECTS, read_train_result, sft_train
 
     def body(folder: Path) -> dict:
         sft_train(pick_out.file(PRE_EXPERIENCE_TRAIN), scoring.scorer, pre.sft, folder / "train")
@@ -360,11 +360,12 @@ def pre_experience_sft(pick_out: StageOutput, scoring: ScoringConfig, pre: PreEx
         metrics.update(examples_given=float(result.get("examples_given", metrics["examples"])),
                        examples_dropped_truncated=float(dropped))
         note = (f"; {dropped} of the {int(metrics['examples_given'])} picked had no answer token left at "
-                f"pre_experience.sft.max_length={pre.sft.max_length} and were not trained on (train/rejects.jsonl)"
+                f"pre_experience.sft.max_length={pre.sft.max_length} and were not trained on "
+                "(train/train_rejects.jsonl)"
                 if dropped else "")
         return {"metrics": metrics, "params": {"model_dir": pre_experienced_dir(pre),
                                                "base_model": scoring.scorer.name_or_path},
-                "artifacts": ["train/rejects.jsonl"] if (folder / "train" / "rejects.jsonl").exists() else [],
+                "artifacts": [f"train/{TRAIN_REJECTS}"] if (folder / "train" / TRAIN_REJECTS).exists() else [],
                 "summary": f"Pre-experienced `{scoring.scorer.name_or_path}` on {int(metrics['examples'])} samples "
                            f"({int(metrics['global_step'])} steps){note}: `{model_dir}`."}
 

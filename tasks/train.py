@@ -85,7 +85,7 @@ def sft_rows(messages_path: Path, tokenizer, config: SFTStageConfig) -> tuple[li
 
 
 ROW_COLUMN = "pomona_row"
-TRAIN_REJECTS = "rejects.jsonl"
+TRAIN_REJECTS = "train_rejects.jsonl"
 
 
 def numbered_rows(rows: list[dict]) -> list[dict]:
@@ -94,17 +94,44 @@ def numbered_rows(rows: list[dict]) -> list[dict]:
     return [{**row, ROW_COLUMN: i} for i, row in enumerate(rows)]
 
 
-def truncation_counts(prepared, given: int, config: SFTStageConfig) -> tuple[list[int], int]:
-    """(indices of the given rows TRL dropped, how many kept ones fill max_length: cut, or exactly that long).
+def truncation_counts(prepared, given: int, max_length: int) -> tuple[list[int], int | None]:
+    """(indices of the given rows TRL dropped, how many kept ones fill max_length: cut, or exactly that long; None
+    where the prepared rows are not cut yet, as DPO's, which its collator cuts).
 
     A long multi-turn conversation whose first trained token lies beyond `max_length` (a long first user turn, or
-    every assistant turn but the last when only the final reply is trained) has nothing left to learn after the cut,
-    and TRL drops it without a word. Packing neither truncates nor drops (and does not keep the column)."""
-    if config.packing or config.max_length is None:
-        return [], 0
+    every assistant turn but the last when only the final reply is trained; for DPO a prompt that fills it) has
+    nothing left to learn after the cut, and TRL drops it without a word. Packing neither truncates nor drops (and
+    does not keep the column)."""
+    if ROW_COLUMN not in prepared.column_names:
+        return [], None
     kept = set(prepared[ROW_COLUMN])
-    at_max = sum(1 for ids in prepared["input_ids"] if len(ids) >= config.max_length)
+    at_max = (sum(1 for ids in prepared["input_ids"] if len(ids) >= max_length)
+              if "input_ids" in prepared.column_names else None)
     return [i for i in range(given) if i not in kept], at_max
+
+
+def account_for_dropped(trainer, rows: list[dict], kind: Kind, config: TrainStageConfig, data_path: Path,
+                        out_dir: Path, what: str, info: dict[str, Any]) -> list[dict]:
+    """Count, list (`train_rejects.jsonl`) and warn about the rows TRL dropped after truncation; refuse a run where
+    none is left (torch's sampler would fail on an empty dataset with a message about num_samples). Returns the
+    rows that are trained on."""
+    dropped, at_max = truncation_counts(trainer.train_dataset, len(rows), config.max_length)
+    setting = f"{kind}.max_length={config.max_length}"
+    if len(dropped) == len(rows):
+        raise ConfigError(f"{data_path}: all {len(rows)} training examples lose every trained token when cut to "
+                          f"{setting} ({what}), so nothing is left to train on: raise {kind}.max_length")
+    info.update(examples_given=len(rows), examples_dropped=len(dropped))
+    if at_max is not None:
+        info["examples_at_max_length"] = at_max
+    if dropped:
+        log.warning("%d of %d %s training examples lose every trained token when cut to %s and are not trained on "
+                    "(listed in %s)", len(dropped), len(rows), kind, setting, TRAIN_REJECTS)
+    if trainer.is_world_process_zero():
+        write_jsonl(out_dir / TRAIN_REJECTS, [
+            {"line": i + 1, "stage": f"train-{kind}", "reason": f"fully masked after truncation: cut to {setting}, "
+             f"no trained token is left ({what})", "row": rows[i]} for i in dropped])
+    gone = set(dropped)
+    return [row for i, row in enumerate(rows) if i not in gone]
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -266,23 +293,8 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
         info["loss_mask"] = loss_mask
         trainer = SFTTrainer(model=policy, args=args, train_dataset=Dataset.from_list(numbered_rows(rows)),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-        dropped, at_max = truncation_counts(trainer.train_dataset, len(rows), config)
-        if len(dropped) == len(rows):
-            raise ConfigError(
-                f"{data_path}: all {len(rows)} training examples lose every trained token when cut to "
-                f"sft.max_length={config.max_length} (loss mask '{loss_mask}': the first trained token of each lies "
-                "beyond it), so nothing is left to train on: raise sft.max_length")
-        info.update(examples_given=len(rows), examples_dropped=len(dropped), examples_at_max_length=at_max)
-        if dropped:
-            log.warning("%d of %d training examples lose every trained token when cut to max_length=%d and are not "
-                        "trained on (listed in %s)", len(dropped), len(rows), config.max_length, TRAIN_REJECTS)
-        if trainer.is_world_process_zero():
-            write_jsonl(out_dir / TRAIN_REJECTS, [
-                {"line": i + 1, "stage": "train-sft", "reason": f"fully masked after truncation: cut to "
-                 f"max_length={config.max_length}, no token of what the loss mask '{loss_mask}' trains on is left",
-                 "row": rows[i]} for i in dropped])
-        gone = set(dropped)
-        rows = [row for i, row in enumerate(rows) if i not in gone]
+        rows = account_for_dropped(trainer, rows, "sft", config, data_path, out_dir,
+                                   f"loss mask '{loss_mask}': the first trained token lies beyond it", info)
     else:
         from datasets import Dataset
         from trl import DPOTrainer
@@ -291,8 +303,10 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
         if not rows:
             raise ConfigError(f"{data_path}: no preference pairs")
         # ref_model=None: with a peft_config the reference is the adapter-disabled policy; without one TRL copies it.
-        trainer = DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
+        trainer = DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=Dataset.from_list(numbered_rows(rows)),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        rows = account_for_dropped(trainer, rows, "dpo", config, data_path, out_dir,
+                                   "the prompt alone fills it, leaving neither response", info)
     info["examples"] = len(rows)
     resume = last_checkpoint(out_dir)
     if resume:
@@ -551,10 +565,11 @@ def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, regi
     mean_loss = whole_run_mean_loss(info["train_loss"], info["global_step"], resumed_step, info.get("log_history", []))
     metrics = {"train.global_step": info["global_step"], "train.examples": info["examples"],
                "train.mean_loss": mean_loss, "train.resumed_from_step": resumed_step}
-    if "examples_dropped" in info:  # SFT: examples TRL dropped after truncation, and the kept ones it cut
+    if "examples_dropped" in info:  # examples TRL dropped after truncation (and, SFT, the kept ones it cut)
         metrics.update({"train.examples_given": info["examples_given"],
-                        "train.examples_dropped_truncated": info["examples_dropped"],
-                        "train.examples_at_max_length": info["examples_at_max_length"]})
+                        "train.examples_dropped_truncated": info["examples_dropped"]})
+        if info.get("examples_at_max_length") is not None:
+            metrics["train.examples_at_max_length"] = info["examples_at_max_length"]
         if (folder / TRAIN_REJECTS).exists():
             artifacts.append(TRAIN_REJECTS)
     if history:
@@ -568,7 +583,7 @@ def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, regi
                   if registered else "") + ".")
     if info.get("examples_dropped"):
         summary += (f" {info['examples_dropped']} of {info['examples_given']} examples had no trained token left "
-                    "after truncation to max_length and were not trained on (see rejects.jsonl).")
+                    f"after truncation to max_length and were not trained on (see {TRAIN_REJECTS}).")
     if info.get("loss_mask") == "completion":
         summary += " The chat template has no generation markers: loss on the final assistant reply only."
     return {"metrics": metrics, "params": params, "artifacts": artifacts, "datasets": [dataset], "summary": summary}

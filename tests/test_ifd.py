@@ -342,7 +342,7 @@ def test_pre_experience_says_which_picked_samples_truncation_left_untrained(tmp_
     pre = PreExperienceConfig(sft=SFTStageConfig(max_steps=1, per_device_train_batch_size=4, max_length=96,
                                                  register_model=False))
     out = pre_experience_sft(pick_out, ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0")), pre)
-    rejects = [json.loads(line) for line in out.file("train/rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in out.file("train/train_rejects.jsonl").read_text().splitlines()]
     assert out.metrics["examples_given"] == 12 and out.metrics["examples_dropped_truncated"] == len(rejects) > 0
-    assert out.metrics["examples"] == 12 - len(rejects) and "train/rejects.jsonl" in out.artifacts
+    assert out.metrics["examples"] == 12 - len(rejects) and "train/train_rejects.jsonl" in out.artifacts
     assert f"{len(rejects)} of the 12 picked had no answer token left" in out.summary

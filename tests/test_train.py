@@ -14,12 +14,12 @@ from configs.pipeline import load_recipe
 from configs.schema import DataConfig, ModelConfig
 from configs.selection import FullSelection
 from configs.train import DPOStageConfig, LoraSettings, SFTFlowConfig, SFTStageConfig
-from tasks.data import prepare_records, write_jsonl
+from tasks.data import prepare_records, read_jsonl, write_jsonl
 from tasks.preferences import read_preference_pairs
 from tasks.select import baseline_selection
 from tasks.store import StageOutput
-from tasks.train import (TrainingInterrupted, dpo_stage, quantization_config, read_train_result, sft_rows, sft_stage,
-                         sft_train)
+from tasks.train import (TrainingInterrupted, dpo_stage, dpo_train, quantization_config, read_train_result, sft_rows,
+                         sft_stage, sft_train)
 
 from conftest import DATA
 
@@ -464,7 +464,7 @@ def test_sft_counts_and_lists_the_conversations_truncation_leaves_nothing_to_tra
     config = SFTStageConfig(max_steps=1, save_steps=100, **{**FAST, "max_length": 96})
     sft_train(data, TINY, config, tmp_path / "out")
     info = read_train_result(tmp_path / "out")
-    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "train_rejects.jsonl").read_text().splitlines()]
     assert info["examples_given"] == 25 and info["examples_dropped"] == len(rejects) == 11
     assert info["examples"] == 14 and 0 < info["examples_at_max_length"] <= 14
     # each listed one really has its first assistant token beyond the cut; each trained one has it within
@@ -480,3 +480,23 @@ def test_sft_counts_and_lists_the_conversations_truncation_leaves_nothing_to_tra
     write_jsonl(only_long, [{"messages": r["row"]["messages"]} for r in rejects])
     with pytest.raises(ConfigError, match=r"all 11 training examples lose every trained token .*sft.max_length=96"):
         sft_train(only_long, TINY, config, tmp_path / "none")
+
+
+def test_dpo_counts_and_lists_the_pairs_whose_prompt_fills_max_length(tmp_path):
+    """TRL's DPO drops a pair whose prompt alone fills max_length: with the bundled ShareGPT pairs at the tiny
+    recipes' max_length 256, 10 of 20 were dropped while the stage reported 20 examples."""
+    from models.loading import load_tokenizer
+
+    rows = read_preference_pairs(DATA / "dpo_en_20.json").rows
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, rows)
+    tokenizer = load_tokenizer(TINY)
+    prompt_tokens = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)
+                         ["input_ids"]) for r in rows]
+    config = DPOStageConfig(max_steps=1, save_steps=100, per_device_train_batch_size=4, max_length=256)
+    dpo_train(path, TINY, config, tmp_path / "out")
+    info = read_train_result(tmp_path / "out")
+    rejects = read_jsonl(tmp_path / "out" / "train_rejects.jsonl")
+    assert {r["line"] for r in rejects} == {n + 1 for n, t in enumerate(prompt_tokens) if t >= 256}
+    assert info["examples_given"] == 20 and info["examples_dropped"] == len(rejects) == 10 and info["examples"] == 10
+    assert all(r["stage"] == "train-dpo" and "dpo.max_length=256" in r["reason"] for r in rejects)
