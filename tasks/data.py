@@ -226,7 +226,7 @@ def jsonl_rows(path: Path, on_error: OnError, rejects: list[dict]) -> Iterator[t
                 try:
                     row = json.loads(text)
                 except json.JSONDecodeError as exc:
-                    raise RecordError(str(path), f"line {lineno}", None, f"invalid JSON: {exc.msg} at column {exc.colno}",
+                    raise RecordError(str(path), f"line {lineno}", None, f"invalid JSON: {exc.msg} (column {exc.colno})",
                                       text.rstrip("\n")) from None
             except RecordError as err:
                 if on_error == "raise":
@@ -249,7 +249,12 @@ def json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         # A broken JSON array cannot be read past the error, so this is fatal even with on_error=skip.
-        raise RecordError(str(path), f"line {exc.lineno}", None, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+        ended = exc.msg.startswith("Unterminated string") or exc.pos >= len(text.rstrip())
+        cut = " (the file ends inside it: cut off?)" if ended else ""
+        raise RecordError(str(path), f"line {exc.lineno}", None,
+                          f"invalid JSON: {exc.msg} (column {exc.colno}){cut}; a JSON array cannot be read past the "
+                          "error, so no record of it was read, even with on_error=skip: repair the file, or give the "
+                          "records as JSONL (one per line), where a bad line is skipped alone") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]  # {"Meta_Info":..., "data": [...]} files, as Cherry's logs are written
     if not isinstance(doc, list):

@@ -356,3 +356,18 @@ def test_a_rejected_turn_keeps_its_whole_conversation_in_the_rejects_file():
     assert len(empty) == 2
     for reject in empty:
         assert reject["raw"] == rows[int(reject["location"].split()[1])]
+
+
+def test_a_cut_off_json_array_says_so_and_how_to_keep_the_good_records(tmp_path):
+    """The ShareGPT V3 file as distributed ends inside a record: the error read 'Unterminated string starting at at
+    column 18' and did not say that nothing was read, with on_error=skip either, or what to do."""
+    text = (DATA / "sharegpt_v3_41.json").read_text()
+    path = tmp_path / "cut.json"
+    path.write_text(text[: text.rindex('"value"') + 20])
+    with pytest.raises(RecordError, match=r"line \d+: invalid JSON: Unterminated string starting at \(column \d+\) "
+                                          r"\(the file ends inside it: cut off\?\); .*no record of it was read, even "
+                                          r"with on_error=skip: .*JSONL"):
+        read_records(path, on_error="skip")
+    path.write_text(text[: text.index("},\n {") + 1] + "\n")  # one whole record, the array never closed
+    with pytest.raises(RecordError, match=r"cut off\?"):
+        read_records(path)
