@@ -226,7 +226,8 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
                 messages = instruction_messages(record)
                 prompt_ids, targets, kept = None, [], []
                 for cand in by_instruction.get(record.id, []):
-                    where = f"instruction {record.id}"
+                    # the id, and where the user finds it in their file
+                    where = f"instruction {record.id}" + (f" ({record.location})" if record.location else "")
                     if not cand["response"].strip():
                         rejects.append(_reject(where, cand, "not generated: the conversation's prompt + max_new_tokens "
                                                "exceed the generator's context (finish_reason context_overflow)"

@@ -475,7 +475,7 @@ def test_a_candidate_the_generator_could_not_fit_in_its_context_is_rejected_sayi
     from tasks.store import StageOutput
 
     messages = [{"role": "user", "content": "Say hi."}]
-    record = Record("i1", messages, "messages", {"messages": messages})
+    record = Record("i1", messages, "messages", {"messages": messages}, "record 7")
     row = {"instruction_id": "i1", "params": "{}", "seed": 0, "prompt_tokens": 5}
     rows = [{**row, "candidate_index": 0, "generator": "small", "response": "", "response_tokens": 0,
              "finish_reason": "context_overflow"},
@@ -487,6 +487,7 @@ def test_a_candidate_the_generator_could_not_fit_in_its_context_is_rejected_sayi
     selection = GrapeSelection(target=target, generators=[GeneratorConfig(name="small", model=target)])
     fit = score_candidate_fit(candidates, selection, progress=False)
     [reject] = read_jsonl(fit.file("rejects.jsonl"))
+    assert reject["location"] == "instruction i1 (record 7)"  # where the user finds it, not only the hash
     assert reject["field"] == "candidate 0 (small)" and reject["reason"].startswith(
         "not generated: the conversation's prompt + max_new_tokens exceed the generator's context")
     assert fit.metrics["rejected[not generated]"] == 1 and fit.metrics["candidates_scored"] == 1
