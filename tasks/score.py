@@ -131,7 +131,10 @@ def score_records(records_out: StageOutput, scoring: ScoringConfig, scorer_stage
         counts = score_counts(rows)
         # The IFD templates are single-turn (as the authors' scripts): later turns of a conversation are not
         # scored, and that is counted rather than left unsaid.
-        counts["first_turn_only"] = sum(len(r.turns()) > 1 for r in records)
+        # An Alpaca row with `history` is scored on its own instruction/output, its last turn (what the reference
+        # scripts read from such a row), not its first: counted apart so the summary says which turn was scored.
+        counts["first_turn_only"] = sum(len(r.turns()) > 1 and r.source_format != "alpaca" for r in records)
+        counts["last_turn_only"] = sum(len(r.turns()) > 1 and r.source_format == "alpaca" for r in records)
         scored = [r for r in rows if r["status"] == STATUS_SCORED]
         if scored:
             counts["mean_cond_nll"] = sum(r["cond_mean_nll"] for r in scored) / len(scored)
@@ -143,6 +146,9 @@ def score_records(records_out: StageOutput, scoring: ScoringConfig, scorer_stage
         if counts["first_turn_only"]:
             summary += (f" {int(counts['first_turn_only'])} multi-turn records were scored on their first turn "
                         "only (the IFD templates are single-turn).")
+        if counts["last_turn_only"]:
+            summary += (f" {int(counts['last_turn_only'])} Alpaca records with a history were scored on their "
+                        "instruction and output only (the last turn; the history is not scored).")
         return {"metrics": counts, "artifacts": ["rejects.jsonl"], "summary": summary,
                 "params": {"scorer": model_cfg.name_or_path, "template": scoring.template,
                            "max_length": scoring.max_length}}

@@ -334,6 +334,30 @@ def test_multi_turn_records_are_scored_on_their_first_turn_and_counted(tmp_path)
     assert read_scores(out)[0]["cond_tokens"] == first.conditioned.n_targets
 
 
+def test_alpaca_rows_with_history_are_counted_as_scored_on_their_last_turn(tmp_path):
+    """An Alpaca row's history (as pomona writes a multi-turn ShareGPT record in Alpaca format) is not scored: its
+    instruction/output, the last turn, is. The summary said such rows were scored on their first turn."""
+    from models.loading import load_model
+    from tasks.data import prepare_records, read_records, write_records
+    from tasks.score import read_scores, score_records
+
+    chats = tmp_path / "chats.json"
+    chats.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Name a colour."},
+                                                    {"from": "gpt", "value": "Blue."},
+                                                    {"from": "human", "value": "Another one?"},
+                                                    {"from": "gpt", "value": "Green."}]}]))
+    alpaca = tmp_path / "alpaca.json"
+    write_records(read_records(chats).records, alpaca, "alpaca")
+    out = score_records(prepare_records(DataConfig(path=str(alpaca))),
+                        ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"), max_length=128), progress=False)
+    assert out.metrics["last_turn_only"] == 1 and out.metrics["first_turn_only"] == 0
+    assert "1 Alpaca records with a history were scored on their instruction and output only" in out.summary
+    assert "first turn" not in out.summary
+    _, tok = load_model(ModelConfig(name_or_path="tiny:0"))
+    last = build_pair("wiz", tok, "Another one?", "", "Green.", 128)
+    assert read_scores(out)[0]["cond_tokens"] == last.conditioned.n_targets
+
+
 def test_score_rows_hold_the_conditioned_and_direct_losses_each_in_its_own_column(tiny):
     """IFD divides the conditioned loss by the direct one: a row with the two swapped (or a sum where the mean
     belongs) inverts every IFD, so each column is held against the one-sample loop on its own request."""
