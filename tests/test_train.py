@@ -500,3 +500,21 @@ def test_dpo_counts_and_lists_the_pairs_whose_prompt_fills_max_length(tmp_path):
     assert {r["line"] for r in rejects} == {n + 1 for n, t in enumerate(prompt_tokens) if t >= 256}
     assert info["examples_given"] == 20 and info["examples_dropped"] == len(rejects) == 10 and info["examples"] == 10
     assert all(r["stage"] == "train-dpo" and "dpo.max_length=256" in r["reason"] for r in rejects)
+
+
+def test_a_chat_template_that_refuses_a_system_turn_names_the_example_before_trl_does(tmp_path):
+    """ShareGPT conversations may open with a system turn; Gemma-style templates raise on it, and TRL died inside
+    datasets.map with a Jinja traceback naming no example."""
+    from models.loading import load_tokenizer
+
+    path = _sharegpt_messages(tmp_path)
+    rows = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+    with_system = [n + 1 for n, m in enumerate(rows) if m[0]["role"] == "system"]
+    assert len(with_system) == 3
+    tokenizer = load_tokenizer(TINY)
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    with pytest.raises(ConfigError, match=rf"line {with_system[0]}: the model's chat template refuses this "
+                                          r"conversation \(roles \['system', 'user', 'assistant'\]\): System role not "
+                                          r"supported; 3 of 25 training examples are refused"):
+        sft_rows(path, tokenizer, SFTStageConfig())
