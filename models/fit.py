@@ -63,11 +63,19 @@ def candidate_tokens(tokenizer, messages: list[dict[str, str]], responses: Seque
     Raises RecordError when the template does not render a response verbatim right after the generation prompt
     (e.g. it trims whitespace), because then the response tokens cannot be told apart from the template's.
     """
-    prompt_text = render_prompt(tokenizer, messages)
+    from jinja2 import TemplateError
+
+    try:
+        prompt_text = render_prompt(tokenizer, messages)
+        fulls = [tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                               tokenize=False) for response in responses]
+    except TemplateError as exc:  # e.g. Gemma's template on a ShareGPT system turn: a reject, not a traceback
+        raise RecordError("candidates", f"instruction {instruction_id}", None,
+                          f"template refused: the chat template refuses this conversation (roles "
+                          f"{[m.get('role') for m in messages]}): {exc}", messages) from None
     prompt_ids = tuple(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
     out: list[CandidateTokens] = []
-    for k, response in enumerate(responses):
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    for k, (response, full) in enumerate(zip(responses, fulls)):
         if not full.startswith(prompt_text):
             raise ConfigError("the chat template renders an answered conversation with a different prefix than its "
                               f"generation prompt (instruction {instruction_id}); cannot separate prompt from response")

@@ -32,6 +32,8 @@ class GenerationError(PomonaError):
 
 CONTEXT_OVERFLOW = "context_overflow"
 """finish_reason of a conversation whose prompt + max_new_tokens exceed the generator's context: not generated."""
+TEMPLATE_REFUSED = "template_refused"
+"""finish_reason of a conversation the generator's chat template refuses to render (it raised): not generated."""
 
 
 @dataclass(frozen=True)
@@ -85,19 +87,27 @@ class TransformersGenerator:
 
     def generate(self, conversations: Sequence[Messages], seed: int, progress: bool = False) -> list[Generation]:
         import torch
+        from jinja2 import TemplateError
         from tqdm.auto import tqdm
 
         from models.fit import render_prompt
 
         torch.manual_seed(seed)
-        texts = [render_prompt(self.tokenizer, c) for c in conversations]
+        texts: list[str] = []
+        answers: dict[int, Generation] = {}
+        for i, c in enumerate(conversations):
+            try:
+                texts.append(render_prompt(self.tokenizer, c))
+            except TemplateError:  # the template refuses it (a system turn for Gemma's): no answer, said in its row
+                texts.append("")
+                answers[i] = Generation("", None, 0, TEMPLATE_REFUSED, seed)
         # A long multi-turn conversation can exceed the model's context: generating past it gives garbage from a
         # rotary model and an index error from one with learned positions. It gets no answer, said in its row.
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        over = {i for i, n in enumerate(lengths)
-                if self.context is not None and n + self.sampling.max_new_tokens > self.context}
-        answers = {i: Generation("", lengths[i], 0, CONTEXT_OVERFLOW, seed) for i in over}
-        fits = [i for i in range(len(texts)) if i not in over]
+        over = {i for i, n in enumerate(lengths) if i not in answers and
+                self.context is not None and n + self.sampling.max_new_tokens > self.context}
+        answers.update({i: Generation("", lengths[i], 0, CONTEXT_OVERFLOW, seed) for i in over})
+        fits = [i for i in range(len(texts)) if i not in answers]
         device = next(self.model.parameters()).device
         for start in tqdm(range(0, len(fits), self.batch_size), desc=f"generate {self.name}", disable=not progress):
             rows = fits[start:start + self.batch_size]

@@ -99,7 +99,8 @@ def generation_shard_at(index: int, records_path: str, generator: GeneratorConfi
 def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, shard_size: int = 64,
                         progress: bool = True) -> StageOutput:
     """Stage `generate`: one generator's answers to every instruction, in resumable shards."""
-    from models.generation import CONTEXT_OVERFLOW, generation_params, make_generator
+    from models.generation import (CONTEXT_OVERFLOW, TEMPLATE_REFUSED, generation_params,
+                                   make_generator)
 
     def body(folder: Path) -> dict:
         from tqdm.auto import tqdm
@@ -134,13 +135,16 @@ def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, sh
                    "shards": n_shards, "shards_resumed": len(done),
                    "mean_response_tokens": sum(lengths) / len(lengths) if lengths else 0.0}
         metrics.update({f"finish_reason/{k}": v for k, v in sorted(finish.items())})
-        overflow = finish.get(CONTEXT_OVERFLOW, 0)
-        summary = (f"Generator **{generator.name}** ({generator.backend}) answered {len(rows) - overflow} of "
-                   f"{len(records)} instructions in {n_shards} shards ({len(done)} resumed from an earlier run); "
+        overflow, refused = finish.get(CONTEXT_OVERFLOW, 0), finish.get(TEMPLATE_REFUSED, 0)
+        summary = (f"Generator **{generator.name}** ({generator.backend}) answered {len(rows) - overflow - refused} "
+                   f"of {len(records)} instructions in {n_shards} shards ({len(done)} resumed from an earlier run); "
                    f"finish reasons {dict(finish)}.")
         if overflow:
             summary += (f" {overflow} conversations do not fit the generator's context with max_new_tokens and got "
                         f"no answer (finish_reason {CONTEXT_OVERFLOW}).")
+        if refused:
+            summary += (f" {refused} conversations are refused by the generator's chat template and got no answer "
+                        f"(finish_reason {TEMPLATE_REFUSED}).")
         return {"metrics": metrics, "params": {"generation": params}, "summary": summary}
 
     config = {"generator": generator, "shard_size": shard_size}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from configs.errors import ConfigError, RecordError, ScoringError
 from configs.grape import CandidatesFile, Criterion, GrapeSelection
-from models.generation import CONTEXT_OVERFLOW
+from models.generation import CONTEXT_OVERFLOW, TEMPLATE_REFUSED
 from tasks.data import Record, json_rows, jsonl_rows, load_canonical, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
@@ -229,9 +229,8 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
                     # the id, and where the user finds it in their file
                     where = f"instruction {record.id}" + (f" ({record.location})" if record.location else "")
                     if not cand["response"].strip():
-                        rejects.append(_reject(where, cand, "not generated: the conversation's prompt + max_new_tokens "
-                                               "exceed the generator's context (finish_reason context_overflow)"
-                                               if cand.get("finish_reason") == CONTEXT_OVERFLOW else "empty response"))
+                        rejects.append(_reject(where, cand, NOT_GENERATED.get(cand.get("finish_reason"),
+                                                                              "empty response")))
                         continue
                     try:
                         tokens = candidate_tokens(tok, messages, [cand["response"]], record.id)[0]
@@ -281,6 +280,15 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
     config = {"target": selection.target, "score_end_of_turn": selection.score_end_of_turn,
               "max_length": selection.max_length, "shard_size": selection.scoring_shard_size}
     return run_stage("grape-fit", config, [candidates_out], body, digest_of=["fit.parquet", "rejects.jsonl"])
+
+
+NOT_GENERATED = {
+    CONTEXT_OVERFLOW: "not generated: the conversation's prompt + max_new_tokens exceed the generator's context "
+                      f"(finish_reason {CONTEXT_OVERFLOW})",
+    TEMPLATE_REFUSED: "not generated: the generator's chat template refuses this conversation (a system turn?) "
+                      f"(finish_reason {TEMPLATE_REFUSED})",
+}
+"""Reject reasons of a candidate with no text because its generator skipped the conversation, and why."""
 
 
 def _reject(location: str, cand: dict, reason: str) -> dict:

@@ -71,7 +71,7 @@ def sft_rows(messages_path: Path, tokenizer, config: SFTStageConfig) -> tuple[li
             raise ConfigError(f"{messages_path}, line {line}: field 'messages' (a list of turns) is missing; rows "
                               "are either chat `messages` or text `prompt` + `completion`")
     rows = [{"messages": row["messages"]} for row in raw]
-    refuse_untemplatable(rows, tokenizer, messages_path)
+    refuse_untemplatable([row["messages"] for row in rows], tokenizer, messages_path)
     if not config.assistant_only_loss:
         return rows, "all"
     if has_generation_markers(tokenizer):
@@ -135,25 +135,25 @@ def account_for_dropped(trainer, rows: list[dict], kind: Kind, config: TrainStag
     return [row for i, row in enumerate(rows) if i not in gone]
 
 
-def refuse_untemplatable(rows: list[dict], tokenizer, path: Path) -> None:
+def refuse_untemplatable(conversations: list[list[dict]], tokenizer, path: Path) -> None:
     """A chat template may refuse a conversation by raising (Gemma's and Mistral's refuse a system message, which
     ShareGPT conversations carry as a first turn); TRL then dies inside `datasets.map` with a Jinja traceback that
     names no example. Render each one first and refuse the run naming the first such line and how many there are."""
     from jinja2 import TemplateError
 
     refused = []
-    for line, row in enumerate(rows, 1):
+    for line, conversation in enumerate(conversations, 1):
         try:
-            tokenizer.apply_chat_template(row["messages"], tokenize=False)
+            tokenizer.apply_chat_template(conversation, tokenize=False)
         except TemplateError as exc:
             refused.append((line, str(exc)))
     if refused:
         line, message = refused[0]
-        roles = [m.get("role") for m in rows[line - 1]["messages"]]
+        roles = [m.get("role") for m in conversations[line - 1]]
         raise ConfigError(
             f"{path}, line {line}: the model's chat template refuses this conversation (roles {roles}): {message}; "
-            f"{len(refused)} of {len(rows)} training examples are refused. Train a model whose template accepts them, "
-            "or leave them out of the data")
+            f"{len(refused)} of {len(conversations)} training examples are refused. Train a model whose template "
+            "accepts them, or leave them out of the data")
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -324,6 +324,8 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
         rows = read_jsonl(data_path)
         if not rows:
             raise ConfigError(f"{data_path}: no preference pairs")
+        if all(isinstance(r.get("prompt"), list) and isinstance(r.get("chosen"), list) for r in rows):
+            refuse_untemplatable([r["prompt"] + r["chosen"] for r in rows], tokenizer, data_path)
         # ref_model=None: with a peft_config the reference is the adapter-disabled policy; without one TRL copies it.
         trainer = DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=Dataset.from_list(numbered_rows(rows)),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

@@ -279,3 +279,24 @@ def test_a_conversation_longer_than_the_generators_context_gets_no_answer_and_sa
         progress=False)
     assert stage.metrics["finish_reason/context_overflow"] == 1
     assert "answered 2 of 3 instructions" in stage.summary and "1 conversations do not fit" in stage.summary
+
+
+def test_a_conversation_the_generators_template_refuses_gets_no_answer_and_says_why():
+    """A ShareGPT system turn under a template that raises on it (Gemma's, Mistral's): the generate call died with
+    a Jinja traceback, losing the shard, instead of skipping that conversation."""
+    from tasks.data import read_records
+    from tasks.generate import instruction_messages
+
+    records = read_records(DATA / "sharegpt_v3_41.json", on_error="skip").records
+    system = next(r for r in records if r.system)
+    plain = [r for r in records if not r.system and len(r.messages) == 2][:2]
+    generator = TransformersGenerator(GeneratorConfig(
+        name="tiny0", model=ModelConfig(name_or_path="tiny:0"), batch_size=4,
+        sampling=SamplingConfig(max_new_tokens=4, temperature=0)))
+    conversations = [instruction_messages(r) for r in (plain[0], system, plain[1])]
+    expected = generator.generate([conversations[0], conversations[2]], seed=0)
+    generator.tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role "
+                                         "not supported') }}{% endif %}" + generator.tokenizer.chat_template)
+    out = generator.generate(conversations, seed=0)
+    assert out[1].finish_reason == "template_refused" and out[1].text == ""
+    assert [out[0].text, out[2].text] == [g.text for g in expected]

@@ -491,3 +491,15 @@ def test_a_candidate_the_generator_could_not_fit_in_its_context_is_rejected_sayi
     assert reject["field"] == "candidate 0 (small)" and reject["reason"].startswith(
         "not generated: the conversation's prompt + max_new_tokens exceed the generator's context")
     assert fit.metrics["rejected[not generated]"] == 1 and fit.metrics["candidates_scored"] == 1
+
+
+def test_a_conversation_the_targets_template_refuses_is_a_reject_not_a_traceback(tiny_model_dir):
+    from models.loading import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + tok.chat_template)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+    with pytest.raises(RecordError, match=r"instruction i9: template refused: the chat template refuses this "
+                                          r"conversation \(roles \['system', 'user'\]\): System role not supported"):
+        candidate_tokens(tok, messages, ["hi"], "i9")

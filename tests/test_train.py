@@ -518,3 +518,27 @@ def test_a_chat_template_that_refuses_a_system_turn_names_the_example_before_trl
                                           r"conversation \(roles \['system', 'user', 'assistant'\]\): System role not "
                                           r"supported; 3 of 25 training examples are refused"):
         sft_rows(path, tokenizer, SFTStageConfig())
+
+
+def test_dpo_pairs_a_template_refuses_are_a_config_error_naming_the_line(tmp_path, monkeypatch):
+    import models.loading
+
+    rows = read_preference_pairs(DATA / "dpo_en_20.json").rows  # real ShareGPT pairs, some with a system prompt
+    with_system = [n + 1 for n, r in enumerate(rows) if r["prompt"][0]["role"] == "system"]
+    assert with_system
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, rows)
+    real = models.loading.load_tokenizer
+
+    def refusing(*args, **kwargs):
+        tok = real(*args, **kwargs)
+        tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                             "supported') }}{% endif %}" + tok.chat_template)
+        return tok
+
+    monkeypatch.setattr(models.loading, "load_tokenizer", refusing)
+    with pytest.raises(ConfigError, match=rf"pairs.jsonl, line {with_system[0]}: the model's chat template refuses "
+                                          r"this conversation \(roles \['system', 'user', 'assistant'\]\): System "
+                                          rf"role not supported; {len(with_system)} of 20 training examples are refused"):
+        dpo_train(path, TINY, DPOStageConfig(max_steps=1, per_device_train_batch_size=4, max_length=256),
+                  tmp_path / "out")
