@@ -20,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -89,13 +89,34 @@ ROW_COLUMN = "pomona_row"
 TRAIN_REJECTS = "train_rejects.jsonl"
 
 
-def numbered_rows(rows: list[dict]) -> list[dict]:
-    """The rows with their index in an extra column, which TRL's preparation carries along: what it drops can be
-    named (it silently filters examples that truncation left without a trained token)."""
-    return [{**row, ROW_COLUMN: i} for i, row in enumerate(rows)]
+def numbered_rows(rows: list[dict], skip: Iterable[int] = ()) -> list[dict]:
+    """The rows (less those in `skip`) with their index in an extra column, which TRL's preparation carries along:
+    what it drops can be named (it silently filters examples that truncation left without a trained token)."""
+    skipped = set(skip)
+    return [{**row, ROW_COLUMN: i} for i, row in enumerate(rows) if i not in skipped]
 
 
-def truncation_counts(prepared, given: int, max_length: int) -> tuple[list[int], int | None]:
+def special_tokens_in_text(rows: list[dict], tokenizer) -> dict[int, str]:
+    """{row index: the special token} of the rows whose own text holds one of the tokenizer's special tokens.
+
+    Chat templates render the text and the tokenizer then reads such a string as the control token itself: a real
+    ShareGPT reply ending in "...Skipped 1 messages<|endoftext|>" would teach GPT-2-family and SmolLM2 models an
+    end of text in the middle of a conversation. Such rows are not trained on, and are listed."""
+    specials = {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content}
+    found: dict[int, str] = {}
+    for i, row in enumerate(rows):
+        for value in row.values():
+            texts = [value] if isinstance(value, str) else [m.get("content") for m in value if isinstance(m, dict)] \
+                if isinstance(value, list) else []
+            hit = next((t for text in texts if isinstance(text, str) for t in specials if t in text), None)
+            if hit:
+                found[i] = hit
+                break
+    return found
+
+
+def truncation_counts(prepared, given: list[int], max_length: int) -> tuple[list[int], int | None]:
     """(indices of the given rows TRL dropped, how many kept ones fill max_length: cut, or exactly that long; None
     where the prepared rows are not cut yet, as DPO's, which its collator cuts).
 
@@ -108,31 +129,52 @@ def truncation_counts(prepared, given: int, max_length: int) -> tuple[list[int],
     kept = set(prepared[ROW_COLUMN])
     at_max = (sum(1 for ids in prepared["input_ids"] if len(ids) >= max_length)
               if "input_ids" in prepared.column_names else None)
-    return [i for i in range(given) if i not in kept], at_max
+    return [i for i in given if i not in kept], at_max
 
 
-def account_for_dropped(trainer, rows: list[dict], kind: Kind, config: TrainStageConfig, data_path: Path,
-                        out_dir: Path, what: str, info: dict[str, Any]) -> list[dict]:
-    """Count, list (`train_rejects.jsonl`) and warn about the rows TRL dropped after truncation; refuse a run where
-    none is left (torch's sampler would fail on an empty dataset with a message about num_samples). Returns the
-    rows that are trained on."""
-    dropped, at_max = truncation_counts(trainer.train_dataset, len(rows), config.max_length)
+def account_for_dropped(trainer, rows: list[dict], special: dict[int, str], kind: Kind, config: TrainStageConfig,
+                        data_path: Path, out_dir: Path, what: str, info: dict[str, Any]) -> list[dict]:
+    """Count, list (`train_rejects.jsonl`) and warn about the rows left out: those holding a special token's text
+    (`special`, never given to TRL) and those TRL dropped after truncation; refuse a run where none is left (torch's
+    sampler would fail on an empty dataset with a message about num_samples). Returns the rows trained on."""
+    passed = [i for i in range(len(rows)) if i not in special]
+    dropped, at_max = truncation_counts(trainer.train_dataset, passed, config.max_length)
     setting = f"{kind}.max_length={config.max_length}"
-    if len(dropped) == len(rows):
-        raise ConfigError(f"{data_path}: all {len(rows)} training examples lose every trained token when cut to "
+    if len(dropped) == len(passed):
+        raise ConfigError(f"{data_path}: all {len(passed)} training examples lose every trained token when cut to "
                           f"{setting} ({what}), so nothing is left to train on: raise {kind}.max_length")
-    info.update(examples_given=len(rows), examples_dropped=len(dropped))
+    info.update(examples_given=len(rows), examples_dropped=len(dropped), examples_special_tokens=len(special))
     if at_max is not None:
         info["examples_at_max_length"] = at_max
     if dropped:
         log.warning("%d of %d %s training examples lose every trained token when cut to %s and are not trained on "
                     "(listed in %s)", len(dropped), len(rows), kind, setting, TRAIN_REJECTS)
     if trainer.is_world_process_zero():
-        write_jsonl(out_dir / TRAIN_REJECTS, [
-            {"line": i + 1, "stage": f"train-{kind}", "reason": f"fully masked after truncation: cut to {setting}, "
-             f"no trained token is left ({what})", "row": rows[i]} for i in dropped])
-    gone = set(dropped)
+        listed = [{"line": i + 1, "stage": f"train-{kind}", "reason": special_token_reason(token), "row": rows[i]}
+                  for i, token in special.items()]
+        listed += [{"line": i + 1, "stage": f"train-{kind}", "reason": f"fully masked after truncation: cut to "
+                    f"{setting}, no trained token is left ({what})", "row": rows[i]} for i in dropped]
+        write_jsonl(out_dir / TRAIN_REJECTS, sorted(listed, key=lambda r: r["line"]))
+    gone = set(dropped) | set(special)
     return [row for i, row in enumerate(rows) if i not in gone]
+
+
+def special_token_reason(token: str) -> str:
+    return (f"special token in the text: it holds {token!r}, which the tokenizer would read as that control token, "
+            "not as text")
+
+
+def screen_special_tokens(rows: list[dict], tokenizer, kind: Kind, data_path: Path) -> dict[int, str]:
+    """The rows holding a special token's text (see `special_tokens_in_text`); all of them is a ConfigError."""
+    special = special_tokens_in_text(rows, tokenizer)
+    if special:
+        log.warning("%d of %d %s training examples hold a special token's text and are not trained on (listed in "
+                    "%s)", len(special), len(rows), kind, TRAIN_REJECTS)
+    if rows and len(special) == len(rows):
+        line, token = next(iter(special.items()))
+        raise ConfigError(f"{data_path}: all {len(rows)} training examples hold a special token's text (line "
+                          f"{line + 1}: {token!r}), so nothing is left to train on")
+    return special
 
 
 def refuse_untemplatable(conversations: list[list[dict]], tokenizer, path: Path) -> None:
@@ -313,9 +355,10 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
         args.assistant_only_loss = loss_mask == "assistant"
         args.completion_only_loss = True if loss_mask == "completion" else None
         info["loss_mask"] = loss_mask
-        trainer = SFTTrainer(model=policy, args=args, train_dataset=Dataset.from_list(numbered_rows(rows)),
+        special = screen_special_tokens(rows, tokenizer, "sft", data_path)
+        trainer = SFTTrainer(model=policy, args=args, train_dataset=Dataset.from_list(numbered_rows(rows, special)),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-        rows = account_for_dropped(trainer, rows, "sft", config, data_path, out_dir,
+        rows = account_for_dropped(trainer, rows, special, "sft", config, data_path, out_dir,
                                    f"loss mask '{loss_mask}': the first trained token lies beyond it", info)
     else:
         from datasets import Dataset
@@ -327,9 +370,11 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
         if all(isinstance(r.get("prompt"), list) and isinstance(r.get("chosen"), list) for r in rows):
             refuse_untemplatable([r["prompt"] + r["chosen"] for r in rows], tokenizer, data_path)
         # ref_model=None: with a peft_config the reference is the adapter-disabled policy; without one TRL copies it.
-        trainer = DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=Dataset.from_list(numbered_rows(rows)),
+        special = screen_special_tokens(rows, tokenizer, "dpo", data_path)
+        trainer = DPOTrainer(model=policy, ref_model=None, args=args,
+                             train_dataset=Dataset.from_list(numbered_rows(rows, special)),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-        rows = account_for_dropped(trainer, rows, "dpo", config, data_path, out_dir,
+        rows = account_for_dropped(trainer, rows, special, "dpo", config, data_path, out_dir,
                                    "the prompt alone fills it, leaving neither response", info)
     info["examples"] = len(rows)
     resume = last_checkpoint(out_dir)
@@ -591,7 +636,8 @@ def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, regi
                "train.mean_loss": mean_loss, "train.resumed_from_step": resumed_step}
     if "examples_dropped" in info:  # examples TRL dropped after truncation (and, SFT, the kept ones it cut)
         metrics.update({"train.examples_given": info["examples_given"],
-                        "train.examples_dropped_truncated": info["examples_dropped"]})
+                        "train.examples_dropped_truncated": info["examples_dropped"],
+                        "train.examples_special_tokens": info.get("examples_special_tokens", 0)})
         if info.get("examples_at_max_length") is not None:
             metrics["train.examples_at_max_length"] = info["examples_at_max_length"]
         if (folder / TRAIN_REJECTS).exists():
@@ -608,6 +654,9 @@ def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, regi
     if info.get("examples_dropped"):
         summary += (f" {info['examples_dropped']} of {info['examples_given']} examples had no trained token left "
                     f"after truncation to max_length and were not trained on (see {TRAIN_REJECTS}).")
+    if info.get("examples_special_tokens"):
+        summary += (f" {info['examples_special_tokens']} of {info['examples_given']} examples hold a special "
+                    f"token's text and were not trained on (see {TRAIN_REJECTS}).")
     if info.get("loss_mask") == "completion":
         summary += " The chat template has no generation markers: loss on the final assistant reply only."
     return {"metrics": metrics, "params": params, "artifacts": artifacts, "datasets": [dataset], "summary": summary}

@@ -542,3 +542,22 @@ def test_dpo_pairs_a_template_refuses_are_a_config_error_naming_the_line(tmp_pat
                                           rf"role not supported; {len(with_system)} of 20 training examples are refused"):
         dpo_train(path, TINY, DPOStageConfig(max_steps=1, per_device_train_batch_size=4, max_length=256),
                   tmp_path / "out")
+
+
+def test_a_conversation_holding_a_special_tokens_text_is_listed_not_trained_on(tmp_path):
+    """Two ShareGPT V3 replies end in the text '...Skipped 1 messages<|endoftext|>': GPT-2-family and SmolLM2
+    tokenizers read it as the end-of-text control token, mid-conversation. Here the tiny tokenizer's own '<|end|>'
+    stands in for it."""
+    data = _sharegpt_messages(tmp_path)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[4]["messages"][-1]["content"] += "\n\nSkipped 1 messages<|end|>"
+    write_jsonl(data, rows)
+    config = SFTStageConfig(max_steps=1, save_steps=100, **{**FAST, "max_length": 96})
+    sft_train(data, TINY, config, tmp_path / "out")
+    info = read_train_result(tmp_path / "out")
+    rejects = read_jsonl(tmp_path / "out" / "train_rejects.jsonl")
+    special = [r for r in rejects if r["reason"].startswith("special token in the text")]
+    assert [r["line"] for r in special] == [5] and "'<|end|>'" in special[0]["reason"]
+    assert info["examples_special_tokens"] == 1 and info["examples_given"] == 25
+    assert info["examples"] == 25 - 1 - info["examples_dropped"]
+    assert [r["line"] for r in rejects] == sorted(r["line"] for r in rejects)
