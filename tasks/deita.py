@@ -130,7 +130,7 @@ def score_dimension(dimension: str, records_out: StageOutput, scorer_config: Dei
         table = ShardedTable(folder / "shards")
         size = scorer_config.shard_size
         n_shards = math.ceil(len(records) / size)
-        todo = [s for s in range(n_shards) if s not in table.done()]
+        todo = table.todo(n_shards)
         if todo and scorer_config.scale_out is not None:
             from tasks.runner import map_shards
 
@@ -226,7 +226,7 @@ def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, pro
         n_shards = math.ceil(len(records) / size)
         final = folder / "embeddings.npy"
         if not final.exists():  # written last and atomically: present means every shard went into it
-            todo = [s for s in range(n_shards) if s not in shards.done()]
+            todo = shards.todo(n_shards)
             if todo and embedding.scale_out is not None:
                 from tasks.runner import map_shards
 

@@ -103,7 +103,7 @@ def score_records(records_out: StageOutput, scoring: ScoringConfig, scorer_stage
         records = load_canonical(records_out.file("records.jsonl"))
         table = ShardedTable(folder / SCORES_DIR)
         starts = list(range(0, len(records), scoring.shard_size))
-        todo = [s for n, s in enumerate(starts) if n not in table.done()]
+        todo = [starts[n] for n in table.todo(len(starts))]
         if todo and scoring.scale_out is not None:
             from tasks.runner import map_shards
 

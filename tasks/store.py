@@ -381,6 +381,13 @@ class ShardedTable:
             logging.getLogger("pomona.store").warning("%s: %s; computing them again", self.folder, "; ".join(bad))
         return good
 
+    def todo(self, count: int) -> list[int]:
+        """The shards of range(count) still to compute, in order. Checks the manifest once: `done()` hashes every
+        recorded shard, so calling it per shard (`[s for s in ... if s not in t.done()]`) made a resume quadratic
+        in the shard count (a 12k-record score stage at 16 per shard, half done: 27 s before its first shard)."""
+        done = self.done()
+        return [s for s in range(count) if s not in done]
+
     def shard_path(self, index: int) -> Path:
         return self.folder / f"{self.prefix}-{index:05d}.parquet"
 
@@ -453,7 +460,7 @@ def rows_by_shard(folder: str | os.PathLike, count: int, shard_size: int,
 
     table = ShardedTable(folder)
     n_shards = -(-count // shard_size)
-    todo = [s for s in range(n_shards) if s not in table.done()]
+    todo = table.todo(n_shards)
     for shard in tqdm(todo, desc=desc, unit="shard", disable=not progress or not todo):
         table.write(shard, shard_rows(shard * shard_size, min(count, (shard + 1) * shard_size)))
     return table.read()

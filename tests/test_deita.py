@@ -398,6 +398,7 @@ def test_scoring_and_embedding_stages_resume_from_their_shards(tiny_model_dir, m
     import models.embeddings
     from tasks.data import load_canonical, prepare_records
     from tasks.deita import embed_records, score_dimension, vicuna_text
+    from tasks.store import ShardedTable
 
     records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=9))
     tiny = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
@@ -407,7 +408,10 @@ def test_scoring_and_embedding_stages_resume_from_their_shards(tiny_model_dir, m
     (folder / "_SUCCESS").unlink()      # as if killed after writing its last shard
     (folder / "scores.jsonl").unlink()
     monkeypatch.setattr(DeitaScorer, "load", lambda *a, **k: pytest.fail("the model loaded with nothing to score"))
+    checks, real_check = [], ShardedTable.check
+    monkeypatch.setattr(ShardedTable, "check", lambda self: checks.append(1) or real_check(self))
     resumed = score_dimension("complexity", records_out, scorer, progress=False)
+    assert len(checks) == 2  # the manifest is checked once to resume (not once per shard) and once to read
     assert resumed.digest == first.digest and resumed.params == first.params  # params come from the tokenizer
     assert resumed.params["complexity_scorer_kind"] == "approximate"
     monkeypatch.undo()

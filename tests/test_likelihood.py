@@ -300,8 +300,11 @@ def test_killed_scoring_resumes_at_the_next_shard_with_identical_results(tmp_pat
     calls_before = list(calls)
     calls.clear()
     monkeypatch.setattr(score_mod, "score_shard", lambda *a, **k: (calls.append(a[3]), real_shard(*a[:5]))[1])
+    checks, real_check = [], score_mod.ShardedTable.check
+    monkeypatch.setattr(score_mod.ShardedTable, "check", lambda self: checks.append(1) or real_check(self))
     resumed = score_mod.score_records(records, scoring, progress=False)
     assert calls_before == [0, 4] and calls == [8, 12, 16]  # only the unfinished shards ran again
+    assert len(checks) == 2  # the manifest is checked once to resume (not once per shard) and once to read
     # the uninterrupted run, in a fresh store
     monkeypatch.setenv("POMONA_HOME", str(tmp_path / "fresh"))
     fresh = score_mod.score_records(records, scoring, progress=False)

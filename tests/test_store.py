@@ -164,6 +164,21 @@ def test_a_damaged_shard_is_computed_again_on_resume_and_never_read_as_data(tmp_
     assert calls == [1, 2] and [r["i"] for r in rows] == [0, 1, 2]
 
 
+def test_a_resume_checks_the_manifest_once_not_once_per_shard(tmp_path, monkeypatch):
+    """Finding the shards left to compute hashes every recorded shard: once per resume, not once per shard (that
+    was quadratic in the shard count)."""
+    for index in range(4):
+        ShardedTable(tmp_path / "t").write(index, [{"i": index}])
+    checks = []
+    real_check = ShardedTable.check
+    monkeypatch.setattr(ShardedTable, "check", lambda self: checks.append(1) or real_check(self))
+    rows = rows_by_shard(tmp_path / "t", 12, 1, lambda a, b: [{"i": a}], "t", progress=False)
+    assert [r["i"] for r in rows] == list(range(12))
+    assert len(checks) == 2  # the resume's todo list, then the final read
+    checks.clear()
+    assert ShardedTable(tmp_path / "t").todo(14) == [12, 13] and len(checks) == 1
+
+
 MODULE_GLOBAL = 3
 
 
