@@ -105,6 +105,8 @@ def start_parent_run(experiment: str, run_name: str, config: Any, flow_run_id: s
     ui_url = getattr(getattr(config, "tracking", None), "ui_url", None)
     if ui_url:  # stage runs copy it, so every link of this run points at the UI the recipe named
         tags[UI_URL_TAG] = ui_url
+    tags.update(process_tags())
+    end_runs_of_dead_processes(exp_id)
     run = mlc.create_run(exp_id, run_name=run_name, tags=tags)
     with failed_if_raises(run.info.run_id):
         params = [Param(k, v) for k, v in flatten(config).items()]
@@ -113,6 +115,69 @@ def start_parent_run(experiment: str, run_name: str, config: Any, flow_run_id: s
         mlc.log_text(run.info.run_id, yaml.safe_dump(redact_values(config.model_dump(mode="json")), sort_keys=False),
                      "config.yaml")
     return run.info.run_id
+
+
+HOST_TAG, PID_TAG = "pomona.host", "pomona.pid"
+ENDED_BY_TAG = "pomona.ended_by"
+
+
+def process_tags() -> dict[str, str]:
+    """Which process on which machine holds a run open: how a later run tells one still running from one whose
+    process was killed (kill -9, the OOM killer, a lost machine), which can never end its own runs."""
+    import socket
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def end_runs_of_dead_processes(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of this experiment left RUNNING by a pomona process of this machine that is gone, and
+    their Prefect flow runs Crashed; returns their ids. Without this a killed pipeline stays "Running" in the MLflow
+    UI (and in Prefect's) forever, beside the rerun that resumed its shards and finished. Runs of other machines
+    and of live processes are left alone (a reused pid reads as alive: the run then stays as it was)."""
+    import socket
+
+    mlc = client()
+    host = socket.gethostname()
+    stale = mlc.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+                            max_results=1000)
+    ended = []
+    for run in stale:
+        pid = run.data.tags.get(PID_TAG, "")
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        mlc.set_tag(run.info.run_id, ENDED_BY_TAG, f"its process {pid} on {host} was gone when a later run started "
+                                                   "(killed); that run resumed from the stage store")
+        mlc.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+        flow_run_id = run.data.tags.get("prefect.flow_run_id", "none")
+        if "mlflow.parentRunId" not in run.data.tags and flow_run_id != "none":
+            crash_flow_run(flow_run_id, f"its process {pid} on {host} was killed")
+    return ended
+
+
+def crash_flow_run(flow_run_id: str, why: str) -> None:
+    """Set a Prefect flow run still shown as Running to Crashed (no-op when it has ended or is unknown here)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as prefect:
+        try:
+            flow_run = prefect.read_flow_run(flow_run_id)
+        except ObjectNotFound:  # another Prefect server's run
+            return
+        if flow_run.state is not None and flow_run.state.is_running():
+            prefect.set_flow_run_state(flow_run_id, Crashed(message=f"pomona: {why}"), force=True)
 
 
 @contextlib.contextmanager
@@ -140,9 +205,9 @@ def tracked_run_or_none(run_id: str):
 
 def child_tags(parent) -> dict[str, str]:
     """Tags every child run takes from its parent run: the nesting, the Prefect flow run, and the MLflow UI the
-    recipe named (so the child's links point there too)."""
+    recipe named (so the child's links point there too); and the process that logs it (`process_tags`)."""
     tags = {"mlflow.parentRunId": parent.info.run_id,
-            "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "none")}
+            "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "none"), **process_tags()}
     if UI_URL_TAG in parent.data.tags:
         tags[UI_URL_TAG] = parent.data.tags[UI_URL_TAG]
     return tags

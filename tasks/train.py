@@ -559,12 +559,12 @@ def training_run(parent_run_id: str | None, stage: str, tags: dict[str, str]) ->
         return
     import mlflow
 
-    from tasks.track import client, tracking_uri
+    from tasks.track import client, process_tags, tracking_uri
 
     mlc = client()
     parent = mlc.get_run(parent_run_id)
     run = mlc.create_run(parent.info.experiment_id, run_name=stage,
-                         tags={"mlflow.parentRunId": parent_run_id, "pomona.stage": stage, **tags})
+                         tags={"mlflow.parentRunId": parent_run_id, "pomona.stage": stage, **process_tags(), **tags})
     mlflow.set_tracking_uri(tracking_uri())
     try:
         with mlflow.start_run(run_id=run.info.run_id):

@@ -138,3 +138,56 @@ def test_endpoint_secrets_stay_out_of_stage_keys_and_generation_params():
         "generate", secret_generator(SECRET_URL.replace("llm.", "other.")), [])
     shown = json.dumps(generation_params(secret_generator()))
     assert "llm.example.org" in shown and not any(s in shown for s in SECRETS)
+
+
+# ------------------------------------------------------------------------------------- killed runs
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_whose_process_was_killed_is_ended_by_the_next_run(prefect_server):
+    """kill -9 leaves the pipeline's MLflow run RUNNING and its Prefect flow run Running (nothing of the killed
+    process can end them); the next run on this machine marks them KILLED / Crashed, and leaves live ones alone."""
+    import socket
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from configs.pipeline import load_recipe
+    from tasks.track import ENDED_BY_TAG, HOST_TAG, PID_TAG, client, start_parent_run
+
+    @flow(name="pomona-killed-run-test")
+    def killed_flow():
+        pass
+
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.create_flow_run(killed_flow)
+        prefect.set_flow_run_state(flow_run.id, Running(), force=True)
+    config = load_recipe(REPO / "configs" / "recipes" / "demo.yaml", overrides={"name": "killed-run-test"})
+    mlc = client()
+    first = start_parent_run("unit-test-killed-runs", "first", config, str(flow_run.id))
+    child = mlc.create_run(mlc.get_run(first).info.experiment_id, run_name="train-sft",
+                           tags={"mlflow.parentRunId": first, HOST_TAG: socket.gethostname()})
+    live = start_parent_run("unit-test-killed-runs", "live", config, None)  # this process: alive
+    elsewhere = start_parent_run("unit-test-killed-runs", "other-host", config, None)
+    dead = str(_dead_pid())
+    for run_id in (first, child.info.run_id):
+        mlc.set_tag(run_id, PID_TAG, dead)
+    mlc.set_tag(elsewhere, PID_TAG, dead)
+    mlc.set_tag(elsewhere, HOST_TAG, "another-machine")
+
+    rerun = start_parent_run("unit-test-killed-runs", "rerun", config, None)
+    status = {run_id: mlc.get_run(run_id).info.status for run_id in (first, child.info.run_id, live, elsewhere, rerun)}
+    assert status == {first: "KILLED", child.info.run_id: "KILLED", live: "RUNNING", elsewhere: "RUNNING",
+                      rerun: "RUNNING"}
+    assert dead in mlc.get_run(first).data.tags[ENDED_BY_TAG]
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(flow_run.id).state.type.value == "CRASHED"
+    for run_id in (live, elsewhere, rerun):
+        mlc.set_terminated(run_id, "FINISHED")
