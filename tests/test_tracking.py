@@ -191,3 +191,37 @@ def test_a_run_whose_process_was_killed_is_ended_by_the_next_run(prefect_server)
         assert prefect.read_flow_run(flow_run.id).state.type.value == "CRASHED"
     for run_id in (live, elsewhere, rerun):
         mlc.set_terminated(run_id, "FINISHED")
+
+
+def test_a_reused_stage_points_at_the_run_that_holds_its_files_instead_of_copying_them(tmp_path):
+    """Each rerun of a finished pipeline logs a cached child run per stage; copying every stage file into each of
+    them stored the scores, rankings and subsets once more per rerun. A cached run keeps the stage key, params,
+    metrics and dataset inputs, and points at the run that computed the stage; with no such run in its experiment
+    (a stage computed under another recipe) it logs the files itself."""
+    from configs.pipeline import load_recipe
+    from tasks.track import ARTIFACTS_RUN_TAG, client, log_stage_run, start_parent_run
+
+    (tmp_path / "stage_key.json").write_text("{}")
+    (tmp_path / "scores.jsonl").write_text('{"id": "a", "ifd": 0.5}\n' * 1000)
+    (tmp_path / "subset.messages.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    out = StageOutput(stage="unit", key="k-reuse", path=str(tmp_path), digest="d-reuse", artifacts=["scores.jsonl"],
+                      datasets=[{"name": "unit-subset", "file": "subset.messages.jsonl", "digest": "abc"}])
+    config = load_recipe(REPO / "configs" / "recipes" / "demo.yaml", overrides={"name": "reuse-test"})
+    mlc = client()
+    elsewhere = start_parent_run("unit-test-reuse-other", "other", config, None)
+    alone = log_stage_run(elsewhere, out, cached=True)  # nothing in its experiment computed it
+    first_parent = start_parent_run("unit-test-reuse", "first", config, None)
+    computed = log_stage_run(first_parent, out, cached=False)
+    second_parent = start_parent_run("unit-test-reuse", "second", config, None)
+    cached = log_stage_run(second_parent, out, cached=True)
+
+    def files(run_id):
+        return {a.path for a in mlc.list_artifacts(run_id)}
+
+    assert files(computed) == files(alone) == {"stage_key.json", "scores.jsonl"}
+    assert files(cached) == {"stage_key.json"}
+    assert mlc.get_run(cached).data.tags[ARTIFACTS_RUN_TAG] == computed
+    assert ARTIFACTS_RUN_TAG not in mlc.get_run(alone).data.tags
+    assert [i.dataset.digest for i in mlc.get_run(cached).inputs.dataset_inputs] == ["abc"]
+    for run_id in (elsewhere, first_parent, second_parent):
+        mlc.set_terminated(run_id, "FINISHED")
