@@ -286,6 +286,30 @@ def _per_turn(out: StageOutput | None) -> tuple[dict[str, list[float]], list[dic
     return scores, read_jsonl(out.file("rejects.jsonl"))
 
 
+def _unscored(records: list, scored: set[str], rejects: dict[str, list[dict]]) -> list[dict]:
+    """One line per record without every score it needs, in input order, with every scorer's reason for it.
+
+    `stage` and `reason` join those of each scorer that refused it (`deita-complexity+deita-quality`, reasons with
+    "; "); `reasons` keeps them apart ({stage, reason}). A record missing a score that no scorer refused means the
+    score files do not belong to these records: an error, not a quietly dropped record.
+    """
+    by_id: dict[str, list[dict]] = {}
+    for stage, rows in rejects.items():
+        for row in rows:
+            by_id.setdefault(row["id"], []).append({"stage": stage, "reason": row["reason"]})
+    lines = []
+    for r in records:
+        if r.id in scored:
+            continue
+        reasons = by_id.get(r.id)
+        if not reasons:
+            raise ValueError(f"record {r.id} ({r.location}) has no Deita score and no scorer rejected it: the score "
+                             "stages were run on other records")
+        lines.append({"id": r.id, "location": r.location, "stage": "+".join(x["stage"] for x in reasons),
+                      "reason": "; ".join(x["reason"] for x in reasons), "reasons": reasons})
+    return lines
+
+
 def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, quality_out: StageOutput | None,
                  embeddings_out: StageOutput, selection: DeitaSelection, output_format: str = "source",
                  progress: bool = True) -> StageOutput:
@@ -307,8 +331,12 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
         tables = [{"complexity": complexity, "quality": quality}[s] for s in needed]
         rows = [i for i, r in enumerate(records) if all(r.id in table for table in tables)]
         cand = [records[i] for i in rows]
+        unscored = _unscored(records, {r.id for r in cand},
+                             {"deita-complexity": rejects_c, "deita-quality": rejects_q})
         if not cand:
-            reasons = Counter(r["reason"].split(":")[0] for r in rejects_c + rejects_q)
+            # per record, not per line of the scorers' files: a record both scorers refused counts once per kind
+            reasons = Counter(kind for row in unscored for kind in dict.fromkeys(
+                r["reason"].split(":")[0] for r in row["reasons"]))
             listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
             raise nothing_selected("select-deita", records_out, (
                 f"the {' and '.join(needed)} scorer{'s' if len(needed) > 1 else ''} left no record with a score "
@@ -332,7 +360,7 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
             ranking.append({"rank": rank, "id": records[i].id, "score": score_of[i], "status": status,
                             "complexity": complexity.get(records[i].id), "quality": quality.get(records[i].id)})
         write_jsonl(folder / "ranking.jsonl", ranking)
-        write_jsonl(folder / "rejects.jsonl", rejects_c + rejects_q)
+        write_jsonl(folder / "rejects.jsonl", unscored)
         fields = write_subset(records, [records[i].id for i in result.selected], folder, "deita", output_format)
 
         artifacts = ["ranking.jsonl", "rejects.jsonl"]
@@ -348,7 +376,7 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
             artifacts.append("complexity_vs_quality.png")
         fields["artifacts"] = artifacts + fields["artifacts"]
         fields["metrics"].update({
-            "candidates": len(cand), "unscored": len(records) - len(cand), "budget": count,
+            "candidates": len(cand), "unscored": len(unscored), "budget": count,
             "examined": result.examined, "rejected_similar": result.rejected,
             "not_examined": len(cand) - result.examined, "tau": selection.tau,
         })

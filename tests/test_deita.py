@@ -466,6 +466,87 @@ def test_a_scorer_that_rejects_every_record_fails_the_selection_naming_why(tmp_p
     assert "raise max_prompt_tokens of selection.complexity_scorer" in str(err.value)
 
 
+def _fake_scores(tmp_path, name, scores, rejects):
+    from tasks.data import write_jsonl
+    from tasks.store import StageOutput
+
+    folder = tmp_path / name
+    write_jsonl(folder / "scores.jsonl", [{"id": i, "scores": s} for i, s in scores.items()])
+    write_jsonl(folder / "rejects.jsonl", [{"id": i, "stage": f"deita-{name}", "reason": r} for i, r in rejects.items()])
+    return StageOutput(stage=f"deita-{name}", key=name, path=str(folder), digest=name)
+
+
+def _fake_embeddings(tmp_path, ids):
+    from tasks.store import StageOutput
+
+    folder = tmp_path / "embed"
+    folder.mkdir()
+    (folder / "ids.txt").write_text("\n".join(ids))
+    np.save(folder / "embeddings.npy", np.eye(len(ids), 4, dtype=np.float32))
+    return StageOutput(stage="deita-embed", key="e", path=str(folder), digest="e")
+
+
+def test_select_deita_lists_a_record_both_scorers_refused_once_with_both_reasons(tmp_path):
+    from tasks.data import load_canonical, prepare_records, read_jsonl
+    from tasks.deita import select_deita
+
+    records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=4))
+    a, b, c, d = [r.id for r in load_canonical(records_out.file("records.jsonl"))]
+    complexity = _fake_scores(tmp_path, "complexity", {b: [2.0], c: [3.0], d: [4.0]},
+                              {a: "prompt too long: turn 0 has 90 tokens > 80"})
+    quality = _fake_scores(tmp_path, "quality", {c: [5.0], d: [1.0]},
+                           {a: "prompt too long: turn 0 has 190 tokens > 80",
+                            b: "prompt too long: turn 0 has 120 tokens > 80"})
+    tiny = ModelConfig(name_or_path="tiny:0")
+    selection = DeitaSelection(budget=1, complexity_scorer=DeitaScorerConfig(model=tiny),
+                               quality_scorer=DeitaScorerConfig(model=tiny), embedding=DeitaEmbeddingConfig(model=tiny))
+    out = select_deita(records_out, complexity, quality, _fake_embeddings(tmp_path, [a, b, c, d]), selection,
+                       progress=False)
+    rejects = read_jsonl(out.file("rejects.jsonl"))
+    assert [r["id"] for r in rejects] == [a, b]  # one line per record, input order
+    assert rejects[0]["stage"] == "deita-complexity+deita-quality"
+    assert rejects[0]["reasons"] == [
+        {"stage": "deita-complexity", "reason": "prompt too long: turn 0 has 90 tokens > 80"},
+        {"stage": "deita-quality", "reason": "prompt too long: turn 0 has 190 tokens > 80"}]
+    assert rejects[0]["reason"] == ("prompt too long: turn 0 has 90 tokens > 80; "
+                                    "prompt too long: turn 0 has 190 tokens > 80")
+    assert rejects[1]["stage"] == "deita-quality" and len(rejects[1]["reasons"]) == 1
+    assert all(r["location"] for r in rejects)
+    assert out.metrics["unscored"] == len(rejects) == 2 and out.metrics["candidates"] == 2
+    assert out.file("selected_ids.txt").read_text().split() == [c]
+
+
+def test_select_deita_counts_each_unscored_record_once_in_the_nothing_selected_error(tmp_path):
+    from tasks.data import load_canonical, prepare_records
+    from tasks.deita import select_deita
+
+    records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=3))
+    ids = [r.id for r in load_canonical(records_out.file("records.jsonl"))]
+    too_long = {i: "prompt too long: turn 0 has 90 tokens > 8" for i in ids}
+    complexity = _fake_scores(tmp_path, "complexity", {}, too_long)
+    quality = _fake_scores(tmp_path, "quality", {}, too_long)
+    tiny = ModelConfig(name_or_path="tiny:0")
+    selection = DeitaSelection(budget=1, complexity_scorer=DeitaScorerConfig(model=tiny),
+                               quality_scorer=DeitaScorerConfig(model=tiny), embedding=DeitaEmbeddingConfig(model=tiny))
+    with pytest.raises(ConfigError) as err:
+        select_deita(records_out, complexity, quality, _fake_embeddings(tmp_path, ids), selection, progress=False)
+    assert "left no record with a score (prompt too long 3; " in str(err.value)
+
+
+def test_select_deita_refuses_a_record_with_no_score_and_no_reject(tmp_path):
+    from tasks.data import load_canonical, prepare_records
+    from tasks.deita import select_deita
+
+    records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=2))
+    a, b = [r.id for r in load_canonical(records_out.file("records.jsonl"))]
+    complexity = _fake_scores(tmp_path, "complexity", {a: [2.0]}, {})
+    tiny = ModelConfig(name_or_path="tiny:0")
+    selection = DeitaSelection(score="complexity", budget=1, complexity_scorer=DeitaScorerConfig(model=tiny),
+                               embedding=DeitaEmbeddingConfig(model=tiny))
+    with pytest.raises(ValueError, match=f"record {b} .* has no Deita score and no scorer rejected it"):
+        select_deita(records_out, complexity, None, _fake_embeddings(tmp_path, [a, b]), selection, progress=False)
+
+
 # ------------------------------------------------------------------------------------------ end to end
 def _multi_turn_file(tmp_path):
     rows = json.loads((DATA / "alpaca_demo_200.json").read_text())[:14]
