@@ -29,7 +29,7 @@ from pathlib import Path
 from configs.errors import ConfigError, RecordError, ScoringError
 from configs.grape import CandidatesFile, Criterion, GrapeSelection
 from models.generation import CONTEXT_OVERFLOW, TEMPLATE_REFUSED
-from tasks.data import Record, json_rows, jsonl_rows, load_canonical, record_id, write_jsonl
+from tasks.data import Record, json_rows, jsonl_rows, load_canonical, read_jsonl, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import ShardedTable, StageOutput, file_digest, run_stage, stage_task
@@ -358,6 +358,45 @@ def dpo_pairs(ranked: dict[str, list[CandidateFit]], responses: dict[tuple[str, 
     return pairs, meta, skipped
 
 
+def _fit_reject_kind(reason: str, selection: GrapeSelection) -> tuple[str, str]:
+    """(kind, what fixes it) of a grape-fit reject reason."""
+    if reason == NOT_GENERATED[CONTEXT_OVERFLOW]:
+        return ("not generated (context overflow)",
+                "lower the generators' sampling.max_new_tokens or use generators with a longer context")
+    if reason == NOT_GENERATED[TEMPLATE_REFUSED]:
+        return ("not generated (template refused)",
+                "use generators whose chat template accepts these conversations (a system turn?), or data without "
+                "such turns")
+    kind = reason.split(":")[0]
+    fixes = {
+        "too long": f"raise selection.max_length (now {selection.max_length}), up to the target's context",
+        "empty response": "the generators answered with no text: check their model or endpoint and "
+                          "sampling.max_new_tokens",
+        "template refused": "use a target whose chat template accepts these conversations (a system turn?), or "
+                            "data without such turns",
+    }
+    if kind in fixes:
+        return kind, fixes[kind]
+    if "render this response verbatim" in reason or "merges with the chat template" in reason:
+        return ("response not separable from the template",
+                "use a target whose chat template renders responses as written, so their tokens can be scored")
+    return kind, "read the reasons in the rejects file"
+
+
+def _nothing_scored(n_instructions: int, rejects: list[dict], rejects_file: Path, selection: GrapeSelection) -> str:
+    """The message of select-grape's error when grape-fit scored no candidate: counts per reason, the fix of each."""
+    head = (f"select-grape: nothing selected: grape-fit scored none of the candidate responses of the "
+            f"{n_instructions} instructions")
+    if not rejects:
+        return f"{head} (there were no candidate responses): check the candidates stage's output"
+    kinds = [_fit_reject_kind(r["reason"], selection) for r in rejects]
+    counts = Counter(kind for kind, _ in kinds)
+    fix_of = dict(kinds)
+    listed = ", ".join(f"{kind} {n}" for kind, n in counts.most_common())
+    fixes = "; ".join(f"{kind}: {fix_of[kind]}" for kind, _ in counts.most_common())
+    return f"{head} ({listed}; each is listed in {rejects_file}): {fixes}"
+
+
 def grape_select(candidates_out: StageOutput, fit_out: StageOutput, selection: GrapeSelection,
                  output_format: str = "source") -> StageOutput:
     """Stage `select-grape`: the best-fitting response per instruction as the SFT set (+ DPO pairs, plots)."""
@@ -373,12 +412,8 @@ def grape_select(candidates_out: StageOutput, fit_out: StageOutput, selection: G
         order = {r.id: i for i, r in enumerate(instructions)}
         scored = [r for r in instructions if r.id in ranked]
         if not scored:
-            reasons = ", ".join(f"{k.removeprefix('rejected[').removesuffix(']')} {int(v)}"
-                                for k, v in fit_out.metrics.items() if k.startswith("rejected["))
-            raise ConfigError(
-                f"select-grape: nothing selected: grape-fit scored none of the candidate responses of the "
-                f"{len(instructions)} instructions ({reasons or 'no candidates'}; each is listed in "
-                f"{fit_out.file('rejects.jsonl')}): fix those reasons, e.g. raise selection.max_length")
+            raise ConfigError(_nothing_scored(len(instructions), read_jsonl(fit_out.file("rejects.jsonl")),
+                                              fit_out.file("rejects.jsonl"), selection))
         keep_n = selection.count(len(scored))
         # All instructions (GRAPE), or beyond the paper the N whose winner fits best; ties keep input order.
         kept_ids = {r.id for r in sorted(scored, key=lambda r: (-ranked[r.id][0].fit, order[r.id]))[:keep_n]}

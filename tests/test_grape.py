@@ -493,6 +493,37 @@ def test_a_candidate_the_generator_could_not_fit_in_its_context_is_rejected_sayi
     assert fit.metrics["rejected[not generated]"] == 1 and fit.metrics["candidates_scored"] == 1
 
 
+def test_nothing_selected_names_the_reasons_the_candidates_went_and_the_fix_of_each(tiny_model_dir, tmp_path):
+    """Every candidate skipped by its generator: the error must say so and point at the generators, not at
+    selection.max_length, which would change nothing."""
+    from configs.errors import ConfigError
+    from configs.grape import GeneratorConfig
+    from tasks.data import Record
+    from tasks.generate import write_candidates
+    from tasks.store import StageOutput
+
+    records, rows = [], []
+    for k, finish in enumerate(["context_overflow", "context_overflow", "template_refused"]):
+        messages = [{"role": "user", "content": f"Say hi {k}."}]
+        records.append(Record(f"i{k}", messages, "messages", {"messages": messages}, f"record {k}"))
+        rows.append({"instruction_id": f"i{k}", "params": "{}", "seed": 0, "prompt_tokens": 5, "candidate_index": 0,
+                     "generator": "small", "response": "", "response_tokens": 0, "finish_reason": finish})
+    write_candidates(tmp_path, records, rows, [])
+    candidates = StageOutput(stage="candidates", key="all-skipped", path=str(tmp_path), digest="all-skipped")
+    target = ModelConfig(name_or_path=str(tiny_model_dir))
+    selection = GrapeSelection(target=target, generators=[GeneratorConfig(name="small", model=target)])
+    fit = score_candidate_fit(candidates, selection, progress=False)
+    with pytest.raises(ConfigError) as err:
+        grape_select(candidates, fit, selection)
+    message = str(err.value)
+    assert message.startswith(
+        "select-grape: nothing selected: grape-fit scored none of the candidate responses of the 3 instructions "
+        "(not generated (context overflow) 2, not generated (template refused) 1; each is listed in ")
+    assert "not generated (context overflow): lower the generators' sampling.max_new_tokens" in message
+    assert "not generated (template refused): use generators whose chat template accepts" in message
+    assert "max_length" not in message
+
+
 def test_a_conversation_the_targets_template_refuses_is_a_reject_not_a_traceback(tiny_model_dir):
     from models.loading import load_tokenizer
 
