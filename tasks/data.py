@@ -81,15 +81,15 @@ class Record:
             messages[-1]["content"] = response
         else:
             messages.append({"role": "assistant", "content": response})
+        # The user's row with only that reply's text changed: their role names (`chatgpt`, `user`), turn keys and
+        # fields stay as they wrote them, so the subset in their format is their data.
         source = json.loads(json.dumps(self.source))
         if self.source_format == "alpaca":
             source["output"] = response
         elif self.source_format == "sharegpt":
-            # a top-level system prompt stays there: the conversation must not repeat it as a turn
-            turns = messages[1:] if source.get("system") else messages
-            source["conversations"] = _to_sharegpt(turns)
+            _set_last_reply(source["conversations"], "from", "value", "gpt", response)
         else:
-            source["messages"] = messages
+            _set_last_reply(source["messages"], "role", "content", "assistant", response)
         return Record(record_id(messages), messages, self.source_format, source, self.location)
 
     def to_json(self) -> dict:
@@ -99,6 +99,16 @@ class Record:
     @classmethod
     def from_json(cls, row: dict) -> "Record":
         return cls(row["id"], row["messages"], row["source_format"], row["source"], row.get("location", ""))
+
+
+def _set_last_reply(turns: list[dict], role_key: str, text_key: str, default_role: str, response: str) -> None:
+    """Set the text of the last turn of a user's row when it is an assistant turn, or append one: with the role
+    name the row gives its other assistant turns, else the format's own (`gpt`, `assistant`)."""
+    if _ROLE_ALIASES.get(turns[-1][role_key]) == "assistant":
+        turns[-1][text_key] = response
+        return
+    names = [t[role_key] for t in turns if _ROLE_ALIASES.get(t[role_key]) == "assistant"]
+    turns.append({role_key: names[-1] if names else default_role, text_key: response})
 
 
 def record_id(messages: list[dict[str, str]]) -> str:

@@ -98,11 +98,63 @@ def test_source_format_writes_the_users_row_back(tmp_path):
     assert read_jsonl(tmp_path / "back.jsonl") == rows
 
 
+def test_a_selection_writes_the_users_own_rows_back(tmp_path):
+    """Real ShareGPT rows (roles `user`, `chatgpt`, a first `system` turn) come back from a selection as read."""
+    from configs.schema import DataConfig
+    from configs.selection import FullSelection
+    from tasks.data import prepare_records
+    from tasks.select import baseline_selection
+
+    rows = json.loads((DATA / "sharegpt_v3_41.json").read_text())
+    kept = read_records(DATA / "sharegpt_v3_41.json", on_error="skip").records
+    assert {t["from"] for r in kept for t in r.source["conversations"]} >= {"user", "chatgpt", "system"}
+    records = prepare_records(DataConfig(path=str(DATA / "sharegpt_v3_41.json"), on_error="skip"))
+    subset = baseline_selection(records, FullSelection())
+    assert read_jsonl(subset.file("subset.jsonl")) == [rows[int(r.location.split()[-1])] for r in kept]
+
+
 def test_with_response_replaces_the_answer_in_the_source_format():
     rec = read_records(DATA / "alpaca_cherry_40.json").records[0]
     new = rec.with_response("A different answer.")
     assert new.source["output"] == "A different answer." and new.response == "A different answer."
     assert new.id != rec.id and rec.response != "A different answer."
+
+
+def test_with_response_keeps_the_users_sharegpt_row_and_changes_only_the_reply(tmp_path):
+    """GRAPE writes its winner back in the user's format: their role names (`user`, `chatgpt`), turn keys and
+    fields stay; only the last reply's text changes."""
+    row = {"id": "x_0", "conversations": [
+        {"from": "user", "value": "Hi", "lang": "en"}, {"from": "chatgpt", "value": "Hello."},
+        {"from": "user", "value": "Name a colour."}, {"from": "chatgpt", "value": "Blue.", "lang": "en"}]}
+    rec = read_records(_write(tmp_path / "s.json", [row])).records[0]
+    new = rec.with_response("Red.")
+    expected = json.loads(json.dumps(row))
+    expected["conversations"][-1]["value"] = "Red."
+    assert new.source == expected and rec.source == row  # the record it came from is unchanged
+    assert new.response == "Red." and new.messages[:-1] == rec.messages[:-1]
+    write_records([new], tmp_path / "back.jsonl", "source")
+    assert read_jsonl(tmp_path / "back.jsonl") == [expected]
+    assert read_records(tmp_path / "back.jsonl").records[0].id == new.id
+
+
+def test_with_response_keeps_the_users_messages_row(tmp_path):
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "human", "content": "Hi", "name": "ann"},
+                        {"role": "bot", "content": "Hello."}], "meta": {"k": 1}}
+    rec = read_records(_write(tmp_path / "m.json", [row])).records[0]
+    expected = json.loads(json.dumps(row))
+    expected["messages"][-1]["content"] = "Hey."
+    assert rec.with_response("Hey.").source == expected
+
+
+def test_with_response_on_an_unanswered_row_appends_a_reply_named_as_the_rows_others(tmp_path):
+    rows = [{"conversations": [{"from": "user", "value": "Hi"}, {"from": "chatgpt", "value": "Hello."},
+                               {"from": "user", "value": "Bye?"}]},
+            {"conversations": [{"from": "human", "value": "Say hi."}]}]
+    first, second = read_records(_write(tmp_path / "s.json", rows), require_response=False).records
+    assert first.with_response("Bye.").source["conversations"] == rows[0]["conversations"] + [
+        {"from": "chatgpt", "value": "Bye."}]
+    assert second.with_response("Hi.").source["conversations"] == rows[1]["conversations"] + [
+        {"from": "gpt", "value": "Hi."}]  # no reply to take the name from: ShareGPT's own
 
 
 def test_parquet_and_saved_hf_dataset(tmp_path):

@@ -524,6 +524,31 @@ def test_nothing_selected_names_the_reasons_the_candidates_went_and_the_fix_of_e
     assert "max_length" not in message
 
 
+def test_grape_writes_the_users_sharegpt_rows_back_with_their_own_roles(tiny_model_dir, tmp_path):
+    """The winner replaces only the reply's text: `user`/`chatgpt` stay as the user wrote them (they came back as
+    `human`/`gpt`)."""
+    from configs.grape import GeneratorConfig
+    from tasks.data import read_records
+    from tasks.generate import write_candidates
+    from tasks.store import StageOutput
+
+    row = {"id": "x_0", "conversations": [{"from": "user", "value": "Hi"}, {"from": "chatgpt", "value": "Hello."},
+                                          {"from": "user", "value": "Say bye."}, {"from": "chatgpt", "value": "Bye."}]}
+    data = tmp_path / "sg.json"
+    data.write_text(json.dumps([row]))
+    [record] = read_records(data).records
+    base = {"instruction_id": record.id, "params": "{}", "seed": 0, "prompt_tokens": 5, "finish_reason": "stop"}
+    rows = [{**base, "candidate_index": 0, "generator": "small", "response": "Goodbye.", "response_tokens": 2}]
+    write_candidates(tmp_path / "cand", [record], rows, [])
+    candidates = StageOutput(stage="candidates", key="sg-roles", path=str(tmp_path / "cand"), digest="sg-roles")
+    target = ModelConfig(name_or_path=str(tiny_model_dir))
+    selection = GrapeSelection(target=target, generators=[GeneratorConfig(name="small", model=target)])
+    out = grape_select(candidates, score_candidate_fit(candidates, selection, progress=False), selection)
+    expected = json.loads(json.dumps(row))
+    expected["conversations"][-1]["value"] = "Goodbye."
+    assert read_jsonl(out.file("subset.jsonl")) == [expected]
+
+
 def test_a_conversation_the_targets_template_refuses_is_a_reject_not_a_traceback(tiny_model_dir):
     from models.loading import load_tokenizer
 
