@@ -24,9 +24,11 @@ from tasks.store import atomic_write_text, file_digest, run_stage, stage_task
 Format = Literal["alpaca", "sharegpt", "messages"]
 OnError = Literal["raise", "skip"]
 
+# ShareGPT's `chatgpt`, `bing` and `bard` turns are answers of those chat products (5 V3 conversations hold a bing or
+# bard turn): assistant turns, as `gpt` is.
 _ROLE_ALIASES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-    "model": "assistant", "chatgpt": "assistant", "system": "system",
+    "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
 }
 _SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system"}
 

@@ -254,20 +254,20 @@ SHAREGPT_REJECTS = {
     1: ("conversations[0].from", "roles must alternate"), 2: ("conversations[0].from", "roles must alternate"),
     3: ("conversations[1].from", ("roles must alternate user/assistant: 'human' (user) where an assistant turn "
                                   "belongs (conversations[0] is already a user turn)")),
-    4: ("conversations[3].from", "unknown role: 'bing' is none of human, user, gpt"),
+    4: ("conversations[2].from", ("roles must alternate user/assistant: 'human' (user) where an assistant turn "
+                                  "belongs (conversations[1] is already a user turn)")),
     5: ("conversations[0].from", "roles must alternate"),
     6: ("conversations[3].value", "empty field"), 7: ("conversations[4].value", "empty field"),
     8: ("conversations", "empty field: the list of turns is empty"),
     9: ("conversations[12]", "no final assistant response: the conversation ends on a user turn"),
     10: ("conversations", "no user turn: the conversation holds only a system prompt"), 11: ("conversations", "no user turn"),
-    15: ("conversations[2].from", "unknown role: 'bing'"), 18: ("conversations[1]", "no final assistant response"),
-    19: ("conversations[2].from", "unknown role: 'bard'"),
+    18: ("conversations[1]", "no final assistant response"),
     28: ("id", "duplicate id: 5bacc6545d4e0e06 is the same conversation as record 27"),
 }
 
 
 def test_real_sharegpt_rejects_name_the_turn_and_count_by_kind():
-    """Conversations that open with gpt, two human turns in a row, bing/bard roles, empty values, an empty list, a
+    """Conversations that open with gpt, two human turns in a row, empty values, an empty list, a
     system turn alone (it raised IndexError), a duplicate: each is a reject naming its turn, and the counts have one
     key per kind of problem (not one per duplicate's id or per unknown role)."""
     result = read_records(DATA / "sharegpt_v3_41.json", on_error="skip")
@@ -276,15 +276,25 @@ def test_real_sharegpt_rejects_name_the_turn_and_count_by_kind():
     for n, (field, reason) in SHAREGPT_REJECTS.items():
         assert got[n][0] == field and got[n][1].startswith(reason), (n, got[n])
     assert result.counts == {
-        "records_read": 41, "records_kept": 25, "records_rejected": 16, "rejected[duplicate id]": 1,
-        "rejected[empty field]": 3, "rejected[no user turn]": 2, "rejected[roles must alternate user/assistant]": 5,
-        "rejected[no final assistant response]": 2, "rejected[unknown role]": 3}
+        "records_read": 41, "records_kept": 27, "records_rejected": 14, "rejected[duplicate id]": 1,
+        "rejected[empty field]": 3, "rejected[no user turn]": 2, "rejected[roles must alternate user/assistant]": 6,
+        "rejected[no final assistant response]": 2}
     kept = {r.location: r for r in result.records}
     # a system turn before the first human turn stays the system message; "user" and "chatgpt" are aliases
     assert [m["role"] for m in kept["record 12"].messages] == ["system", "user", "assistant"]
     assert [m["role"] for m in kept["record 14"].messages] == ["system", "user", "assistant"]
     assert [m["role"] for m in kept["record 16"].messages] == ["user", "assistant"]
     assert len(kept["record 26"].turns()) == 14
+    # `bing` and `bard` answer as `gpt` does (answers of those chat products, as `chatgpt` is)
+    assert [m["role"] for m in kept["record 15"].messages] == ["system", "user", "assistant"]
+    assert [m["role"] for m in kept["record 19"].messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_an_unknown_role_is_a_reject_naming_the_turn(tmp_path):
+    turns = [{"from": "human", "value": "Hi"}, {"from": "narrator", "value": "Hello."}]
+    with pytest.raises(RecordError, match=r"record 0, field 'conversations\[1\].from': unknown role: 'narrator' is "
+                                          "none of human, user, gpt, .*chatgpt, bing, bard, system"):
+        read_records(_write(tmp_path / "s.json", [{"conversations": turns}]))
 
 
 def test_a_sharegpt_system_turn_alone_is_a_record_error_not_an_index_error(tmp_path):

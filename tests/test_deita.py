@@ -674,7 +674,7 @@ def test_a_non_finite_score_names_the_record_and_turn_not_a_prompt_index(tiny_mo
     from tasks.data import read_records
     from tasks.deita import dimension_rows
 
-    records = read_records(DATA / "sharegpt_v3_41.json", on_error="skip").records[:6]
+    records = read_records(DATA / "sharegpt_v3_41.json", on_error="skip").records[:7]
     turns = [len(r.turns()) for r in records]
     assert max(turns) > 1  # multi-turn, so the flat index and the record differ
     target = next(i for i, n in enumerate(turns) if n > 1)

@@ -465,8 +465,8 @@ def test_sft_counts_and_lists_the_conversations_truncation_leaves_nothing_to_tra
     sft_train(data, TINY, config, tmp_path / "out")
     info = read_train_result(tmp_path / "out")
     rejects = [json.loads(line) for line in (tmp_path / "out" / "train_rejects.jsonl").read_text().splitlines()]
-    assert info["examples_given"] == 25 and info["examples_dropped"] == len(rejects) == 11
-    assert info["examples"] == 14 and 0 < info["examples_at_max_length"] <= 14
+    assert info["examples_given"] == 27 and info["examples_dropped"] == len(rejects) == 11
+    assert info["examples"] == 16 and 0 < info["examples_at_max_length"] <= 16
     # each listed one really has its first assistant token beyond the cut; each trained one has it within
     tokenizer = load_tokenizer(TINY)
     rows = [json.loads(line)["messages"] for line in data.read_text().splitlines()]
@@ -510,13 +510,13 @@ def test_a_chat_template_that_refuses_a_system_turn_names_the_example_before_trl
     path = _sharegpt_messages(tmp_path)
     rows = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
     with_system = [n + 1 for n, m in enumerate(rows) if m[0]["role"] == "system"]
-    assert len(with_system) == 3
+    assert len(with_system) == 5
     tokenizer = load_tokenizer(TINY)
     tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
                                "supported') }}{% endif %}" + tokenizer.chat_template)
     with pytest.raises(ConfigError, match=rf"line {with_system[0]}: the model's chat template refuses this "
                                           r"conversation \(roles \['system', 'user', 'assistant'\]\): System role not "
-                                          r"supported; 3 of 25 training examples are refused"):
+                                          r"supported; 5 of 27 training examples are refused"):
         sft_rows(path, tokenizer, SFTStageConfig())
 
 
@@ -558,6 +558,6 @@ def test_a_conversation_holding_a_special_tokens_text_is_listed_not_trained_on(t
     rejects = read_jsonl(tmp_path / "out" / "train_rejects.jsonl")
     special = [r for r in rejects if r["reason"].startswith("special token in the text")]
     assert [r["line"] for r in special] == [5] and "'<|end|>'" in special[0]["reason"]
-    assert info["examples_special_tokens"] == 1 and info["examples_given"] == 25
-    assert info["examples"] == 25 - 1 - info["examples_dropped"]
+    assert info["examples_special_tokens"] == 1 and info["examples_given"] == 27
+    assert info["examples"] == 27 - 1 - info["examples_dropped"]
     assert [r["line"] for r in rejects] == sorted(r["line"] for r in rejects)
