@@ -59,6 +59,35 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
+def screen_conversations(tokenizer, conversations: Sequence[Messages], context: int | None, max_new_tokens: int,
+                         seeds: Sequence[int]) -> tuple[list[str], dict[int, Generation]]:
+    """Render every conversation's generation prompt under the generator's chat template, before any is generated.
+
+    Returns the prompt texts ("" for a refused one) and, by index, the `Generation` (no text) of each conversation
+    that is not generated: the template refuses it (a system turn for Gemma's): `template_refused`; or its prompt +
+    `max_new_tokens` exceed the generator's `context` (generating past it gives garbage from a rotary model and an
+    index error from one with learned positions): `context_overflow`. The other conversations are unaffected.
+    `seeds[i]` is the seed recorded for conversation i.
+    """
+    from jinja2 import TemplateError
+
+    from models.fit import render_prompt
+
+    texts: list[str] = []
+    skipped: dict[int, Generation] = {}
+    for i, c in enumerate(conversations):
+        try:
+            texts.append(render_prompt(tokenizer, c))
+        except TemplateError:
+            texts.append("")
+            skipped[i] = Generation("", None, 0, TEMPLATE_REFUSED, seeds[i])
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    for i, n in enumerate(lengths):
+        if i not in skipped and context is not None and n + max_new_tokens > context:
+            skipped[i] = Generation("", n, 0, CONTEXT_OVERFLOW, seeds[i])
+    return texts, skipped
+
+
 # ---------------------------------------------------------------------------------------------- transformers
 class TransformersGenerator:
     """Batched `generate` with left padding under the model's chat template; the shard seed seeds torch once."""
@@ -87,26 +116,11 @@ class TransformersGenerator:
 
     def generate(self, conversations: Sequence[Messages], seed: int, progress: bool = False) -> list[Generation]:
         import torch
-        from jinja2 import TemplateError
         from tqdm.auto import tqdm
 
-        from models.fit import render_prompt
-
         torch.manual_seed(seed)
-        texts: list[str] = []
-        answers: dict[int, Generation] = {}
-        for i, c in enumerate(conversations):
-            try:
-                texts.append(render_prompt(self.tokenizer, c))
-            except TemplateError:  # the template refuses it (a system turn for Gemma's): no answer, said in its row
-                texts.append("")
-                answers[i] = Generation("", None, 0, TEMPLATE_REFUSED, seed)
-        # A long multi-turn conversation can exceed the model's context: generating past it gives garbage from a
-        # rotary model and an index error from one with learned positions. It gets no answer, said in its row.
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        over = {i for i, n in enumerate(lengths) if i not in answers and
-                self.context is not None and n + self.sampling.max_new_tokens > self.context}
-        answers.update({i: Generation("", lengths[i], 0, CONTEXT_OVERFLOW, seed) for i in over})
+        texts, answers = screen_conversations(self.tokenizer, conversations, self.context,
+                                              self.sampling.max_new_tokens, [seed] * len(conversations))
         fits = [i for i in range(len(texts)) if i not in answers]
         device = next(self.model.parameters()).device
         for start in tqdm(range(0, len(fits), self.batch_size), desc=f"generate {self.name}", disable=not progress):
@@ -150,26 +164,40 @@ class VllmGenerator:
 
         from models.loading import resolve_model_path
 
-        self.name = config.name
-        self.sampling = config.sampling
         dtype = "auto" if config.model.dtype == "auto" else config.model.dtype
-        self.llm = LLM(model=resolve_model_path(config.model), dtype=dtype, seed=config.sampling.seed,
-                       trust_remote_code=config.model.trust_remote_code)
+        self._bind(config.name, config.sampling, LLM(model=resolve_model_path(config.model), dtype=dtype,
+                                                     seed=config.sampling.seed,
+                                                     trust_remote_code=config.model.trust_remote_code))
+
+    def _bind(self, name: str, sampling: SamplingConfig, llm) -> None:
+        """Use `llm` (a vllm.LLM), its tokenizer and its context (max_model_len) for the conversation checks."""
+        self.name = name
+        self.sampling = sampling
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.context = llm.llm_engine.model_config.max_model_len
 
     def generate(self, conversations: Sequence[Messages], seed: int, progress: bool = False) -> list[Generation]:
         from vllm import SamplingParams
 
         s = self.sampling
+        # vLLM raises on a prompt longer than max_model_len (losing the shard) and cuts an answer at it; a template
+        # that refuses one conversation fails the whole call: those conversations are not sent, said in their rows.
+        _, answers = screen_conversations(self.tokenizer, conversations, self.context, s.max_new_tokens,
+                                          [seed + i for i in range(len(conversations))])
+        fits = [i for i in range(len(conversations)) if i not in answers]
         params = [SamplingParams(n=1, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                  top_k=s.top_k or -1, repetition_penalty=s.repetition_penalty, seed=seed + i)
-                  for i in range(len(conversations))]
-        results = self.llm.chat(list(conversations), params, use_tqdm=progress)
-        out = []
-        for i, res in enumerate(results):
+                  for i in fits]
+        results = self.llm.chat([conversations[i] for i in fits], params, use_tqdm=progress) if fits else []
+        if len(results) != len(fits):
+            raise GenerationError(f"generator {self.name!r}: vLLM returned {len(results)} results for "
+                                  f"{len(fits)} conversations")
+        for i, res in zip(fits, results):
             choice = res.outputs[0]
-            out.append(Generation(choice.text, len(res.prompt_token_ids), len(choice.token_ids),
-                                  str(choice.finish_reason), seed + i))
-        return out
+            answers[i] = Generation(choice.text, len(res.prompt_token_ids), len(choice.token_ids),
+                                    str(choice.finish_reason), seed + i)
+        return [answers[i] for i in range(len(conversations))]
 
     def close(self) -> None:
         self.llm = None
@@ -316,4 +344,4 @@ def generation_params(config: GeneratorConfig) -> dict:
 
 
 __all__ = ["Generation", "GenerationError", "OpenAIChatGenerator", "TransformersGenerator", "VllmGenerator",
-           "derive_seed", "generation_params", "make_generator"]
+           "derive_seed", "generation_params", "make_generator", "screen_conversations"]

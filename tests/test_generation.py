@@ -300,3 +300,68 @@ def test_a_conversation_the_generators_template_refuses_gets_no_answer_and_says_
     out = generator.generate(conversations, seed=0)
     assert out[1].finish_reason == "template_refused" and out[1].text == ""
     assert [out[0].text, out[2].text] == [g.text for g in expected]
+
+
+# ------------------------------------------------------------------------------------------ vLLM, faked
+class FakeVllmEngine:
+    """What VllmGenerator uses of a vllm.LLM: its tokenizer, its max_model_len, and `chat` (which records what it was
+    sent and answers like vLLM: one RequestOutput-like object per conversation, in order)."""
+
+    def __init__(self, tokenizer, max_model_len: int):
+        from types import SimpleNamespace
+
+        self.tokenizer = tokenizer
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=max_model_len))
+        self.sent: list = []
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def chat(self, conversations, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        assert len(conversations) == len(params)
+        self.sent.append((list(conversations), [p.kwargs["seed"] for p in params]))
+        return [SimpleNamespace(prompt_token_ids=[0] * 5, outputs=[SimpleNamespace(
+            text=f"answer to {c[-1]['content'][:10]}", token_ids=[1, 2], finish_reason="stop")]) for c in conversations]
+
+
+def test_vllm_skips_the_conversations_its_context_or_template_cannot_take_with_the_shared_check(monkeypatch):
+    """vLLM raises on a prompt longer than max_model_len (the shard was lost) and one template refusal failed the
+    whole chat call: those conversations get no answer and say why, the others are generated as before."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from models.fit import render_prompt
+    from models.generation import VllmGenerator, screen_conversations
+    from models.loading import load_tokenizer
+
+    fake_vllm = ModuleType("vllm")
+    fake_vllm.SamplingParams = lambda **kwargs: SimpleNamespace(kwargs=kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="tiny:0"))
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    long = [{"role": "user", "content": "Tell me about the sea. " * 40}]
+    conversations = [CONVERSATIONS[0], long, CONVERSATIONS[2], CONVERSATIONS[1]]
+    sizes = [len(tokenizer(render_prompt(tokenizer, c), add_special_tokens=False)["input_ids"])
+             for c in (CONVERSATIONS[0], long, CONVERSATIONS[1])]
+    context = max(sizes[0], sizes[2]) + 8  # the short ones and 8 new tokens fit, the long one does not
+    assert sizes[1] + 8 > context
+
+    generator = VllmGenerator.__new__(VllmGenerator)  # no vLLM here: the engine is the fake
+    engine = FakeVllmEngine(tokenizer, context)
+    generator._bind("v", SamplingConfig(max_new_tokens=8, seed=1), engine)
+    out = generator.generate(conversations, seed=100)
+    assert [g.finish_reason for g in out] == ["stop", "context_overflow", "template_refused", "stop"]
+    assert out[1].text == out[2].text == "" and out[1].prompt_tokens == sizes[1] and out[1].response_tokens == 0
+    assert [g.seed for g in out] == [100, 101, 102, 103]  # a request's seed is its place in the shard, sent or not
+    assert engine.sent == [([CONVERSATIONS[0], CONVERSATIONS[1]], [100, 103])]
+    assert out[3].text == "answer to " + CONVERSATIONS[1][-1]["content"][:10]
+    # the same rule as the transformers backend: one shared function decides
+    _, skipped = screen_conversations(tokenizer, conversations, context, 8, [0] * 4)
+    assert {i: g.finish_reason for i, g in skipped.items()} == {1: "context_overflow", 2: "template_refused"}
+    # nothing left to send: vLLM is not called with an empty batch
+    engine.sent.clear()
+    assert [g.finish_reason for g in generator.generate([long], seed=0)] == ["context_overflow"]
+    assert engine.sent == []
