@@ -31,6 +31,8 @@ _ROLE_ALIASES = {
     "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
 }
 _SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system"}
+ASSISTANT_ROLES = tuple(name for name, role in _ROLE_ALIASES.items() if role == "assistant")
+"""Every role name read as an assistant turn (conversations, and a ShareGPT pair's `chosen` / `rejected`)."""
 
 
 @dataclass

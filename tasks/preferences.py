@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from configs.errors import RecordError
-from tasks.data import _conversation, _raw_rows, _text, sharegpt_messages
+from tasks.data import ASSISTANT_ROLES, _conversation, _raw_rows, _text, sharegpt_messages
 
 PairFormat = Literal["sharegpt", "grape"]
 
@@ -58,8 +58,9 @@ def _sharegpt_answer(row: dict, key: str, file: str, location: str) -> list[dict
         answer = answer[0]
     if not isinstance(answer, dict):
         raise RecordError(file, location, key, f"wrong type: expected a {{from, value}} object, got {type(answer).__name__}", row)
-    if answer.get("from") not in ("gpt", "assistant"):
-        raise RecordError(file, location, f"{key}.from", f"expected 'gpt', got {answer.get('from')!r}", row)
+    if answer.get("from") not in ASSISTANT_ROLES:  # the same names a conversation's assistant turns may carry
+        raise RecordError(file, location, f"{key}.from",
+                          f"expected an assistant role ({', '.join(ASSISTANT_ROLES)}), got {answer.get('from')!r}", row)
     return [{"role": "assistant", "content": _text(answer, "value", file, location, where=f"{key}.value")}]
 
 

@@ -243,6 +243,21 @@ def test_a_sharegpt_dpo_pairs_top_level_system_prompt_leads_its_prompt(tmp_path)
         read_preference_pairs(path)
 
 
+def test_sharegpt_pair_answers_take_every_assistant_role_name_a_conversation_takes(tmp_path):
+    """`chatgpt` / `bing` / `bard` / `bot` answer as `gpt` does in conversations; `chosen` and `rejected` read them
+    the same way (they were refused as "expected 'gpt'"), and a user turn there is still a named error."""
+    row = {"conversations": [{"from": "human", "value": "Name a colour."}],
+           "chosen": {"from": "chatgpt", "value": "Blue."}, "rejected": {"from": "bing", "value": "No."}}
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [row, {**row, "rejected": {"from": "human", "value": "No."}}])
+    read = read_preference_pairs(path, on_error="skip")
+    assert read.rows == [{"prompt": [{"role": "user", "content": "Name a colour."}],
+                          "chosen": [{"role": "assistant", "content": "Blue."}],
+                          "rejected": [{"role": "assistant", "content": "No."}]}]
+    assert [(r["location"], r["field"]) for r in read.rejects] == [("line 2", "rejected.from")]
+    assert "'human'" in read.rejects[0]["reason"] and "chatgpt" in read.rejects[0]["reason"]
+
+
 def test_grape_pairs_and_bad_rows_name_file_record_and_field(tmp_path):
     good = {"prompt": [{"role": "user", "content": "Name a colour."}],
             "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "No."}]}
