@@ -341,8 +341,41 @@ def stage_task(fn: Callable, name: str, **options: Any):
 
 
 # ----------------------------------------------------------------------------------------------------- shards
+def _schema_text(schema) -> str:
+    import base64
+
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def _schema_of(text: str):
+    import base64
+
+    import pyarrow as pa
+
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+
+
+def _conform(table, schema):
+    """`table` with exactly `schema`'s columns, in its order and types (a column it lacks: typed nulls)."""
+    import pyarrow as pa
+
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 class ShardedTable:
-    """Rows written in numbered parquet shards with a manifest; resume skips the shards already written."""
+    """Rows written in numbered parquet shards with a manifest; resume skips the shards already written.
+
+    Every shard of a table has the one schema its manifest records, so the shard folder reads as one dataset
+    (`pyarrow.dataset.dataset(folder)`, `pandas.read_parquet(folder)`, DuckDB, Spark): a column that is all null
+    (or absent) in a shard is written as typed nulls, not as parquet's null type. The schema is fixed by the first
+    shard and widened when a later shard brings a type an earlier one lacked (null -> string, int -> double, a new
+    column); the shards already written are then rewritten to it, losslessly. The manifest is `_<prefix>-manifest.json`,
+    a name those readers skip like `_SUCCESS`.
+    """
+
+    tabular = True
 
     def __init__(self, folder: str | os.PathLike, prefix: str = "part"):
         self.folder = Path(folder)
@@ -351,18 +384,35 @@ class ShardedTable:
 
     @property
     def manifest_path(self) -> Path:
+        return self.folder / f"_{self.prefix}-{MANIFEST}"
+
+    @property
+    def legacy_manifest_path(self) -> Path:
+        """Where versions before the schema-stable shards kept the manifest (read by dataset readers as a shard)."""
         return self.folder / f"{self.prefix}-{MANIFEST}"
 
     def manifest(self) -> dict[str, Any]:
-        if self.manifest_path.exists():
-            return json.loads(self.manifest_path.read_text())
+        for path in (self.manifest_path, self.legacy_manifest_path):
+            if path.exists():
+                return json.loads(path.read_text())
         return {"shards": {}}
+
+    def _save_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest (caller holds the folder lock); a legacy-named one goes, so readers skip it."""
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+        self.legacy_manifest_path.unlink(missing_ok=True)
+
+    def _lock(self):
+        return folder_lock(self.folder, f"{self.prefix}-{MANIFEST}")
 
     def check(self) -> tuple[set[int], list[str]]:
         """(shards whose file matches its manifest entry, a line per shard that does not): a shard deleted,
         truncated or replaced after it was recorded."""
+        return self._check(self.manifest())
+
+    def _check(self, manifest: dict[str, Any]) -> tuple[set[int], list[str]]:
         good, bad = set(), []
-        for key, entry in self.manifest()["shards"].items():
+        for key, entry in manifest["shards"].items():
             path = self.shard_path(int(key))
             if not path.exists():
                 bad.append(f"{path.name} is missing")
@@ -375,11 +425,60 @@ class ShardedTable:
     def done(self) -> set[int]:
         """The shards a resumed run may skip: a recorded shard whose file no longer matches is computed again."""
         good, bad = self.check()
-        if bad:
-            import logging
+        import logging
 
+        if bad:
             logging.getLogger("pomona.store").warning("%s: %s; computing them again", self.folder, "; ".join(bad))
+        if self.tabular and good and "schema" not in self.manifest():
+            good = self._adopt_legacy(good)
         return good
+
+    def _adopt_legacy(self, good: set[int]) -> set[int]:
+        """Shards written before tables kept one schema (a partial stage of an older version): rewrite them to one
+        schema and record it; a shard whose types conflict with the others is forgotten and computed again."""
+        import logging
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        log = logging.getLogger("pomona.store")
+        with self._lock():
+            manifest = self.manifest()
+            if "schema" in manifest:  # adopted meanwhile by another writer
+                return good
+            schema, kept = None, set()
+            for index in sorted(good):
+                shard_schema = pq.read_schema(self.shard_path(index)).remove_metadata()
+                try:
+                    schema = shard_schema if schema is None else pa.unify_schemas(
+                        [schema, shard_schema], promote_options="permissive")
+                    kept.add(index)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+                    log.warning("%s: %s was written by an older version with conflicting column types (%s); "
+                                "computing it again", self.folder, self.shard_path(index).name, err)
+                    manifest["shards"].pop(str(index), None)
+            for index in sorted(kept):
+                manifest["shards"][str(index)] = self._rewrite(index, schema)
+            manifest["schema"] = _schema_text(schema)
+            manifest["columns"] = {f.name: str(f.type) for f in schema}
+            self._save_manifest(manifest)
+        return kept
+
+    def _rewrite(self, index: int, schema) -> dict[str, Any]:
+        """Shard `index` rewritten to `schema` (caller holds the lock); its new manifest entry."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.shard_path(index))
+        return self._write_file(index, _conform(table, schema))
+
+    def _write_file(self, index: int, table) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        path = self.shard_path(index)
+        tmp = path.with_name(f".{path.name}.tmp-{writer_id()}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return {"rows": table.num_rows, "sha256": file_digest(path)}
 
     def todo(self, count: int) -> list[int]:
         """The shards of range(count) still to compute, in order. Checks the manifest once: `done()` hashes every
@@ -392,23 +491,42 @@ class ShardedTable:
         return self.folder / f"{self.prefix}-{index:05d}.parquet"
 
     def write(self, index: int, rows: list[dict[str, Any]]) -> None:
+        """Write shard `index` in the table's schema (widened first when these rows need it), then record it."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        path = self.shard_path(index)
-        tmp = path.with_name(f".{path.name}.tmp-{writer_id()}")
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        self._publish(index, tmp, len(rows))
+        keys = list(dict.fromkeys(key for row in rows for key in row))  # every row's columns, not the first's
+        table = pa.Table.from_pydict({key: [row.get(key) for row in rows] for key in keys})
+        before = self.manifest()
+        if before["shards"] and "schema" not in before:
+            self.done()  # shards of an older version: adopted first (it takes the lock itself)
+        with self._lock():
+            manifest = self.manifest()
+            recorded = _schema_of(manifest["schema"]) if "schema" in manifest else None
+            schema = table.schema
+            if recorded is not None:
+                try:
+                    schema = pa.unify_schemas([recorded, table.schema], promote_options="permissive")
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+                    raise ValueError(f"{self.folder}: shard {index} has column types that conflict with the shards "
+                                     f"written before ({err})") from err
+            if recorded is not None and not schema.equals(recorded):
+                good, _ = self._check(manifest)
+                for other in sorted(good - {index}):
+                    manifest["shards"][str(other)] = self._rewrite(other, schema)
+            manifest["shards"][str(index)] = self._write_file(index, _conform(table, schema))
+            manifest["schema"] = _schema_text(schema)
+            manifest["columns"] = {f.name: str(f.type) for f in schema}
+            self._save_manifest(manifest)
 
     def _publish(self, index: int, tmp: Path, rows: int) -> None:
         """Move a fully written shard into place, then record it in the manifest (which is what marks it done)."""
         path = self.shard_path(index)
         os.replace(tmp, path)
         entry = {"rows": rows, "sha256": file_digest(path)}
-        with folder_lock(self.folder, self.manifest_path.name):  # read-modify-write of a file others update too
+        with self._lock():  # read-modify-write of a file others update too
             manifest = self.manifest()
             manifest["shards"][str(index)] = entry
-            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+            self._save_manifest(manifest)
 
     def verified(self) -> set[int]:
         """The recorded shards, all checked against the manifest; a mismatch is an error (never data read as if
@@ -432,7 +550,10 @@ class ShardedTable:
 
 
 class ArrayShards(ShardedTable):
-    """`ShardedTable`'s manifest and resume, with float32 `.npy` shards (e.g. a 4096-wide vector per row)."""
+    """`ShardedTable`'s manifest and resume, with float32 `.npy` shards (e.g. a 4096-wide vector per row). Keep them
+    in a folder of their own: beside parquet shards, they would break reading that folder as a dataset."""
+
+    tabular = False
 
     def shard_path(self, index: int) -> Path:
         return self.folder / f"{self.prefix}-{index:05d}.npy"

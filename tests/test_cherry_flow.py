@@ -62,7 +62,7 @@ def test_cherry_flow_failed_sft_reruns_alone_and_logs_ifd(prefect_server):
     assert select.inputs.dataset_inputs[0].dataset.name == "cherry-subset"
     score = next(c for c in children if c.data.tags["pomona.stage"] == "score")
     # the stage manifest (DESIGN.md): which shards the scores were assembled from, with their sha256
-    assert "scores/part-manifest.json" in {a.path for a in mlc.list_artifacts(score.info.run_id, "scores")}
+    assert "scores/_part-manifest.json" in {a.path for a in mlc.list_artifacts(score.info.run_id, "scores")}
 
 
 def test_superfilter_flow_with_diversity_step(prefect_server):

@@ -405,3 +405,51 @@ def test_stage_key_changes_with_the_code_version(monkeypatch):
     assert stage_cache_key(None, {"selection": config}) != cache_before
     monkeypatch.undo()
     assert stage_key("select", config, inputs) == before
+
+
+def test_a_sharded_table_reads_as_one_dataset_when_a_column_is_null_in_one_shard(tmp_path):
+    """Every shard has the table's one schema: a column null (or absent, or an empty shard) in one shard and
+    filled in another reads back through pyarrow.dataset and pandas on the shard folder, not a schema-merge error
+    (nor the manifest read as a shard)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    table = ShardedTable(tmp_path / "scores")
+    table.write(0, [{"i": 0, "reason": None, "nll": None, "scores": []}])
+    table.write(2, [])
+    table.write(1, [{"i": 1, "reason": "too long", "nll": 1.5, "scores": [0.5]}, {"i": 2, "extra": True}])
+    rows = [{"i": 0, "reason": None, "nll": None, "scores": [], "extra": None},
+            {"i": 1, "reason": "too long", "nll": 1.5, "scores": [0.5], "extra": None},
+            {"i": 2, "reason": None, "nll": None, "scores": None, "extra": True}]
+    got = ds.dataset(tmp_path / "scores").to_table()
+    assert got.schema.field("reason").type == pa.string() and got.schema.field("nll").type == pa.float64()
+    assert sorted(got.to_pylist(), key=lambda r: r["i"]) == rows
+    frame = pd.read_parquet(tmp_path / "scores")
+    assert sorted(frame["i"].tolist()) == [0, 1, 2] and set(frame["reason"].dropna()) == {"too long"}
+    assert table.read() == rows and table.done() == {0, 1, 2}
+
+
+def test_shards_of_an_older_version_resume_and_end_in_one_schema(tmp_path):
+    """A partial stage written before tables kept one schema (legacy manifest name, a null-typed column, one
+    shard conflicting outright) resumes: its shards are adopted into one schema, the conflicting one is computed
+    again, and the folder then reads as one dataset."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    old = {0: [{"i": 0, "reason": None}], 1: [{"i": 1, "reason": "x"}], 2: [{"i": 2, "reason": 7}]}
+    for index, rows in old.items():
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"part-{index:05d}.parquet")
+    (folder / "part-manifest.json").write_text(json.dumps({"shards": {
+        str(i): {"rows": 1, "sha256": file_digest(folder / f"part-{i:05d}.parquet")} for i in old}}))
+    calls = []
+    rows = rows_by_shard(folder, 4, 1, lambda a, b: calls.append(a) or [{"i": a, "reason": f"r{a}"}], "t",
+                         progress=False)
+    assert calls == [2, 3] and rows == [{"i": 0, "reason": None}, {"i": 1, "reason": "x"},
+                                         {"i": 2, "reason": "r2"}, {"i": 3, "reason": "r3"}]
+    assert not (folder / "part-manifest.json").exists() and (folder / "_part-manifest.json").exists()
+    assert sorted(ds.dataset(folder).to_table().to_pylist(), key=lambda r: r["i"]) == rows
+    assert ShardedTable(folder).todo(4) == []
