@@ -215,7 +215,8 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
         instructions = load_canonical(candidates_out.file("instructions.jsonl"))
         by_instruction = group_candidates(read_parquet(candidates_out.file("candidates.parquet")))
         size = selection.scoring_shard_size
-        fits, rejected = ShardedTable(folder / "shards"), ShardedTable(folder / "shards", prefix="rejects")
+        # one folder per table: each reads as one parquet dataset
+        fits, rejected = ShardedTable(folder / "shards"), ShardedTable(folder / "reject-shards", prefix="rejects")
         n_shards = (len(instructions) + size - 1) // size
         done = fits.done() & rejected.done()
         todo = [s for s in range(n_shards) if s not in done]

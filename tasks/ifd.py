@@ -255,7 +255,8 @@ def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: P
 
     def body(folder: Path) -> dict:
         records = load_canonical(records_out.file("records.jsonl"))
-        table, arrays = ShardedTable(folder / "shards"), ArrayShards(folder / "shards", prefix="embeddings")
+        # one folder per table: .npy files beside the parquet shards would break reading them as a dataset
+        table, arrays = ShardedTable(folder / "shards"), ArrayShards(folder / "embedding-shards", prefix="embeddings")
         size = scoring.shard_size
         n_shards = math.ceil(len(records) / size)
 
