@@ -55,6 +55,31 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return name
 
 
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model a saved PEFT adapter applies to, found again after the home moved: PEFT records the base's
+    absolute path, and a base that lay in the old home's store (a tiny model, a merged SFT) is looked up under the
+    same store-relative name in this home's store."""
+    import json
+
+    base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if Path(base).exists() or not Path(base).is_absolute():
+        return base
+    parts = Path(base).parts
+    for at in range(len(parts) - 1, 0, -1):  # the last `store` component: the old store root
+        if parts[at] == store_root().name:
+            moved = store_root().joinpath(*parts[at + 1:])
+            if moved.exists():
+                return str(moved)
+            break
+    return base
+
+
+def _recorded_base(adapter_dir: str | Path) -> str:
+    import json
+
+    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
 def hub_hint(path: str) -> str:
     """Why a hub name fails here: pomona switches the hub off unless the user switched it on."""
     import os
@@ -86,8 +111,16 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     device = device or resolve_device(cfg)
     path = resolve_model_path(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, gguf_file=cfg.gguf_file, dtype=resolve_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code)
+        if (Path(path) / "adapter_config.json").is_file() and adapter_base(path) != _recorded_base(path):
+            # an adapter whose base moved with the home: transformers would look for it at the old path
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=resolve_dtype(cfg, device),
+                                                        trust_remote_code=cfg.trust_remote_code)
+            model = PeftModel.from_pretrained(base, path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, gguf_file=cfg.gguf_file, dtype=resolve_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {cfg.name_or_path!r}: {exc}{hub_hint(path)}") from exc
     model.to(device)

@@ -129,8 +129,10 @@ def content_digest(obj: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, or of a folder's relative paths and file bytes (markers and temp files excluded)."""
+def file_digest(path: str | os.PathLike, normalize: Callable[[Path, bytes], bytes] | None = None) -> str:
+    """sha256 of a file's bytes, or of a folder's relative paths and file bytes (markers and temp files excluded).
+    `normalize(file, bytes)` may give the bytes to hash instead of a small file's own (read whole: see
+    `portable_model_digest`); it returns None for a file hashed as it is."""
     path = Path(path)
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -139,10 +141,41 @@ def file_digest(path: str | os.PathLike) -> str:
             continue
         if path.is_dir():
             h.update(str(f.relative_to(path)).encode())
+        normalized = normalize(f, f.read_bytes()) if normalize is not None and normalizes(normalize, f) else None
+        if normalized is not None:
+            h.update(normalized)
+            continue
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def normalizes(normalize: Callable[[Path, bytes], bytes], f: Path) -> bool:
+    """Whether `normalize` wants to see `f` (its `names` attribute: file names; default every file)."""
+    names = getattr(normalize, "names", None)
+    return names is None or f.name in names
+
+
+def _store_paths_relative(f: Path, data: bytes) -> bytes | None:
+    """What of a saved model's home-dependent files enters its digest. PEFT records the base model's absolute path
+    in `adapter_config.json` and the adapter's `README.md`: there this store's root is written `<store>/` (a base in
+    the store, a tiny model or a merged SFT, would otherwise make the digest depend on where the home folder is;
+    the files on disk keep the path PEFT loads from). `training_args.bin` (a pickle in a zip, its output_dir the
+    stage folder) does not enter: it is the training config, which the stage key already holds."""
+    if f.name == "training_args.bin":
+        return b""
+    root = (str(store_root()) + os.sep).encode()
+    return data.replace(root, STORE_PREFIX.encode())
+
+
+_store_paths_relative.names = ("adapter_config.json", "README.md", "training_args.bin")  # type: ignore[attr-defined]
+
+
+def portable_model_digest(path: str | os.PathLike) -> str:
+    """`file_digest` of a model folder that is the same in every home: a LoRA adapter's base model, when it lies
+    in the store, enters by its store-relative name (what a store path enters every key by: `store_relative`)."""
+    return file_digest(path, normalize=_store_paths_relative)
 
 
 def stage_key(stage: str, config: Any, inputs: Iterable[Any] = ()) -> str:
@@ -192,11 +225,12 @@ def stage_lock(stage: str, folder: Path):
 
 
 def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Path], dict[str, Any]],
-              digest_of: Iterable[str] | None = None) -> StageOutput:
+              digest_of: Iterable[str] | None = None,
+              digest_file: Callable[[Path], str] = file_digest) -> StageOutput:
     """Run `body(folder)` once per (stage, config, inputs); later calls return the recorded output.
 
     `body` writes its files into `folder` and returns StageOutput fields (metrics, artifacts, ...). The output
-    digest covers the files named in `digest_of` (default: the whole folder).
+    digest covers the files named in `digest_of` (default: the whole folder), each hashed by `digest_file`.
     """
     inputs = list(inputs)
     keyed = keyed_config(config)
@@ -220,7 +254,7 @@ def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Pa
         if digest_of is None:
             digest = file_digest(folder)
         else:
-            digest = content_digest([file_digest(folder / name) for name in digest_of])
+            digest = content_digest([digest_file(folder / name) for name in digest_of])
         out = StageOutput(stage=stage, key=key, path=str(folder), digest=digest, **fields)
         atomic_write_text(folder / SUCCESS, out.model_dump_json(indent=1))
     return out

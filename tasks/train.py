@@ -29,7 +29,8 @@ from configs.errors import ConfigError, ModelLoadError
 from configs.schema import ModelConfig
 from configs.train import ACCELERATE_FILES, DPOStageConfig, SFTStageConfig, TrainStageConfig
 from tasks.data import read_jsonl, write_jsonl
-from tasks.store import StageOutput, atomic_write_text, file_digest, run_stage, stage_task
+from tasks.store import (StageOutput, atomic_write_text, file_digest, portable_model_digest, run_stage,
+                         stage_task)
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,9 @@ def load_weights(path: Path, kwargs: dict[str, Any]):
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     from peft import PeftModel
 
-    base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    from models.loading import adapter_base
+
+    base = adapter_base(path)  # the recorded path, or the same store path in this home after the home moved
     log.info("%s is a LoRA adapter: merging it into its base %s", path, base)
     loaded = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     merged = PeftModel.from_pretrained(loaded, str(path)).merge_and_unload()
@@ -684,7 +687,8 @@ def sft_stage(selection: StageOutput, model: ModelConfig, config: SFTStageConfig
                    "digest": tags["dataset_digest"]}
         return _stage_fields(folder, "train-sft", info, run_id, registered, dataset)
 
-    return run_stage("train-sft", {"model": model, "train": config}, [selection], body, digest_of=[MODEL_DIR])
+    return run_stage("train-sft", {"model": model, "train": config}, [selection], body, digest_of=[MODEL_DIR],
+                     digest_file=portable_model_digest)
 
 
 def dpo_stage(pairs: StageOutput | None, model: ModelConfig, config: DPOStageConfig, sft: StageOutput | None = None,
@@ -731,7 +735,8 @@ def dpo_stage(pairs: StageOutput | None, model: ModelConfig, config: DPOStageCon
         fields["artifacts"].append("rejects.jsonl")
         return fields
 
-    return run_stage("train-dpo", {"model": model, "train": config}, inputs, body, digest_of=[MODEL_DIR])
+    return run_stage("train-dpo", {"model": model, "train": config}, inputs, body, digest_of=[MODEL_DIR],
+                     digest_file=portable_model_digest)
 
 
 def trained_model(out: StageOutput, base: ModelConfig) -> ModelConfig:

@@ -576,3 +576,38 @@ def test_a_conversation_holding_a_special_tokens_text_is_listed_not_trained_on(t
     assert info["examples_special_tokens"] == 1 and info["examples_given"] == 27
     assert info["examples"] == 27 - 1 - info["examples_dropped"]
     assert [r["line"] for r in rejects] == sorted(r["line"] for r in rejects)
+
+
+def test_the_same_lora_sft_in_two_homes_has_one_digest_and_loads_after_the_home_moved(selection, tmp_path,
+                                                                                         monkeypatch):
+    """PEFT writes the base model's absolute path (here the tiny model in the store) into adapter_config.json and
+    the adapter README: the train stage's digest names it store-relative, so the same training in two homes is
+    one digest and the downstream stage keys match; the adapter still loads from its stage folder after the home
+    moved (the old home gone)."""
+    import shutil
+
+    from models.loading import load_model
+    from tasks.store import stage_key
+    from tasks.train import MODEL_DIR, load_weights
+
+    config = SFTStageConfig(max_steps=1, save_steps=100, lora=LoraSettings(r=4, alpha=8), **FAST)
+    outs = []
+    for home in ("home-a", "home-b"):
+        monkeypatch.setenv("POMONA_HOME", str(tmp_path / home))
+        outs.append(sft_stage(selection, TINY, config))
+    a, b = outs
+    recorded = [json.loads(Path(o.file(MODEL_DIR), "adapter_config.json").read_text())["base_model_name_or_path"]
+                for o in outs]
+    assert recorded[0] != recorded[1] and str(tmp_path / "home-a") in recorded[0]  # PEFT's path, as PEFT wrote it
+    assert a.key == b.key and a.digest == b.digest
+    assert stage_key("eval", {"n": 1}, [a]) == stage_key("eval", {"n": 1}, [b])
+
+    # home-a moved to home-c: its adapter finds its base in home-c's store
+    shutil.move(tmp_path / "home-a", tmp_path / "home-c")
+    monkeypatch.setenv("POMONA_HOME", str(tmp_path / "home-c"))
+    adapter = tmp_path / "home-c" / "store" / "train-sft" / a.key / MODEL_DIR
+    merged = load_weights(adapter, {"dtype": torch.float32})
+    model, _ = load_model(ModelConfig(name_or_path=str(adapter)))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-4)
