@@ -59,9 +59,7 @@ def adapter_base(adapter_dir: str | Path) -> str:
     """The base model a saved PEFT adapter applies to, found again after the home moved: PEFT records the base's
     absolute path, and a base that lay in the old home's store (a tiny model, a merged SFT) is looked up under the
     same store-relative name in this home's store."""
-    import json
-
-    base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = recorded_adapter_base(adapter_dir)
     if Path(base).exists() or not Path(base).is_absolute():
         return base
     parts = Path(base).parts
@@ -74,7 +72,8 @@ def adapter_base(adapter_dir: str | Path) -> str:
     return base
 
 
-def _recorded_base(adapter_dir: str | Path) -> str:
+def recorded_adapter_base(adapter_dir: str | Path) -> str:
+    """The base path PEFT wrote into a saved adapter's `adapter_config.json`."""
     import json
 
     return json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -111,11 +110,15 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     device = device or resolve_device(cfg)
     path = resolve_model_path(cfg)
     try:
-        if (Path(path) / "adapter_config.json").is_file() and adapter_base(path) != _recorded_base(path):
+        moved_base = None
+        if (Path(path) / "adapter_config.json").is_file():
+            base_here = adapter_base(path)
+            moved_base = base_here if base_here != recorded_adapter_base(path) else None
+        if moved_base:
             # an adapter whose base moved with the home: transformers would look for it at the old path
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=resolve_dtype(cfg, device),
+            base = AutoModelForCausalLM.from_pretrained(moved_base, dtype=resolve_dtype(cfg, device),
                                                         trust_remote_code=cfg.trust_remote_code)
             model = PeftModel.from_pretrained(base, path)
         else:
