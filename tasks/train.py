@@ -107,14 +107,20 @@ def special_tokens_in_text(rows: list[dict], tokenizer) -> dict[int, str]:
     specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content}
     found: dict[int, str] = {}
     for i, row in enumerate(rows):
-        for value in row.values():
-            texts = [value] if isinstance(value, str) else [m.get("content") for m in value if isinstance(m, dict)] \
-                if isinstance(value, list) else []
-            hit = next((t for text in texts if isinstance(text, str) for t in specials if t in text), None)
-            if hit:
-                found[i] = hit
-                break
+        texts = [text for value in row.values() for text in _row_texts(value)]
+        hit = next((t for text in texts for t in specials if t in text), None)
+        if hit:
+            found[i] = hit
     return found
+
+
+def _row_texts(value) -> list[str]:
+    """The texts of one field of a training row: a string, or the `content` of each message in a list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return []
 
 
 def truncation_counts(prepared, given: list[int], max_length: int) -> tuple[list[int], int | None]:
