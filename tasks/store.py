@@ -398,6 +398,12 @@ def _conform(table, schema):
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def _record_schema(manifest: dict[str, Any], schema) -> None:
+    """Record a table's schema in its manifest: exactly (to write later shards in it) and readably (`columns`)."""
+    manifest["schema"] = _schema_text(schema)
+    manifest["columns"] = {f.name: str(f.type) for f in schema}
+
+
 class ShardedTable:
     """Rows written in numbered parquet shards with a manifest; resume skips the shards already written.
 
@@ -493,8 +499,7 @@ class ShardedTable:
                     manifest["shards"].pop(str(index), None)
             for index in sorted(kept):
                 manifest["shards"][str(index)] = self._rewrite(index, schema)
-            manifest["schema"] = _schema_text(schema)
-            manifest["columns"] = {f.name: str(f.type) for f in schema}
+            _record_schema(manifest, schema)
             self._save_manifest(manifest)
         return kept
 
@@ -548,8 +553,7 @@ class ShardedTable:
                 for other in sorted(good - {index}):
                     manifest["shards"][str(other)] = self._rewrite(other, schema)
             manifest["shards"][str(index)] = self._write_file(index, _conform(table, schema))
-            manifest["schema"] = _schema_text(schema)
-            manifest["columns"] = {f.name: str(f.type) for f in schema}
+            _record_schema(manifest, schema)
             self._save_manifest(manifest)
 
     def _publish(self, index: int, tmp: Path, rows: int) -> None:
