@@ -1,9 +1,12 @@
-"""Likelihood engine vs the reference's one-sample loop: tokens/s, speed-up, and share of the machine's limit.
+"""Likelihood engine vs the reference's one-sample loops: tokens/s, speed-up, and share of the machine's limit.
 
     .venv/bin/python bench/likelihood_bench.py --model tiny:0 --records 200
     .venv/bin/python bench/likelihood_bench.py --model pomona-runs/models/smollm2-135m-instruct --records 32
 
-Both score the same requests (Cherry `wiz` pairs of real Alpaca rows from ../shared/data, conditioned + direct).
+All score the same requests (Cherry `wiz` pairs of real Alpaca rows from ../shared/data, conditioned + direct).
+Two yardsticks: the plain one-sample loop (`model(ids, labels=...).loss`, "vs loop"), and Cherry's own scoring loop,
+which also walks every position in Python for its per-token loss list ("vs Cherry"; `cherry_token_loop_scores`).
+Tokenization is outside every timing (the requests are built once, before).
 "tokens" = every token of every scored sequence (the forward pass covers them all). The limit is
 2 x parameters x tokens FLOPs at the matrix-multiply rate measured in this same run (fp32 on CPU, the model's dtype
 on CUDA), so "of limit" = achieved 2·P·tokens/s over that rate, taken at its best burst in this run. "of
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -83,7 +87,9 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", nargs="+", default=["auto"],
                         help="padded tokens per forward pass: integers, or 'auto' (the engine's device default); "
                              "every batch-size x max-batch-tokens pair is an engine row")
-    parser.add_argument("--loop-records", type=int, default=None, help="score only this many records with the loop")
+    parser.add_argument("--loop-records", type=int, default=None,
+                        help="score only this many records with the loops (both yardsticks)")
+    parser.add_argument("--no-cherry-loop", action="store_true", help="leave Cherry's per-token loop out")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run engine and loop this many times, interleaved, and report the medians (the shared "
                              "machines here swing 10-30 %% between runs)")
@@ -93,7 +99,7 @@ def main() -> None:
 
     from configs.schema import ModelConfig
     from configs.settings import prepare_environment
-    from models.likelihood import batch_token_budget, reference_scores, score_requests
+    from models.likelihood import batch_token_budget, cherry_token_loop_scores, reference_scores, score_requests
     from models.loading import load_model
     from models.templates import build_pair
 
@@ -123,10 +129,11 @@ def main() -> None:
                 for rows_cap in args.batch_size for cap in args.max_batch_tokens]
     score_requests(model, requests[:4], batch_size=settings[0][0], pad_id=pad)  # warm-up
     reference_scores(model, requests[:2])
+    cherry_token_loop_scores(model, requests[:2])
     matmul_dtype = torch.float32 if device == "cpu" else dtype
     bests, sustained = [], []
     engine_times: dict[tuple, list[float]] = {s: [] for s in settings}
-    loop_times = []
+    loop_times, cherry_times = [], []
     for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows every variant alike
         best, steady = matmul_flops(device, matmul_dtype)
         bests.append(best)
@@ -139,7 +146,11 @@ def main() -> None:
                 engine = result
         loop, seconds = timed(lambda: reference_scores(model, loop_requests))
         loop_times.append(seconds)
+        if not args.no_cherry_loop:
+            cherry, seconds = timed(lambda: cherry_token_loop_scores(model, loop_requests))
+            cherry_times.append(seconds)
     t_loop = statistics.median(loop_times)
+    t_cherry = statistics.median(cherry_times) if cherry_times else math.nan
     best, steady = matmul_flops(device, matmul_dtype)
     limit = max(bests + [best])  # the issue's limit: the matmul rate at its best in this run
     steady_limit = statistics.median(sustained + [steady])
@@ -148,30 +159,39 @@ def main() -> None:
     worst = sorted(range(len(gaps)), key=gaps.__getitem__)[-8:]
     exact = dict(zip(worst, exact_mean_nlls(model, [loop_requests[i] for i in worst])))
 
-    def row(name, n_tok, secs, base):
-        rate = n_tok / secs
-        return f"| {name} | {n_tok} | {secs:.2f} | {rate:,.0f} | {rate / base:.2f}x | {2 * params * rate / 1e9:.1f} | {2 * params * rate / limit:.0%} | {2 * params * rate / steady_limit:.0%} |"
-
     loop_rate = loop_tokens / t_loop
+    cherry_rate = loop_tokens / t_cherry
+
+    def row(name, n_tok, secs):
+        rate = n_tok / secs
+        return (f"| {name} | {n_tok} | {secs:.2f} | {rate:,.0f} | {rate / loop_rate:.2f}x | {rate / cherry_rate:.2f}x | "
+                f"{2 * params * rate / 1e9:.1f} | {2 * params * rate / limit:.0%} | {2 * params * rate / steady_limit:.0%} |")
+
     print(f"\nmodel {args.model} ({params / 1e6:.1f}M params, {dtype}, {device}, {torch.get_num_threads()} threads); "
           f"{len(rows)} records, template {args.template}, max_length {args.max_length}, "
           f"{len(requests)} sequences; matmul limit {limit / 1e9:.1f} GFLOP/s (best burst; sustained "
           f"{steady_limit / 1e9:.1f}, median of {len(sustained) + 1} two-second runs between the timed ones)\n")
-    print("| method | tokens | seconds | tokens/s | vs loop | GFLOP/s (2·P·tok/s) | of limit | of sustained |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(row("one-sample loop (reference)", loop_tokens, t_loop, loop_rate))
+    print("| method | tokens | seconds | tokens/s | vs loop | vs Cherry | GFLOP/s (2·P·tok/s) | of limit | of sustained |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    if cherry_times:
+        print(row("Cherry's loop, per-token losses (data_analysis.py)", loop_tokens, t_cherry))
+    print(row("one-sample loop, HF loss (reference)", loop_tokens, t_loop))
     for rows_cap, cap in settings:
-        print(row(f"engine (batch {rows_cap}, {cap} tok)", tokens, statistics.median(engine_times[(rows_cap, cap)]),
-                  loop_rate))
+        print(row(f"engine (batch {rows_cap}, {cap} tok)", tokens, statistics.median(engine_times[(rows_cap, cap)])))
     print(f"\nengine: batch {settings[0][0]}, {settings[0][1]} tok; max |mean NLL engine - loop| over {len(loop)} "
           f"sequences: {diff:.2e}; on the {len(worst)} sequences where they differ most, against a float64 head "
           f"and softmax: engine within "
           f"{max(abs(engine[i].mean_nll - exact[i]) for i in worst):.2e}, loop within "
           f"{max(abs(loop[i].mean_nll - exact[i]) for i in worst):.2e}")
+    if cherry_times:
+        print(f"max |mean NLL engine - Cherry's per-token loop|: "
+              f"{max(abs(a.mean_nll - b.mean_nll) for a, b in zip(engine, cherry)):.2e}")
     if args.repeats > 1:
         for (rows_cap, cap), times in engine_times.items():
             print(f"single runs, seconds: engine batch {rows_cap}, {cap} tok: {' '.join(f'{t:.2f}' for t in times)}")
         print(f"single runs, seconds: loop {' '.join(f'{t:.2f}' for t in loop_times)}")
+        if cherry_times:
+            print(f"single runs, seconds: Cherry's loop {' '.join(f'{t:.2f}' for t in cherry_times)}")
 
 
 if __name__ == "__main__":

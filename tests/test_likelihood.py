@@ -10,8 +10,8 @@ import pytest
 from configs.errors import ScoringError
 from configs.ifd import ScoringConfig
 from configs.schema import DataConfig, ModelConfig
-from models.likelihood import (HeadTransform, ScoreRequest, head_nll, head_transform, length_batches, reference_scores,
-                               score_requests, split_head)
+from models.likelihood import (HeadTransform, ScoreRequest, cherry_token_loop_scores, head_nll, head_transform,
+                               length_batches, reference_scores, score_requests, split_head)
 from models.templates import (SKIP_CHERRY_LENGTH_CHECK, SKIP_EMPTY_OUTPUT, SKIP_INSTRUCTION_TOO_LONG, SKIP_OVERLONG,
                               TEMPLATES, build_pair, instruction_request)
 from tests.conftest import DATA
@@ -43,6 +43,20 @@ def test_engine_agrees_with_one_sample_loop_on_every_sample(tiny, template):
     loop = reference_scores(model, requests)
     for i, (a, b) in enumerate(zip(engine, loop)):
         assert a.n_tokens == b.n_tokens == requests[i].n_targets
+        assert abs(a.mean_nll - b.mean_nll) < 1e-5, (template, i, a.mean_nll, b.mean_nll)
+
+
+@pytest.mark.parametrize("template", ["wiz", "superfilter"])
+def test_cherrys_per_token_loop_scores_the_same_tokens_as_the_engine(tiny, template):
+    # The benchmark's second yardstick must average exactly the answer span (superfilter's direct pass has no BOS:
+    # its first token is never scored) and agree with the engine, or its speed-up would compare different work.
+    model, tok = tiny
+    requests = [req for p in _pairs(tok, template, CHERRY_ROWS[:6], 512) for req in (p.conditioned, p.direct)]
+    assert any(r.target_start == 0 for r in requests) == (template == "superfilter")
+    engine = score_requests(model, requests, batch_size=4, pad_id=tok.pad_token_id)
+    per_token = cherry_token_loop_scores(model, requests)
+    for i, (a, b) in enumerate(zip(engine, per_token)):
+        assert b.n_tokens == a.n_tokens == requests[i].n_targets
         assert abs(a.mean_nll - b.mean_nll) < 1e-5, (template, i, a.mean_nll, b.mean_nll)
 
 
