@@ -94,6 +94,10 @@ class DataConfig(StrictModel):
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="'raise' stops at the first bad record; 'skip' writes bad records to rejects.jsonl and counts them.")
     limit: int | None = Field(None, ge=1, description="Keep only the first N valid records (for quick trials).")
+    leading_reply: Literal["reject", "drop"] = Field(
+        "reject", description="A conversation that opens with an assistant turn (ShareGPT cut long conversations "
+        "into parts; each later part opens with a reply): 'reject' refuses it, 'drop' leaves that reply out and keeps "
+        "the rest, listing each in the records stage's repairs.jsonl.")
 
 
 class ModelConfig(StrictModel):

@@ -23,6 +23,7 @@ from tasks.store import atomic_write_text, file_digest, run_stage, stage_task
 
 Format = Literal["alpaca", "sharegpt", "messages"]
 OnError = Literal["raise", "skip"]
+LeadingReply = Literal["reject", "drop"]
 
 # ShareGPT's `chatgpt`, `bing` and `bard` turns are answers of those chat products (5 V3 conversations hold a bing or
 # bard turn): assistant turns, as `gpt` is.
@@ -127,6 +128,7 @@ class ReadResult:
     records: list[Record]
     rejects: list[dict] = field(default_factory=list)
     format: Format | None = None
+    repairs: list[dict] = field(default_factory=list)  # records kept with a change (data.leading_reply: drop)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -134,14 +136,17 @@ class ReadResult:
         out = {"records_read": len(self.records) + len(self.rejects), "records_kept": len(self.records),
                "records_rejected": len(self.rejects)}
         out.update({f"rejected[{k}]": v for k, v in sorted(reasons.items())})
+        if self.repairs:
+            out["records_opening_reply_dropped"] = len(self.repairs)
         return out
 
 
 def read_records(path: str | os.PathLike, fmt: Format | Literal["auto"] = "auto", on_error: OnError = "raise",
-                 require_response: bool = True) -> ReadResult:
+                 require_response: bool = True, leading_reply: LeadingReply = "reject") -> ReadResult:
     """Read a file (or saved HF dataset folder) into canonical records.
 
-    `require_response=False` accepts instruction-only rows (input for response generation).
+    `require_response=False` accepts instruction-only rows (input for response generation). `leading_reply="drop"`
+    keeps a conversation that opens with a reply without that reply, listed in `repairs` (see `_conversation`).
     """
     path = Path(path)
     if not path.exists():
@@ -159,13 +164,15 @@ def read_records(path: str | os.PathLike, fmt: Format | Literal["auto"] = "auto"
                                   "inside an emoji)", raw)
             row_fmt = fmt if fmt != "auto" else (result.format or detect_format(raw, str(path), location))
             result.format = result.format or row_fmt
-            messages = _to_messages(raw, row_fmt, str(path), location, require_response)
+            repairs: list[dict] = []
+            messages = _to_messages(raw, row_fmt, str(path), location, require_response, leading_reply, repairs)
             rid = record_id(messages)
             if rid in seen:
                 raise RecordError(str(path), location, "id",
                                   f"duplicate id: {rid} is the same conversation as {seen[rid]}", raw)
             seen[rid] = location
             result.records.append(Record(rid, messages, row_fmt, raw, location))
+            result.repairs += [{"file": str(path), "location": location, "id": rid, **r} for r in repairs]
         except RecordError as err:
             if on_error == "raise":
                 raise
@@ -314,7 +321,8 @@ def _text(row: dict, key: str, file: str, location: str, required: bool = True, 
     return value
 
 
-def _to_messages(row: dict, fmt: str, file: str, location: str, require_response: bool) -> list[dict[str, str]]:
+def _to_messages(row: dict, fmt: str, file: str, location: str, require_response: bool,
+                 leading_reply: LeadingReply = "reject", repairs: list[dict] | None = None) -> list[dict[str, str]]:
     if fmt == "alpaca":
         instruction = _text(row, "instruction", file, location)
         extra = _text(row, "input", file, location, required=False)
@@ -335,15 +343,18 @@ def _to_messages(row: dict, fmt: str, file: str, location: str, require_response
             messages.append({"role": "assistant", "content": output})
         return messages
     if fmt == "sharegpt":
-        return sharegpt_messages(row, file, location, require_response)
+        return sharegpt_messages(row, file, location, require_response, leading_reply, repairs)
     if fmt == "messages":
-        return _conversation(row, "messages", "role", "content", file, location, require_response)
+        return _conversation(row, "messages", "role", "content", file, location, require_response, leading_reply,
+                             repairs)
     raise RecordError(file, location, None, f"unknown format {fmt!r}")
 
 
-def sharegpt_messages(row: dict, file: str, location: str, require_response: bool) -> list[dict[str, str]]:
+def sharegpt_messages(row: dict, file: str, location: str, require_response: bool,
+                      leading_reply: LeadingReply = "reject", repairs: list[dict] | None = None) -> list[dict[str, str]]:
     """The `conversations` turns as messages, led by the top-level `system` prompt when the row has one."""
-    messages = _conversation(row, "conversations", "from", "value", file, location, require_response)
+    messages = _conversation(row, "conversations", "from", "value", file, location, require_response, leading_reply,
+                             repairs)
     # ShareGPT keeps a system prompt either as a top-level "system" field or as a first "system" turn.
     system = _text(row, "system", file, location, required=False)
     if system:
@@ -355,7 +366,11 @@ def sharegpt_messages(row: dict, file: str, location: str, require_response: boo
 
 
 def _conversation(row: dict, key: str, role_key: str, text_key: str, file: str, location: str,
-                  require_response: bool) -> list[dict[str, str]]:
+                  require_response: bool, leading_reply: LeadingReply = "reject",
+                  repairs: list[dict] | None = None) -> list[dict[str, str]]:
+    """The turns as messages. With `leading_reply="drop"` an opening assistant turn (after a system prompt) is
+    left out and noted in `repairs`: ShareGPT cut long conversations into parts, and every later part opens with
+    a reply to a question that is in the part before."""
     turns = row.get(key)
     if turns is None:
         raise RecordError(file, location, key, "missing field", row)
@@ -380,15 +395,24 @@ def _conversation(row: dict, key: str, role_key: str, text_key: str, file: str, 
         if message["role"] == "system":
             raise RecordError(file, location, f"{key}[{j}].{role_key}", "a system message may only come first", row)
     offset = 1 if messages[0]["role"] == "system" else 0
+    dropped = 0  # turns left out before the body: message i of the body is turn offset + dropped + i of the row
+    if leading_reply == "drop" and len(messages) > offset and messages[offset]["role"] == "assistant":
+        reply = messages.pop(offset)
+        dropped = 1
+        if repairs is not None:
+            repairs.append({"field": f"{key}[{offset}]", "repair": "opening reply dropped (data.leading_reply: drop)",
+                            "dropped": reply})
     body = [m["role"] for m in messages[offset:]]
     if not body:
-        raise RecordError(file, location, key, "no user turn: the conversation holds only a system prompt", row)
+        raise RecordError(file, location, key, "no user turn: the conversation holds only a system prompt" +
+                          (" and the opening reply that data.leading_reply: drop left out" if dropped else ""), row)
     for i, role in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
-            j = offset + i
-            rule = ("a conversation starts with a user turn" if i == 0 else
-                    f"{key}[{j - 1}] is already a{'n' if role == 'assistant' else ''} {role} turn")
+            j = offset + dropped + i
+            rule = ("a conversation starts with a user turn; ShareGPT's later parts of a split conversation open "
+                    "with a reply: data.leading_reply: drop leaves that reply out and keeps the rest" if j == offset
+                    else f"{key}[{j - 1}] is already a{'n' if role == 'assistant' else ''} {role} turn")
             # name the first turn out of place: a list of every role of a 100-turn conversation finds nothing
             raise RecordError(file, location, f"{key}[{j}].{role_key}",
                               f"roles must alternate user/assistant: {turns[j].get(role_key)!r} ({role}) where "
@@ -472,17 +496,22 @@ def require_records(result: ReadResult, path: str | os.PathLike, rejects_file: s
 def prepare_records(data, require_response: bool = True):
     """Stage `records`: read the user's file into canonical `records.jsonl` (+ `rejects.jsonl` with reasons)."""
     def body(folder: Path) -> dict:
-        result = read_records(data.path, data.format, data.on_error, require_response)
+        result = read_records(data.path, data.format, data.on_error, require_response, data.leading_reply)
         records = result.records[: data.limit] if data.limit else result.records
         write_jsonl(folder / "rejects.jsonl", result.rejects)
+        write_jsonl(folder / "repairs.jsonl", result.repairs)
         require_records(result, data.path, folder / "rejects.jsonl")
         save_canonical(records, folder / "records.jsonl")
         counts = result.counts
         counts["records_used"] = len(records)
         summary = (f"Read **{counts['records_read']}** records ({result.format}) from `{data.path}`: "
                    f"{len(records)} used, {counts['records_rejected']} rejected (see rejects.jsonl).")
-        return {"metrics": counts, "params": {"source_format": result.format, "data_path": str(data.path)},
-                "artifacts": ["rejects.jsonl"], "summary": summary}
+        if result.repairs:
+            summary += (f" {len(result.repairs)} kept without their opening reply (data.leading_reply: drop; "
+                        "see repairs.jsonl).")
+        return {"metrics": counts, "params": {"source_format": result.format, "data_path": str(data.path),
+                                              "leading_reply": data.leading_reply},
+                "artifacts": ["rejects.jsonl", "repairs.jsonl"], "summary": summary}
 
     config = {"data": data, "source_digest": file_digest(data.path), "require_response": require_response}
     return run_stage("records", config, [], body, digest_of=["records.jsonl"])

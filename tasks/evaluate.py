@@ -598,7 +598,7 @@ def likelihood_stage(model: ModelConfig, model_digest: str, cfg: HeldoutLikeliho
 
     def body(folder: Path) -> dict:
         lm, tok = load_model(model)
-        result = read_records(cfg.data.path, cfg.data.format, cfg.data.on_error)
+        result = read_records(cfg.data.path, cfg.data.format, cfg.data.on_error, leading_reply=cfg.data.leading_reply)
         records = result.records[: cfg.data.limit] if cfg.data.limit else result.records
         requests, rejects, truncated = heldout_requests(records, tok, cfg.max_length)
         if not requests:
@@ -613,8 +613,9 @@ def likelihood_stage(model: ModelConfig, model_digest: str, cfg: HeldoutLikeliho
         mean_nll = sum(s.nll_sum for s in scores) / tokens
         metrics = {"mean_nll": mean_nll, "perplexity": math.exp(mean_nll), "records_scored": len(scores),
                    "records_skipped": len(result.rejects) + len(rejects), "records_truncated": len(truncated),
-                   "tokens": tokens}
-        return {"metrics": metrics, "artifacts": ["heldout_scores.jsonl", "rejects.jsonl"],
+                   "tokens": tokens, "records_opening_reply_dropped": len(result.repairs)}
+        write_jsonl(folder / "repairs.jsonl", result.repairs)
+        return {"metrics": metrics, "artifacts": ["heldout_scores.jsonl", "rejects.jsonl", "repairs.jsonl"],
                 "summary": f"Held-out mean NLL **{mean_nll:.4f}** (ppl {math.exp(mean_nll):.2f}) over {tokens} tokens "
                            f"of {len(scores)} responses ({len(truncated)} cut at max_length {cfg.max_length}); "
                            f"{metrics['records_skipped']} skipped (rejects.jsonl)."}

@@ -250,7 +250,8 @@ def test_bad_sharegpt_and_messages_name_the_turn(tmp_path):
 # Real ShareGPT V3 conversations (tests/data/README.md): record -> (field, reason) of each one pomona must refuse.
 SHAREGPT_REJECTS = {
     0: ("conversations[0].from", ("roles must alternate user/assistant: 'gpt' (assistant) where a user turn belongs "
-                                  "(a conversation starts with a user turn)")),
+                                  "(a conversation starts with a user turn; ShareGPT's later parts of a split "
+                                  "conversation open with a reply: data.leading_reply: drop leaves that reply out")),
     1: ("conversations[0].from", "roles must alternate"), 2: ("conversations[0].from", "roles must alternate"),
     3: ("conversations[1].from", ("roles must alternate user/assistant: 'human' (user) where an assistant turn "
                                   "belongs (conversations[0] is already a user turn)")),
@@ -288,6 +289,45 @@ def test_real_sharegpt_rejects_name_the_turn_and_count_by_kind():
     # `bing` and `bard` answer as `gpt` does (answers of those chat products, as `chatgpt` is)
     assert [m["role"] for m in kept["record 15"].messages] == ["system", "user", "assistant"]
     assert [m["role"] for m in kept["record 19"].messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_leading_reply_drop_keeps_the_later_parts_of_split_sharegpt_conversations(tmp_path):
+    """Records 0-2 are later parts (`..._27`, `..._21`, `..._39`) that open with gpt: `drop` keeps each without
+    that reply and lists it; record 5 opens with two gpt turns and is still refused, naming the second."""
+    from configs.schema import DataConfig
+    from tasks.data import prepare_records
+
+    rows = json.loads((DATA / "sharegpt_v3_41.json").read_text())
+    result = read_records(DATA / "sharegpt_v3_41.json", on_error="skip", leading_reply="drop")
+    kept = {r.location: r for r in result.records}
+    for n in (0, 1, 2):
+        turns = rows[n]["conversations"]
+        assert [m["content"] for m in kept[f"record {n}"].messages] == [t["value"] for t in turns[1:]]
+        assert kept[f"record {n}"].source == rows[n]  # the user's row stays whole
+    assert [(r["location"], r["field"], r["dropped"]["content"]) for r in result.repairs] == [
+        (f"record {n}", "conversations[0]", rows[n]["conversations"][0]["value"]) for n in (0, 1, 2)]
+    got = {r["location"]: (r["field"], r["reason"]) for r in result.rejects}
+    assert got["record 5"] == ("conversations[1].from", "roles must alternate user/assistant: 'gpt' (assistant) "
+                               "where a user turn belongs (conversations[0] is already an assistant turn)")
+    assert result.counts["records_kept"] == 30 and result.counts["records_opening_reply_dropped"] == 3
+    # the default still refuses them
+    assert len(read_records(DATA / "sharegpt_v3_41.json", on_error="skip").records) == 27
+
+    out = prepare_records(DataConfig(path=str(DATA / "sharegpt_v3_41.json"), on_error="skip", leading_reply="drop"))
+    assert [r["location"] for r in read_jsonl(out.file("repairs.jsonl"))] == ["record 0", "record 1", "record 2"]
+    assert out.metrics["records_opening_reply_dropped"] == 3 and out.metrics["records_kept"] == 30
+
+
+def test_leading_reply_drop_after_a_system_prompt_and_with_nothing_left(tmp_path):
+    system_first = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Sure."},
+                                 {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    reply_only = {"conversations": [{"from": "gpt", "value": "the end of a long answer"}]}
+    result = read_records(_write(tmp_path / "m.json", [system_first]), leading_reply="drop")
+    assert [m["role"] for m in result.records[0].messages] == ["system", "user", "assistant"]
+    assert result.repairs[0]["field"] == "messages[1]"
+    with pytest.raises(RecordError, match=r"no user turn: .* and the opening reply that data.leading_reply: drop "
+                                          "left out"):
+        read_records(_write(tmp_path / "s.json", [reply_only]), leading_reply="drop")
 
 
 def test_an_unknown_role_is_a_reject_naming_the_turn(tmp_path):
