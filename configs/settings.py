@@ -63,8 +63,14 @@ def prefect_results_dir() -> Path:
     return pomona_home() / "prefect-results"
 
 
+OWNER_PID_ENV = "POMONA_OWNER_PID"
+"""Set to this process's pid, so the temporary Prefect server it starts (which inherits the environment) can be
+told apart as ours and found again when this process was killed without stopping it (`reap_orphan_prefect_servers`)."""
+
+
 def prepare_environment() -> None:
     """Defaults that keep the embedded Prefect quiet and robust on a small machine; explicit env wins."""
+    os.environ[OWNER_PID_ENV] = str(os.getpid())  # not setdefault: a pomona started by pomona marks its own server
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

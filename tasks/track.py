@@ -107,6 +107,7 @@ def start_parent_run(experiment: str, run_name: str, config: Any, flow_run_id: s
         tags[UI_URL_TAG] = ui_url
     tags.update(process_tags())
     end_runs_of_dead_processes(exp_id)
+    reap_orphan_prefect_servers()
     run = mlc.create_run(exp_id, run_name=run_name, tags=tags)
     with failed_if_raises(run.info.run_id):
         params = [Param(k, v) for k, v in flatten(config).items()]
@@ -137,6 +138,47 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+PREFECT_SERVER_APP = "prefect.server.api.server:create_app"
+
+
+def reap_orphan_prefect_servers(proc: Path = Path("/proc")) -> list[int]:
+    """Stop the temporary Prefect servers that pomona processes of this machine started and left behind when they
+    were killed (kill -9 skips Prefect's exit hook; each server holds ~220 MB and a port forever). A server is ours
+    when its environment carries `POMONA_OWNER_PID` (set by `prepare_environment`, inherited by the server) and the
+    command line serves Prefect's app; it is orphaned when that pid is gone. Returns the pids stopped. Without
+    /proc (not Linux) there is nothing to read, and nothing is stopped."""
+    import signal
+
+    from configs.settings import OWNER_PID_ENV
+
+    stopped = []
+    if not proc.is_dir():
+        return stopped
+    marker = f"{OWNER_PID_ENV}=".encode()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            if PREFECT_SERVER_APP.encode() not in cmdline:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or another user's process
+            continue
+        owner = next((v[len(marker):].decode() for v in environ if v.startswith(marker)), "")
+        if not owner.isdigit() or process_alive(int(owner)):
+            continue
+        try:
+            os.kill(int(entry.name), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            continue
+        stopped.append(int(entry.name))
+    if stopped:
+        warnings.warn(f"stopped {len(stopped)} temporary Prefect server(s) (pids {', '.join(map(str, stopped))}) left "
+                      "running by pomona processes that were killed", stacklevel=2)
+    return stopped
 
 
 def end_runs_of_dead_processes(experiment_id: str) -> list[str]:

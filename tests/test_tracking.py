@@ -150,6 +150,39 @@ def _dead_pid() -> int:
     return child.pid
 
 
+def test_temporary_prefect_servers_of_killed_pomona_processes_are_stopped():
+    """kill -9 of a pomona process skips Prefect's exit hook, so its temporary server runs on; the next run stops
+    it - and only it: not the server of a live pomona process, not a server pomona did not start."""
+    import os
+    import subprocess
+    import sys
+
+    from configs.settings import OWNER_PID_ENV
+    from tasks.track import PREFECT_SERVER_APP, reap_orphan_prefect_servers
+
+    def fake_server(owner: str | None):
+        env = {k: v for k, v in os.environ.items() if k != OWNER_PID_ENV}
+        if owner is not None:
+            env[OWNER_PID_ENV] = owner
+        # the app name as an argument, as Prefect's uvicorn command line holds it
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", PREFECT_SERVER_APP], env=env)
+
+    orphan, live, foreign = fake_server(str(_dead_pid())), fake_server(str(os.getpid())), fake_server(None)
+    try:
+        import time
+
+        time.sleep(0.3)  # let each process exec, so /proc shows its own command line and environment
+        with pytest.warns(UserWarning, match=r"stopped \d+ temporary Prefect server"):
+            stopped = reap_orphan_prefect_servers()  # real orphans of this machine may be among them
+        assert orphan.pid in stopped and live.pid not in stopped and foreign.pid not in stopped
+        assert orphan.wait(timeout=10) != 0
+        assert live.poll() is None and foreign.poll() is None
+    finally:
+        for p in (orphan, live, foreign):
+            p.kill()
+            p.wait()
+
+
 def test_a_run_whose_process_was_killed_is_ended_by_the_next_run(prefect_server):
     """kill -9 leaves the pipeline's MLflow run RUNNING and its Prefect flow run Running (nothing of the killed
     process can end them); the next run on this machine marks them KILLED / Crashed, and leaves live ones alone."""
