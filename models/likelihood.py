@@ -335,7 +335,9 @@ def cherry_token_loop_scores(model, requests: Sequence[ScoreRequest], progress: 
         from tqdm.auto import tqdm
 
         items = tqdm(requests, desc="score (Cherry's per-token loop)")
-    with torch.inference_mode():
+    # as the authors run it: loss modules, `no_grad` (not `inference_mode`), one token tensor per position
+    log_softmax, nll_loss = torch.nn.LogSoftmax(dim=-1), torch.nn.NLLLoss(reduction="none")
+    with torch.no_grad():
         for r in items:
             ids = torch.tensor([r.input_ids], dtype=torch.long, device=device)
             labels = ids.clone()
@@ -343,8 +345,8 @@ def cherry_token_loop_scores(model, requests: Sequence[ScoreRequest], progress: 
             logits = model(ids, labels=labels, output_hidden_states=True).logits
             token_losses = []
             for i in range(1, ids.shape[1]):
-                log_probs = torch.log_softmax(logits[0, i - 1], dim=-1)
-                token_losses.append(torch.nn.functional.nll_loss(log_probs[None], ids[0, i:i + 1]).item())
+                log_probs = log_softmax(logits[0, i - 1])
+                token_losses.append(nll_loss(log_probs.unsqueeze(0), ids[0, i].unsqueeze(0)).item())
             span = token_losses[max(1, r.target_start) - 1:]  # the list's entry j is the loss of token j + 1
             out.append(TokenScores(math.fsum(span), len(span)))
     return out
