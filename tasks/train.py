@@ -29,6 +29,7 @@ from configs.errors import ConfigError, ModelLoadError
 from configs.schema import ModelConfig
 from configs.train import ACCELERATE_FILES, DPOStageConfig, SFTStageConfig, TrainStageConfig
 from tasks.data import read_jsonl, write_jsonl
+from tasks.special_tokens import special_token_reason, special_tokens_in_text
 from tasks.store import (StageOutput, atomic_write_text, file_digest, portable_model_digest, run_stage,
                          stage_task)
 
@@ -97,32 +98,6 @@ def numbered_rows(rows: list[dict], skip: Iterable[int] = ()) -> list[dict]:
     return [{**row, ROW_COLUMN: i} for i, row in enumerate(rows) if i not in skipped]
 
 
-def special_tokens_in_text(rows: list[dict], tokenizer) -> dict[int, str]:
-    """{row index: the special token} of the rows whose own text holds one of the tokenizer's special tokens.
-
-    Chat templates render the text and the tokenizer then reads such a string as the control token itself: a real
-    ShareGPT reply ending in "...Skipped 1 messages<|endoftext|>" would teach GPT-2-family and SmolLM2 models an
-    end of text in the middle of a conversation. Such rows are not trained on, and are listed."""
-    specials = {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
-    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content}
-    found: dict[int, str] = {}
-    for i, row in enumerate(rows):
-        texts = [text for value in row.values() for text in _row_texts(value)]
-        hit = next((t for text in texts for t in specials if t in text), None)
-        if hit:
-            found[i] = hit
-    return found
-
-
-def _row_texts(value) -> list[str]:
-    """The texts of one field of a training row: a string, or the `content` of each message in a list."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
-    return []
-
-
 def truncation_counts(prepared, given: list[int], max_length: int) -> tuple[list[int], int | None]:
     """(indices of the given rows TRL dropped, how many kept ones fill max_length: cut, or exactly that long; None
     where the prepared rows are not cut yet, as DPO's, which its collator cuts).
@@ -164,11 +139,6 @@ def account_for_dropped(trainer, rows: list[dict], special: dict[int, str], kind
         write_jsonl(out_dir / TRAIN_REJECTS, sorted(listed, key=lambda r: r["line"]))
     gone = set(dropped) | set(special)
     return [row for i, row in enumerate(rows) if i not in gone]
-
-
-def special_token_reason(token: str) -> str:
-    return (f"special token in the text: it holds {token!r}, which the tokenizer would read as that control token, "
-            "not as text")
 
 
 def screen_special_tokens(rows: list[dict], tokenizer, kind: Kind, data_path: Path) -> dict[int, str]:
