@@ -63,7 +63,7 @@ class ScorePair:
 
     conditioned: ScoreRequest | None
     direct: ScoreRequest | None
-    instruction_tokens: int
+    instruction_tokens: int | None  # None: not tokenized (tasks.score skips a text holding a special token's string)
     truncated: bool = False
     skip_reason: str | None = None
 

@@ -28,8 +28,10 @@ from configs.errors import ConfigError, ScoringError
 from configs.ifd import CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig, SuperfilterSelection
 from configs.schema import Budget
 from tasks.data import Record, load_canonical, read_jsonl, to_format, write_jsonl
-from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, score_counts
+from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, reject_kind, score_counts, scored_texts
 from tasks.select import SUBSET_FILES, nothing_selected, write_subset
+from tasks.special_tokens import (first_special_token, report_special_tokens, special_token_pattern,
+                                  special_token_reason)
 from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
 
 IFDKind = Literal["cherry", "superfilter"]
@@ -90,7 +92,7 @@ def why_ifd_kept_nothing(rows: Sequence[dict[str, Any]], ifd: Sequence[float | N
     """Which rule removed every sample (no IFD could be computed, or the threshold) and what to change."""
     values = [v for v in ifd if v is not None]
     if not values:
-        reasons = Counter(r["reason"].split(" (")[0] for r in rows if r["status"] != STATUS_SCORED)
+        reasons = Counter(reject_kind(r["reason"]) for r in rows if r["status"] != STATUS_SCORED)
         listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
         return (f"no sample could be scored ({listed}; each is listed with its reason in the score stage's "
                 "rejects.jsonl): fix those reasons, e.g. raise selection.scoring.max_length or set "
@@ -206,19 +208,30 @@ def _model_label(out: StageOutput) -> str:
 SINGLE_TOKEN = "instruction has a single token: no perplexity"
 
 
+def _profile_reject(held: tuple[str, str] | None, request) -> str:
+    """Why an instruction is not profiled ("" when it is): it holds a special token's text, or has one token."""
+    if held:
+        return special_token_reason(held[1], held[0])
+    return "" if request.n_targets > 0 else SINGLE_TOKEN
+
+
 def profile_shard(model, tokenizer, records: Sequence[Record], scoring: ScoringConfig,
                   pre: PreExperienceConfig) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Rows ({id, perplexity, reject}) and the mean last-hidden-state embeddings (of the rows without a reject,
-    in order) of some records' templated instructions."""
+    in order) of some records' templated instructions. An instruction (or input) holding one of the scorer's
+    special tokens as text is a reject, never tokenized."""
     from models.embeddings import embed_texts
     from models.likelihood import score_requests
     from models.templates import instruction_request, instruction_text
 
     fields = [r.alpaca_fields() for r in records]
-    requests = [instruction_request(scoring.template, tokenizer, ins, inp, scoring.max_length) for ins, inp, _ in fields]
-    usable = [i for i, req in enumerate(requests) if req.n_targets > 0]
-    rows = [{"id": r.id, "perplexity": None, "reject": "" if req.n_targets > 0 else SINGLE_TOKEN}
-            for r, req in zip(records, requests)]
+    pattern = special_token_pattern(tokenizer)
+    held = [first_special_token(scored_texts(r, output=False), pattern) for r in records]
+    requests = [None if hit else instruction_request(scoring.template, tokenizer, ins, inp, scoring.max_length)
+                for hit, (ins, inp, _) in zip(held, fields)]
+    usable = [i for i, req in enumerate(requests) if req is not None and req.n_targets > 0]
+    rows = [{"id": r.id, "perplexity": None, "reject": _profile_reject(hit, req)}
+            for r, hit, req in zip(records, held, requests)]
     if not usable:
         return rows, np.zeros((0, model.config.hidden_size), dtype=np.float32)
     scores = score_requests(model, [requests[i] for i in usable], batch_size=scoring.batch_size,
@@ -290,8 +303,13 @@ def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: P
         rejects = [{"id": row["id"], "location": by_id[row["id"]].location, "reason": row["reject"]}
                    for row in rows if row["reject"]]
         write_jsonl(folder / "rejects.jsonl", rejects)
+        report_special_tokens("cherry-instructions", (r["reason"] for r in rejects), len(rows), "instructions",
+                              folder / "rejects.jsonl")
         profiled = len(rows) - len(rejects)
-        return {"metrics": {"instructions": len(records), "profiled": profiled, "skipped": len(rejects)},
+        metrics = {"instructions": len(records), "profiled": profiled, "skipped": len(rejects)}
+        kinds = Counter(reject_kind(r["reason"]) for r in rejects)
+        metrics.update({f"skipped[{kind}]": n for kind, n in sorted(kinds.items())})
+        return {"metrics": metrics,
                 "params": {"scorer": scoring.scorer.name_or_path, "template": scoring.template},
                 "artifacts": ["rejects.jsonl"],
                 "summary": f"Profiled **{profiled}** of {len(records)} instructions (perplexity + mean embedding)."}

@@ -4,8 +4,10 @@ Records are cut into shards of `shard_size` in input order; each shard is templa
 and written atomically (`scores/part-NNNNN.parquet` + manifest) before the next starts, so a killed run resumes at
 the next unfinished shard. Batches never cross shards, so a resumed table is identical to an uninterrupted one.
 
-A sample the template cannot score (reason from models/templates.py) or whose loss is NaN/inf gets status
-`skipped` / `nonfinite`, no numbers, and a line in `rejects.jsonl`; it is never given a score.
+A sample the template cannot score (reason from models/templates.py), whose own texts hold one of the scorer's
+special tokens as a string (`tasks/special_tokens.py`: the tokenizer would score that control token, not the text),
+or whose loss is NaN/inf gets status `skipped` / `nonfinite`, no numbers, and a line in `rejects.jsonl`; it is never
+given a score.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any
 from configs.ifd import ScoringConfig
 from configs.schema import ModelConfig
 from models.likelihood import score_requests
-from models.templates import build_pair
+from models.templates import ScorePair, build_pair
 from tasks.data import Record, load_canonical, write_jsonl
+from tasks.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
+                                  special_token_reason)
 from tasks.store import ShardedTable, StageOutput, run_stage, stage_task
 
 SCORES_DIR = "scores"
@@ -33,11 +37,32 @@ def scorer_model(scoring: ScoringConfig, scorer_stage: StageOutput | None) -> Mo
                                              "gguf_file": None})
 
 
+def scored_texts(record: Record, output: bool = True) -> list[tuple[str, str]]:
+    """(where, text) of a record's own texts that the IFD templates score (`Record.alpaca_fields`): an Alpaca row's
+    instruction, input and output; else the first user message and its reply. `output=False`: the instruction's
+    only (what cherry-instructions scores)."""
+    if record.source_format == "alpaca":
+        instruction, input_text, reply = record.alpaca_fields()
+        texts = [("field 'instruction'", instruction), ("field 'input'", input_text), ("field 'output'", reply)]
+        return texts if output else texts[:2]
+    first = next(i for i, m in enumerate(record.messages) if m["role"] != "system")
+    return message_texts(record.messages)[first:first + (2 if output else 1)]
+
+
+def score_pair(record: Record, tokenizer, pattern, scoring: ScoringConfig) -> ScorePair:
+    """The two requests of a record, or why it is not scored (its texts hold a special token's string, or
+    `build_pair`'s reasons)."""
+    held = first_special_token(scored_texts(record), pattern)
+    if held:
+        return ScorePair(None, None, None, False, special_token_reason(held[1], held[0]))
+    return build_pair(scoring.template, tokenizer, *record.alpaca_fields(), scoring.max_length, scoring.overlong)
+
+
 def score_shard(model, tokenizer, records: list[Record], first_index: int, scoring: ScoringConfig,
                 progress: bool = False) -> list[dict[str, Any]]:
     """One row per record: status, reason, token counts and NLL sums of both passes (None when not scored)."""
-    pairs = [build_pair(scoring.template, tokenizer, *r.alpaca_fields(), scoring.max_length, scoring.overlong)
-             for r in records]
+    pattern = special_token_pattern(tokenizer)
+    pairs = [score_pair(r, tokenizer, pattern, scoring) for r in records]
     requests = [req for p in pairs if p.skip_reason is None for req in (p.conditioned, p.direct)]
     scores = score_requests(model, requests, batch_size=scoring.batch_size, pad_id=int(tokenizer.pad_token_id or 0),
                             progress=progress, max_batch_tokens=scoring.max_batch_tokens, nonfinite="return")
@@ -80,8 +105,14 @@ def read_scores(scores_out: StageOutput) -> list[dict[str, Any]]:
     return ShardedTable(Path(scores_out.path) / SCORES_DIR).read()
 
 
+def reject_kind(reason: str) -> str:
+    """What a skip reason is counted as: its text before a colon or a parenthesis ("special token in the text",
+    "non-finite loss", "instruction fills max_length")."""
+    return reason.split(":")[0].split(" (")[0]
+
+
 def score_counts(rows: list[dict[str, Any]]) -> dict[str, float]:
-    reasons = Counter(r["reason"].split(" (")[0] for r in rows if r["status"] != STATUS_SCORED)
+    reasons = Counter(reject_kind(r["reason"]) for r in rows if r["status"] != STATUS_SCORED)
     counts: dict[str, float] = {
         "samples": len(rows),
         "scored": sum(r["status"] == STATUS_SCORED for r in rows),
@@ -128,6 +159,8 @@ def score_records(records_out: StageOutput, scoring: ScoringConfig, scorer_stage
         write_jsonl(folder / "rejects.jsonl",
                     ({"id": row["id"], "location": by_id[row["id"]].location, "status": row["status"],
                       "reason": row["reason"]} for row in rows if row["status"] != STATUS_SCORED))
+        held = report_special_tokens("score", (r["reason"] for r in rows if r["status"] != STATUS_SCORED), len(rows),
+                                     "samples", folder / "rejects.jsonl")
         counts = score_counts(rows)
         # The IFD templates are single-turn (as the authors' scripts): later turns of a conversation are not
         # scored, and that is counted rather than left unsaid.
@@ -143,6 +176,9 @@ def score_records(records_out: StageOutput, scoring: ScoringConfig, scorer_stage
                    f"(template `{scoring.template}`, max_length {scoring.max_length}): {int(counts['skipped'])} "
                    f"skipped, {int(counts['nonfinite'])} non-finite (see rejects.jsonl), "
                    f"{int(counts['truncated'])} truncated.")
+        if held:
+            summary += (f" {held} hold one of the scorer's special tokens as text and were not scored (the tokenizer "
+                        "would read it as that control token).")
         if counts["first_turn_only"]:
             summary += (f" {int(counts['first_turn_only'])} multi-turn records were scored on their first turn "
                         "only (the IFD templates are single-turn).")

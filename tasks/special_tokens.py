@@ -86,17 +86,19 @@ def _row_texts(value) -> list[str]:
     return []
 
 
-def report_special_tokens(stage: str, reasons: Sequence[str], total: int, what: str, example: str = "") -> int:
-    """Warn about the items of a stage not scored for a special token's text (`reasons`: the reject reasons of
-    all of its items); refuse the stage with a ConfigError when that is all `total` of them. Returns how many."""
+def report_special_tokens(stage: str, reasons: Iterable[str], total: int, what: str, rejects_file) -> int:
+    """Warn about the items of a stage (records, candidates) not scored for a special token's text (`reasons`: the
+    reject reasons of its items, any kind); refuse the stage with a ConfigError when that is all `total` of them.
+    Returns how many there are."""
     held = [r for r in reasons if r.startswith(SPECIAL_TOKEN + ":")]
     if not held:
         return 0
     if len(held) == total:
         raise ConfigError(
-            f"{stage}: all {total} {what} hold one of the tokenizer's special tokens as text ({example or held[0]}), "
-            "so none can be scored as written: remove or escape those strings in the data, or score with a model "
-            "whose tokenizer does not have these special tokens (each is listed in the stage's rejects)")
-    log.warning("%s: %d of %d %s hold a special token's text and are not scored (listed with the reason in the "
-                "stage's rejects)", stage, len(held), total, what)
+            f"{stage}: all {total} {what} hold one of the tokenizer's special tokens as text (first: "
+            f"{held[0][len(SPECIAL_TOKEN) + 2:].split(',')[0]}), so none can be scored as written; each is listed in "
+            f"{rejects_file}: remove those strings from the data, or score with a model whose tokenizer does not "
+            "have these special tokens")
+    log.warning("%s: %d of %d %s hold a special token's text and are not scored (listed in %s)", stage, len(held),
+                total, what, rejects_file)
     return len(held)

@@ -346,3 +346,91 @@ def test_pre_experience_says_which_picked_samples_truncation_left_untrained(tmp_
     assert out.metrics["examples_given"] == 12 and out.metrics["examples_dropped_truncated"] == len(rejects) > 0
     assert out.metrics["examples"] == 12 - len(rejects) and "train/train_rejects.jsonl" in out.artifacts
     assert f"{len(rejects)} of the 12 picked had no answer token left" in out.summary
+
+
+HELD_REASON = ("special token in the text: {where} holds '<|end|>', which the tokenizer would read as that control "
+               "token, not as text")
+
+
+def _alpaca_files(tmp_path, n: int, held: dict[int, str]):
+    """The first `n` Alpaca rows as they are, and with '<|end|>' (the tiny tokenizer's end-of-turn token) appended
+    to the named field of the named rows (ShareGPT V3 has replies ending in the text '<|endoftext|>')."""
+    import json
+
+    rows = json.loads((DATA / "alpaca_cherry_40.json").read_text())[:n]
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps(rows))
+    for i, field in held.items():
+        rows[i][field] += "\n\nSkipped 1 messages<|end|>"
+    dirty = tmp_path / "held.json"
+    dirty.write_text(json.dumps(rows))
+    return clean, dirty
+
+
+def test_a_sample_holding_a_special_tokens_text_is_a_counted_reject_and_the_others_score_as_before(tmp_path):
+    """The scorer's tokenizer would read '<|end|>' in a reply as its end-of-turn token: the score would be of
+    another sequence than the text. Such a sample is skipped with the field and token named, counted, and listed;
+    every other sample gets the numbers it gets without it in the data."""
+    from tasks.data import prepare_records, read_jsonl
+    from tasks.score import STATUS_SCORED, read_scores, score_records
+
+    clean, dirty = _alpaca_files(tmp_path, 6, {2: "output", 4: "input"})
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"), template="wiz", max_length=256, shard_size=4)
+    before = {r["id"]: r for r in read_scores(score_records(prepare_records(DataConfig(path=str(clean))), scoring,
+                                                            progress=False))}
+    out = score_records(prepare_records(DataConfig(path=str(dirty))), scoring, progress=False)
+    rows = read_scores(out)
+    skipped = [r for r in rows if r["status"] != STATUS_SCORED]
+    assert [(r["index"], r["reason"]) for r in skipped] == [(2, HELD_REASON.format(where="field 'output'")),
+                                                             (4, HELD_REASON.format(where="field 'input'"))]
+    assert all(r["cond_nll_sum"] is None and r["direct_nll_sum"] is None for r in skipped)
+    assert [(r["location"], r["reason"]) for r in read_jsonl(out.file("rejects.jsonl"))] == [
+        ("record 2", skipped[0]["reason"]), ("record 4", skipped[1]["reason"])]
+    assert out.metrics["skipped[special token in the text]"] == 2 and out.metrics["scored"] == 4
+    assert "2 hold one of the scorer's special tokens" in out.summary
+    scored = [r for r in rows if r["status"] == STATUS_SCORED]
+    assert len(scored) == 4 and all(r["id"] in before for r in scored)  # unchanged records, unchanged ids
+    for row in scored:
+        for column in ("cond_nll_sum", "cond_tokens", "direct_nll_sum", "direct_tokens", "instruction_tokens"):
+            assert row[column] == pytest.approx(before[row["id"]][column], rel=1e-5, abs=1e-6), column
+
+
+def test_a_chat_templates_own_special_tokens_are_not_a_reject_and_all_samples_held_is_an_error(tmp_path):
+    """Under the chat template the rendered text is full of '<|user|>', '<|end|>': only the user's own texts
+    count. When every sample holds a special token's text the stage refuses, naming the first and the file."""
+    from tasks.data import prepare_records
+    from tasks.score import score_records
+
+    clean, dirty = _alpaca_files(tmp_path, 3, {0: "output", 1: "instruction", 2: "output"})
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"), template="chat", max_length=256)
+    assert score_records(prepare_records(DataConfig(path=str(clean))), scoring, progress=False).metrics["scored"] == 3
+    with pytest.raises(ConfigError, match=r"^score: all 3 samples hold one of the tokenizer's special tokens as text "
+                                          r"\(first: field 'output' holds '<\|end\|>'\), so none can be scored as "
+                                          r"written; each is listed in .*rejects.jsonl"):
+        score_records(prepare_records(DataConfig(path=str(dirty))), scoring, progress=False)
+
+
+def test_cherry_instructions_leave_out_an_instruction_holding_a_special_tokens_text(tmp_path, tiny_model_dir):
+    """cherry-instructions scores the instruction (and input) alone: one holding '<|end|>' is a counted reject;
+    a reply holding it is not this stage's text (the score stage and training refuse it)."""
+    from tasks.data import load_canonical, prepare_records, read_jsonl
+    from tasks.ifd import instruction_profile
+
+    clean, dirty = _alpaca_files(tmp_path, 6, {1: "instruction", 3: "output"})
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), max_length=256,
+                            template="alpaca")
+    pre = PreExperienceConfig(embed_batch_size=3)
+    before = instruction_profile(prepare_records(DataConfig(path=str(clean))), scoring, pre, progress=False)
+    records_out = prepare_records(DataConfig(path=str(dirty)))
+    out = instruction_profile(records_out, scoring, pre, progress=False)
+    held = load_canonical(records_out.file("records.jsonl"))[1]
+    assert read_jsonl(out.file("rejects.jsonl")) == [
+        {"id": held.id, "location": "record 1", "reason": HELD_REASON.format(where="field 'instruction'")}]
+    assert out.metrics == {"instructions": 6, "profiled": 5, "skipped": 1, "skipped[special token in the text]": 1}
+    old = {r["id"]: r["perplexity"] for r in read_jsonl(before.file("perplexity.jsonl"))}
+    new = read_jsonl(out.file("perplexity.jsonl"))
+    assert len(new) == 5 and held.id not in {r["id"] for r in new}
+    # the row whose reply changed keeps its instruction, so its perplexity; the others are the same records
+    assert [r["perplexity"] for r in new] == pytest.approx([p for i, p in enumerate(old.values()) if i != 1], rel=1e-5)
+    kept = [i for i in range(6) if i != 1]
+    assert np.allclose(np.load(out.file("embeddings.npy")), np.load(before.file("embeddings.npy"))[kept], atol=1e-5)
