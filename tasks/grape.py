@@ -32,6 +32,8 @@ from models.generation import CONTEXT_OVERFLOW, TEMPLATE_REFUSED
 from tasks.data import Record, json_rows, jsonl_rows, load_canonical, read_jsonl, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
+from tasks.special_tokens import (SPECIAL_TOKEN, first_special_token, message_texts, report_special_tokens,
+                                  special_token_pattern, special_token_reason)
 from tasks.store import ShardedTable, StageOutput, file_digest, run_stage, stage_task
 
 # The prompt field of each instruction test set (vicuna, koala, lima, sinstruct/UltraFeedback, wizardlm).
@@ -202,8 +204,9 @@ def group_candidates(rows: Iterable[dict]) -> dict[str, list[dict]]:
 def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, progress: bool = True) -> StageOutput:
     """Stage `grape-fit`: NLL sum and token counts of every candidate under the target model, sharded.
 
-    Candidates that cannot be scored (empty, longer than max_length, a template that alters the text) go to
-    rejects.jsonl with the reason; nothing gets a default score.
+    Candidates that cannot be scored (empty, longer than max_length, a template that alters the text, a response
+    or instruction message holding one of the target's special tokens as text) go to rejects.jsonl with the
+    reason; nothing gets a default score.
     """
 
     def body(folder: Path) -> dict:
@@ -221,17 +224,24 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
         done = fits.done() & rejected.done()
         todo = [s for s in range(n_shards) if s not in done]
         model, tok = load_model(selection.target) if todo else (None, None)
+        pattern = special_token_pattern(tok) if todo else None
         for shard in tqdm(todo, desc="grape fit (shards)", disable=not progress):
             groups, meta, rejects = [], [], []
             for record in instructions[shard * size:(shard + 1) * size]:
                 messages = instruction_messages(record)
                 prompt_ids, targets, kept = None, [], []
+                in_prompt = first_special_token(message_texts(messages), pattern)
                 for cand in by_instruction.get(record.id, []):
                     # the id, and where the user finds it in their file
                     where = f"instruction {record.id}" + (f" ({record.location})" if record.location else "")
                     if not cand["response"].strip():
                         rejects.append(_reject(where, cand, NOT_GENERATED.get(cand.get("finish_reason"),
                                                                               "empty response")))
+                        continue
+                    # the target's tokenizer would score such a text as its control token: not the text
+                    held = in_prompt or first_special_token([("the response", cand["response"])], pattern)
+                    if held:
+                        rejects.append(_reject(where, cand, special_token_reason(held[1], held[0])))
                         continue
                     try:
                         tokens = candidate_tokens(tok, messages, [cand["response"]], record.id)[0]
@@ -266,6 +276,8 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
         rejects = [r for r in rejected.read() if r]
         write_parquet(folder / "fit.parquet", rows, FIT_COLUMNS)
         write_jsonl(folder / "rejects.jsonl", rejects)
+        report_special_tokens("grape-fit", (r["reason"] for r in rejects), len(rows) + len(rejects), "candidates",
+                              folder / "rejects.jsonl")
         reasons = Counter(r["reason"].split(":")[0] for r in rejects)
         metrics = {"candidates_scored": len(rows), "candidates_rejected": len(rejects), "shards": n_shards,
                    "shards_resumed": len(done),
@@ -375,6 +387,8 @@ def _fit_reject_kind(reason: str, selection: GrapeSelection) -> tuple[str, str]:
                           "sampling.max_new_tokens",
         "template refused": "use a target whose chat template accepts these conversations (a system turn?), or "
                             "data without such turns",
+        SPECIAL_TOKEN: "remove those strings from the instructions or responses, or use a target whose tokenizer "
+                       "does not have these special tokens",
     }
     if kind in fixes:
         return kind, fixes[kind]

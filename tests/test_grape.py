@@ -559,3 +559,64 @@ def test_a_conversation_the_targets_template_refuses_is_a_reject_not_a_traceback
     with pytest.raises(RecordError, match=r"instruction i9: template refused: the chat template refuses this "
                                           r"conversation \(roles \['system', 'user'\]\): System role not supported"):
         candidate_tokens(tok, messages, ["hi"], "i9")
+
+
+HELD_REASON = ("special token in the text: {where} holds '<|end|>', which the tokenizer would read as that control "
+               "token, not as text")
+
+
+def _slice_files(tmp_path, n: int, held: list[tuple[int, str]]):
+    """The first `n` rows of the vicuna slice as they are, and with '<|end|>' (the tiny target's end-of-turn token)
+    appended to the named fields (an answer, or the prompt `text`)."""
+    rows = json.loads(SLICE.read_text())["data"][:n]
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps({"data": rows}))
+    for i, field in held:
+        rows[i][field] += "\n\nSkipped 1 messages<|end|>"
+    dirty = tmp_path / "held.json"
+    dirty.write_text(json.dumps({"data": rows}))
+    return clean, dirty
+
+
+def test_a_candidate_or_instruction_holding_a_special_tokens_text_is_a_reject_the_rest_fit_as_before(tiny_model_dir,
+                                                                                                     tmp_path):
+    """The target's tokenizer would read '<|end|>' in a response as its end of turn: the fit would be of another
+    sequence. Such a candidate is a reject naming it and the token; an instruction holding one rejects each of
+    its candidates; the other candidates get the fit they get without them; the template's own '<|end|>' and
+    '<|assistant|>' are no reject."""
+    clean, dirty = _slice_files(tmp_path, 4, [(1, "Answer2"), (2, "text")])
+    selection = GrapeSelection(target=ModelConfig(name_or_path=str(tiny_model_dir)), scoring_shard_size=2,
+                               candidates=CandidatesFile(path=str(clean)))
+    before = score_candidate_fit(ingest_candidates(selection.candidates), selection, progress=False)
+    assert before.metrics["candidates_scored"] == 8 and before.metrics["candidates_rejected"] == 0
+    before_fit = {(r["instruction_id"], r["candidate_index"]): r for r in read_parquet(before.file("fit.parquet"))}
+    selection = _with(selection, candidates=CandidatesFile(path=str(dirty)))
+    candidates = ingest_candidates(selection.candidates)
+    fit = score_candidate_fit(candidates, selection, progress=False)
+    ids = [json.loads(line)["id"] for line in candidates.file("instructions.jsonl").read_text().splitlines()]
+    rejects = read_jsonl(fit.file("rejects.jsonl"))
+    assert [(r["location"], r["field"], r["reason"]) for r in rejects] == [
+        (f"instruction {ids[1]} (record 1)", "candidate 1 (Answer2)", HELD_REASON.format(where="the response")),
+        (f"instruction {ids[2]} (record 2)", "candidate 0 (Answer1)", HELD_REASON.format(where="the user message 1")),
+        (f"instruction {ids[2]} (record 2)", "candidate 1 (Answer2)", HELD_REASON.format(where="the user message 1"))]
+    assert fit.metrics["rejected[special token in the text]"] == 3 and fit.metrics["candidates_scored"] == 5
+    rows = read_parquet(fit.file("fit.parquet"))
+    assert {(r["instruction_id"], r["candidate_index"]) for r in rows} == {
+        (ids[0], 0), (ids[0], 1), (ids[1], 0), (ids[3], 0), (ids[3], 1)}
+    for row in rows:
+        old = before_fit[(row["instruction_id"], row["candidate_index"])]
+        assert row["nll_sum"] == pytest.approx(old["nll_sum"], rel=1e-5, abs=1e-5)
+        assert row["scored_tokens"] == old["scored_tokens"] and row["prompt_tokens"] == old["prompt_tokens"]
+    out = grape_select(candidates, fit, selection)
+    assert out.metrics["instructions_scored"] == 3 and out.metrics["selected"] == 3
+
+
+def test_every_candidate_holding_a_special_tokens_text_fails_grape_fit_saying_so(tiny_model_dir, tmp_path):
+    from configs.errors import ConfigError
+
+    _, dirty = _slice_files(tmp_path, 2, [(0, "Answer1"), (0, "Answer2"), (1, "text")])
+    selection = GrapeSelection(target=ModelConfig(name_or_path=str(tiny_model_dir)),
+                               candidates=CandidatesFile(path=str(dirty)))
+    with pytest.raises(ConfigError, match=r"^grape-fit: all 4 candidates hold one of the tokenizer's special tokens "
+                                          r"as text \(first: the response holds '<\|end\|>'\)"):
+        score_candidate_fit(ingest_candidates(selection.candidates), selection, progress=False)
