@@ -2,11 +2,14 @@
 
 Stages (each content-addressed and resumable):
   `deita-complexity` / `deita-quality`: per-turn expected scores of every record (`scores.jsonl`, `rejects.jsonl`);
-  `deita-embed`: one L2-normalised vector per record (`embeddings.npy`, `ids.txt`, `embedding-meta.json`);
+  `deita-embed`: one L2-normalised vector per record (`embeddings.npy`, `ids.txt`, `embedding-meta.json`,
+  `rejects.jsonl`);
   `select-deita`: rank by the chosen score and keep greedily unless too similar to a kept sample (`ranking.jsonl`
   and the subset files every selection writes).
 
 The scores' arithmetic, the ranking and the diversity filter are plain functions in `tasks/deita_selection.py`.
+A record whose texts that a stage tokenizes hold one of its model's special tokens as a string is not scored or
+embedded by that stage (`tasks/special_tokens.py`): a reject, and select-deita lists it with the others.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,8 @@ from configs.errors import ScoringError
 from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, write_jsonl
 from tasks.deita_selection import diversity_filter, evol_scores, ranking_order
 from tasks.select import SUBSET_FILES, nothing_selected, write_subset
+from tasks.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
+                                  special_token_reason)
 from tasks.store import ArrayShards, ShardedTable, StageOutput, run_stage, stage_task
 
 EMBEDDING_TEMPLATE = "vicuna_v1.1"
@@ -60,11 +66,27 @@ def _scorer_stage_config(dimension: str, scorer: DeitaScorerConfig) -> dict:
     return {"dimension": dimension, "scorer": scorer.model_dump(mode="json", exclude={"batch_size", "scale_out"})}
 
 
+def held_special_token(tokenizer, records: list[Record], roles: tuple[str, ...]) -> dict[str, str]:
+    """{record id: reject reason} of the records whose messages of `roles` hold one of the tokenizer's special
+    tokens as text: it would read them as that control token, so they are not scored or embedded."""
+    pattern = special_token_pattern(tokenizer)
+    held = {r.id: first_special_token(message_texts(r.messages, roles), pattern) for r in records}
+    return {rid: special_token_reason(hit[1], hit[0]) for rid, hit in held.items() if hit}
+
+
 def dimension_rows(scorer, records: list[Record]) -> list[dict]:
-    """Per-turn expected scores of `records` ({id, scores, reject}); a too-long prompt rejects its record."""
-    encoded = [scorer.encode([scorer.prompt(u, a) for u, a in conversation_turns(r)]) for r in records]
+    """Per-turn expected scores of `records` ({id, scores, reject}); a too-long prompt rejects its record, and so
+    does a text of its prompts (complexity: the user's; quality: theirs and the replies) holding one of the
+    scorer's special tokens."""
+    roles = ("user",) if scorer.dimension == "complexity" else ("user", "assistant")
+    held = held_special_token(scorer.tokenizer, records, roles)
+    encoded = [[] if r.id in held else scorer.encode([scorer.prompt(u, a) for u, a in conversation_turns(r)])
+               for r in records]
     rows, flat, owners = [], [], []
     for r, prompts in zip(records, encoded):
+        if r.id in held:
+            rows.append({"id": r.id, "scores": [], "reject": held[r.id]})
+            continue
         long = scorer.too_long(prompts)
         if long:
             lengths = [len(prompts[t]) for t in long]
@@ -155,9 +177,12 @@ def score_dimension(dimension: str, records_out: StageOutput, scorer_config: Dei
                     "reason": row["reject"]} for row in rows if row["reject"]]
         write_jsonl(folder / "scores.jsonl", scored)
         write_jsonl(folder / "rejects.jsonl", rejects)
+        report_special_tokens(f"deita-{dimension}", (r["reason"] for r in rejects), len(rows), "records",
+                              folder / "rejects.jsonl")
         turn_scores = np.asarray([v for row in scored for v in row["scores"]], dtype=np.float64)
         artifacts = ["rejects.jsonl", "scores.jsonl"]
         metrics = {"records": len(records), "scored": len(scored), "rejected": len(rejects), "turns": len(turn_scores)}
+        metrics.update(reject_counts(r["reason"] for r in rejects))
         if len(turn_scores):
             histogram(turn_scores, folder / f"{dimension}_hist.png", f"Deita {dimension} (per turn)",
                       f"expected {dimension} score (1-6)")
@@ -173,6 +198,11 @@ def score_dimension(dimension: str, records_out: StageOutput, scorer_config: Dei
                      digest_of=["scores.jsonl", "rejects.jsonl"])
 
 
+def reject_counts(reasons: Iterable[str]) -> dict[str, int]:
+    """`rejected[kind]` per kind of reject reason (its text before the colon)."""
+    return {f"rejected[{kind}]": n for kind, n in sorted(Counter(r.split(":")[0] for r in reasons).items())}
+
+
 def score_complexity(records_out: StageOutput, scorer_config: DeitaScorerConfig) -> StageOutput:
     return score_dimension("complexity", records_out, scorer_config)
 
@@ -182,12 +212,21 @@ def score_quality(records_out: StageOutput, scorer_config: DeitaScorerConfig) ->
 
 
 # --------------------------------------------------------------------------------------- embedding stage
+def embedding_rejects(tokenizer, records: list[Record]) -> dict[str, str]:
+    """{record id: reason} of the records deita-embed leaves out: a message (any: the vicuna text holds them all)
+    holding one of the embedder's special tokens as text."""
+    return held_special_token(tokenizer, records, ("system", "user", "assistant"))
+
+
 def embed_shard(model, tokenizer, records: list[Record], embedding: DeitaEmbeddingConfig) -> np.ndarray:
+    """The rows of the shard's records, less those `embedding_rejects` leaves out, in record order."""
     from models.embeddings import embed_texts
 
     eos = tokenizer.eos_token or ""
-    return embed_texts(model, tokenizer, [vicuna_text(r, eos) for r in records], pooling=embedding.pooling,
-                       batch_size=embedding.batch_size, normalize=True, max_length=embedding.max_length)
+    left_out = embedding_rejects(tokenizer, records)
+    return embed_texts(model, tokenizer, [vicuna_text(r, eos) for r in records if r.id not in left_out],
+                       pooling=embedding.pooling, batch_size=embedding.batch_size, normalize=True,
+                       max_length=embedding.max_length)
 
 
 def truncated_conversations(tokenizer, records: list[Record], max_length: int, chunk: int = 512) -> int:
@@ -213,14 +252,22 @@ def embed_shard_at(index: int, records_path: str, embedding: DeitaEmbeddingConfi
 def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, progress: bool = True) -> StageOutput:
     """Stage `deita-embed`: one L2-normalised vector per record, in record order, shard by shard.
 
-    Output: `embeddings.npy` (float32 [n, hidden], memory-mappable), `ids.txt`, `embedding-meta.json`.
+    Output: `embeddings.npy` (float32 [n, hidden], memory-mappable), `ids.txt` (the id of each row),
+    `embedding-meta.json`, `rejects.jsonl` (records holding one of the embedder's special tokens as text: not
+    embedded, no row).
     """
-    from models.loading import load_model
+    from models.loading import load_model, load_tokenizer
 
     def body(folder: Path) -> dict:
         import os
 
         records = load_canonical(records_out.file("records.jsonl"))
+        tokenizer = load_tokenizer(embedding.model)
+        left_out = embedding_rejects(tokenizer, records)
+        write_jsonl(folder / "rejects.jsonl", [{"id": r.id, "location": r.location, "stage": "deita-embed",
+                                                "reason": left_out[r.id]} for r in records if r.id in left_out])
+        report_special_tokens("deita-embed", left_out.values(), len(records), "records", folder / "rejects.jsonl")
+        kept = [r for r in records if r.id not in left_out]
         shards = ArrayShards(folder / "shards")
         size = embedding.shard_size
         n_shards = math.ceil(len(records) / size)
@@ -247,31 +294,40 @@ def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, pro
             shards.verified()
             dim = shards.read_array(0).shape[1] if n_shards else 0
             tmp = folder / f".embeddings.tmp-{os.getpid()}.npy"
-            matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(records), dim))
-            for shard in range(n_shards):
-                matrix[shard * size:(shard + 1) * size] = shards.read_array(shard)
+            matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(kept), dim))
+            row = 0
+            for shard in range(n_shards):  # a shard has a row per record it kept
+                block = shards.read_array(shard)
+                matrix[row:row + len(block)] = block
+                row += len(block)
+            if row != len(kept):
+                raise RuntimeError(f"deita-embed shards hold {row} rows for {len(kept)} embedded records in {folder}")
             matrix.flush()
             del matrix
             os.replace(tmp, final)
         dim = int(np.load(final, mmap_mode="r").shape[1])
         for shard in range(n_shards):
             shards.shard_path(shard).unlink(missing_ok=True)
-        atomic_write_text(folder / "ids.txt", "".join(r.id + "\n" for r in records))
+        atomic_write_text(folder / "ids.txt", "".join(r.id + "\n" for r in kept))
         meta = {"model": embedding.model.name_or_path, "pooling": embedding.pooling, "template": EMBEDDING_TEMPLATE,
-                "max_length": embedding.max_length, "dim": dim, "normalized": True, "rows": len(records)}
-        from models.loading import load_tokenizer
-
-        truncated = truncated_conversations(load_tokenizer(embedding.model), records, embedding.max_length)
+                "max_length": embedding.max_length, "dim": dim, "normalized": True, "rows": len(kept)}
+        truncated = truncated_conversations(tokenizer, kept, embedding.max_length)
         meta["truncated"] = truncated
         atomic_write_text(folder / "embedding-meta.json", json.dumps(meta, indent=1))
         note = (f" {truncated} conversations are longer than max_length {embedding.max_length} and were embedded "
                 "from their first tokens only." if truncated else "")
-        return {"metrics": {"records": len(records), "dim": dim, "truncated": truncated},
+        if left_out:
+            note += (f" {len(left_out)} hold one of the embedder's special tokens as text and were not embedded "
+                     "(see rejects.jsonl).")
+        metrics = {"records": len(records), "embedded": len(kept), "rejected": len(left_out), "dim": dim,
+                   "truncated": truncated, **reject_counts(left_out.values())}
+        return {"metrics": metrics,
                 "params": {"embedding_model": embedding.model.name_or_path, "embedding_pooling": embedding.pooling,
                            "embedding_template": EMBEDDING_TEMPLATE},
-                "artifacts": ["embedding-meta.json"],
-                "summary": f"Embedded **{len(records)}** conversations with `{embedding.model.name_or_path}` "
-                           f"({embedding.pooling} pooling, {EMBEDDING_TEMPLATE} template, dim {dim}).{note}"}
+                "artifacts": ["embedding-meta.json", "rejects.jsonl"],
+                "summary": f"Embedded **{len(kept)}** of {len(records)} conversations with "
+                           f"`{embedding.model.name_or_path}` ({embedding.pooling} pooling, {EMBEDDING_TEMPLATE} "
+                           f"template, dim {dim}).{note}"}
 
     key_config = embedding.model_dump(mode="json", exclude={"batch_size", "scale_out"})
     return run_stage("deita-embed", {"embedding": key_config, "template": EMBEDDING_TEMPLATE}, [records_out], body,
@@ -325,14 +381,17 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
                 (selection.score in ("evol", "quality") and quality_out is None):
             raise ValueError(f"score {selection.score!r} needs the scores it is built from")
         ids = Path(embeddings_out.file("ids.txt")).read_text().split()
-        if ids != [r.id for r in records]:
+        rejects_e = read_jsonl(embeddings_out.file("rejects.jsonl"))
+        not_embedded = {row["id"] for row in rejects_e}
+        if ids != [r.id for r in records if r.id not in not_embedded]:
             raise ValueError("the embeddings were computed for other records than these (ids.txt differs)")
         embeddings = np.load(embeddings_out.file("embeddings.npy"), mmap_mode="r")
+        row_of = {rid: k for k, rid in enumerate(ids)}  # record id -> its embedding row
         tables = [{"complexity": complexity, "quality": quality}[s] for s in needed]
-        rows = [i for i, r in enumerate(records) if all(r.id in table for table in tables)]
+        rows = [i for i, r in enumerate(records) if r.id in row_of and all(r.id in table for table in tables)]
         cand = [records[i] for i in rows]
         unscored = _unscored(records, {r.id for r in cand},
-                             {"deita-complexity": rejects_c, "deita-quality": rejects_q})
+                             {"deita-complexity": rejects_c, "deita-quality": rejects_q, "deita-embed": rejects_e})
         if not cand:
             # per record, not per line of the scorers' files: a record both scorers refused counts once per kind
             reasons = Counter(kind for row in unscored for kind in dict.fromkeys(
@@ -349,11 +408,14 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
         order = np.asarray(rows, dtype=np.int64)[ranking_order(scores)]
         count = selection.count(len(cand))
         device = None if selection.filter_device == "auto" else selection.filter_device
-        result = diversity_filter(embeddings, order, selection.tau, count, selection.filter_block_size, device,
-                                  progress=progress, precision=selection.filter_precision)
+        result = diversity_filter(embeddings, [row_of[records[i].id] for i in order.tolist()], selection.tau, count,
+                                  selection.filter_block_size, device, progress=progress,
+                                  precision=selection.filter_precision)
+        record_of = {row_of[records[i].id]: i for i in rows}
+        selected = [record_of[k] for k in result.selected.tolist()]  # record indices, in the order kept
 
         score_of = dict(zip(rows, scores.tolist()))
-        kept = set(result.selected.tolist())
+        kept = set(selected)
         ranking = []
         for rank, i in enumerate(order.tolist()):
             status = "selected" if i in kept else ("rejected_similar" if rank < result.examined else "not_examined")
@@ -361,11 +423,11 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
                             "complexity": complexity.get(records[i].id), "quality": quality.get(records[i].id)})
         write_jsonl(folder / "ranking.jsonl", ranking)
         write_jsonl(folder / "rejects.jsonl", unscored)
-        fields = write_subset(records, [records[i].id for i in result.selected], folder, "deita", output_format)
+        fields = write_subset(records, [records[i].id for i in selected], folder, "deita", output_format)
 
         artifacts = ["ranking.jsonl", "rejects.jsonl"]
         if len(scores):
-            selected_scores = [score_of[i] for i in result.selected.tolist()]
+            selected_scores = [score_of[i] for i in selected]
             cutoff = min(selected_scores) if selected_scores else None
             histogram(scores, folder / "score_hist.png", f"Deita {selection.score} score", f"{selection.score} score",
                       threshold=cutoff)
@@ -380,13 +442,13 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
             "examined": result.examined, "rejected_similar": result.rejected,
             "not_examined": len(cand) - result.examined, "tau": selection.tau,
         })
-        if len(result.selected):
-            fields["metrics"]["selected_score_mean"] = float(np.mean([score_of[i] for i in result.selected.tolist()]))
+        if selected:
+            fields["metrics"]["selected_score_mean"] = float(np.mean([score_of[i] for i in selected]))
         if len(scores):
             fields["metrics"]["candidate_score_mean"] = float(scores.mean())
         fields["params"] = {"score": selection.score, "tau": selection.tau, "budget": count}
         fields["summary"] = (
-            f"Deita ({selection.score} score, tau {selection.tau}): kept **{len(result.selected)}** of {len(cand)} "
+            f"Deita ({selection.score} score, tau {selection.tau}): kept **{len(selected)}** of {len(cand)} "
             f"scored candidates (budget {count}); the filter rejected **{result.rejected}** as near-duplicates of "
             f"kept samples, {len(cand) - result.examined} were not reached, {len(records) - len(cand)} records "
             "had no score (see rejects.jsonl).")

@@ -452,6 +452,7 @@ def test_a_scorer_that_rejects_every_record_fails_the_selection_naming_why(tmp_p
     embedded = tmp_path / "embed"
     embedded.mkdir()
     (embedded / "ids.txt").write_text("\n".join(ids))
+    (embedded / "rejects.jsonl").write_text("")
     np.save(embedded / "embeddings.npy", np.eye(3, 4, dtype=np.float32))
     complexity_out = StageOutput(stage="deita-complexity", key="c", path=str(scored), digest="c")
     embeddings_out = StageOutput(stage="deita-embed", key="e", path=str(embedded), digest="e")
@@ -482,6 +483,7 @@ def _fake_embeddings(tmp_path, ids):
     folder = tmp_path / "embed"
     folder.mkdir()
     (folder / "ids.txt").write_text("\n".join(ids))
+    (folder / "rejects.jsonl").write_text("")  # the embedding stage left out no record
     np.save(folder / "embeddings.npy", np.eye(len(ids), 4, dtype=np.float32))
     return StageOutput(stage="deita-embed", key="e", path=str(folder), digest="e")
 
@@ -691,3 +693,95 @@ def test_a_non_finite_score_names_the_record_and_turn_not_a_prompt_index(tiny_mo
     monkeypatch.setattr(models.deita, "next_token_logits", nan_at_one)
     with pytest.raises(ScoringError, match=rf"first record {records[target].id} \({records[target].location}\), turn 1;"):
         dimension_rows(scorer, records)
+
+
+HELD_REASON = ("special token in the text: {where} holds '<|end|>', which the tokenizer would read as that control "
+               "token, not as text")
+
+
+def _alpaca_files(tmp_path, n: int, held: dict[int, str]):
+    """The first `n` Alpaca rows as they are, and with '<|end|>' (the tiny tokenizer's end-of-turn token) appended
+    to the named field of the named rows (ShareGPT V3 has replies ending in the text '<|endoftext|>')."""
+    rows = json.loads((DATA / "alpaca_cherry_40.json").read_text())[:n]
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps(rows))
+    for i, field in held.items():
+        rows[i][field] += "\n\nSkipped 1 messages<|end|>"
+    dirty = tmp_path / "held.json"
+    dirty.write_text(json.dumps(rows))
+    return clean, dirty
+
+
+def test_deita_scorers_and_embedding_leave_out_a_record_holding_a_special_tokens_text(tiny_model_dir, tmp_path,
+                                                                                      one_torch_thread):
+    """The scorer's (embedder's) tokenizer would read '<|end|>' in a reply as its end of turn. The quality scorer
+    and the embedding (whose texts hold the reply) leave such a record out, naming the message and the token; the
+    complexity scorer (the instruction only) scores it; every other record gets the numbers it gets without it;
+    select-deita lists it once with both reasons and never selects it."""
+    from tasks.data import load_canonical, prepare_records, read_jsonl
+    from tasks.deita import embed_records, score_dimension, select_deita
+
+    clean, dirty = _alpaca_files(tmp_path, 7, {3: "output"})
+    tiny = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
+    scorer = DeitaScorerConfig(model=tiny, shard_size=4)
+    embedding = DeitaEmbeddingConfig(model=tiny, shard_size=3, max_length=128)
+    clean_out, dirty_out = (prepare_records(DataConfig(path=str(p))) for p in (clean, dirty))
+    records = load_canonical(dirty_out.file("records.jsonl"))
+    held = records[3]
+    reason = HELD_REASON.format(where="the assistant message 2")
+
+    complexity = score_dimension("complexity", dirty_out, scorer, progress=False)
+    assert complexity.metrics["rejected"] == 0 and complexity.metrics["scored"] == 7
+    quality = score_dimension("quality", dirty_out, scorer, progress=False)
+    assert read_jsonl(quality.file("rejects.jsonl")) == [
+        {"id": held.id, "location": "record 3", "stage": "deita-quality", "reason": reason}]
+    assert quality.metrics["rejected[special token in the text]"] == 1 and quality.metrics["scored"] == 6
+    before = {r["id"]: r["scores"] for r in read_jsonl(score_dimension("quality", clean_out, scorer,
+                                                                       progress=False).file("scores.jsonl"))}
+    after = read_jsonl(quality.file("scores.jsonl"))
+    assert [r["id"] for r in after] == [r.id for r in records if r.id != held.id]
+    for row in after:
+        assert row["scores"] == pytest.approx(before[row["id"]], abs=1e-5)
+
+    embedded = embed_records(dirty_out, embedding, progress=False)
+    assert read_jsonl(embedded.file("rejects.jsonl")) == [
+        {"id": held.id, "location": "record 3", "stage": "deita-embed", "reason": reason}]
+    assert embedded.metrics["rejected[special token in the text]"] == 1 and embedded.metrics["embedded"] == 6
+    assert embedded.file("ids.txt").read_text().split() == [r.id for r in records if r.id != held.id]
+    matrix = np.load(embedded.file("embeddings.npy"))
+    reference = np.load(embed_records(clean_out, embedding, progress=False).file("embeddings.npy"))
+    assert matrix.shape == (6, reference.shape[1])
+    np.testing.assert_allclose(matrix, reference[[0, 1, 2, 4, 5, 6]], atol=1e-5)
+
+    similarities = matrix @ matrix.T
+    tau = float(np.median(similarities[np.triu_indices(6, 1)]))  # some candidates are too similar to a kept one
+    selection = DeitaSelection(budget=6, tau=tau, complexity_scorer=scorer, quality_scorer=scorer,
+                               embedding=embedding)
+    out = select_deita(dirty_out, complexity, quality, embedded, selection, progress=False)
+    rejects = read_jsonl(out.file("rejects.jsonl"))
+    assert [(r["id"], r["stage"]) for r in rejects] == [(held.id, "deita-quality+deita-embed")]
+    assert rejects[0]["reasons"] == [{"stage": "deita-quality", "reason": reason},
+                                     {"stage": "deita-embed", "reason": reason}]
+    assert out.metrics["candidates"] == 6 and out.metrics["unscored"] == 1
+    # the filter reads each candidate's own row (the rows after the left-out record moved up by one): the plain
+    # loop over the clean records' rows, in the ranking's order, keeps the same records
+    ids = embedded.file("ids.txt").read_text().split()
+    ranked = [ids.index(r["id"]) for r in read_jsonl(out.file("ranking.jsonl"))]
+    expected = diversity_filter_sequential(reference[[0, 1, 2, 4, 5, 6]], ranked, tau, 6).selected.tolist()
+    selected = out.file("selected_ids.txt").read_text().split()
+    assert 0 < len(selected) < 6 and held.id not in selected
+    assert selected == [ids[k] for k in sorted(expected)]
+
+
+def test_a_deita_stage_where_every_record_holds_a_special_tokens_text_refuses(tiny_model_dir, tmp_path):
+    from tasks.data import prepare_records
+    from tasks.deita import embed_records, score_dimension
+
+    _, dirty = _alpaca_files(tmp_path, 2, {0: "instruction", 1: "instruction"})
+    records_out = prepare_records(DataConfig(path=str(dirty)))
+    tiny = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
+    with pytest.raises(ConfigError, match=r"^deita-complexity: all 2 records hold one of the tokenizer's special "
+                                          r"tokens as text \(first: the user message 1 holds '<\|end\|>'\)"):
+        score_dimension("complexity", records_out, DeitaScorerConfig(model=tiny), progress=False)
+    with pytest.raises(ConfigError, match=r"^deita-embed: all 2 records hold one of the tokenizer's special tokens"):
+        embed_records(records_out, DeitaEmbeddingConfig(model=tiny, max_length=128), progress=False)
