@@ -26,6 +26,8 @@ from configs.evaluate import (EvaluateConfig, GenerationSettings, HeldoutLikelih
                               InstructionEvalConfig, JudgeConfig, LmEvalConfig)
 from configs.schema import ModelConfig, repo_path
 from tasks.data import jsonl_rows, read_jsonl, read_records, write_jsonl
+from tasks.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
+                                  special_token_reason)
 from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
                          stage_task)
 from tasks.track import sanitize_metric_key
@@ -377,20 +379,27 @@ def heldout_requests(records, tokenizer, max_length: int):
     The reply's tokens are cut out of the tokenized conversation exactly as GRAPE's fit cuts a candidate
     (`models.fit.candidate_tokens`): the reply as the model sees it in training, plus the template's end-of-turn
     marker (a reply should end there), without the template's trailing newline. Returns (requests, rejects, ids of
-    replies cut at max_length); a record whose prompt alone fills max_length, or whose reply the template does not
-    render verbatim, is rejected with the reason.
+    replies cut at max_length); a record whose prompt alone fills max_length, whose reply the template does not
+    render verbatim, or one of whose messages holds one of the tokenizer's special tokens as text (it would be
+    scored as that control token), is rejected with the reason.
     """
     from models.fit import candidate_tokens
     from models.likelihood import ScoreRequest
 
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("held-out likelihood needs a tokenizer with a chat template")
+    pattern = special_token_pattern(tokenizer)
     requests, rejects, truncated = [], [], set()
     for record in records:
         *context, reply = record.messages
         if reply["role"] != "assistant":
             rejects.append({"id": record.id, "location": record.location,
                             "reason": "no final assistant reply to score"})
+            continue
+        held = first_special_token(message_texts(record.messages), pattern)
+        if held:
+            rejects.append({"id": record.id, "location": record.location,
+                            "reason": special_token_reason(held[1], held[0])})
             continue
         try:
             tokens = candidate_tokens(tokenizer, context, [reply["content"]], record.id)[0]
@@ -601,6 +610,9 @@ def likelihood_stage(model: ModelConfig, model_digest: str, cfg: HeldoutLikeliho
         result = read_records(cfg.data.path, cfg.data.format, cfg.data.on_error, leading_reply=cfg.data.leading_reply)
         records = result.records[: cfg.data.limit] if cfg.data.limit else result.records
         requests, rejects, truncated = heldout_requests(records, tok, cfg.max_length)
+        write_jsonl(folder / "rejects.jsonl", result.rejects + rejects)
+        held = report_special_tokens("eval-likelihood", (r["reason"] for r in rejects), len(records), "records",
+                                     folder / "rejects.jsonl")
         if not requests:
             raise ConfigError(f"held-out likelihood: no scorable record in {cfg.data.path}")
         scores = score_requests(lm, [r for _, r in requests], batch_size=cfg.batch_size, pad_id=tok.pad_token_id or 0)
@@ -608,17 +620,18 @@ def likelihood_stage(model: ModelConfig, model_digest: str, cfg: HeldoutLikeliho
         write_jsonl(folder / "heldout_scores.jsonl", [{"id": rid, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens,
                                                        "truncated": rid in truncated}
                                                       for (rid, _), s in zip(requests, scores)])
-        write_jsonl(folder / "rejects.jsonl", result.rejects + rejects)
         tokens = sum(s.n_tokens for s in scores)
         mean_nll = sum(s.nll_sum for s in scores) / tokens
         metrics = {"mean_nll": mean_nll, "perplexity": math.exp(mean_nll), "records_scored": len(scores),
                    "records_skipped": len(result.rejects) + len(rejects), "records_truncated": len(truncated),
-                   "tokens": tokens, "records_opening_reply_dropped": len(result.repairs)}
+                   "records_special_tokens": held, "tokens": tokens,
+                   "records_opening_reply_dropped": len(result.repairs)}
         write_jsonl(folder / "repairs.jsonl", result.repairs)
         return {"metrics": metrics, "artifacts": ["heldout_scores.jsonl", "rejects.jsonl", "repairs.jsonl"],
                 "summary": f"Held-out mean NLL **{mean_nll:.4f}** (ppl {math.exp(mean_nll):.2f}) over {tokens} tokens "
                            f"of {len(scores)} responses ({len(truncated)} cut at max_length {cfg.max_length}); "
-                           f"{metrics['records_skipped']} skipped (rejects.jsonl)."}
+                           f"{metrics['records_skipped']} skipped (rejects.jsonl"
+                           + (f"; {held} hold a special token's text" if held else "") + ")."}
 
     config = {"config": cfg, "data_digest": file_digest(cfg.data.path), **_model_input(model, model_digest)}
     return run_stage("eval-likelihood", config, [], body, digest_of=["heldout_scores.jsonl"])

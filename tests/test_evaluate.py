@@ -543,3 +543,41 @@ def test_an_exact_even_verdict_is_a_tie_in_each_order(tokenizer):
     verdicts = judge.pairwise(["q"], ["a"], ["b"])
     assert verdicts[0].p_candidate_first == verdicts[0].p_candidate_second == 0.5
     assert verdicts[0].outcome == "tie"
+
+
+def test_heldout_likelihood_leaves_out_a_conversation_holding_a_special_tokens_text(tiny, tmp_path):
+    """Two ShareGPT V3 replies end in the text '<|endoftext|>': the model's tokenizer would score that control
+    token, not the text. Here the tiny tokenizer's '<|end|>' stands in for it: such a conversation is a reject
+    naming the message and token, counted; the others score as they do without it; the template's own
+    '<|user|>' and '<|end|>' are no reject. All of them held: the stage refuses."""
+    from configs.errors import ConfigError
+    from tasks.data import read_jsonl
+    from tasks.evaluate import likelihood_stage
+
+    convs = [{"conversations": [{"from": "human", "value": f"Name a colour, {n}."},
+                                {"from": "gpt", "value": f"Blue, {n}."},
+                                {"from": "human", "value": "And another?"}, {"from": "gpt", "value": "Green."}]}
+             for n in ("please", "now", "quickly", "friend")]
+    (tmp_path / "clean.json").write_text(json.dumps(convs))
+    convs[1]["conversations"][1]["value"] += " Skipped 1 messages<|end|>"
+    (tmp_path / "held.json").write_text(json.dumps(convs))
+    out = {name: likelihood_stage(tiny, "digest", HeldoutLikelihoodConfig(
+        data=DataConfig(path=str(tmp_path / f"{name}.json")), max_length=256)) for name in ("clean", "held")}
+    assert out["clean"].metrics["records_scored"] == 4 and out["clean"].metrics["records_special_tokens"] == 0
+    rejects = read_jsonl(out["held"].file("rejects.jsonl"))
+    assert [(r["location"], r["reason"]) for r in rejects] == [
+        ("record 1", "special token in the text: the assistant message 2 holds '<|end|>', which the tokenizer would "
+                     "read as that control token, not as text")]
+    assert out["held"].metrics["records_special_tokens"] == 1 and out["held"].metrics["records_scored"] == 3
+    before = {r["id"]: r for r in read_jsonl(out["clean"].file("heldout_scores.jsonl"))}
+    after = read_jsonl(out["held"].file("heldout_scores.jsonl"))
+    assert len(after) == 3 and rejects[0]["id"] not in {r["id"] for r in after}
+    for row in after:
+        assert row["n_tokens"] == before[row["id"]]["n_tokens"]
+        assert row["nll_sum"] == pytest.approx(before[row["id"]]["nll_sum"], rel=1e-5)
+    for conv in convs:
+        conv["conversations"][0]["value"] += "<|end|>"
+    (tmp_path / "all.json").write_text(json.dumps(convs))
+    with pytest.raises(ConfigError, match=r"^eval-likelihood: all 4 records hold one of the tokenizer's special "
+                                          r"tokens as text \(first: the user message 1 holds '<\|end\|>'\)"):
+        likelihood_stage(tiny, "digest", HeldoutLikelihoodConfig(data=DataConfig(path=str(tmp_path / "all.json"))))
