@@ -15,7 +15,9 @@ class ScaleOutConfig(StrictModel):
     engine: Literal["threads", "dask"] = Field(
         "threads", description="'threads': a thread pool in the stage's process (one accelerator). "
                                "'dask': prefect-dask's DaskTaskRunner on a local or remote Dask cluster.")
-    workers: int = Field(1, ge=1, description="Threads ('threads') or worker processes of a local Dask cluster.")
+    workers: int = Field(1, ge=1, description="Threads ('threads') or worker processes of a local Dask cluster; "
+                                             "with 'address', the cluster's worker count (it sizes the shards "
+                                             "in flight).")
     threads_per_worker: int = Field(1, ge=1, description="Dask only: threads inside each local worker process.")
     address: str | None = Field(
         None, description="Dask only: an existing scheduler (e.g. 'tcp://10.0.0.5:8786'); no local cluster then.")
@@ -23,6 +25,12 @@ class ScaleOutConfig(StrictModel):
         "distributed.LocalCluster",
         description="Dask only: the local cluster class; 'dask_cuda.LocalCUDACluster' gives one worker per GPU.")
     processes: bool = Field(True, description="Dask local cluster: workers as processes (True) or threads (False).")
+
+    @property
+    def max_in_flight(self) -> int:
+        """Shards submitted and not yet written at once: two per worker slot, so a slot finds its next shard
+        queued while the stage's process writes the last one, and only this many results are held in memory."""
+        return 2 * self.workers * self.threads_per_worker
 
     @model_validator(mode="after")
     def _dask_options_need_dask(self):

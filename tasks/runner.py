@@ -3,7 +3,9 @@
 A stage that writes a `ShardedTable` splits its input into shards and calls `map_shards(shard_rows, n, table,
 scale_out, ...)`. Each shard not yet in the table's manifest becomes one Prefect task run (`<name>-shard`, visible
 in the UI) on the configured runner; the rows it returns are written by the calling process, one shard at a time,
-so the manifest has a single writer however many workers compute. A killed or failed run resumes at the first
+so the manifest has a single writer however many workers compute. A bounded window of shards is in flight
+(`ScaleOutConfig.max_in_flight`): the next is submitted as one is written, so memory holds a few shards' rows,
+not the stage's. A killed or failed run resumes at the first
 shard missing from the manifest. Shard functions must be module-level (picklable) and load what they need from
 paths (a model per worker, cached in the worker), never receive a model object.
 """
@@ -50,6 +52,22 @@ def task_runner(config: ScaleOutConfig):
                                           "processes": config.processes, "dashboard_address": None})
 
 
+def release(future) -> None:
+    """Free a written shard's result now rather than at the next full garbage collection.
+
+    A Prefect future and the future it wraps reference each other (a done-callback), so the pair, and the
+    result in its final state, outlive the last reference until the cyclic collector's rare full pass:
+    every shard's rows piled up over a stage. The final state drops its data (the rows are written) and a Dask
+    future releases its key, which frees the worker's copy.
+    """
+    wrapped = getattr(future, "wrapped_future", None)
+    if callable(getattr(wrapped, "release", None)):  # distributed.Future
+        wrapped.release()
+    state = future.state  # the final state, kept by the future once its result was read (no API call)
+    if state.is_final():
+        state.data = None
+
+
 def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedTable,
                config: ScaleOutConfig, name: str, progress: bool = True,
                write: Callable[[int, Any], None] | None = None, **shared: Any) -> dict[str, int]:
@@ -57,13 +75,19 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
 
     `shared` holds small, picklable arguments (paths, configs). `write(index, result)` stores a shard (default
     `table.write` for a list of rows; e.g. an array writer for embeddings). Returns counts: shards computed now,
-    shards reused from an earlier attempt, rows written now. The first shard that raises stops the stage (after
-    the shards already finished are written, so a rerun resumes from them).
+    shards reused from an earlier attempt, rows written now.
+
+    At most `config.max_in_flight` shards are submitted and not yet written: a new shard is submitted as an
+    earlier one is written, and a written shard's result is dropped (its future too), so the stage holds a
+    bounded window of results in memory whatever the shard count. The first shard that raises stops the
+    submission of new shards; the shards already submitted are still awaited and written (a rerun resumes from
+    them), then the first error is raised.
     """
     write = write or table.write
+    import queue
+
     from prefect import task
     from prefect.cache_policies import NO_CACHE
-    from prefect.futures import as_completed
     from tqdm import tqdm
 
     done = table.done()
@@ -75,22 +99,40 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
     shard_task = task(shard_rows, name=f"{name}-shard", cache_policy=NO_CACHE, persist_result=False,
                       task_run_name=f"{name}-shard-{{index:05d}}")
     bar = tqdm(total=shard_count, initial=counts["shards_reused"], desc=name, unit="shard", disable=not progress)
+    window = config.max_in_flight
+    pending = iter(todo)
+    finished: queue.SimpleQueue = queue.SimpleQueue()  # (index, future) as each shard's task run ends
+    in_flight = 0
+    failure: BaseException | None = None
     with task_runner(config) as runner:
-        futures = {}
-        for index in todo:
-            futures[runner.submit(shard_task, parameters={"index": index, **shared})] = index
-        failure: BaseException | None = None
-        for future in as_completed(list(futures)):
-            index = futures[future]
+
+        def submit_next() -> bool:
+            index = next(pending, None)
+            if index is None:
+                return False
+            future = runner.submit(shard_task, parameters={"index": index, **shared})
+            future.add_done_callback(lambda f, i=index: finished.put((i, f)))
+            return True
+
+        while in_flight < window and submit_next():
+            in_flight += 1
+        while in_flight:
+            index, future = finished.get()
+            in_flight -= 1
             try:
                 rows = future.result()
-            except Exception as exc:  # write the shards that did finish, then raise the first error
+            except Exception as exc:  # write the shards already submitted, then raise the first error
                 failure = failure or exc
-                continue
-            write(index, rows)
-            counts["shards_computed"] += 1
-            counts["rows_written"] += len(rows)
-            bar.update(1)
+            else:
+                write(index, rows)
+                counts["shards_computed"] += 1
+                counts["rows_written"] += len(rows)
+                bar.update(1)
+                release(future)
+                del rows
+            del future
+            if failure is None and submit_next():
+                in_flight += 1
     bar.close()
     if failure is not None:
         raise failure

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+import weakref
 
 import pytest
 from prefect import flow, task
@@ -50,14 +52,97 @@ def test_dask_cluster_computes_shards_in_worker_processes_and_resumes(prefect_se
     table = ShardedTable(tmp_path / "scores")
     with pytest.raises(RuntimeError, match="shard 3 failed"):
         map_shards(squares, 6, table, dask_local, name="squares", size=SHARD, fail_on=3)
-    assert table.done() == {0, 1, 2, 4, 5}  # the finished shards were kept
+    # The finished shards were kept: 0-3 fill the window of 4; 4 and 5 ran only if a shard finished before 3 failed.
+    kept = table.done()
+    assert {0, 1, 2} <= kept <= {0, 1, 2, 4, 5}
     first_pids = {row["pid"] for row in table.read()}
     assert os.getpid() not in first_pids  # computed in Dask worker processes, not here
 
     # Resume reads the manifest, whatever engine wrote it (threads here: one cluster start less).
     counts = map_shards(squares, 6, table, ScaleOutConfig(), name="squares", size=SHARD)
-    assert counts == {"shards_computed": 1, "shards_reused": 5, "rows_written": SHARD}
+    assert counts == {"shards_computed": 6 - len(kept), "shards_reused": len(kept),
+                      "rows_written": (6 - len(kept)) * SHARD}
     assert rows_of(table) == expected(6)
+
+
+class Rows(list):
+    """A shard's rows that a weak reference can watch (a plain list cannot be weakly referenced)."""
+
+
+class Watch:
+    """What the bounded-window tests observe: shards started, shards written, results still alive."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.started: list[int] = []
+        self.written: list[int] = []
+        self.alive: list[weakref.ref] = []
+        self.most_unwritten = 0  # started and not yet written, at any shard start
+        self.most_alive = 0  # shard results not yet freed, at any write
+
+    def write(self, table: ShardedTable):
+        def write(index: int, rows: Rows) -> None:
+            time.sleep(0.02)  # a slow writer: unbounded submission lets finished results pile up meanwhile
+            table.write(index, list(rows))
+            with self.lock:
+                self.written.append(index)
+                self.alive = [ref for ref in self.alive if ref() is not None]
+                self.most_alive = max(self.most_alive, len(self.alive))
+        return write
+
+
+WATCH = Watch()
+
+
+def watched_squares(index: int, size: int, fail_on: int | None = None) -> Rows:
+    """`squares` with the test's `WATCH` counting it (threads engine: one process)."""
+    with WATCH.lock:
+        WATCH.started.append(index)
+        WATCH.most_unwritten = max(WATCH.most_unwritten, len(WATCH.started) - len(WATCH.written))
+    if index == fail_on:
+        raise RuntimeError(f"shard {index} failed")
+    rows = Rows({"x": x, "square": x * x} for x in range(index * size, (index + 1) * size))
+    with WATCH.lock:
+        WATCH.alive.append(weakref.ref(rows))
+    return rows
+
+
+@pytest.fixture
+def watch():
+    global WATCH
+    WATCH = Watch()
+    return WATCH
+
+
+def test_shards_in_flight_and_results_held_stay_within_the_window(prefect_server, tmp_path, watch):
+    """24 fast shards, a slow writer: only `max_in_flight` shards are submitted and unwritten at once, and a
+    written shard's result is freed, so the stage holds a bounded window of results, not every shard's."""
+    config = ScaleOutConfig(engine="threads", workers=2)
+    assert config.max_in_flight == 4
+    table = ShardedTable(tmp_path / "window")
+    counts = map_shards(watched_squares, 24, table, config, name="window", progress=False,
+                        write=watch.write(table), size=SHARD)
+    assert counts == {"shards_computed": 24, "shards_reused": 0, "rows_written": 24 * SHARD}
+    assert sorted(watch.written) == list(range(24)) and table.done() == set(range(24))
+    assert rows_of(table) == expected(24)
+    assert watch.most_unwritten <= config.max_in_flight
+    assert watch.most_alive <= config.max_in_flight
+    assert not [ref for ref in watch.alive if ref() is not None]  # nothing kept once the stage returns
+
+
+def test_a_failed_shard_stops_submission_and_the_submitted_shards_are_written(prefect_server, tmp_path, watch):
+    """One worker, a window of 2: shards 0 and 1 start; 0's write submits 2; 1 fails, so nothing after 2 is
+    submitted, 2 is still awaited and written, then 1's error is raised. A rerun computes the rest."""
+    config = ScaleOutConfig(engine="threads", workers=1)
+    table = ShardedTable(tmp_path / "fail")
+    with pytest.raises(RuntimeError, match="shard 1 failed"):
+        map_shards(watched_squares, 10, table, config, name="fail", progress=False, write=watch.write(table),
+                   size=SHARD, fail_on=1)
+    assert sorted(watch.started) == [0, 1, 2]
+    assert table.done() == {0, 2}
+    counts = map_shards(watched_squares, 10, table, config, name="fail", progress=False, size=SHARD)
+    assert counts == {"shards_computed": 8, "shards_reused": 2, "rows_written": 8 * SHARD}
+    assert rows_of(table) == expected(10)
 
 
 @task(name="embed-stage")
