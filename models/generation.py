@@ -3,7 +3,9 @@
 Every backend takes conversations (role/content messages ending with a user turn) and a seed, and returns one
 `Generation` per conversation, in order, with token counts and why it stopped. A backend either answers every
 conversation of a call or raises `GenerationError`: the caller writes whole shards, so a failure never leaves a
-half-written shard and a rerun resumes at the first missing one.
+half-written shard and a rerun resumes at the first missing one. A conversation the backend cannot answer on its
+own account (too long for the context, refused by the chat template or by the server) is not a failure: its
+`Generation` has no text and a `finish_reason` saying why, and it becomes a reject downstream.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from configs.redact import redact_url
 
 Messages = list[dict[str, str]]
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+REFUSED_STATUS = frozenset({400, 413, 422})
+"""HTTP statuses that refuse one request for what it holds (too long, a body the server rejects): that conversation
+is not generated and the others go on. Other 4xx (401, 403, 404, ...) say the endpoint, key or model is wrong and
+fail the generator."""
 
 
 class GenerationError(PomonaError):
@@ -34,6 +40,9 @@ CONTEXT_OVERFLOW = "context_overflow"
 """finish_reason of a conversation whose prompt + max_new_tokens exceed the generator's context: not generated."""
 TEMPLATE_REFUSED = "template_refused"
 """finish_reason of a conversation the generator's chat template refuses to render (it raised): not generated."""
+SERVER_REFUSED = "server_refused"
+"""finish_reason of a conversation an OpenAI-compatible server refused (HTTP 400, 413 or 422, e.g. longer than the
+served model's context): not generated; `Generation.refusal` holds the status and the server's message."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class Generation:
     response_tokens: int | None
     finish_reason: str
     seed: int
+    refusal: str | None = None  # SERVER_REFUSED: "HTTP 400 from <url>: <the server's message, truncated>"
 
 
 def derive_seed(base: int, *parts: object) -> int:
@@ -230,6 +240,9 @@ class OpenAIChatGenerator:
         self._in_flight = 0
         self.max_in_flight = 0  # observed, for the summary (and the concurrency test)
         self._lock = threading.Lock()
+        self.answered = 0  # conversations answered and refused so far: all refused is a configuration problem
+        self.refused = 0
+        self.first_refusal: str | None = None
 
     def _body(self, messages: Messages, seed: int) -> dict:
         s = self.sampling
@@ -250,7 +263,11 @@ class OpenAIChatGenerator:
         return min(self.endpoint.backoff_s * 2 ** attempt, self.endpoint.max_backoff_s)
 
     def request(self, messages: Messages, seed: int) -> Generation:
-        """One chat completion, retried on timeouts, connection errors, 408/409/429 and 5xx."""
+        """One chat completion, retried on timeouts, connection errors, 408/409/429 and 5xx.
+
+        HTTP 400, 413 and 422 refuse this conversation (the server's wording varies, so it is kept, not parsed): it
+        gets no answer (finish_reason `server_refused`, the status and message in `refusal`). Any other status
+        fails the generator."""
         import httpx
 
         last = "no attempt"
@@ -271,6 +288,10 @@ class OpenAIChatGenerator:
                 if response.status_code == 200:
                     return self._parse(response, seed)
                 last = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code in REFUSED_STATUS:
+                    message = " ".join(response.text.split())[:300]
+                    return Generation("", None, 0, SERVER_REFUSED, seed,
+                                      refusal=f"HTTP {response.status_code} from {self.shown_url}: {message}")
                 if response.status_code not in RETRYABLE_STATUS:
                     raise GenerationError(f"generator {self.name!r}: {self.shown_url} refused the request ({last}); "
                                           "not retried: check the endpoint, model name and API key")
@@ -313,9 +334,28 @@ class OpenAIChatGenerator:
         pool = ThreadPoolExecutor(max_workers=self.endpoint.concurrency, thread_name_prefix=f"gen-{self.name}")
         try:
             futures = [pool.submit(one, c, seed + i) for i, c in enumerate(conversations)]
-            return [f.result() for f in tqdm(futures, desc=f"generate {self.name}", disable=not progress)]
+            out = [f.result() for f in tqdm(futures, desc=f"generate {self.name}", disable=not progress)]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        self._count_refusals(out)
+        return out
+
+    def _count_refusals(self, out: list[Generation]) -> None:
+        """Raise when the server has refused every conversation this generator sent (none answered yet): one
+        conversation too long is a reject, all of them refused is a request the server never accepts."""
+        refusals = [g.refusal for g in out if g.finish_reason == SERVER_REFUSED]
+        with self._lock:  # shards on a thread runner share this generator
+            self.refused += len(refusals)
+            self.answered += len(out) - len(refusals)
+            if refusals and self.first_refusal is None:
+                self.first_refusal = refusals[0]
+            all_refused = self.refused and not self.answered
+        if all_refused:
+            raise GenerationError(
+                f"generator {self.name!r}: the server refused all {self.refused} conversations sent so far, none "
+                f"answered; the first: {self.first_refusal}. A server that refuses every request is misconfigured "
+                f"for it: check endpoint.model, sampling parameters it may not support (top_k, "
+                f"repetition_penalty, seed) and sampling.max_new_tokens against the served model's context")
 
     def close(self) -> None:
         self.client.close()
@@ -343,5 +383,6 @@ def generation_params(config: GeneratorConfig) -> dict:
     return params
 
 
-__all__ = ["Generation", "GenerationError", "OpenAIChatGenerator", "TransformersGenerator", "VllmGenerator",
+__all__ = ["CONTEXT_OVERFLOW", "SERVER_REFUSED", "TEMPLATE_REFUSED", "Generation", "GenerationError",
+           "OpenAIChatGenerator", "TransformersGenerator", "VllmGenerator",
            "derive_seed", "generation_params", "make_generator", "screen_conversations"]

@@ -7,7 +7,8 @@ merges the generators that succeeded into the table GRAPE scores, and records an
 The candidates table (`candidates.parquet`), shared with the bring-your-own-candidates path in `tasks/grape.py`:
 instruction_id, candidate_index, generator, response, params (JSON: backend, model, sampling, seed scope),
 seed, prompt_tokens, response_tokens (the generator's own counts; null when a source does not say),
-finish_reason. `instructions.jsonl` holds the instructions as canonical records (their id is `instruction_id`).
+finish_reason, refusal (finish_reason `server_refused`: the HTTP status and the server's message; else null).
+`instructions.jsonl` holds the instructions as canonical records (their id is `instruction_id`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tasks.data import Record, load_canonical, save_canonical, write_jsonl
 from tasks.store import ShardedTable, StageOutput, atomic_write_text, run_stage, stage_task, writer_id
 
 CANDIDATE_COLUMNS = ["instruction_id", "candidate_index", "generator", "response", "params", "seed",
-                     "prompt_tokens", "response_tokens", "finish_reason"]
+                     "prompt_tokens", "response_tokens", "finish_reason", "refusal"]
 CANDIDATE_FILES = ["instructions.jsonl", "candidates.parquet", "rejects.jsonl"]
 
 
@@ -35,13 +36,17 @@ def instruction_messages(record: Record) -> list[dict[str, str]]:
 
 
 def write_parquet(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """Rows as one parquet file with a fixed column order (also when there are no rows)."""
+    """Rows as one parquet file with a fixed column order (also when there are no rows); a column no row has
+    (`refusal` in rows of an older version or another source) is written as nulls."""
     import os
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.string()) for c in columns})
+    for column in columns:
+        if column not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
     table = table.select(columns)
     tmp = path.with_name(f".{path.name}.tmp-{writer_id()}")
     pq.write_table(table, tmp)
@@ -75,7 +80,7 @@ def generation_rows(backend, generator: GeneratorConfig, records: list[Record], 
     answers = backend.generate([instruction_messages(r) for r in part], seed=derive_seed(generator.sampling.seed, shard))
     return [{"instruction_id": r.id, "generator": generator.name, "response": a.text, "params": params,
              "seed": a.seed, "prompt_tokens": a.prompt_tokens, "response_tokens": a.response_tokens,
-             "finish_reason": a.finish_reason} for r, a in zip(part, answers)]
+             "finish_reason": a.finish_reason, "refusal": a.refusal} for r, a in zip(part, answers)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -99,7 +104,7 @@ def generation_shard_at(index: int, records_path: str, generator: GeneratorConfi
 def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, shard_size: int = 64,
                         progress: bool = True) -> StageOutput:
     """Stage `generate`: one generator's answers to every instruction, in resumable shards."""
-    from models.generation import (CONTEXT_OVERFLOW, TEMPLATE_REFUSED, generation_params,
+    from models.generation import (CONTEXT_OVERFLOW, SERVER_REFUSED, TEMPLATE_REFUSED, generation_params,
                                    make_generator)
 
     def body(folder: Path) -> dict:
@@ -126,7 +131,7 @@ def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, sh
                 backend.close()
         rows = table.read()
         columns = ["instruction_id", "generator", "response", "params", "seed", "prompt_tokens",
-                   "response_tokens", "finish_reason"]
+                   "response_tokens", "finish_reason", "refusal"]
         write_parquet(folder / "generated.parquet", rows, columns)
         finish = Counter(r["finish_reason"] for r in rows)
         lengths = [r["response_tokens"] for r in rows if r["response_tokens"] is not None]
@@ -136,7 +141,9 @@ def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, sh
                    "mean_response_tokens": sum(lengths) / len(lengths) if lengths else 0.0}
         metrics.update({f"finish_reason/{k}": v for k, v in sorted(finish.items())})
         overflow, refused = finish.get(CONTEXT_OVERFLOW, 0), finish.get(TEMPLATE_REFUSED, 0)
-        summary = (f"Generator **{generator.name}** ({generator.backend}) answered {len(rows) - overflow - refused} "
+        server_refusals = [r["refusal"] for r in rows if r["finish_reason"] == SERVER_REFUSED]
+        not_generated = overflow + refused + len(server_refusals)
+        summary = (f"Generator **{generator.name}** ({generator.backend}) answered {len(rows) - not_generated} "
                    f"of {len(records)} instructions in {n_shards} shards ({len(done)} resumed from an earlier run); "
                    f"finish reasons {dict(finish)}.")
         if overflow:
@@ -145,6 +152,10 @@ def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, sh
         if refused:
             summary += (f" {refused} conversations are refused by the generator's chat template and got no answer "
                         f"(finish_reason {TEMPLATE_REFUSED}).")
+        if server_refusals:
+            summary += (f" {len(server_refusals)} conversations were refused by the server and got no answer "
+                        f"(finish_reason {SERVER_REFUSED}; each candidate's `refusal` and grape-fit's rejects say "
+                        f"why); the first: {server_refusals[0]}")
         return {"metrics": metrics, "params": {"generation": params}, "summary": summary}
 
     config = {"generator": generator, "shard_size": shard_size}

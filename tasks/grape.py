@@ -28,7 +28,7 @@ from pathlib import Path
 
 from configs.errors import ConfigError, RecordError, ScoringError
 from configs.grape import CandidatesFile, Criterion, GrapeSelection
-from models.generation import CONTEXT_OVERFLOW, TEMPLATE_REFUSED
+from models.generation import CONTEXT_OVERFLOW, SERVER_REFUSED, TEMPLATE_REFUSED
 from tasks.data import Record, json_rows, jsonl_rows, load_canonical, read_jsonl, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
@@ -153,7 +153,7 @@ def read_candidates_file(cfg: CandidatesFile) -> tuple[list[Record], list[dict],
         for index, (label, response) in enumerate(kept):
             rows.append({"instruction_id": iid, "candidate_index": index, "generator": label, "response": response,
                          "params": params, "seed": None, "prompt_tokens": None, "response_tokens": None,
-                         "finish_reason": None})
+                         "finish_reason": None, "refusal": None})
     unknown = sorted(set(cfg.generator_labels) - generators)
     if unknown and generators:  # a typo'd key would leave its generator under the file's name, silently
         read = f"the first {cfg.limit} instructions of {path}" if cfg.limit else str(path)
@@ -235,8 +235,7 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
                     # the id, and where the user finds it in their file
                     where = f"instruction {record.id}" + (f" ({record.location})" if record.location else "")
                     if not cand["response"].strip():
-                        rejects.append(_reject(where, cand, NOT_GENERATED.get(cand.get("finish_reason"),
-                                                                              "empty response")))
+                        rejects.append(_reject(where, cand, not_generated_reason(cand)))
                         continue
                     # the target's tokenizer would score such a text as its control token: not the text
                     held = in_prompt or first_special_token([("the response", cand["response"])], pattern)
@@ -302,6 +301,15 @@ NOT_GENERATED = {
                       f"(finish_reason {TEMPLATE_REFUSED})",
 }
 """Reject reasons of a candidate with no text because its generator skipped the conversation, and why."""
+SERVER_REFUSED_REASON = "not generated: the generator's server refused this conversation"
+
+
+def not_generated_reason(cand: dict) -> str:
+    """The reject reason of a candidate with no text: why its generator gave none, or an empty response."""
+    finish = cand.get("finish_reason")
+    if finish == SERVER_REFUSED:
+        return f"{SERVER_REFUSED_REASON} ({cand.get('refusal') or 'no message'}) (finish_reason {SERVER_REFUSED})"
+    return NOT_GENERATED.get(finish, "empty response")
 
 
 def _reject(location: str, cand: dict, reason: str) -> dict:
@@ -376,6 +384,10 @@ def _fit_reject_kind(reason: str, selection: GrapeSelection) -> tuple[str, str]:
     if reason == NOT_GENERATED[CONTEXT_OVERFLOW]:
         return ("not generated (context overflow)",
                 "lower the generators' sampling.max_new_tokens or use generators with a longer context")
+    if reason.startswith(SERVER_REFUSED_REASON):
+        return ("not generated (server refused)",
+                "read the server's message in each reject: a conversation longer than the served model's context "
+                "needs a lower sampling.max_new_tokens, a model with a longer context, or dropping it from the data")
     if reason == NOT_GENERATED[TEMPLATE_REFUSED]:
         return ("not generated (template refused)",
                 "use generators whose chat template accepts these conversations (a system turn?), or data without "

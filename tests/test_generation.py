@@ -35,7 +35,12 @@ class FakeChatServer:
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.script: list[tuple[int, dict]] = []  # (status, headers) answered before normal replies
-        self.fail_after: int | None = None  # answer 400 once this many requests succeeded
+        self.fail_after: int | None = None  # answer `fail_status` once this many requests succeeded
+        self.fail_status = 400
+        # a conversation whose last turn holds this text is refused: (status, the server's own wording)
+        self.refuse_containing: str | None = None
+        self.refusal = (400, {"object": "error", "message": "This model's maximum context length is 2048 tokens. "
+                                                            "However, you requested 4100 tokens.", "code": 400})
         self.delay_s = 0.0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -64,7 +69,9 @@ class FakeChatServer:
                     if scripted is not None:
                         return self._send(scripted[0], {"error": "scripted"}, scripted[1])
                     if refuse:
-                        return self._send(400, {"error": "bad request"})
+                        return self._send(server.fail_status, {"error": "bad request"})
+                    if server.refuse_containing and server.refuse_containing in body["messages"][-1]["content"]:
+                        return self._send(*server.refusal)
                     text = f"echo {body['messages'][-1]['content'][:20]} seed={body['seed']}"
                     self._send(200, {"choices": [{"message": {"role": "assistant", "content": text},
                                                   "finish_reason": "stop"}],
@@ -74,7 +81,7 @@ class FakeChatServer:
                         server.in_flight -= 1
 
             def _send(self, status, doc, headers=None):
-                data = json.dumps(doc).encode()
+                data = doc.encode() if isinstance(doc, str) else json.dumps(doc).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -181,12 +188,64 @@ def test_http_backend_honours_retry_after_and_gives_up_with_a_clear_error(fake_s
     assert delays == [0.5, 0.5, 0.5]
 
 
-def test_http_backend_does_not_retry_a_refusal(fake_server):
-    fake_server.fail_after = 0
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_http_backend_fails_on_a_wrong_key_model_or_url_without_retrying(fake_server, status):
+    """Statuses that say the endpoint itself is wrong fail the generator (and its stage): every request would."""
+    fake_server.fail_after, fake_server.fail_status = 0, status
     backend = OpenAIChatGenerator(http_generator(fake_server.url), sleep=lambda s: None)
-    with pytest.raises(GenerationError, match="refused the request .*HTTP 400.*not retried"):
+    with pytest.raises(GenerationError, match=f"refused the request .*HTTP {status}.*not retried"):
         backend.generate(CONVERSATIONS[:1], seed=0)
     assert len(fake_server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_conversation_the_server_refuses_gets_no_answer_and_the_others_go_on(fake_server, status):
+    """One conversation the server refuses (a vLLM server: HTTP 400, its context exceeded) used to fail the whole
+    shard and the stage; now it is not generated, says why, and is not retried."""
+    fake_server.refuse_containing = "poem"  # CONVERSATIONS[1]
+    fake_server.refusal = (status, fake_server.refusal[1])
+    backend = OpenAIChatGenerator(http_generator(fake_server.url), sleep=lambda s: None)
+    out = backend.generate(CONVERSATIONS, seed=10)
+    assert [g.finish_reason for g in out] == ["stop", "server_refused", "stop"]
+    assert out[0].text.startswith("echo What") and out[2].text.startswith("echo Hi")
+    refused = out[1]
+    assert (refused.text, refused.response_tokens, refused.seed) == ("", 0, 11)
+    assert refused.refusal.startswith(f"HTTP {status} from {fake_server.url}/chat/completions: ")
+    assert "maximum context length is 2048 tokens" in refused.refusal
+    assert out[0].refusal is None
+    assert len(fake_server.requests) == 3  # the refusal was not retried
+    assert (backend.answered, backend.refused) == (2, 1)
+
+
+def test_a_refusals_message_is_one_line_truncated_and_keeps_url_credentials_out(fake_server):
+    fake_server.refuse_containing = "capital"
+    fake_server.refusal = (400, "Bad Request\n\ncontext too long: " + "x" * 1000)  # a plain-text body
+    url = fake_server.url.replace("http://", "http://alice:pa55word@")
+    backend = OpenAIChatGenerator(http_generator(url), sleep=lambda s: None)
+    refused, answered = backend.generate(CONVERSATIONS[:2], seed=0)
+    assert refused.finish_reason == "server_refused" and answered.finish_reason == "stop"
+    assert refused.refusal.split(": ", 1)[1].startswith("Bad Request context too long: xxx")
+    assert "\n" not in refused.refusal and "pa55word" not in refused.refusal and "***@127.0.0.1" in refused.refusal
+    assert len(refused.refusal.split(": ", 1)[1]) == 300
+
+
+def test_a_server_that_refuses_every_conversation_is_a_configuration_error(fake_server):
+    """Every request refused (a parameter the server does not support, a wrong max_new_tokens) is not a set of
+    rejects: the generator fails with the first refusal and where to look."""
+    fake_server.refuse_containing = " "  # every conversation
+    fake_server.refusal = (400, {"object": "error", "message": "top_k is not supported"})
+    backend = OpenAIChatGenerator(http_generator(fake_server.url), sleep=lambda s: None)
+    with pytest.raises(GenerationError) as failure:
+        backend.generate(CONVERSATIONS[:2], seed=0)
+    message = str(failure.value)
+    assert "refused all 2 conversations sent so far, none answered" in message
+    assert "HTTP 400 from" in message and "top_k is not supported" in message
+    assert "sampling parameters it may not support" in message
+    # once the server has answered, a later call (shard) refusing everything is a set of rejects, not an error
+    fake_server.refuse_containing = None
+    assert backend.generate(CONVERSATIONS[:1], seed=0)[0].finish_reason == "stop"
+    fake_server.refuse_containing = " "
+    assert [g.finish_reason for g in backend.generate(CONVERSATIONS[:2], seed=0)] == ["server_refused"] * 2
 
 
 def test_http_backend_times_out_and_limits_concurrency(fake_server):
@@ -215,7 +274,7 @@ def test_missing_api_key_is_a_config_error(fake_server, monkeypatch):
 def test_generate_stage_resumes_at_the_failed_shard(fake_server):
     records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=10), require_response=False)
     generator = http_generator(fake_server.url, name="remote-resume", max_retries=0, concurrency=1)
-    fake_server.fail_after = 6  # shards of 4: shard 0 succeeds, shard 1 is refused at its 3rd request
+    fake_server.fail_after, fake_server.fail_status = 6, 401  # shards of 4: shard 1 is refused at its 3rd request
     with pytest.raises(GenerationError, match="refused"):
         generate_candidates(records, generator, shard_size=4, progress=False)
     assert len(fake_server.requests) == 7
@@ -234,6 +293,39 @@ def test_generate_stage_resumes_at_the_failed_shard(fake_server):
     assert shard0 == list(range(shard0[0], shard0[0] + 4))
     again = generate_candidates(records, generator, shard_size=4, progress=False)
     assert again.digest == out.digest and len(fake_server.requests) == 13  # finished: nothing re-sent
+
+
+def test_a_refused_conversation_is_counted_by_the_stage_and_rejected_by_grape_fit_with_the_servers_message(
+        fake_server, tiny_model_dir):
+    """Generate (one conversation refused with HTTP 400) -> candidates -> grape-fit: the stage finishes, counts the
+    refusal, and the fit stage's reject for that candidate holds the status and the server's message."""
+    from configs.grape import GrapeSelection
+    from tasks.data import read_jsonl
+    from tasks.generate import collect_candidates
+    from tasks.grape import score_candidate_fit
+
+    records = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=6), require_response=False)
+    fake_server.refuse_containing = "critique"  # record 2, in shard 0
+    generator = http_generator(fake_server.url, name="remote-refusal", max_retries=0)
+    out = generate_candidates(records, generator, shard_size=3, progress=False)
+    assert out.metrics["responses"] == 6 and out.metrics["finish_reason/server_refused"] == 1
+    assert out.metrics["finish_reason/stop"] == 5
+    assert "answered 5 of 6" in out.summary and "1 conversations were refused by the server" in out.summary
+    assert "maximum context length is 2048 tokens" in out.summary
+    rows = read_parquet(out.file("generated.parquet"))
+    [refused] = [r for r in rows if r["finish_reason"] == "server_refused"]
+    assert refused["response"] == "" and refused["refusal"].startswith("HTTP 400 from http://127.0.0.1:")
+    assert all(r["refusal"] is None for r in rows if r is not refused)
+
+    candidates = collect_candidates(records, [out])
+    assert read_parquet(candidates.file("candidates.parquet"))[2]["refusal"] == refused["refusal"]
+    target = ModelConfig(name_or_path=str(tiny_model_dir))
+    fit = score_candidate_fit(candidates, GrapeSelection(target=target, generators=[generator]), progress=False)
+    [reject] = read_jsonl(fit.file("rejects.jsonl"))
+    assert reject["field"] == "candidate 0 (remote-refusal)"
+    assert reject["reason"].startswith("not generated: the generator's server refused this conversation (HTTP 400 ")
+    assert "maximum context length" in reject["reason"] and reject["reason"].endswith("(finish_reason server_refused)")
+    assert fit.metrics["rejected[not generated]"] == 1 and fit.metrics["candidates_scored"] == 5
 
 
 def test_http_backend_keeps_url_credentials_out_of_its_errors_and_joins_the_path_before_the_query(fake_server):
