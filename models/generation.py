@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from configs.errors import ConfigError, PomonaError
 from configs.grape import EndpointConfig, GeneratorConfig, SamplingConfig
 from configs.redact import redact_url
 
+log = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 REFUSED_STATUS = frozenset({400, 413, 422})
@@ -43,6 +45,9 @@ TEMPLATE_REFUSED = "template_refused"
 SERVER_REFUSED = "server_refused"
 """finish_reason of a conversation an OpenAI-compatible server refused (HTTP 400, 413 or 422, e.g. longer than the
 served model's context): not generated; `Generation.refusal` holds the status and the server's message."""
+SPECIAL_TOKEN = "special_token"
+"""finish_reason of a conversation one of whose messages holds one of the generator's special tokens as text (the
+tokenizer would read "<|endoftext|>" in a ShareGPT reply as that control token): not generated."""
 
 
 @dataclass(frozen=True)
@@ -73,19 +78,30 @@ def screen_conversations(tokenizer, conversations: Sequence[Messages], context: 
                          seeds: Sequence[int]) -> tuple[list[str], dict[int, Generation]]:
     """Render every conversation's generation prompt under the generator's chat template, before any is generated.
 
-    Returns the prompt texts ("" for a refused one) and, by index, the `Generation` (no text) of each conversation
-    that is not generated: the template refuses it (a system turn for Gemma's): `template_refused`; or its prompt +
-    `max_new_tokens` exceed the generator's `context` (generating past it gives garbage from a rotary model and an
-    index error from one with learned positions): `context_overflow`. The other conversations are unaffected.
-    `seeds[i]` is the seed recorded for conversation i.
+    Returns the prompt texts ("" for a skipped one) and, by index, the `Generation` (no text) of each conversation
+    that is not generated: one of its messages holds one of the tokenizer's special tokens as text (the prompt would
+    hold that control token, not the user's text; `tasks/special_tokens.py`): `special_token`; the template refuses
+    it (a system turn for Gemma's): `template_refused`; or its prompt + `max_new_tokens` exceed the generator's
+    `context` (generating past it gives garbage from a rotary model and an index error from one with learned
+    positions): `context_overflow`. The other conversations are unaffected. `seeds[i]` is the seed recorded for
+    conversation i.
     """
     from jinja2 import TemplateError
 
     from models.fit import render_prompt
+    from tasks.special_tokens import first_special_token, message_texts, special_token_pattern
 
+    pattern = special_token_pattern(tokenizer)
     texts: list[str] = []
     skipped: dict[int, Generation] = {}
+    held = []
     for i, c in enumerate(conversations):
+        hit = first_special_token(message_texts(c), pattern)
+        if hit:  # only the user's texts: the template's own control tokens are what it is for
+            texts.append("")
+            skipped[i] = Generation("", None, 0, SPECIAL_TOKEN, seeds[i])
+            held.append((i, hit))
+            continue
         try:
             texts.append(render_prompt(tokenizer, c))
         except TemplateError:
@@ -95,6 +111,11 @@ def screen_conversations(tokenizer, conversations: Sequence[Messages], context: 
     for i, n in enumerate(lengths):
         if i not in skipped and context is not None and n + max_new_tokens > context:
             skipped[i] = Generation("", n, 0, CONTEXT_OVERFLOW, seeds[i])
+    if held:
+        i, (where, token) = held[0]
+        log.warning("%d of %d conversations hold one of the generator's special tokens as text and are not generated "
+                    "(finish_reason %s; first: conversation %d, %s holds %r)", len(held), len(conversations),
+                    SPECIAL_TOKEN, i, where, token)
     return texts, skipped
 
 

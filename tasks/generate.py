@@ -104,8 +104,8 @@ def generation_shard_at(index: int, records_path: str, generator: GeneratorConfi
 def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, shard_size: int = 64,
                         progress: bool = True) -> StageOutput:
     """Stage `generate`: one generator's answers to every instruction, in resumable shards."""
-    from models.generation import (CONTEXT_OVERFLOW, SERVER_REFUSED, TEMPLATE_REFUSED, generation_params,
-                                   make_generator)
+    from models.generation import (CONTEXT_OVERFLOW, SERVER_REFUSED, SPECIAL_TOKEN, TEMPLATE_REFUSED,
+                                   generation_params, make_generator)
 
     def body(folder: Path) -> dict:
         from tqdm.auto import tqdm
@@ -142,7 +142,8 @@ def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, sh
         metrics.update({f"finish_reason/{k}": v for k, v in sorted(finish.items())})
         overflow, refused = finish.get(CONTEXT_OVERFLOW, 0), finish.get(TEMPLATE_REFUSED, 0)
         server_refusals = [r["refusal"] for r in rows if r["finish_reason"] == SERVER_REFUSED]
-        not_generated = overflow + refused + len(server_refusals)
+        held = finish.get(SPECIAL_TOKEN, 0)
+        not_generated = overflow + refused + held + len(server_refusals)
         summary = (f"Generator **{generator.name}** ({generator.backend}) answered {len(rows) - not_generated} "
                    f"of {len(records)} instructions in {n_shards} shards ({len(done)} resumed from an earlier run); "
                    f"finish reasons {dict(finish)}.")
@@ -156,6 +157,11 @@ def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, sh
             summary += (f" {len(server_refusals)} conversations were refused by the server and got no answer "
                         f"(finish_reason {SERVER_REFUSED}; each candidate's `refusal` and grape-fit's rejects say "
                         f"why); the first: {server_refusals[0]}")
+        if held:
+            summary += (f" {held} conversations hold one of the generator's special tokens as text (its tokenizer "
+                        f"would read the string as that control token) and got no answer (finish_reason "
+                        f"{SPECIAL_TOKEN}): remove those strings from the data, or use a generator whose tokenizer "
+                        "does not have them.")
         return {"metrics": metrics, "params": {"generation": params}, "summary": summary}
 
     config = {"generator": generator, "shard_size": shard_size}

@@ -29,6 +29,7 @@ from pathlib import Path
 from configs.errors import ConfigError, RecordError, ScoringError
 from configs.grape import CandidatesFile, Criterion, GrapeSelection
 from models.generation import CONTEXT_OVERFLOW, SERVER_REFUSED, TEMPLATE_REFUSED
+from models.generation import SPECIAL_TOKEN as SPECIAL_TOKEN_FINISH
 from tasks.data import Record, json_rows, jsonl_rows, load_canonical, read_jsonl, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
@@ -299,6 +300,8 @@ NOT_GENERATED = {
                       f"(finish_reason {CONTEXT_OVERFLOW})",
     TEMPLATE_REFUSED: "not generated: the generator's chat template refuses this conversation (a system turn?) "
                       f"(finish_reason {TEMPLATE_REFUSED})",
+    SPECIAL_TOKEN_FINISH: "not generated: a message of the conversation holds one of the generator's special tokens "
+                          f"as text (finish_reason {SPECIAL_TOKEN_FINISH})",
 }
 """Reject reasons of a candidate with no text because its generator skipped the conversation, and why."""
 SERVER_REFUSED_REASON = "not generated: the generator's server refused this conversation"
@@ -392,6 +395,10 @@ def _fit_reject_kind(reason: str, selection: GrapeSelection) -> tuple[str, str]:
         return ("not generated (template refused)",
                 "use generators whose chat template accepts these conversations (a system turn?), or data without "
                 "such turns")
+    if reason == NOT_GENERATED[SPECIAL_TOKEN_FINISH]:
+        return ("not generated (special token)",
+                "the instruction's text holds a control token's string of the generator's tokenizer: remove those "
+                "strings from the data, or use generators whose tokenizer does not have them")
     kind = reason.split(":")[0]
     fixes = {
         "too long": f"raise selection.max_length (now {selection.max_length}), up to the target's context",

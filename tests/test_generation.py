@@ -457,3 +457,57 @@ def test_vllm_skips_the_conversations_its_context_or_template_cannot_take_with_t
     engine.sent.clear()
     assert [g.finish_reason for g in generator.generate([long], seed=0)] == ["context_overflow"]
     assert engine.sent == []
+
+
+def test_a_conversation_holding_a_special_tokens_text_is_not_generated_and_says_why(tmp_path, caplog):
+    """Two ShareGPT V3 replies end in the text '<|endoftext|>': the generator's tokenizer read it as that control
+    token, so the model answered another conversation than the user's. Here the tiny tokenizer's '<|end|>' stands
+    in: that conversation gets no answer (finish_reason special_token), the others are generated as without it, on
+    both local backends (one shared check); the generate stage counts it and says why."""
+    import logging
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from models.generation import VllmGenerator, screen_conversations
+
+    held = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Skipped 1 messages<|end|>"},
+            {"role": "user", "content": "Go on."}]
+    generator = TransformersGenerator(GeneratorConfig(
+        name="tiny0", model=ModelConfig(name_or_path="tiny:0"), batch_size=4,
+        sampling=SamplingConfig(max_new_tokens=4, temperature=0)))
+    expected = generator.generate([CONVERSATIONS[0], CONVERSATIONS[1]], seed=0)
+    with caplog.at_level(logging.WARNING, logger="models.generation"):
+        out = generator.generate([CONVERSATIONS[0], held, CONVERSATIONS[1]], seed=0)
+    assert (out[1].text, out[1].finish_reason, out[1].response_tokens) == ("", "special_token", 0)
+    assert [out[0].text, out[2].text] == [g.text for g in expected]
+    assert "conversation 1, the assistant message 2 holds '<|end|>'" in caplog.text
+    _, skipped = screen_conversations(generator.tokenizer, [CONVERSATIONS[2], held], None, 4, [5, 6])
+    assert {i: (g.finish_reason, g.seed) for i, g in skipped.items()} == {1: ("special_token", 6)}
+
+    fake_vllm = ModuleType("vllm")
+    fake_vllm.SamplingParams = lambda **kwargs: SimpleNamespace(kwargs=kwargs)
+    sys.modules.setdefault("vllm", fake_vllm)
+    try:
+        vllm = VllmGenerator.__new__(VllmGenerator)
+        engine = FakeVllmEngine(generator.tokenizer, 2048)
+        vllm._bind("v", SamplingConfig(max_new_tokens=8, seed=1), engine)
+        answers = vllm.generate([held, CONVERSATIONS[0]], seed=10)
+        assert [g.finish_reason for g in answers] == ["special_token", "stop"]
+        assert engine.sent == [([CONVERSATIONS[0]], [11])]  # the held one is not sent
+    finally:
+        if sys.modules.get("vllm") is fake_vllm:
+            del sys.modules["vllm"]
+
+    rows = [{"conversations": [{"from": "human", "value": "What is the capital of France?"}]},
+            {"conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Skipped 1 messages<|end|>"},
+                               {"from": "human", "value": "Go on."}]}]
+    path = tmp_path / "held.json"
+    path.write_text(json.dumps(rows))
+    stage = generate_candidates(prepare_records(DataConfig(path=str(path)), require_response=False), GeneratorConfig(
+        name="tiny0", model=ModelConfig(name_or_path="tiny:0"), sampling=SamplingConfig(max_new_tokens=4, temperature=0)),
+        progress=False)
+    assert stage.metrics["finish_reason/special_token"] == 1
+    generated = read_parquet(stage.file("generated.parquet"))
+    assert [r["finish_reason"] == "special_token" for r in generated] == [False, True] and generated[1]["response"] == ""
+    assert "answered 1 of 2 instructions" in stage.summary
+    assert "1 conversations hold one of the generator's special tokens as text" in stage.summary

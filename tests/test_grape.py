@@ -503,7 +503,7 @@ def test_nothing_selected_names_the_reasons_the_candidates_went_and_the_fix_of_e
     from tasks.store import StageOutput
 
     records, rows = [], []
-    for k, finish in enumerate(["context_overflow", "context_overflow", "template_refused"]):
+    for k, finish in enumerate(["context_overflow", "context_overflow", "template_refused", "special_token"]):
         messages = [{"role": "user", "content": f"Say hi {k}."}]
         records.append(Record(f"i{k}", messages, "messages", {"messages": messages}, f"record {k}"))
         rows.append({"instruction_id": f"i{k}", "params": "{}", "seed": 0, "prompt_tokens": 5, "candidate_index": 0,
@@ -517,10 +517,16 @@ def test_nothing_selected_names_the_reasons_the_candidates_went_and_the_fix_of_e
         grape_select(candidates, fit, selection)
     message = str(err.value)
     assert message.startswith(
-        "select-grape: nothing selected: grape-fit scored none of the candidate responses of the 3 instructions "
-        "(not generated (context overflow) 2, not generated (template refused) 1; each is listed in ")
+        "select-grape: nothing selected: grape-fit scored none of the candidate responses of the 4 instructions "
+        "(not generated (context overflow) 2, not generated (template refused) 1, not generated (special token) 1; "
+        "each is listed in ")
     assert "not generated (context overflow): lower the generators' sampling.max_new_tokens" in message
     assert "not generated (template refused): use generators whose chat template accepts" in message
+    assert ("not generated (special token): the instruction's text holds a control token's string of the "
+            "generator's tokenizer: remove those strings from the data") in message
+    reasons = [r["reason"] for r in read_jsonl(fit.file("rejects.jsonl"))]
+    assert reasons[3] == ("not generated: a message of the conversation holds one of the generator's special tokens "
+                          "as text (finish_reason special_token)")
     assert "max_length" not in message
 
 
