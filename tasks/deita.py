@@ -28,8 +28,8 @@ from configs.errors import ScoringError
 from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, write_jsonl
 from tasks.deita_selection import diversity_filter, evol_scores, ranking_order
 from tasks.select import SUBSET_FILES, nothing_selected, write_subset
-from tasks.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
-                                  special_token_reason)
+from tasks.special_tokens import (SPECIAL_TOKEN, first_special_token, message_texts, report_special_tokens,
+                                  special_token_pattern, special_token_reason)
 from tasks.store import ArrayShards, ShardedTable, StageOutput, run_stage, stage_task
 
 EMBEDDING_TEMPLATE = "vicuna_v1.1"
@@ -366,6 +366,43 @@ def _unscored(records: list, scored: set[str], rejects: dict[str, list[dict]]) -
     return lines
 
 
+_SETTING_OF_STAGE = {"deita-complexity": "selection.complexity_scorer", "deita-quality": "selection.quality_scorer",
+                     "deita-embed": "selection.embedding"}
+
+
+def _why_none_scored(needed: list[str], unscored: list[dict]) -> str:
+    """What select-deita's "nothing selected" error says when no record has every score and an embedding: the
+    records per reject kind (a record counted once per kind, however many stages refused it for it), the stages
+    whose rejects.jsonl list them, and the fix of each kind."""
+    kinds: Counter = Counter()
+    stages_of: dict[str, dict[str, None]] = {}
+    for row in unscored:
+        for kind in dict.fromkeys(r["reason"].split(":")[0] for r in row["reasons"]):
+            kinds[kind] += 1
+        for r in row["reasons"]:
+            stages_of.setdefault(r["reason"].split(":")[0], {})[r["stage"]] = None
+    stages = list(dict.fromkeys(stage for row in unscored for stage in row["stage"].split("+")))
+    who = f"the {' and '.join(needed)} scorer{'s' if len(needed) > 1 else ''}"
+    if "deita-embed" in stages:
+        who += " and the embedder"
+    listed = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
+
+    def fix(kind: str) -> str:
+        settings = [_SETTING_OF_STAGE.get(s, s) for s in stages_of[kind]]
+        if kind == "prompt too long":
+            return (f"raise max_prompt_tokens of {' and '.join(settings)}, or leave it unset to use the model's "
+                    "context length")
+        if kind == SPECIAL_TOKEN:
+            return (f"the text holds a control token's string (of the tokenizer of "
+                    f"{' and '.join(s + '.model' for s in settings)}): clean those strings from the data, or use a "
+                    "model whose tokenizer lacks them")
+        return "read the reasons in the rejects.jsonl"
+
+    fixes = "; ".join(f"{kind}: {fix(kind)}" for kind, _ in kinds.most_common())
+    return (f"{who} left no record with a score{' and an embedding' if 'deita-embed' in stages else ''} ({listed}; "
+            f"each is listed in the rejects.jsonl of {', '.join(stages)}): {fixes}")
+
+
 def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, quality_out: StageOutput | None,
                  embeddings_out: StageOutput, selection: DeitaSelection, output_format: str = "source",
                  progress: bool = True) -> StageOutput:
@@ -393,15 +430,7 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
         unscored = _unscored(records, {r.id for r in cand},
                              {"deita-complexity": rejects_c, "deita-quality": rejects_q, "deita-embed": rejects_e})
         if not cand:
-            # per record, not per line of the scorers' files: a record both scorers refused counts once per kind
-            reasons = Counter(kind for row in unscored for kind in dict.fromkeys(
-                r["reason"].split(":")[0] for r in row["reasons"]))
-            listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
-            raise nothing_selected("select-deita", records_out, (
-                f"the {' and '.join(needed)} scorer{'s' if len(needed) > 1 else ''} left no record with a score "
-                f"({listed}; each is listed in the deita-{'/'.join(needed)} stage's rejects.jsonl): raise "
-                f"max_prompt_tokens of selection.{'/'.join(n + '_scorer' for n in needed)}, or leave it unset to use "
-                "the model's context length"))
+            raise nothing_selected("select-deita", records_out, _why_none_scored(needed, unscored))
         c_turns = [complexity[r.id] for r in cand] if complexity_out is not None else None
         q_turns = [quality[r.id] for r in cand] if quality_out is not None else None
         scores = evol_scores(c_turns, q_turns, selection.score)

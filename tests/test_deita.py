@@ -467,6 +467,43 @@ def test_a_scorer_that_rejects_every_record_fails_the_selection_naming_why(tmp_p
     assert "raise max_prompt_tokens of selection.complexity_scorer" in str(err.value)
 
 
+def test_nothing_selected_counts_each_reason_and_gives_the_fix_of_each(tmp_path):
+    """Records left out for a special token's text (one by the complexity scorer, one by the embedder) and one for a
+    too-long prompt: the error advised only raising max_prompt_tokens, which changes nothing for the first two."""
+    from tasks.data import load_canonical, prepare_records, write_jsonl
+    from tasks.deita import select_deita
+    from tasks.special_tokens import special_token_reason
+    from tasks.store import StageOutput
+
+    records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=3))
+    ids = [r.id for r in load_canonical(records_out.file("records.jsonl"))]
+    scored = tmp_path / "complexity"
+    write_jsonl(scored / "scores.jsonl", [])
+    write_jsonl(scored / "rejects.jsonl", [
+        {"id": ids[0], "reason": special_token_reason("<|endoftext|>", "the user message 1")},
+        {"id": ids[1], "reason": "prompt too long: turn 0 has 90 tokens > 8"}])
+    embedded = tmp_path / "embed"
+    write_jsonl(embedded / "rejects.jsonl", [
+        {"id": ids[2], "stage": "deita-embed", "reason": special_token_reason("</s>", "the assistant message 2")}])
+    (embedded / "ids.txt").write_text("\n".join(ids[:2]))
+    np.save(embedded / "embeddings.npy", np.eye(2, 4, dtype=np.float32))
+    complexity_out = StageOutput(stage="deita-complexity", key="c", path=str(scored), digest="c")
+    embeddings_out = StageOutput(stage="deita-embed", key="e", path=str(embedded), digest="e")
+    tiny = ModelConfig(name_or_path="tiny:0")
+    selection = DeitaSelection(score="complexity", budget=2, complexity_scorer=DeitaScorerConfig(model=tiny),
+                               embedding=DeitaEmbeddingConfig(model=tiny))
+    with pytest.raises(ConfigError) as err:
+        select_deita(records_out, complexity_out, None, embeddings_out, selection, progress=False)
+    assert str(err.value) == (
+        f"select-deita: nothing selected from {DATA / 'alpaca_cherry_40.json'} (40 read, 0 rejected, 3 used): the "
+        "complexity scorer and the embedder left no record with a score and an embedding (special token in the "
+        "text 2, prompt too long 1; each is listed in the rejects.jsonl of deita-complexity, deita-embed): special "
+        "token in the text: the text holds a control token's string (of the tokenizer of "
+        "selection.complexity_scorer.model and selection.embedding.model): clean those strings from the data, or "
+        "use a model whose tokenizer lacks them; prompt too long: raise max_prompt_tokens of "
+        "selection.complexity_scorer, or leave it unset to use the model's context length")
+
+
 def _fake_scores(tmp_path, name, scores, rejects):
     from tasks.data import write_jsonl
     from tasks.store import StageOutput
