@@ -462,7 +462,12 @@ def diversity_text(record: Record) -> str:
 
 def diversity_selection(records_out: StageOutput, ifd_out: StageOutput, selection: SuperfilterSelection,
                         output_format: str = "source") -> StageOutput:
-    """Stage `select-superfilter-d`: facility location over embeddings of the IFD-selected samples."""
+    """Stage `select-superfilter-d`: facility location over embeddings of the IFD-selected samples.
+
+    A sample whose texts that are embedded (`diversity_text`) hold one of the embedder's special tokens as a string
+    is left out of the step (the embedder, another model than the scorer, would embed that control token): listed
+    in `rejects.jsonl` with the field and token, counted (`diversity_special_tokens`); all of them: a ConfigError.
+    """
     diversity: DiversityConfig = selection.diversity  # type: ignore[assignment]
     embedder = diversity.embedder or selection.scoring.scorer
 
@@ -472,20 +477,32 @@ def diversity_selection(records_out: StageOutput, ifd_out: StageOutput, selectio
 
         records = load_canonical(records_out.file("records.jsonl"))
         chosen = set(ifd_out.file("selected_ids.txt").read_text().split())
-        pool = [r for r in records if r.id in chosen]
+        selected = [r for r in records if r.id in chosen]
         model, tokenizer = load_model(embedder)
+        pattern = special_token_pattern(tokenizer)
+        held = {r.id: first_special_token(scored_texts(r), pattern) for r in selected}
+        rejects = [{"id": r.id, "location": r.location, "reason": special_token_reason(held[r.id][1], held[r.id][0])}
+                   for r in selected if held[r.id]]
+        write_jsonl(folder / "rejects.jsonl", rejects)
+        left_out = report_special_tokens("select-superfilter-d", (r["reason"] for r in rejects), len(selected),
+                                         "IFD-selected samples", folder / "rejects.jsonl")
+        pool = [r for r in selected if not held[r.id]]
         emb = embed_texts(model, tokenizer, [diversity_text(r) for r in pool], pooling=diversity.pooling,
                           batch_size=diversity.batch_size, normalize=True, progress=True, max_length=diversity.max_length)
         order = facility_location(emb, diversity.budget, diversity.kernel)
         ids = [pool[i].id for i in order]
         atomic_write_text(folder / "facility_location_order.json", json.dumps(ids))
         fields = write_subset(records, ids, folder, "superfilter-d", output_format)
-        fields["metrics"].update(ifd_selected=len(pool))
-        fields["artifacts"].append("facility_location_order.json")
+        fields["metrics"].update(ifd_selected=len(selected), diversity_embedded=len(pool),
+                                 diversity_special_tokens=left_out)
+        fields["artifacts"] += ["facility_location_order.json", "rejects.jsonl"]
         fields["params"] = {"embedder": embedder.name_or_path, "pooling": diversity.pooling,
                             "diversity_budget": diversity.budget, "kernel": diversity.kernel}
-        fields["summary"] = (f"Superfiltering.D: facility location kept **{len(ids)}** of the {len(pool)} "
+        fields["summary"] = (f"Superfiltering.D: facility location kept **{len(ids)}** of the {len(pool)} embedded "
                              f"IFD-selected samples (embedder `{embedder.name_or_path}`).")
+        if left_out:
+            fields["summary"] += (f" {left_out} of the {len(selected)} hold one of the embedder's special tokens as "
+                                  "text and were left out of the step (rejects.jsonl).")
         return fields
 
     return run_stage("select-superfilter-d", {"diversity": diversity, "embedder": embedder,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -434,3 +435,46 @@ def test_cherry_instructions_leave_out_an_instruction_holding_a_special_tokens_t
     assert [r["perplexity"] for r in new] == pytest.approx([p for i, p in enumerate(old.values()) if i != 1], rel=1e-5)
     kept = [i for i in range(6) if i != 1]
     assert np.allclose(np.load(out.file("embeddings.npy")), np.load(before.file("embeddings.npy"))[kept], atol=1e-5)
+
+
+def test_diversity_step_leaves_out_a_sample_holding_the_embedders_special_tokens_text(tmp_path):
+    """Superfiltering.D embeds instruction + input + output with its embedder (any model, not the scorer that
+    screened the IFD step): a sample whose text holds one of that embedder's special tokens ('<|end|>' of the tiny
+    tokenizer, standing in for '<|endoftext|>') was embedded as that control token. It is left out of the step,
+    listed with the field and token, counted; the others are embedded as without it. All of them: a ConfigError."""
+    from tasks.data import prepare_records, read_jsonl
+    from tasks.ifd import diversity_selection
+    from tasks.store import StageOutput
+
+    rows = json.loads((DATA / "alpaca_cherry_40.json").read_text())[:5]
+    rows[2]["output"] += " Skipped 1 messages<|end|>"
+    (tmp_path / "held.json").write_text(json.dumps(rows))
+    records = prepare_records(DataConfig(path=str(tmp_path / "held.json")))
+    ids = [r["id"] for r in read_jsonl(records.file("records.jsonl"))]
+    ifd = tmp_path / "ifd"
+    ifd.mkdir()
+    (ifd / "selected_ids.txt").write_text("\n".join(ids) + "\n")
+    ifd_out = StageOutput(stage="select-superfilter", key="held", path=str(ifd), digest="held")
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:1"), template="superfilter")
+    selection = SuperfilterSelection(scoring=scoring, budget=5, diversity=DiversityConfig(
+        budget=4, max_length=128, embedder=ModelConfig(name_or_path="tiny:0")))
+    out = diversity_selection(records, ifd_out, selection)
+    assert read_jsonl(out.file("rejects.jsonl")) == [{
+        "id": ids[2], "location": "record 2",
+        "reason": "special token in the text: field 'output' holds '<|end|>', which the tokenizer would read as that "
+                  "control token, not as text"}]
+    assert out.metrics["diversity_special_tokens"] == 1 and out.metrics["diversity_embedded"] == 4
+    assert out.metrics["ifd_selected"] == 5
+    picked = out.file("selected_ids.txt").read_text().split()
+    assert len(picked) == 4 and ids[2] not in picked
+    assert "1 of the 5 hold one of the embedder's special tokens" in out.summary
+
+    for row in rows:
+        row["instruction"] += "<|end|>"
+    (tmp_path / "all.json").write_text(json.dumps(rows))
+    records = prepare_records(DataConfig(path=str(tmp_path / "all.json")))
+    (ifd / "selected_ids.txt").write_text("".join(r["id"] + "\n" for r in read_jsonl(records.file("records.jsonl"))))
+    ifd_out = StageOutput(stage="select-superfilter", key="all", path=str(ifd), digest="all")
+    with pytest.raises(ConfigError, match=r"^select-superfilter-d: all 5 IFD-selected samples hold one of the "
+                                          r"tokenizer's special tokens as text \(first: field 'instruction' holds"):
+        diversity_selection(records, ifd_out, selection)
