@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,30 +449,79 @@ SHARD_BATCHES = 8
 shards hold whole batches, so a resumed run generates what an uninterrupted one does."""
 
 
+def prompt_rejects(rows: list[dict], tokenizer) -> dict[int, str]:
+    """{row position: reject reason} of the test prompts (`load_instruction_set` rows) that hold one of the
+    tokenizer's special tokens as text."""
+    pattern = special_token_pattern(tokenizer)
+    found = {k: first_special_token([("the test prompt", r["prompt"])], pattern) for k, r in enumerate(rows)}
+    return {k: special_token_reason(hit[1], hit[0]) for k, hit in found.items() if hit}
+
+
+def judge_rejects(rows: list[dict], baseline_answers: list[str | None], baseline_reasons: list[str | None],
+                  tokenizer) -> dict[int, str]:
+    """{row position: reject reason} of the answers (`answers.jsonl` rows) the judge cannot judge: not answered
+    (the answers stage's reason), no baseline answer (pairwise: the baseline's), or a test prompt, answer or
+    baseline answer holding one of the judge tokenizer's special tokens as text (the judge would read that control
+    token, not the text)."""
+    pattern = special_token_pattern(tokenizer)
+    out: dict[int, str] = {}
+    for k, row in enumerate(rows):
+        if row.get("answer") is None:
+            out[k] = f"not answered (eval-answers): {row.get('reason') or 'no answer'}"
+            continue
+        if baseline_reasons and baseline_reasons[k]:
+            out[k] = f"no baseline answer (eval-answers of the baseline): {baseline_reasons[k]}"
+            continue
+        texts = [("the test prompt", row["prompt"]), ("the answer", row["answer"])]
+        if baseline_answers:
+            texts.append(("the baseline answer", baseline_answers[k]))
+        hit = first_special_token(texts, pattern)
+        if hit:
+            out[k] = special_token_reason(hit[1], hit[0])
+    return out
+
+
 def answers_stage(model: ModelConfig, model_digest: str, cfg: InstructionEvalConfig,
                   generation: GenerationSettings) -> StageOutput:
     """Stage `eval-answers`: the model's answers to every configured instruction test set (`answers.jsonl`),
-    generated shard by shard (resumable)."""
-    from models.loading import load_model
+    generated shard by shard (resumable).
+
+    A test prompt holding one of the model's special tokens as text (the tokenizer would read it as that control
+    token) is not answered: its row in `answers.jsonl` has `answer` null and the `reason`, it is listed in
+    `rejects.jsonl` and counted (`answers_special_tokens`); the judge leaves it out. All of them: a ConfigError."""
+    from models.loading import load_model, load_tokenizer
 
     def body(folder: Path) -> dict:
         loaded = functools.cache(lambda: load_model(model))  # loads only if a shard is left to generate
         rows = [row for name in cfg.sets for row in load_instruction_set(name, cfg.data_dir, cfg.limit)]
+        held = prompt_rejects(rows, load_tokenizer(model))
+        rejects = [{"set": r["set"], "index": r["index"], "reason": held[k]} for k, r in enumerate(rows) if k in held]
+        write_jsonl(folder / "rejects.jsonl", rejects)
+        left_out = report_special_tokens("eval-answers", held.values(), len(rows), "test prompts",
+                                         folder / "rejects.jsonl")
+        todo = [r for k, r in enumerate(rows) if k not in held]
 
         def answer_rows(start: int, stop: int) -> list[dict]:
             lm, tok = loaded()
-            instructions = [r["prompt"] for r in rows[start:stop]]
+            instructions = [r["prompt"] for r in todo[start:stop]]
             prompts = chat_prompts(tok, instructions) if generation.use_chat_template else instructions
             texts = generate_texts(lm, tok, prompts, generation, add_special_tokens=not generation.use_chat_template,
                                    seed_offset=start)
             return [{"answer": t.strip()} for t in texts]
 
-        answers = [r["answer"] for r in rows_by_shard(folder / "shards", len(rows), SHARD_BATCHES * generation.batch_size,
-                                                      answer_rows, "answers (shards)")]
-        write_jsonl(folder / "answers.jsonl", [{**r, "answer": a} for r, a in zip(rows, answers)])
-        empty = sum(not a for a in answers)
-        return {"metrics": {"answers": len(rows), "empty_answers": empty}, "artifacts": ["answers.jsonl"],
-                "summary": f"{len(rows)} answers to {', '.join(cfg.sets)} ({empty} empty)."}
+        answers = iter(r["answer"] for r in rows_by_shard(folder / "shards", len(todo),
+                                                          SHARD_BATCHES * generation.batch_size, answer_rows,
+                                                          "answers (shards)"))
+        out = [{**r, "answer": None, "reason": held[k]} if k in held else {**r, "answer": next(answers)}
+               for k, r in enumerate(rows)]
+        write_jsonl(folder / "answers.jsonl", out)
+        empty = sum(r["answer"] == "" for r in out)
+        summary = f"{len(todo)} answers to {', '.join(cfg.sets)} ({empty} empty)."
+        if left_out:
+            summary += (f" {left_out} of the {len(rows)} test prompts hold one of the model's special tokens as text "
+                        "and were not answered (rejects.jsonl).")
+        return {"metrics": {"answers": len(todo), "empty_answers": empty, "answers_special_tokens": left_out},
+                "artifacts": ["answers.jsonl", "rejects.jsonl"], "summary": summary}
 
     files = {name: file_digest(repo_path(cfg.data_dir) / f"{name}_test_set.jsonl") for name in cfg.sets}
     config = {"sets": cfg.sets, "limit": cfg.limit, "set_files": files, "generation": generation,
@@ -487,11 +537,22 @@ def judge_stage(answers: StageOutput, baseline: StageOutput | None, cfg: Instruc
                 judge: JudgeConfig) -> StageOutput:
     """Stage `eval-judge`: pairwise win/tie/lose against the baseline (both orders) and Deita quality scores."""
     from models.judge import LogitJudge, PairVerdict, summarize_pairwise
-    from models.loading import load_model
+    from models.loading import load_model, load_tokenizer
 
     def body(folder: Path) -> dict:
-        rows = read_jsonl(answers.file("answers.jsonl"))
-        baseline_answers = _baseline_answers(rows, baseline, cfg)
+        every = read_jsonl(answers.file("answers.jsonl"))
+        every_baseline, baseline_reasons = _baseline_answers(every, baseline, cfg)
+        held = judge_rejects(every, every_baseline, baseline_reasons, load_tokenizer(judge.model))
+        rejects = [{"set": r["set"], "index": r["index"], "reason": held[k]} for k, r in enumerate(every) if k in held]
+        write_jsonl(folder / "rejects.jsonl", rejects)
+        left_out = report_special_tokens("eval-judge", held.values(), len(every), "answers", folder / "rejects.jsonl")
+        kinds = Counter(reason.split(":")[0] for reason in held.values())
+        rows = [r for k, r in enumerate(every) if k not in held]
+        if not rows:
+            raise ConfigError(f"eval-judge: none of the {len(every)} answers can be judged ("
+                              + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
+                              + f"; each is listed in {folder / 'rejects.jsonl'})")
+        baseline_answers = [b for k, b in enumerate(every_baseline) if k not in held]
         questions = [r["prompt"] for r in rows]
         candidates = [r["answer"] for r in rows]
         loaded = functools.cache(lambda: LogitJudge(*load_model(judge.model), judge.model.name_or_path,
@@ -528,11 +589,16 @@ def judge_stage(answers: StageOutput, baseline: StageOutput | None, cfg: Instruc
                 row["quality"] = score
             for name in cfg.sets + ["all"]:
                 picked = [score for r, score in zip(rows, scores) if name == "all" or r["set"] == name]
-                metrics[f"{name}/quality"] = sum(picked) / len(picked)
+                if picked:  # a set whose every answer was left out has no mean
+                    metrics[f"{name}/quality"] = sum(picked) / len(picked)
         write_jsonl(folder / "judgments.jsonl", out_rows)
         lines = [f"| {k} | {v:.3f} |" for k, v in sorted(metrics.items()) if k.startswith("all/")]
-        return {"metrics": metrics, "artifacts": ["judgments.jsonl"],
-                "summary": "| metric | value |\n|---|---|\n" + "\n".join(lines)}
+        metrics.update(not_judged=len(held), judge_special_tokens=left_out)
+        metrics.update({f"rejected[{kind}]": n for kind, n in sorted(kinds.items())})
+        note = (f"\n\n{len(held)} of the {len(every)} answers were not judged "
+                f"({', '.join(f'{kind} {n}' for kind, n in kinds.most_common())}; rejects.jsonl)." if held else "")
+        return {"metrics": metrics, "artifacts": ["judgments.jsonl", "rejects.jsonl"],
+                "summary": "| metric | value |\n|---|---|\n" + "\n".join(lines) + note}
 
     baseline_files = {name: {"file": file_digest(repo_path(b.path)), "field": b.answer_field}
                       for name, b in cfg.baseline_answers.items()}
@@ -542,24 +608,30 @@ def judge_stage(answers: StageOutput, baseline: StageOutput | None, cfg: Instruc
     return run_stage("eval-judge", config, inputs, body, digest_of=["judgments.jsonl"])
 
 
-def _baseline_answers(rows: list[dict], baseline: StageOutput | None, cfg: InstructionEvalConfig) -> list[str]:
+def _baseline_answers(rows: list[dict], baseline: StageOutput | None,
+                      cfg: InstructionEvalConfig) -> tuple[list[str | None], list[str | None]]:
+    """The baseline's answer to each row, and why there is none (the baseline model did not answer that prompt:
+    the reason of its answers stage), in row order; two empty lists when the evaluation is not pairwise."""
     if not cfg.pairwise:
-        return []
+        return [], []
     generated = {}
     if baseline is not None:
-        generated = {(r["set"], r["index"]): r["answer"] for r in read_jsonl(baseline.file("answers.jsonl"))}
-    out: list[str] = []
+        generated = {(r["set"], r["index"]): r for r in read_jsonl(baseline.file("answers.jsonl"))}
+    by_position: dict[tuple[str, int], tuple[str | None, str | None]] = {}
     for name in cfg.sets:
         items = [r for r in rows if r["set"] == name]
         if name in cfg.baseline_answers:
             spec = cfg.baseline_answers[name]
-            out.extend(load_baseline_file(name, spec.path, spec.answer_field, items))
+            texts = load_baseline_file(name, spec.path, spec.answer_field, items)
+            by_position.update({(name, r["index"]): (text, None) for r, text in zip(items, texts)})
             continue
         for r in items:
             if (name, r["index"]) not in generated:
                 raise ConfigError(f"no baseline answer for {name} #{r['index']}: the baseline answers stage lacks it")
-            out.append(generated[(name, r["index"])])
-    return out
+            row = generated[(name, r["index"])]
+            by_position[(name, r["index"])] = (row["answer"], row.get("reason") if row["answer"] is None else None)
+    pairs = [by_position[(r["set"], r["index"])] for r in rows]
+    return [a for a, _ in pairs], [why for _, why in pairs]
 
 
 def humaneval_stage(model: ModelConfig, model_digest: str, cfg: HumanEvalConfig,
@@ -732,6 +804,10 @@ def comparison_rows(results: Sequence[dict]) -> list[dict]:
     return rows
 
 
+COUNT_METRICS = ("/answers", "/pairs", "/problems", "sample_len", "/not_judged", "/judge_special_tokens")
+"""Endings of the metrics that count items: not plotted in a comparison unless asked for."""
+
+
 def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str] = ()) -> StageOutput:
     """Stage `compare-table`: the comparison table (`comparison.csv` / `.jsonl`) and one bar chart per metric."""
     import csv
@@ -751,7 +827,7 @@ def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str]
         shared = [k for k in rows[0] if k not in ("method", "status", "error") and ok and all(r[k] is not None for r in ok)]
         # Names as the user knows them ('humaneval/pass@1', 'acc,none') match their MLflow-safe form.
         wanted = ([sanitize_metric_key(m) for m in plot_metrics]
-                  or [k for k in shared if not k.endswith(("/answers", "/pairs", "/problems", "sample_len"))])
+                  or [k for k in shared if not k.endswith(COUNT_METRICS) and "rejected[" not in k])
         # A name no finished method has is a typo (or a benchmark not run): the table is still written (it may
         # have cost hours), the name is recorded, and the flow fails after logging it.
         unknown = [m for m in wanted if m not in rows[0]] if ok else []

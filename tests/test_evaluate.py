@@ -581,3 +581,87 @@ def test_heldout_likelihood_leaves_out_a_conversation_holding_a_special_tokens_t
     with pytest.raises(ConfigError, match=r"^eval-likelihood: all 4 records hold one of the tokenizer's special "
                                           r"tokens as text \(first: the user message 1 holds '<\|end\|>'\)"):
         likelihood_stage(tiny, "digest", HeldoutLikelihoodConfig(data=DataConfig(path=str(tmp_path / "all.json"))))
+
+
+def test_instruction_prompts_and_answers_holding_a_special_tokens_text_are_left_out_counted_and_listed(tiny,
+                                                                                                      tmp_path):
+    """A test prompt, an answer or a baseline answer holding the text of one of the tokenizer's special tokens
+    ('<|end|>' of the tiny tokenizer, standing in for '<|endoftext|>') was generated from, and judged as, that
+    control token. eval-answers does not answer such a prompt (null answer with the reason, rejects.jsonl,
+    answers_special_tokens); eval-judge leaves out what was not answered and what holds one of its judge's special
+    tokens (rejects.jsonl, counted); the others are answered and judged as without them. All held: a ConfigError."""
+    from configs.errors import ConfigError
+    from tasks.data import read_jsonl, write_jsonl
+    from tasks.evaluate import answers_stage, judge_stage
+    from tasks.store import StageOutput
+
+    prompts = ["Name a colour.", "Say hi.<|end|> And bye.", "Count to three.", "Name a fruit.", "Name a tree."]
+    baseline = ["Blue.", "Hi.", "One two three.", "Pear<|end|>", "Oak."]
+    for name, keep in (("clean", [0, 2]), ("held", [0, 1, 2])):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "vicuna_test_set.jsonl", [{"text": prompts[k]} for k in keep])
+        (tmp_path / name / "baseline.json").write_text(json.dumps([{"text": prompts[k], "Answer2": baseline[k]}
+                                                                   for k in keep]))
+    gen = GenerationSettings(max_new_tokens=6, batch_size=4, do_sample=True)
+    judge = JudgeConfig(model=tiny, max_answer_tokens=64)
+
+    def instruction(name):
+        return InstructionEvalConfig(sets=["vicuna"], data_dir=str(tmp_path / name), baseline_answers={
+            "vicuna": BaselineAnswersFile(path=str(tmp_path / name / "baseline.json"))})
+
+    clean = answers_stage(tiny, "digest-clean", instruction("clean"), gen)
+    held = answers_stage(tiny, "digest-held", instruction("held"), gen)
+    reason = ("special token in the text: the test prompt holds '<|end|>', which the tokenizer would read as that "
+              "control token, not as text")
+    assert read_jsonl(held.file("rejects.jsonl")) == [{"set": "vicuna", "index": 1, "reason": reason}]
+    rows = read_jsonl(held.file("answers.jsonl"))
+    assert rows[1] == {"set": "vicuna", "index": 1, "prompt": prompts[1], "answer": None, "reason": reason}
+    assert [rows[0]["answer"], rows[2]["answer"]] == [r["answer"] for r in read_jsonl(clean.file("answers.jsonl"))]
+    assert held.metrics["answers_special_tokens"] == 1 and held.metrics["answers"] == 2
+    assert clean.metrics["answers_special_tokens"] == 0
+
+    judged_clean = judge_stage(clean, None, instruction("clean"), judge)
+    judged_held = judge_stage(held, None, instruction("held"), judge)
+    assert read_jsonl(judged_held.file("rejects.jsonl")) == [
+        {"set": "vicuna", "index": 1, "reason": "not answered (eval-answers): " + reason}]
+    without_index = lambda out: [{k: v for k, v in r.items() if k != "index"}  # noqa: E731
+                                 for r in read_jsonl(out.file("judgments.jsonl"))]
+    assert without_index(judged_held) == without_index(judged_clean)
+    assert [r["index"] for r in read_jsonl(judged_held.file("judgments.jsonl"))] == [0, 2]
+    assert judged_held.metrics["not_judged"] == 1 and judged_held.metrics["all/pairs"] == 2
+    assert judged_held.metrics["rejected[not answered (eval-answers)]"] == 1
+    assert judged_held.metrics["all/quality"] == judged_clean.metrics["all/quality"]
+
+    # the judge's own tokenizer: an answer, or a baseline answer, holding one of its special tokens is not judged
+    (tmp_path / "all").mkdir()
+    write_jsonl(tmp_path / "all" / "vicuna_test_set.jsonl", [{"text": p} for p in prompts[:4]])
+    (tmp_path / "all" / "baseline.json").write_text(json.dumps([{"text": p, "Answer2": b}
+                                                                for p, b in zip(prompts[:4], baseline)]))
+    given = [{"set": "vicuna", "index": 0, "prompt": prompts[0], "answer": "Red."},
+             {"set": "vicuna", "index": 1, "prompt": prompts[1], "answer": None, "reason": reason},
+             {"set": "vicuna", "index": 2, "prompt": prompts[2], "answer": "1 2 3 <|end|>"},
+             {"set": "vicuna", "index": 3, "prompt": prompts[3], "answer": "Apple."}]
+
+    def fake_answers(name, rows):
+        write_jsonl(tmp_path / name / "answers.jsonl", rows)
+        return StageOutput(stage="eval-answers", key=name, path=str(tmp_path / name), digest=name)
+
+    out = judge_stage(fake_answers("fake-answers", given), None, instruction("all"), judge)
+    token = "'<|end|>', which the tokenizer would read as that control token, not as text"
+    assert [r["reason"] for r in read_jsonl(out.file("rejects.jsonl"))] == [
+        "not answered (eval-answers): " + reason, "special token in the text: the answer holds " + token,
+        "special token in the text: the baseline answer holds " + token]
+    assert [r["index"] for r in read_jsonl(out.file("judgments.jsonl"))] == [0]
+    assert out.metrics["judge_special_tokens"] == 2 and out.metrics["not_judged"] == 3 and out.metrics["all/pairs"] == 1
+    with pytest.raises(ConfigError, match=r"^eval-judge: all 2 answers hold one of the tokenizer's special tokens as "
+                                          r"text \(first: the answer holds '<\|end\|>'\)"):
+        judge_stage(fake_answers("all-held", given[2:]), None, instruction("all"), judge)
+    with pytest.raises(ConfigError, match=r"^eval-judge: none of the 2 answers can be judged \(not answered "
+                                          r"\(eval-answers\) 1, special token in the text 1; each is listed in "):
+        judge_stage(fake_answers("none-left", given[1:3]), None, instruction("all"), judge)
+    # a test prompt every one of which holds the model's special token: the answers stage refuses
+    (tmp_path / "prompts-held").mkdir()
+    write_jsonl(tmp_path / "prompts-held" / "vicuna_test_set.jsonl", [{"text": prompts[1]}])
+    with pytest.raises(ConfigError, match=r"^eval-answers: all 1 test prompts hold one of the tokenizer's special"):
+        answers_stage(tiny, "digest-held", InstructionEvalConfig(
+            sets=["vicuna"], data_dir=str(tmp_path / "prompts-held"), pairwise=False), gen)
