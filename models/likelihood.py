@@ -298,22 +298,31 @@ def reference_scores(model, requests: Sequence[ScoreRequest], progress: bool = F
     """
     import torch
 
+    out = []
+    with torch.inference_mode():
+        for r, ids, labels in _one_by_one(model, requests, progress, "score (one by one)"):
+            loss = float(model(ids, labels=labels).loss)
+            out.append(TokenScores(loss * r.n_targets, r.n_targets))
+    return out
+
+
+def _one_by_one(model, requests: Sequence[ScoreRequest], progress: bool, desc: str):
+    """(request, input ids, labels -100 before the target) of each request in turn, as the reference loops feed
+    the model: a batch of one, on the model's device."""
+    import torch
+
     _check_requests(requests)
     device = next(model.parameters()).device
-    out = []
     items = requests
     if progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(requests, desc="score (one by one)")
-    with torch.inference_mode():
-        for r in items:
-            ids = torch.tensor([r.input_ids], dtype=torch.long, device=device)
-            labels = ids.clone()
-            labels[0, :r.target_start] = -100
-            loss = float(model(ids, labels=labels).loss)
-            out.append(TokenScores(loss * r.n_targets, r.n_targets))
-    return out
+        items = tqdm(requests, desc=desc)
+    for r in items:
+        ids = torch.tensor([r.input_ids], dtype=torch.long, device=device)
+        labels = ids.clone()
+        labels[0, :r.target_start] = -100
+        yield r, ids, labels
 
 
 def cherry_token_loop_scores(model, requests: Sequence[ScoreRequest], progress: bool = False) -> list[TokenScores]:
@@ -327,21 +336,11 @@ def cherry_token_loop_scores(model, requests: Sequence[ScoreRequest], progress: 
     """
     import torch
 
-    _check_requests(requests)
-    device = next(model.parameters()).device
     out = []
-    items = requests
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(requests, desc="score (Cherry's per-token loop)")
     # as the authors run it: loss modules, `no_grad` (not `inference_mode`), one token tensor per position
     log_softmax, nll_loss = torch.nn.LogSoftmax(dim=-1), torch.nn.NLLLoss(reduction="none")
     with torch.no_grad():
-        for r in items:
-            ids = torch.tensor([r.input_ids], dtype=torch.long, device=device)
-            labels = ids.clone()
-            labels[0, :r.target_start] = -100
+        for r, ids, labels in _one_by_one(model, requests, progress, "score (Cherry's per-token loop)"):
             logits = model(ids, labels=labels, output_hidden_states=True).logits
             token_losses = []
             for i in range(1, ids.shape[1]):

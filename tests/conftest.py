@@ -74,3 +74,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not wants_slow:
             item.add_marker(skip_slow)
+
+
+# ------------------------------------------------------------------ texts holding a special token's string
+HELD_REASON = ("special token in the text: {where} holds '<|end|>', which the tokenizer would read as that control "
+               "token, not as text")
+"""The reject reason of a text holding the tiny tokenizer's '<|end|>' (ShareGPT V3 has replies ending in the text
+'<|endoftext|>'); `where` names the field or message."""
+
+
+def held_copies(tmp_path, rows: list[dict], held, wrap=lambda rows: rows):
+    """Two files of the same `rows`: as they are, and with '<|end|>' appended to the named field of each named row
+    (`held`: (row index, field) pairs, or a {row index: field} dict). `wrap` gives the file's top level."""
+    import copy
+    import json
+
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps(wrap(rows)))
+    rows = copy.deepcopy(rows)
+    for i, field in (held.items() if isinstance(held, dict) else held):
+        rows[i][field] += "\n\nSkipped 1 messages<|end|>"
+    dirty = tmp_path / "held.json"
+    dirty.write_text(json.dumps(wrap(rows)))
+    return clean, dirty

@@ -20,7 +20,7 @@ from tasks.deita_selection import (_next_block_size, _piece_width, bfloat16_marg
                                    diversity_filter, diversity_filter_sequential, evol_scores, exact_similarity,
                                    ranking_order, screen_dtype, unit_rows)
 
-from conftest import DATA, task_states
+from conftest import DATA, HELD_REASON, held_copies, task_states
 
 
 # ------------------------------------------------------------------------------------------- the formula
@@ -732,21 +732,8 @@ def test_a_non_finite_score_names_the_record_and_turn_not_a_prompt_index(tiny_mo
         dimension_rows(scorer, records)
 
 
-HELD_REASON = ("special token in the text: {where} holds '<|end|>', which the tokenizer would read as that control "
-               "token, not as text")
-
-
-def _alpaca_files(tmp_path, n: int, held: dict[int, str]):
-    """The first `n` Alpaca rows as they are, and with '<|end|>' (the tiny tokenizer's end-of-turn token) appended
-    to the named field of the named rows (ShareGPT V3 has replies ending in the text '<|endoftext|>')."""
-    rows = json.loads((DATA / "alpaca_cherry_40.json").read_text())[:n]
-    clean = tmp_path / "clean.json"
-    clean.write_text(json.dumps(rows))
-    for i, field in held.items():
-        rows[i][field] += "\n\nSkipped 1 messages<|end|>"
-    dirty = tmp_path / "held.json"
-    dirty.write_text(json.dumps(rows))
-    return clean, dirty
+def _alpaca_rows(n: int) -> list[dict]:
+    return json.loads((DATA / "alpaca_cherry_40.json").read_text())[:n]
 
 
 def test_deita_scorers_and_embedding_leave_out_a_record_holding_a_special_tokens_text(tiny_model_dir, tmp_path,
@@ -758,7 +745,7 @@ def test_deita_scorers_and_embedding_leave_out_a_record_holding_a_special_tokens
     from tasks.data import load_canonical, prepare_records, read_jsonl
     from tasks.deita import embed_records, score_dimension, select_deita
 
-    clean, dirty = _alpaca_files(tmp_path, 7, {3: "output"})
+    clean, dirty = held_copies(tmp_path, _alpaca_rows(7), {3: "output"})
     tiny = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
     scorer = DeitaScorerConfig(model=tiny, shard_size=4)
     embedding = DeitaEmbeddingConfig(model=tiny, shard_size=3, max_length=128)
@@ -814,7 +801,7 @@ def test_a_deita_stage_where_every_record_holds_a_special_tokens_text_refuses(ti
     from tasks.data import prepare_records
     from tasks.deita import embed_records, score_dimension
 
-    _, dirty = _alpaca_files(tmp_path, 2, {0: "instruction", 1: "instruction"})
+    _, dirty = held_copies(tmp_path, _alpaca_rows(2), {0: "instruction", 1: "instruction"})
     records_out = prepare_records(DataConfig(path=str(dirty)))
     tiny = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
     with pytest.raises(ConfigError, match=r"^deita-complexity: all 2 records hold one of the tokenizer's special "

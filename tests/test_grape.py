@@ -21,7 +21,7 @@ from tasks.grape import (
     CandidateFit, dpo_pairs, grape_select, ingest_candidates, rank_candidates, read_candidates_file,
     score_candidate_fit,
 )
-from tests.conftest import DATA, SHARED
+from tests.conftest import DATA, HELD_REASON, SHARED, held_copies
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -567,21 +567,12 @@ def test_a_conversation_the_targets_template_refuses_is_a_reject_not_a_traceback
         candidate_tokens(tok, messages, ["hi"], "i9")
 
 
-HELD_REASON = ("special token in the text: {where} holds '<|end|>', which the tokenizer would read as that control "
-               "token, not as text")
+def _slice_rows(n: int) -> list[dict]:
+    return json.loads(SLICE.read_text())["data"][:n]
 
 
-def _slice_files(tmp_path, n: int, held: list[tuple[int, str]]):
-    """The first `n` rows of the vicuna slice as they are, and with '<|end|>' (the tiny target's end-of-turn token)
-    appended to the named fields (an answer, or the prompt `text`)."""
-    rows = json.loads(SLICE.read_text())["data"][:n]
-    clean = tmp_path / "clean.json"
-    clean.write_text(json.dumps({"data": rows}))
-    for i, field in held:
-        rows[i][field] += "\n\nSkipped 1 messages<|end|>"
-    dirty = tmp_path / "held.json"
-    dirty.write_text(json.dumps({"data": rows}))
-    return clean, dirty
+def _data_file(rows: list[dict]) -> dict:
+    return {"data": rows}
 
 
 def test_a_candidate_or_instruction_holding_a_special_tokens_text_is_a_reject_the_rest_fit_as_before(tiny_model_dir,
@@ -590,7 +581,7 @@ def test_a_candidate_or_instruction_holding_a_special_tokens_text_is_a_reject_th
     sequence. Such a candidate is a reject naming it and the token; an instruction holding one rejects each of
     its candidates; the other candidates get the fit they get without them; the template's own '<|end|>' and
     '<|assistant|>' are no reject."""
-    clean, dirty = _slice_files(tmp_path, 4, [(1, "Answer2"), (2, "text")])
+    clean, dirty = held_copies(tmp_path, _slice_rows(4), [(1, "Answer2"), (2, "text")], wrap=_data_file)
     selection = GrapeSelection(target=ModelConfig(name_or_path=str(tiny_model_dir)), scoring_shard_size=2,
                                candidates=CandidatesFile(path=str(clean)))
     before = score_candidate_fit(ingest_candidates(selection.candidates), selection, progress=False)
@@ -620,7 +611,7 @@ def test_a_candidate_or_instruction_holding_a_special_tokens_text_is_a_reject_th
 def test_every_candidate_holding_a_special_tokens_text_fails_grape_fit_saying_so(tiny_model_dir, tmp_path):
     from configs.errors import ConfigError
 
-    _, dirty = _slice_files(tmp_path, 2, [(0, "Answer1"), (0, "Answer2"), (1, "text")])
+    _, dirty = held_copies(tmp_path, _slice_rows(2), [(0, "Answer1"), (0, "Answer2"), (1, "text")], wrap=_data_file)
     selection = GrapeSelection(target=ModelConfig(name_or_path=str(tiny_model_dir)),
                                candidates=CandidatesFile(path=str(dirty)))
     with pytest.raises(ConfigError, match=r"^grape-fit: all 4 candidates hold one of the tokenizer's special tokens "

@@ -16,7 +16,7 @@ from configs.schema import Budget, DataConfig, ModelConfig
 from configs.train import LoraSettings, SFTStageConfig
 from tasks.ifd import (band_stride_pick, facility_location, ifd_scores, ifd_value, pick_pre_experience, select_by_ifd,
                        skip_undefined_ifd)
-from tests.conftest import DATA
+from tests.conftest import DATA, HELD_REASON, held_copies
 
 
 def test_the_two_ifd_definitions_rank_differently():
@@ -349,23 +349,8 @@ def test_pre_experience_says_which_picked_samples_truncation_left_untrained(tmp_
     assert f"{len(rejects)} of the 12 picked had no answer token left" in out.summary
 
 
-HELD_REASON = ("special token in the text: {where} holds '<|end|>', which the tokenizer would read as that control "
-               "token, not as text")
-
-
-def _alpaca_files(tmp_path, n: int, held: dict[int, str]):
-    """The first `n` Alpaca rows as they are, and with '<|end|>' (the tiny tokenizer's end-of-turn token) appended
-    to the named field of the named rows (ShareGPT V3 has replies ending in the text '<|endoftext|>')."""
-    import json
-
-    rows = json.loads((DATA / "alpaca_cherry_40.json").read_text())[:n]
-    clean = tmp_path / "clean.json"
-    clean.write_text(json.dumps(rows))
-    for i, field in held.items():
-        rows[i][field] += "\n\nSkipped 1 messages<|end|>"
-    dirty = tmp_path / "held.json"
-    dirty.write_text(json.dumps(rows))
-    return clean, dirty
+def _alpaca_rows(n: int) -> list[dict]:
+    return json.loads((DATA / "alpaca_cherry_40.json").read_text())[:n]
 
 
 def test_a_sample_holding_a_special_tokens_text_is_a_counted_reject_and_the_others_score_as_before(tmp_path):
@@ -375,7 +360,7 @@ def test_a_sample_holding_a_special_tokens_text_is_a_counted_reject_and_the_othe
     from tasks.data import prepare_records, read_jsonl
     from tasks.score import STATUS_SCORED, read_scores, score_records
 
-    clean, dirty = _alpaca_files(tmp_path, 6, {2: "output", 4: "input"})
+    clean, dirty = held_copies(tmp_path, _alpaca_rows(6), {2: "output", 4: "input"})
     scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"), template="wiz", max_length=256, shard_size=4)
     before = {r["id"]: r for r in read_scores(score_records(prepare_records(DataConfig(path=str(clean))), scoring,
                                                             progress=False))}
@@ -402,7 +387,7 @@ def test_a_chat_templates_own_special_tokens_are_not_a_reject_and_all_samples_he
     from tasks.data import prepare_records
     from tasks.score import score_records
 
-    clean, dirty = _alpaca_files(tmp_path, 3, {0: "output", 1: "instruction", 2: "output"})
+    clean, dirty = held_copies(tmp_path, _alpaca_rows(3), {0: "output", 1: "instruction", 2: "output"})
     scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"), template="chat", max_length=256)
     assert score_records(prepare_records(DataConfig(path=str(clean))), scoring, progress=False).metrics["scored"] == 3
     with pytest.raises(ConfigError, match=r"^score: all 3 samples hold one of the tokenizer's special tokens as text "
@@ -417,7 +402,7 @@ def test_cherry_instructions_leave_out_an_instruction_holding_a_special_tokens_t
     from tasks.data import load_canonical, prepare_records, read_jsonl
     from tasks.ifd import instruction_profile
 
-    clean, dirty = _alpaca_files(tmp_path, 6, {1: "instruction", 3: "output"})
+    clean, dirty = held_copies(tmp_path, _alpaca_rows(6), {1: "instruction", 3: "output"})
     scoring = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), max_length=256,
                             template="alpaca")
     pre = PreExperienceConfig(embed_batch_size=3)
