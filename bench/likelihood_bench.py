@@ -125,7 +125,7 @@ def main() -> None:
         return out, time.perf_counter() - t0
 
     pad = int(tok.pad_token_id or 0)
-    settings = [(rows_cap, batch_token_budget(device, cap if cap == "auto" else int(cap)))
+    settings = [(rows_cap, batch_token_budget(device, cap if cap == "auto" else int(cap), model.config.hidden_size))
                 for rows_cap in args.batch_size for cap in args.max_batch_tokens]
     score_requests(model, requests[:4], batch_size=settings[0][0], pad_id=pad)  # warm-up
     reference_scores(model, requests[:2])
@@ -164,7 +164,8 @@ def main() -> None:
 
     def row(name, n_tok, secs):
         rate = n_tok / secs
-        return (f"| {name} | {n_tok} | {secs:.2f} | {rate:,.0f} | {rate / loop_rate:.2f}x | {rate / cherry_rate:.2f}x | "
+        vs_cherry = f"{rate / cherry_rate:.2f}x" if cherry_times else "-"
+        return (f"| {name} | {n_tok} | {secs:.2f} | {rate:,.0f} | {rate / loop_rate:.2f}x | {vs_cherry} | "
                 f"{2 * params * rate / 1e9:.1f} | {2 * params * rate / limit:.0%} | {2 * params * rate / steady_limit:.0%} |")
 
     print(f"\nmodel {args.model} ({params / 1e6:.1f}M params, {dtype}, {device}, {torch.get_num_threads()} threads); "

@@ -24,8 +24,9 @@ class ScoringConfig(StrictModel):
                                 "as truncated) or 'skip' the sample (written to rejects).")
     batch_size: int = Field(16, ge=1, description="Most sequences per forward pass.")
     max_batch_tokens: Annotated[int, Field(ge=64)] | Literal["auto"] = Field(
-        "auto", description="Most padded tokens per forward pass (bounds memory); 'auto' = 1024 on CPU (larger "
-                            "batches measured slower there), 16384 on CUDA.")
+        "auto", description="Most padded tokens per forward pass (bounds memory); 'auto' = 1024 on CPU for a model "
+                            "as wide as SmolLM2-135M (larger batches measured slower there), more for a narrower one "
+                            "(same activation size, up to 8192), 16384 on CUDA.")
     shard_size: int = Field(512, ge=1, description="Samples per parquet shard; a killed run resumes at the next unfinished shard.")
     scale_out: ScaleOutConfig | None = scale_out_field("Score")
 

@@ -283,6 +283,18 @@ def test_non_finite_losses_raise_or_are_returned_never_scored(tiny_model_dir):
     assert all(r["cond_mean_nll"] is None and "non-finite" in r["reason"] for r in rows)
 
 
+def test_auto_token_budget_on_cpu_follows_the_models_width():
+    from models.likelihood import batch_token_budget
+
+    assert batch_token_budget("cpu", "auto", 576) == 1024  # SmolLM2-135M: where 1024 was measured best
+    assert batch_token_budget("cpu", "auto", 64) == 8192  # the tiny model: 9216 by width, capped
+    assert batch_token_budget("cpu", "auto", 192) == 3072
+    assert batch_token_budget("cpu", "auto", 4096) == 1024  # wider than measured: never fewer than 1024
+    assert batch_token_budget("cpu", "auto", None) == 1024
+    assert batch_token_budget("cuda:0", "auto", 64) == 16384
+    assert batch_token_budget("cpu", 300, 64) == 300 and batch_token_budget("cpu", None, 64) is None
+
+
 def test_length_batches_cover_every_request_within_the_token_budget():
     lengths = [5, 90, 12, 40, 41, 7, 88, 3, 60]
     batches = length_batches(lengths, batch_size=3, max_batch_tokens=130)
