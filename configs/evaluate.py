@@ -87,6 +87,10 @@ class HumanEvalConfig(StrictModel):
     timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit per program; the whole process group is killed after it.")
     memory_mb: int = Field(2048, ge=64, description="Address-space limit of the sandboxed program.")
     max_new_tokens: int = Field(384, ge=1, description="Longest completion, in tokens.")
+    network: Literal["isolated", "allowed"] = Field(
+        "isolated", description="isolated: each program runs in a network namespace of its own (`unshare --net "
+        "--map-root-user`) that has no network, not even a working loopback; the stage fails if this machine cannot "
+        "make one. allowed: the program can open connections like any other process of this user.")
 
 
 class HeldoutLikelihoodConfig(StrictModel):

@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,6 +178,13 @@ SANDBOX_EXTRA_PROCESSES = 64
 bombs; the kernel does not enforce it for root)."""
 OUTPUT_TAIL_BYTES = 4096
 """How much of a sandboxed program's stdout and stderr is read back: their ends hold the marker and the error."""
+SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}
+"""The whole environment of a sandboxed program."""
+NETWORK_ISOLATION = ("--net", "--map-root-user")
+"""`unshare` options that give a program a network namespace of its own: only a loopback device, down, so no
+connection to anything, this machine's own ports included. `--map-root-user` puts it in a new user namespace too,
+as root only there, even when this process is root: a root program in a bare `--net` namespace keeps its
+capabilities and can `setns` back into this machine's network namespace through /proc/PID/ns/net."""
 
 
 def _user_task_count(uid: int) -> int:
@@ -217,6 +225,42 @@ def _kill_group(pgid: int) -> None:
         pass  # the group already exited: nothing left to kill
 
 
+@functools.cache
+def _network_isolation_probe() -> tuple[tuple[str, ...], str | None]:
+    """(the `unshare` command prefix, None) when it runs a program in another network namespace on this machine,
+    else ((), why not). Probed once per process (cached), by running a short Python under it."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return (), "there is no `unshare` program (util-linux) on PATH"
+    prefix = (unshare, *NETWORK_ISOLATION)
+    command = " ".join(["unshare", *NETWORK_ISOLATION])
+    try:
+        probe = subprocess.run(
+            [*prefix, sys.executable, "-I", "-c", "import os; print(os.readlink('/proc/self/ns/net'))"],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60, env=SANDBOX_ENV)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return (), f"`{command}` could not run: {e}"
+    if probe.returncode != 0:
+        why = probe.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit code {probe.returncode}"]
+        return (), f"`{command}` failed ({why[0][:300]}; are user namespaces disabled here?)"
+    if probe.stdout.decode("utf-8", "replace").strip() == os.readlink("/proc/self/ns/net"):
+        return (), f"a program run by `{command}` still shares this process's network namespace"
+    return prefix, None
+
+
+def network_isolation_prefix() -> tuple[str, ...]:
+    """The command prefix that runs a program without network; a ConfigError saying why and what to set instead
+    when this machine cannot make a network namespace (never a silent run with the network)."""
+    prefix, why = _network_isolation_probe()
+    if why is not None:
+        raise ConfigError(
+            f"humaneval.network is 'isolated' but this machine cannot run a program without network: {why}. "
+            "Install util-linux and allow (unprivileged) user namespaces, or set `humaneval.network: allowed` to run "
+            "the HumanEval programs with this machine's network (time, memory, file-size and process limits still "
+            "apply).")
+    return prefix
+
+
 def _tail(file, limit: int = OUTPUT_TAIL_BYTES) -> str:
     """The last `limit` bytes of an output file, decoded (a cut multi-byte character becomes U+FFFD)."""
     size = file.seek(0, os.SEEK_END)
@@ -225,24 +269,30 @@ def _tail(file, limit: int = OUTPUT_TAIL_BYTES) -> str:
 
 
 def run_sandboxed(program: str, timeout_s: float, memory_mb: int = 2048, pass_marker: str | None = None,
-                  file_mb: int = SANDBOX_FILE_MB) -> SandboxResult:
+                  file_mb: int = SANDBOX_FILE_MB, network: str = "isolated") -> SandboxResult:
     """Run untrusted Python in its own session in an empty temp folder; kill its whole process group on timeout.
 
     Limits: wall clock (`timeout_s`), CPU seconds, address space (`memory_mb`), size of any file it writes
     (`file_mb`), processes (`SANDBOX_EXTRA_PROCESSES` beyond the user's current count); isolated interpreter
-    (`-I`), no stdin, minimal environment. Children the program starts share its group and die with it. Its stdout
-    and stderr go to unlinked temp files under the same size limit, and only their last few KB are read back, so a
-    program printing without end cannot fill this process's memory. With `pass_marker`, a run passes only when it
-    exits 0 AND printed the marker: exit status 0 alone is what `sys.exit(0)` gives too.
+    (`-I`), no stdin, minimal environment. With `network="isolated"` it runs under `unshare` in a network namespace
+    of its own with no network (ConfigError if this machine cannot make one); `"allowed"` leaves it this machine's.
+    `unshare` sets up the namespaces and execs Python in place: the same process (pid, group, session), so the
+    limits set before `unshare` runs hold for Python too. Children the program starts share its group and die with
+    it. Its stdout and stderr go to unlinked temp files under the same size limit, and only their last few KB are
+    read back, so a program printing without end cannot fill this process's memory. With `pass_marker`, a run
+    passes only when it exits 0 AND printed the marker: exit status 0 alone is what `sys.exit(0)` gives too.
     """
+    if network not in ("isolated", "allowed"):
+        raise ValueError(f"network must be 'isolated' or 'allowed', not {network!r}")
+    prefix = network_isolation_prefix() if network == "isolated" else ()
     limits = _limit_resources(memory_mb, int(timeout_s) + 1, file_mb, _process_limit())
     with tempfile.TemporaryDirectory(prefix="pomona-sandbox-") as tmp, \
             tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         script = Path(tmp) / "program.py"
         script.write_text(program, encoding="utf-8")
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", str(script)], cwd=tmp, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-            start_new_session=True, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}, preexec_fn=limits)
+            [*prefix, sys.executable, "-I", "-B", str(script)], cwd=tmp, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=err, start_new_session=True, env=dict(SANDBOX_ENV), preexec_fn=limits)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -268,11 +318,13 @@ def humaneval_program(problem: dict, completion: str, pass_marker: str) -> str:
             f"print({pass_marker!r}, flush=True)\n")
 
 
-def check_completion(problem: dict, completion: str, timeout_s: float, memory_mb: int = 2048) -> SandboxResult:
+def check_completion(problem: dict, completion: str, timeout_s: float, memory_mb: int = 2048,
+                     network: str = "isolated") -> SandboxResult:
     """Run one completion against its tests. A fresh random marker per run, so generated code cannot have it
     (this guards against early exits such as `sys.exit(0)`, not against a program that reads its own source)."""
     marker = f"pomona-tests-finished-{secrets.token_hex(16)}"
-    return run_sandboxed(humaneval_program(problem, completion, marker), timeout_s, memory_mb, pass_marker=marker)
+    return run_sandboxed(humaneval_program(problem, completion, marker), timeout_s, memory_mb, pass_marker=marker,
+                         network=network)
 
 
 def pass_at_k(results_per_problem: Sequence[Sequence[bool]], k: int = 1) -> float:
@@ -642,6 +694,8 @@ def humaneval_stage(model: ModelConfig, model_digest: str, cfg: HumanEvalConfig,
     generation = humaneval_generation(generation)
 
     def body(folder: Path) -> dict:
+        if cfg.network == "isolated":
+            network_isolation_prefix()  # fail before loading the model when no program could run
         loaded = functools.cache(lambda: load_model(model))  # loads only if a shard is left to generate
         problems = load_humaneval(cfg.limit)
 
@@ -652,7 +706,7 @@ def humaneval_stage(model: ModelConfig, model_digest: str, cfg: HumanEvalConfig,
                                          max_new_tokens=cfg.max_new_tokens, stop=HUMANEVAL_STOPS, seed_offset=start)
             rows = []
             for problem, completion in zip(part, completions):
-                result = check_completion(problem, completion, cfg.timeout_s, cfg.memory_mb)
+                result = check_completion(problem, completion, cfg.timeout_s, cfg.memory_mb, cfg.network)
                 rows.append({"task_id": problem["task_id"], "completion": completion, "status": result.status,
                              "detail": result.detail})
             return rows
@@ -662,9 +716,11 @@ def humaneval_stage(model: ModelConfig, model_digest: str, cfg: HumanEvalConfig,
         write_jsonl(folder / "humaneval_results.jsonl", rows)
         score = pass_at_k([[r["status"] == "passed"] for r in rows], 1)
         timed_out = sum(r["status"] == "timed out" for r in rows)
+        network = "no network" if cfg.network == "isolated" else "network allowed"
         return {"metrics": {"pass@1": score, "problems": len(rows), "timed_out": timed_out},
-                "artifacts": ["humaneval_results.jsonl"],
-                "summary": f"HumanEval pass@1 **{score:.3f}** on {len(rows)} problems ({timed_out} timed out)."}
+                "params": {"humaneval.network": cfg.network}, "artifacts": ["humaneval_results.jsonl"],
+                "summary": f"HumanEval pass@1 **{score:.3f}** on {len(rows)} problems ({timed_out} timed out; "
+                           f"programs sandboxed, {network})."}
 
     return run_stage("eval-humaneval", {"config": cfg, "generation": generation, **_model_input(model, model_digest)},
                      [], body, digest_of=["humaneval_results.jsonl"])

@@ -168,7 +168,8 @@ def test_sandbox_stops_a_huge_file_write():
     assert result.status == "failed" and "File too large" in result.detail
 
 
-def test_sandbox_kills_a_hanging_programs_grandchildren(tmp_path):
+@pytest.mark.parametrize("network", ["isolated", "allowed"])
+def test_sandbox_kills_a_hanging_programs_grandchildren(tmp_path, network):
     from tasks.evaluate import run_sandboxed
 
     pid_file = tmp_path / "grandchild.pid"
@@ -176,11 +177,94 @@ def test_sandbox_kills_a_hanging_programs_grandchildren(tmp_path):
     program = ("import subprocess\n"
                f"subprocess.Popen(['sh', '-c', 'sleep 60 & echo $! > {pid_file}; wait'])\n"
                "while True:\n    pass\n")
-    assert run_sandboxed(program, timeout_s=2).status == "timed out"
+    assert run_sandboxed(program, timeout_s=2, network=network).status == "timed out"
     grandchild = int(pid_file.read_text())
     time.sleep(0.2)
     alive = os.path.exists(f"/proc/{grandchild}") and "Z" not in open(f"/proc/{grandchild}/stat").read().split()[2]
     assert not alive, "the program's grandchild survived the timeout"
+
+
+@pytest.fixture
+def fresh_network_probe():
+    """The network-isolation probe is cached per process: forget it before and after a test that changes PATH."""
+    from tasks.evaluate import _network_isolation_probe
+
+    _network_isolation_probe.cache_clear()
+    yield
+    _network_isolation_probe.cache_clear()
+
+
+def test_an_isolated_program_has_no_network_and_an_allowed_one_has(fresh_network_probe):
+    import socket
+
+    from tasks.evaluate import run_sandboxed
+
+    # a port listening on this machine's loopback: connections complete in the kernel (backlog), no accept() needed
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n"
+        isolated = run_sandboxed(program, timeout_s=20)  # isolated is the default
+        assert isolated.status == "failed" and "Network is unreachable" in isolated.detail, isolated
+        assert run_sandboxed(program, timeout_s=20, network="isolated") == isolated
+        assert run_sandboxed(program, timeout_s=20, network="allowed").status == "passed"
+
+
+def test_an_isolated_program_is_the_started_process_under_every_limit(tmp_path, monkeypatch, fresh_network_probe):
+    import resource
+    import subprocess
+    import sys
+
+    from tasks.evaluate import run_sandboxed
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def recording(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    report = tmp_path / "report.json"
+    limits = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_CORE"]
+    program = ("import json, os, resource, sys\n"
+               f"json.dump({{'pid': os.getpid(), 'group': os.getpgrp(), 'session': os.getsid(0), "
+               f"'net': os.readlink('/proc/self/ns/net'), 'exe': os.path.realpath(sys.executable), "
+               f"'limits': [resource.getrlimit(getattr(resource, n)) for n in {limits!r}]}}, "
+               f"open({str(report)!r}, 'w'))\n")
+    assert run_sandboxed(program, timeout_s=10, memory_mb=512, file_mb=16).status == "passed"
+    seen = json.loads(report.read_text())
+    # unshare execs Python in place: the process the sandbox started and signals, leading its own group and session
+    assert seen["pid"] == seen["group"] == seen["session"] == started[-1]
+    assert seen["exe"] == os.path.realpath(sys.executable)
+    assert seen["net"] != os.readlink("/proc/self/ns/net")
+    assert seen["limits"] == [[512 << 20] * 2, [11, 11], [16 << 20] * 2, [0, 0]]
+    assert resource.getrlimit(resource.RLIMIT_AS) != (512 << 20, 512 << 20)  # set in the child only
+
+
+REFUSING_UNSHARE = "#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n"
+
+
+@pytest.mark.parametrize("unshare", [None, REFUSING_UNSHARE], ids=["no-unshare", "namespaces-refused"])
+def test_isolation_this_machine_cannot_give_is_a_config_error_naming_the_fix(tmp_path, monkeypatch, unshare,
+                                                                            fresh_network_probe):
+    from configs.errors import ConfigError
+    from tasks.evaluate import humaneval_stage, run_sandboxed
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if unshare is not None:  # an unshare that refuses, as where user namespaces are disabled
+        (bin_dir / "unshare").write_text(unshare)
+        (bin_dir / "unshare").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(ConfigError, match="humaneval.network: allowed") as refused:
+        run_sandboxed("print('hello')\n", timeout_s=10)
+    assert ("no `unshare` program" if unshare is None else "Operation not permitted") in str(refused.value)
+    # the stage fails before it loads a model (this one does not exist), and `allowed` runs without unshare
+    missing = ModelConfig(name_or_path=str(tmp_path / "no-such-model"))
+    with pytest.raises(ConfigError, match="humaneval.network: allowed"):
+        humaneval_stage(missing, "digest-no-netns", HumanEvalConfig(limit=1), GenerationSettings())
+    assert run_sandboxed("print('hello')\n", timeout_s=10, network="allowed").status == "passed"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="RLIMIT_NPROC is not enforced for root, so the fork limit cannot show")
@@ -384,6 +468,7 @@ def test_humaneval_stage_generates_executes_and_scores(tiny):
     assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
     assert {r["status"] for r in rows} <= {"passed", "failed", "timed out"}
     assert out.metrics["pass@1"] == sum(r["status"] == "passed" for r in rows) / 2
+    assert out.params == {"humaneval.network": "isolated"} and "no network" in out.summary
 
 
 def test_humaneval_decodes_greedily_even_when_the_config_samples(tiny, monkeypatch):
