@@ -439,62 +439,51 @@ def test_scoring_and_embedding_stages_resume_from_their_shards(tiny_model_dir, m
     assert out.file("ids.txt").read_text().split() == [r.id for r in records]
 
 
-def test_a_scorer_that_rejects_every_record_fails_the_selection_naming_why(tmp_path):
+def _nothing_selected_error(tmp_path, complexity_rejects, embed_rejects, embedded: int) -> str:
+    """select-deita's error over the first 3 Alpaca records when the complexity scorer (and the embedder) left
+    out the records the rejects name (`ids` index -> reason) and the embedder embedded the first `embedded`."""
     from tasks.data import load_canonical, prepare_records, write_jsonl
     from tasks.deita import select_deita
     from tasks.store import StageOutput
 
     records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=3))
     ids = [r.id for r in load_canonical(records_out.file("records.jsonl"))]
-    scored = tmp_path / "complexity"
+    scored, embedded_dir = tmp_path / "complexity", tmp_path / "embed"
     write_jsonl(scored / "scores.jsonl", [])
-    write_jsonl(scored / "rejects.jsonl", [{"id": i, "reason": "prompt too long: turn 0 has 90 tokens > 8"} for i in ids])
-    embedded = tmp_path / "embed"
-    embedded.mkdir()
-    (embedded / "ids.txt").write_text("\n".join(ids))
-    (embedded / "rejects.jsonl").write_text("")
-    np.save(embedded / "embeddings.npy", np.eye(3, 4, dtype=np.float32))
+    write_jsonl(scored / "rejects.jsonl", [{"id": ids[i], "reason": reason} for i, reason in complexity_rejects.items()])
+    write_jsonl(embedded_dir / "rejects.jsonl", [{"id": ids[i], "stage": "deita-embed", "reason": reason}
+                                                 for i, reason in embed_rejects.items()])
+    (embedded_dir / "ids.txt").write_text("\n".join(ids[:embedded]))
+    np.save(embedded_dir / "embeddings.npy", np.eye(embedded, 4, dtype=np.float32))
     complexity_out = StageOutput(stage="deita-complexity", key="c", path=str(scored), digest="c")
-    embeddings_out = StageOutput(stage="deita-embed", key="e", path=str(embedded), digest="e")
+    embeddings_out = StageOutput(stage="deita-embed", key="e", path=str(embedded_dir), digest="e")
     tiny = ModelConfig(name_or_path="tiny:0")
     selection = DeitaSelection(score="complexity", budget=2, complexity_scorer=DeitaScorerConfig(model=tiny),
                                embedding=DeitaEmbeddingConfig(model=tiny))
     with pytest.raises(ConfigError) as err:
         select_deita(records_out, complexity_out, None, embeddings_out, selection, progress=False)
-    assert str(err.value).startswith(
+    return str(err.value)
+
+
+def test_a_scorer_that_rejects_every_record_fails_the_selection_naming_why(tmp_path):
+    too_long = "prompt too long: turn 0 has 90 tokens > 8"
+    message = _nothing_selected_error(tmp_path, {0: too_long, 1: too_long, 2: too_long}, {}, embedded=3)
+    assert message.startswith(
         f"select-deita: nothing selected from {DATA / 'alpaca_cherry_40.json'} (40 read, 0 rejected, 3 used): the "
         "complexity scorer left no record with a score (prompt too long 3; ")
-    assert "raise max_prompt_tokens of selection.complexity_scorer" in str(err.value)
+    assert "raise max_prompt_tokens of selection.complexity_scorer" in message
 
 
 def test_nothing_selected_counts_each_reason_and_gives_the_fix_of_each(tmp_path):
     """Records left out for a special token's text (one by the complexity scorer, one by the embedder) and one for a
     too-long prompt: the error advised only raising max_prompt_tokens, which changes nothing for the first two."""
-    from tasks.data import load_canonical, prepare_records, write_jsonl
-    from tasks.deita import select_deita
     from tasks.special_tokens import special_token_reason
-    from tasks.store import StageOutput
 
-    records_out = prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=3))
-    ids = [r.id for r in load_canonical(records_out.file("records.jsonl"))]
-    scored = tmp_path / "complexity"
-    write_jsonl(scored / "scores.jsonl", [])
-    write_jsonl(scored / "rejects.jsonl", [
-        {"id": ids[0], "reason": special_token_reason("<|endoftext|>", "the user message 1")},
-        {"id": ids[1], "reason": "prompt too long: turn 0 has 90 tokens > 8"}])
-    embedded = tmp_path / "embed"
-    write_jsonl(embedded / "rejects.jsonl", [
-        {"id": ids[2], "stage": "deita-embed", "reason": special_token_reason("</s>", "the assistant message 2")}])
-    (embedded / "ids.txt").write_text("\n".join(ids[:2]))
-    np.save(embedded / "embeddings.npy", np.eye(2, 4, dtype=np.float32))
-    complexity_out = StageOutput(stage="deita-complexity", key="c", path=str(scored), digest="c")
-    embeddings_out = StageOutput(stage="deita-embed", key="e", path=str(embedded), digest="e")
-    tiny = ModelConfig(name_or_path="tiny:0")
-    selection = DeitaSelection(score="complexity", budget=2, complexity_scorer=DeitaScorerConfig(model=tiny),
-                               embedding=DeitaEmbeddingConfig(model=tiny))
-    with pytest.raises(ConfigError) as err:
-        select_deita(records_out, complexity_out, None, embeddings_out, selection, progress=False)
-    assert str(err.value) == (
+    message = _nothing_selected_error(
+        tmp_path, {0: special_token_reason("<|endoftext|>", "the user message 1"),
+                   1: "prompt too long: turn 0 has 90 tokens > 8"},
+        {2: special_token_reason("</s>", "the assistant message 2")}, embedded=2)
+    assert message == (
         f"select-deita: nothing selected from {DATA / 'alpaca_cherry_40.json'} (40 read, 0 rejected, 3 used): the "
         "complexity scorer and the embedder left no record with a score and an embedding (special token in the "
         "text 2, prompt too long 1; each is listed in the rejects.jsonl of deita-complexity, deita-embed): special "
