@@ -80,7 +80,7 @@ def screen_conversations(tokenizer, conversations: Sequence[Messages], context: 
 
     Returns the prompt texts ("" for a skipped one) and, by index, the `Generation` (no text) of each conversation
     that is not generated: one of its messages holds one of the tokenizer's special tokens as text (the prompt would
-    hold that control token, not the user's text; `tasks/special_tokens.py`): `special_token`; the template refuses
+    hold that control token, not the user's text; `models/special_tokens.py`): `special_token`; the template refuses
     it (a system turn for Gemma's): `template_refused`; or its prompt + `max_new_tokens` exceed the generator's
     `context` (generating past it gives garbage from a rotary model and an index error from one with learned
     positions): `context_overflow`. The other conversations are unaffected. `seeds[i]` is the seed recorded for
@@ -89,7 +89,7 @@ def screen_conversations(tokenizer, conversations: Sequence[Messages], context: 
     from jinja2 import TemplateError
 
     from models.fit import render_prompt
-    from tasks.special_tokens import first_special_token, message_texts, special_token_pattern
+    from models.special_tokens import first_special_token, message_texts, special_token_pattern
 
     pattern = special_token_pattern(tokenizer)
     texts: list[str] = []

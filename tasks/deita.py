@@ -9,7 +9,7 @@ Stages (each content-addressed and resumable):
 
 The scores' arithmetic, the ranking and the diversity filter are plain functions in `tasks/deita_selection.py`.
 A record whose texts that a stage tokenizes hold one of its model's special tokens as a string is not scored or
-embedded by that stage (`tasks/special_tokens.py`): a reject, and select-deita lists it with the others.
+embedded by that stage (`models/special_tokens.py`): a reject, and select-deita lists it with the others.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import numpy as np
 
 from configs.deita import DeitaEmbeddingConfig, DeitaScorerConfig, DeitaSelection
 from configs.errors import ScoringError
+from models.special_tokens import (SPECIAL_TOKEN, first_special_token, message_texts, report_special_tokens,
+                                   special_token_pattern, special_token_reason)
 from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, write_jsonl
 from tasks.deita_selection import diversity_filter, evol_scores, ranking_order
 from tasks.select import SUBSET_FILES, nothing_selected, write_subset
-from tasks.special_tokens import (SPECIAL_TOKEN, first_special_token, message_texts, report_special_tokens,
-                                  special_token_pattern, special_token_reason)
 from tasks.store import ArrayShards, ShardedTable, StageOutput, run_stage, stage_task
 
 EMBEDDING_TEMPLATE = "vicuna_v1.1"

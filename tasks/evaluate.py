@@ -27,9 +27,9 @@ from configs.errors import ConfigError, RecordError
 from configs.evaluate import (EvaluateConfig, GenerationSettings, HeldoutLikelihoodConfig, HumanEvalConfig,
                               InstructionEvalConfig, JudgeConfig, LmEvalConfig)
 from configs.schema import ModelConfig, repo_path
+from models.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
+                                   special_token_reason)
 from tasks.data import jsonl_rows, read_jsonl, read_records, write_jsonl
-from tasks.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
-                                  special_token_reason)
 from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
                          stage_task)
 from tasks.track import sanitize_metric_key

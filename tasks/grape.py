@@ -30,11 +30,11 @@ from configs.errors import ConfigError, RecordError, ScoringError
 from configs.grape import CandidatesFile, Criterion, GrapeSelection
 from models.generation import CONTEXT_OVERFLOW, SERVER_REFUSED, TEMPLATE_REFUSED
 from models.generation import SPECIAL_TOKEN as SPECIAL_TOKEN_FINISH
+from models.special_tokens import (SPECIAL_TOKEN, first_special_token, message_texts, report_special_tokens,
+                                   special_token_pattern, special_token_reason)
 from tasks.data import Record, json_rows, jsonl_rows, load_canonical, read_jsonl, record_id, write_jsonl
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
-from tasks.special_tokens import (SPECIAL_TOKEN, first_special_token, message_texts, report_special_tokens,
-                                  special_token_pattern, special_token_reason)
 from tasks.store import ShardedTable, StageOutput, file_digest, run_stage, stage_task
 
 # The prompt field of each instruction test set (vicuna, koala, lima, sinstruct/UltraFeedback, wizardlm).

@@ -27,11 +27,11 @@ import numpy as np
 from configs.errors import ConfigError, ScoringError
 from configs.ifd import CherrySelection, DiversityConfig, IFDRule, PreExperienceConfig, ScoringConfig, SuperfilterSelection
 from configs.schema import Budget
+from models.special_tokens import (first_special_token, report_special_tokens, special_token_pattern,
+                                   special_token_reason)
 from tasks.data import Record, load_canonical, read_jsonl, to_format, write_jsonl
 from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, reject_kind, score_counts, scored_texts
 from tasks.select import SUBSET_FILES, nothing_selected, write_subset
-from tasks.special_tokens import (first_special_token, report_special_tokens, special_token_pattern,
-                                  special_token_reason)
 from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
 
 IFDKind = Literal["cherry", "superfilter"]

@@ -5,7 +5,7 @@ and written atomically (`scores/part-NNNNN.parquet` + manifest) before the next 
 the next unfinished shard. Batches never cross shards, so a resumed table is identical to an uninterrupted one.
 
 A sample the template cannot score (reason from models/templates.py), whose own texts hold one of the scorer's
-special tokens as a string (`tasks/special_tokens.py`: the tokenizer would score that control token, not the text),
+special tokens as a string (`models/special_tokens.py`: the tokenizer would score that control token, not the text),
 or whose loss is NaN/inf gets status `skipped` / `nonfinite`, no numbers, and a line in `rejects.jsonl`; it is never
 given a score.
 """
@@ -19,10 +19,10 @@ from typing import Any
 from configs.ifd import ScoringConfig
 from configs.schema import ModelConfig
 from models.likelihood import score_requests
+from models.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
+                                   special_token_reason)
 from models.templates import ScorePair, build_pair
 from tasks.data import Record, load_canonical, write_jsonl
-from tasks.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
-                                  special_token_reason)
 from tasks.store import ShardedTable, StageOutput, run_stage, stage_task
 
 SCORES_DIR = "scores"

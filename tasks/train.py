@@ -28,8 +28,8 @@ from typing import Any, Literal
 from configs.errors import ConfigError, ModelLoadError
 from configs.schema import ModelConfig
 from configs.train import ACCELERATE_FILES, DPOStageConfig, SFTStageConfig, TrainStageConfig
+from models.special_tokens import special_token_reason, special_tokens_in_text
 from tasks.data import read_jsonl, write_jsonl
-from tasks.special_tokens import special_token_reason, special_tokens_in_text
 from tasks.store import (StageOutput, atomic_write_text, file_digest, portable_model_digest, run_stage,
                          stage_task)
 

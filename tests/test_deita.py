@@ -477,7 +477,7 @@ def test_a_scorer_that_rejects_every_record_fails_the_selection_naming_why(tmp_p
 def test_nothing_selected_counts_each_reason_and_gives_the_fix_of_each(tmp_path):
     """Records left out for a special token's text (one by the complexity scorer, one by the embedder) and one for a
     too-long prompt: the error advised only raising max_prompt_tokens, which changes nothing for the first two."""
-    from tasks.special_tokens import special_token_reason
+    from models.special_tokens import special_token_reason
 
     message = _nothing_selected_error(
         tmp_path, {0: special_token_reason("<|endoftext|>", "the user message 1"),
