@@ -132,13 +132,23 @@ class ReadResult:
 
     @property
     def counts(self) -> dict[str, int]:
-        reasons = Counter(r["reason"].split(":")[0] for r in self.rejects)
         out = {"records_read": len(self.records) + len(self.rejects), "records_kept": len(self.records),
                "records_rejected": len(self.rejects)}
-        out.update({f"rejected[{k}]": v for k, v in sorted(reasons.items())})
+        out.update(reject_counts(r["reason"] for r in self.rejects))
         if self.repairs:
             out["records_opening_reply_dropped"] = len(self.repairs)
         return out
+
+
+def reject_kind(reason: str) -> str:
+    """What a reject reason is counted as: its text before the first colon ("duplicate id", "special token in the
+    text"); the details after it (ids, roles, tokens) would make a key per record."""
+    return reason.split(":")[0]
+
+
+def reject_counts(reasons: Iterable[str]) -> dict[str, int]:
+    """`rejected[kind]` per kind of reject reason (`reject_kind`), in the order of the kinds."""
+    return {f"rejected[{kind}]": n for kind, n in sorted(Counter(map(reject_kind, reasons)).items())}
 
 
 def read_records(path: str | os.PathLike, fmt: Format | Literal["auto"] = "auto", on_error: OnError = "raise",

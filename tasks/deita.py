@@ -18,7 +18,6 @@ import functools
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from configs.deita import DeitaEmbeddingConfig, DeitaScorerConfig, DeitaSelectio
 from configs.errors import ScoringError
 from models.special_tokens import (SPECIAL_TOKEN, first_special_token, message_texts, report_special_tokens,
                                    special_token_pattern, special_token_reason)
-from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, write_jsonl
+from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, reject_counts, reject_kind, write_jsonl
 from tasks.deita_selection import diversity_filter, evol_scores, ranking_order
 from tasks.select import SUBSET_FILES, nothing_selected, write_subset
 from tasks.store import ArrayShards, ShardedTable, StageOutput, run_stage, stage_task
@@ -196,11 +195,6 @@ def score_dimension(dimension: str, records_out: StageOutput, scorer_config: Dei
 
     return run_stage(f"deita-{dimension}", _scorer_stage_config(dimension, scorer_config), [records_out], body,
                      digest_of=["scores.jsonl", "rejects.jsonl"])
-
-
-def reject_counts(reasons: Iterable[str]) -> dict[str, int]:
-    """`rejected[kind]` per kind of reject reason (its text before the colon)."""
-    return {f"rejected[{kind}]": n for kind, n in sorted(Counter(r.split(":")[0] for r in reasons).items())}
 
 
 def score_complexity(records_out: StageOutput, scorer_config: DeitaScorerConfig) -> StageOutput:
@@ -377,10 +371,10 @@ def _why_none_scored(needed: list[str], unscored: list[dict]) -> str:
     kinds: Counter = Counter()
     stages_of: dict[str, dict[str, None]] = {}
     for row in unscored:
-        for kind in dict.fromkeys(r["reason"].split(":")[0] for r in row["reasons"]):
+        for kind in dict.fromkeys(reject_kind(r["reason"]) for r in row["reasons"]):
             kinds[kind] += 1
         for r in row["reasons"]:
-            stages_of.setdefault(r["reason"].split(":")[0], {})[r["stage"]] = None
+            stages_of.setdefault(reject_kind(r["reason"]), {})[r["stage"]] = None
     stages = list(dict.fromkeys(stage for row in unscored for stage in row["stage"].split("+")))
     who = f"the {' and '.join(needed)} scorer{'s' if len(needed) > 1 else ''}"
     if "deita-embed" in stages:

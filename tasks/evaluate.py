@@ -29,7 +29,7 @@ from configs.evaluate import (EvaluateConfig, GenerationSettings, HeldoutLikelih
 from configs.schema import ModelConfig, repo_path
 from models.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
                                    special_token_reason)
-from tasks.data import jsonl_rows, read_jsonl, read_records, write_jsonl
+from tasks.data import jsonl_rows, read_jsonl, read_records, reject_kind, write_jsonl
 from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
                          stage_task)
 from tasks.track import sanitize_metric_key
@@ -598,7 +598,7 @@ def judge_stage(answers: StageOutput, baseline: StageOutput | None, cfg: Instruc
         rejects = [{"set": r["set"], "index": r["index"], "reason": held[k]} for k, r in enumerate(every) if k in held]
         write_jsonl(folder / "rejects.jsonl", rejects)
         left_out = report_special_tokens("eval-judge", held.values(), len(every), "answers", folder / "rejects.jsonl")
-        kinds = Counter(reason.split(":")[0] for reason in held.values())
+        kinds = Counter(map(reject_kind, held.values()))
         rows = [r for k, r in enumerate(every) if k not in held]
         if not rows:
             raise ConfigError(f"eval-judge: none of the {len(every)} answers can be judged ("

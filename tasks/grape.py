@@ -32,7 +32,8 @@ from models.generation import CONTEXT_OVERFLOW, SERVER_REFUSED, TEMPLATE_REFUSED
 from models.generation import SPECIAL_TOKEN as SPECIAL_TOKEN_FINISH
 from models.special_tokens import (SPECIAL_TOKEN, first_special_token, message_texts, report_special_tokens,
                                    special_token_pattern, special_token_reason)
-from tasks.data import Record, json_rows, jsonl_rows, load_canonical, read_jsonl, record_id, write_jsonl
+from tasks.data import (Record, json_rows, jsonl_rows, load_canonical, read_jsonl, record_id, reject_counts,
+                        reject_kind, write_jsonl)
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import ShardedTable, StageOutput, file_digest, run_stage, stage_task
@@ -169,13 +170,13 @@ def ingest_candidates(cfg: CandidatesFile) -> StageOutput:
     def body(folder: Path) -> dict:
         instructions, rows, rejects = read_candidates_file(cfg)
         metrics = write_candidates(folder, instructions, rows, rejects)
-        reasons = Counter(r["reason"].split(":")[0] for r in rejects)
+        reasons = Counter(reject_kind(r["reason"]) for r in rejects)
         if not instructions:  # here, not as an empty fit and subset that report success
             found = (f"every row was rejected ({', '.join(f'{k} {n}' for k, n in reasons.most_common())}; each "
                      f"is listed in {folder / 'rejects.jsonl'}): fix them") if rejects else \
                 "it holds none: give a file with at least one instruction and its candidate responses"
             raise RecordError(cfg.path, "whole file", None, f"no usable instruction with candidates: {found}")
-        metrics.update({f"rejected[{k}]": v for k, v in sorted(reasons.items())})
+        metrics.update(reject_counts(r["reason"] for r in rejects))
         summary = (f"Read **{len(rows)}** candidate responses for {len(instructions)} instructions from "
                    f"`{cfg.path}`; {len(rejects)} rejected (see rejects.jsonl): {dict(reasons) or 'none'}.")
         return {"metrics": metrics, "artifacts": ["rejects.jsonl"], "summary": summary}
@@ -278,11 +279,11 @@ def score_candidate_fit(candidates_out: StageOutput, selection: GrapeSelection, 
         write_jsonl(folder / "rejects.jsonl", rejects)
         report_special_tokens("grape-fit", (r["reason"] for r in rejects), len(rows) + len(rejects), "candidates",
                               folder / "rejects.jsonl")
-        reasons = Counter(r["reason"].split(":")[0] for r in rejects)
+        reasons = Counter(reject_kind(r["reason"]) for r in rejects)
         metrics = {"candidates_scored": len(rows), "candidates_rejected": len(rejects), "shards": n_shards,
                    "shards_resumed": len(done),
                    "scored_tokens": sum(r["scored_tokens"] for r in rows)}
-        metrics.update({f"rejected[{k}]": v for k, v in sorted(reasons.items())})
+        metrics.update(reject_counts(r["reason"] for r in rejects))
         summary = (f"Scored **{len(rows)}** candidates under `{selection.target.name_or_path}` "
                    f"({'prefix reuse' if selection.prefix_reuse else 'one pass per candidate'}); "
                    f"{len(rejects)} rejected: {dict(reasons) or 'none'}.")
@@ -399,7 +400,7 @@ def _fit_reject_kind(reason: str, selection: GrapeSelection) -> tuple[str, str]:
         return ("not generated (special token)",
                 "the instruction's text holds a control token's string of the generator's tokenizer: remove those "
                 "strings from the data, or use generators whose tokenizer does not have them")
-    kind = reason.split(":")[0]
+    kind = reject_kind(reason)
     fixes = {
         "too long": f"raise selection.max_length (now {selection.max_length}), up to the target's context",
         "empty response": "the generators answered with no text: check their model or endpoint and "

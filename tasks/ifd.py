@@ -30,7 +30,7 @@ from configs.schema import Budget
 from models.special_tokens import (first_special_token, report_special_tokens, special_token_pattern,
                                    special_token_reason)
 from tasks.data import Record, load_canonical, read_jsonl, to_format, write_jsonl
-from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, reject_kind, score_counts, scored_texts
+from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, score_counts, scored_texts, skip_kind
 from tasks.select import SUBSET_FILES, nothing_selected, write_subset
 from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
 
@@ -92,7 +92,7 @@ def why_ifd_kept_nothing(rows: Sequence[dict[str, Any]], ifd: Sequence[float | N
     """Which rule removed every sample (no IFD could be computed, or the threshold) and what to change."""
     values = [v for v in ifd if v is not None]
     if not values:
-        reasons = Counter(reject_kind(r["reason"]) for r in rows if r["status"] != STATUS_SCORED)
+        reasons = Counter(skip_kind(r["reason"]) for r in rows if r["status"] != STATUS_SCORED)
         listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
         return (f"no sample could be scored ({listed}; each is listed with its reason in the score stage's "
                 "rejects.jsonl): fix those reasons, e.g. raise selection.scoring.max_length or set "
@@ -307,7 +307,7 @@ def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: P
                               folder / "rejects.jsonl")
         profiled = len(rows) - len(rejects)
         metrics = {"instructions": len(records), "profiled": profiled, "skipped": len(rejects)}
-        kinds = Counter(reject_kind(r["reason"]) for r in rejects)
+        kinds = Counter(skip_kind(r["reason"]) for r in rejects)
         metrics.update({f"skipped[{kind}]": n for kind, n in sorted(kinds.items())})
         return {"metrics": metrics,
                 "params": {"scorer": scoring.scorer.name_or_path, "template": scoring.template},

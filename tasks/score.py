@@ -22,7 +22,7 @@ from models.likelihood import score_requests
 from models.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
                                    special_token_reason)
 from models.templates import ScorePair, build_pair
-from tasks.data import Record, load_canonical, write_jsonl
+from tasks.data import Record, load_canonical, reject_kind, write_jsonl
 from tasks.store import ShardedTable, StageOutput, run_stage, stage_task
 
 SCORES_DIR = "scores"
@@ -105,14 +105,14 @@ def read_scores(scores_out: StageOutput) -> list[dict[str, Any]]:
     return ShardedTable(Path(scores_out.path) / SCORES_DIR).read()
 
 
-def reject_kind(reason: str) -> str:
+def skip_kind(reason: str) -> str:
     """What a skip reason is counted as: its text before a colon or a parenthesis ("special token in the text",
     "non-finite loss", "instruction fills max_length")."""
-    return reason.split(":")[0].split(" (")[0]
+    return reject_kind(reason).split(" (")[0]
 
 
 def score_counts(rows: list[dict[str, Any]]) -> dict[str, float]:
-    reasons = Counter(reject_kind(r["reason"]) for r in rows if r["status"] != STATUS_SCORED)
+    reasons = Counter(skip_kind(r["reason"]) for r in rows if r["status"] != STATUS_SCORED)
     counts: dict[str, float] = {
         "samples": len(rows),
         "scored": sum(r["status"] == STATUS_SCORED for r in rows),
