@@ -37,6 +37,16 @@ def dask_local():
     return ScaleOutConfig(engine="dask", workers=2, threads_per_worker=1, processes=True)
 
 
+@pytest.fixture(scope="module")
+def dask_running():
+    """One Dask cluster the stage tests reach by `address`, as a user's existing scheduler: its worker processes
+    import torch and load the tiny model once for all of them (a local cluster per stage costs ~15 s here)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield ScaleOutConfig(engine="dask", address=cluster.scheduler_address, workers=2)
+
+
 def test_config_selects_the_runner():
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
@@ -186,7 +196,7 @@ def records_slice(n: int):
     return prepare_records(DataConfig(path=str(DATA / "alpaca_cherry_40.json"), limit=n))
 
 
-def dask_then_in_process(stage, local_config, dask_local, read):
+def dask_then_in_process(stage, local_config, dask, read):
     """Run `stage(config)` with `scale_out` on the Dask cluster (in a flow), read it, delete it, run it in-process.
 
     Returns (Dask result read, in-process result read, shard task-run names). Both runs must share one stage
@@ -199,7 +209,7 @@ def dask_then_in_process(stage, local_config, dask_local, read):
 
     @flow
     def on_dask():
-        return stage(local_config.model_copy(update={"scale_out": dask_local}))
+        return stage(local_config.model_copy(update={"scale_out": dask}))
 
     state = on_dask(return_state=True)
     out = state.result()
@@ -213,7 +223,7 @@ def dask_then_in_process(stage, local_config, dask_local, read):
     return from_dask, read(in_process), sorted(r.name for r in runs)
 
 
-def test_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local, tiny_model_dir):
+def test_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_running, tiny_model_dir):
     """`scoring.scale_out` moves the score shards onto Dask worker processes; the table and the stage key stay."""
     from configs.ifd import ScoringConfig
     from configs.schema import ModelConfig
@@ -222,13 +232,13 @@ def test_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_ser
     records = records_slice(12)
     local = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=256, shard_size=4)
     on_dask, in_process, shard_runs = dask_then_in_process(
-        lambda config: score_records(records, config, progress=False), local, dask_local, read_scores)
+        lambda config: score_records(records, config, progress=False), local, dask_running, read_scores)
     assert shard_runs == ["score-shard-00000", "score-shard-00001", "score-shard-00002"]
     assert len(on_dask) == 12 and all(r["status"] == "scored" for r in on_dask)
     assert in_process == on_dask
 
 
-def test_generation_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local):
+def test_generation_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_running):
     """`generator.scale_out` moves the generation shards onto Dask workers; same rows, same stage key."""
     from configs.grape import GeneratorConfig, SamplingConfig
     from configs.schema import ModelConfig
@@ -239,14 +249,14 @@ def test_generation_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_
     local = GeneratorConfig(name="tiny-1", model=ModelConfig(name_or_path="tiny:1"),
                             sampling=SamplingConfig(max_new_tokens=6, temperature=0), batch_size=3)
     on_dask, in_process, shard_runs = dask_then_in_process(
-        lambda config: generate_candidates(records, config, shard_size=3, progress=False), local, dask_local,
+        lambda config: generate_candidates(records, config, shard_size=3, progress=False), local, dask_running,
         lambda out: ShardedTable(out.file("shards")).read())
     assert shard_runs == ["generate-tiny-1-shard-00000", "generate-tiny-1-shard-00001"]
     assert len(on_dask) == 6 and all(r["generator"] == "tiny-1" for r in on_dask)
     assert in_process == on_dask
 
 
-def test_deita_embedding_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local,
+def test_deita_embedding_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_running,
                                                                              tiny_model_dir):
     import numpy as np
 
@@ -257,14 +267,14 @@ def test_deita_embedding_stage_on_a_dask_cluster_equals_the_in_process_stage(pre
     records = records_slice(10)
     local = DeitaEmbeddingConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=128, shard_size=4)
     on_dask, in_process, shard_runs = dask_then_in_process(
-        lambda config: embed_records(records, config, progress=False), local, dask_local,
+        lambda config: embed_records(records, config, progress=False), local, dask_running,
         lambda out: np.load(out.file("embeddings.npy")))
     assert len(shard_runs) == 3
     assert on_dask.shape == (10, 64) and np.allclose(np.linalg.norm(on_dask, axis=1), 1, atol=1e-5)
     assert np.allclose(in_process, on_dask, atol=1e-6)  # worker processes run 1 thread: other summation order
 
 
-def test_deita_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local,
+def test_deita_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_running,
                                                                            tiny_model_dir):
     from configs.deita import DeitaScorerConfig
     from configs.schema import ModelConfig
@@ -274,7 +284,7 @@ def test_deita_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefe
     records = records_slice(9)
     local = DeitaScorerConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), shard_size=4)
     on_dask, in_process, shard_runs = dask_then_in_process(
-        lambda config: score_complexity(records, config), local, dask_local,
+        lambda config: score_complexity(records, config), local, dask_running,
         lambda out: read_jsonl(out.file("scores.jsonl")))
     assert len(shard_runs) == 3
     assert len(on_dask) == 9 and all(1 <= s <= 6 for r in on_dask for s in r["scores"])
@@ -282,7 +292,7 @@ def test_deita_scoring_stage_on_a_dask_cluster_equals_the_in_process_stage(prefe
     assert all(abs(a - b) < 1e-5 for x, y in zip(in_process, on_dask) for a, b in zip(x["scores"], y["scores"]))
 
 
-def test_cherry_instruction_profile_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_local,
+def test_cherry_instruction_profile_on_a_dask_cluster_equals_the_in_process_stage(prefect_server, dask_running,
                                                                                   tiny_model_dir):
     import numpy as np
 
@@ -294,7 +304,7 @@ def test_cherry_instruction_profile_on_a_dask_cluster_equals_the_in_process_stag
     records = records_slice(9)
     local = ScoringConfig(scorer=ModelConfig(name_or_path=str(tiny_model_dir)), max_length=256, shard_size=4)
     on_dask, in_process, shard_runs = dask_then_in_process(
-        lambda config: instruction_profile(records, config, PreExperienceConfig(), progress=False), local, dask_local,
+        lambda config: instruction_profile(records, config, PreExperienceConfig(), progress=False), local, dask_running,
         lambda out: (read_jsonl(out.file("perplexity.jsonl")), np.load(out.file("embeddings.npy"))))
     assert shard_runs == ["cherry-instructions-shard-00000", "cherry-instructions-shard-00001",
                           "cherry-instructions-shard-00002"]
