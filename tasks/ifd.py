@@ -122,8 +122,12 @@ def band_stride_pick(values: np.ndarray, per_cluster: int, low: float, high: flo
     return band[::len(band) // per_cluster][:per_cluster]
 
 
-def pick_pre_experience(embeddings: np.ndarray, perplexities: np.ndarray, config: PreExperienceConfig) -> list[int]:
-    """Cherry's pre-experience set: KMeans clusters, then mid-perplexity samples at an even stride in each; sorted."""
+def pick_pre_experience(embeddings: np.ndarray, perplexities: np.ndarray,
+                        config: PreExperienceConfig) -> tuple[list[int], np.ndarray]:
+    """Cherry's pre-experience set: KMeans clusters, then mid-perplexity samples at an even stride in each.
+
+    Returns the picked positions (sorted) and every instruction's cluster label (what the stage's cluster table
+    and figure show)."""
     from sklearn.cluster import KMeans
 
     if len(embeddings) < config.n_clusters:
@@ -134,7 +138,7 @@ def pick_pre_experience(embeddings: np.ndarray, perplexities: np.ndarray, config
     for cluster in range(config.n_clusters):
         members = np.where(labels == cluster)[0]
         picked.extend(int(i) for i in members[band_stride_pick(perplexities[members], config.per_cluster, *config.band)])
-    return sorted(picked)
+    return sorted(picked), labels
 
 
 # ------------------------------------------------------------------------------------ Superfiltering.D
@@ -319,6 +323,7 @@ def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: P
 
 
 PRE_EXPERIENCE_TRAIN = "pre_experience.train.jsonl"
+CLUSTERS = "pre_experience_clusters.jsonl"
 
 
 def pre_experience_rows(records: list[Record], template: str) -> list[dict]:
@@ -342,21 +347,30 @@ def pre_experience_pick(records_out: StageOutput, profile_out: StageOutput, pre:
     scoring `template`'s format."""
 
     def body(folder: Path) -> dict:
-        from tasks.plots import bar_chart
+        from tasks.plots import pre_experience_figure
 
         records = {r.id: r for r in load_canonical(records_out.file("records.jsonl"))}
         ppl_rows = read_jsonl(profile_out.file("perplexity.jsonl"))
         emb = np.load(profile_out.file("embeddings.npy"))
         ppl = np.array([row["perplexity"] for row in ppl_rows], dtype=np.float64)
-        picked = pick_pre_experience(emb, ppl, pre)
+        picked, labels = pick_pre_experience(emb, ppl, pre)
         ids = [ppl_rows[i]["id"] for i in picked]
         atomic_write_text(folder / "pre_experience_ids.txt", "".join(i + "\n" for i in ids))
         write_jsonl(folder / PRE_EXPERIENCE_TRAIN, pre_experience_rows([records[i] for i in ids], template))
-        bar_chart(["candidates", "picked"], [len(ppl_rows), len(ids)], folder / "pre_experience.png",
-                  "Cherry pre-experience set", "samples")
-        return {"metrics": {"candidates": len(ppl_rows), "picked": len(ids)},
+        chosen = set(picked)
+        # Which cluster each instruction fell in: what a user reads to see what the clusters are about.
+        write_jsonl(folder / CLUSTERS, [{"id": row["id"], "cluster": int(labels[i]), "perplexity": row["perplexity"],
+                                         "picked": i in chosen} for i, row in enumerate(ppl_rows)])
+        sizes = np.bincount(labels, minlength=pre.n_clusters)
+        taken = np.bincount(labels[picked], minlength=pre.n_clusters)
+        pre_experience_figure(sizes, taken, ppl, ppl[picked], folder / "pre_experience.png",
+                              f"Cherry pre-experience: {len(ids)} of {len(ppl_rows)} instructions, "
+                              f"{pre.n_clusters} clusters")
+        return {"metrics": {"candidates": len(ppl_rows), "picked": len(ids),
+                            "cluster_size_min": int(sizes.min()), "cluster_size_max": int(sizes.max()),
+                            "clusters_taken_whole": int((sizes < pre.per_cluster).sum())},
                 "params": {"n_clusters": pre.n_clusters, "per_cluster": pre.per_cluster, "band": list(pre.band)},
-                "artifacts": ["pre_experience_ids.txt", "pre_experience.png"],
+                "artifacts": ["pre_experience_ids.txt", CLUSTERS, "pre_experience.png"],
                 "summary": f"Picked **{len(ids)}** pre-experience samples from {pre.n_clusters} clusters "
                            f"(perplexity band {pre.band[0]:g}-{pre.band[1]:g} pct)."}
 

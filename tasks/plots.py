@@ -54,3 +54,38 @@ def scatter(x: Sequence[float], y: Sequence[float], path: str | Path, title: str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def pre_experience_figure(cluster_sizes, picked_per_cluster, perplexities, picked_perplexities, path: str | Path,
+                          title: str) -> Path:
+    """Cherry's pre-experience pick at a glance: each cluster's size and how many it gave (largest first: a
+    cluster smaller than the per-cluster count gives all it has), and the instruction perplexities of all against
+    the picked (the mid-perplexity band of each cluster shows as the picked distribution's narrower spread)."""
+    import numpy as np
+
+    plt = _pyplot()
+    order = np.argsort(-np.asarray(cluster_sizes), kind="stable")
+    fig, (by_cluster, by_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    ranks = np.arange(len(order))
+    by_cluster.bar(ranks, np.asarray(cluster_sizes)[order], width=1.0, color="#BBBBBB", label="instructions")
+    by_cluster.bar(ranks, np.asarray(picked_per_cluster)[order], width=1.0, color="#55A868", label="picked")
+    by_cluster.set(xlabel="cluster (largest first)", ylabel="instructions", title="per cluster")
+    by_cluster.legend()
+    values = np.asarray(perplexities, dtype=np.float64)
+    finite = values[np.isfinite(values) & (values > 0)]
+    # A log axis only where perplexities span decades (a real model's do; a random one's sit in a narrow range,
+    # where log ticks would crowd each other).
+    wide = len(finite) > 0 and finite.max() > 100 * finite.min()
+    bins = np.geomspace(finite.min(), finite.max(), 40) if wide else np.histogram_bin_edges(finite, 40)
+    by_ppl.hist(finite, bins=bins, color="#BBBBBB", label=f"all ({len(finite)})")
+    by_ppl.hist(np.asarray(picked_perplexities, dtype=np.float64), bins=bins, color="#55A868",
+                label=f"picked ({len(picked_perplexities)})")
+    if wide:
+        by_ppl.set_xscale("log")
+    by_ppl.set(xlabel="instruction perplexity", ylabel="instructions", title="perplexity")
+    by_ppl.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

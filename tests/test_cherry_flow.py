@@ -51,6 +51,14 @@ def test_cherry_flow_failed_sft_reruns_alone_and_logs_ifd(prefect_server):
     # pre-experienced on the text it is then scored on (wiz), not through the chat template
     trained = [json.loads(line) for line in out["pre_experience"].file("pre_experience.train.jsonl").open()]
     assert len(trained) == 6 and all(row["prompt"].endswith("\n\n### Response:") for row in trained)
+    # every profiled instruction with its cluster; the picked ones are exactly the pre-experience set
+    clusters = [json.loads(line) for line in out["pre_experience"].file("pre_experience_clusters.jsonl").open()]
+    profiled = [json.loads(line) for line in out["instructions"].file("perplexity.jsonl").open()]
+    assert [c["id"] for c in clusters] == [p["id"] for p in profiled] and {c["cluster"] for c in clusters} == {0, 1}
+    assert [c["id"] for c in clusters if c["picked"]] == out["pre_experience"].file(
+        "pre_experience_ids.txt").read_text().split()
+    assert out["pre_experience"].metrics["cluster_size_min"] + out["pre_experience"].metrics["cluster_size_max"] == len(
+        clusters)
     selection = out["selection"]
     assert selection.metrics["selected"] == int(selection.metrics["passing_threshold"] * 0.5)
 
@@ -60,6 +68,10 @@ def test_cherry_flow_failed_sft_reruns_alone_and_logs_ifd(prefect_server):
     assert {"scored", "dropped_above_threshold", "truncated", "skipped", "selected"} <= set(select.data.metrics)
     assert {"ifd_histogram.png", "selected_ids.txt", "subset.jsonl"} <= {a.path for a in mlc.list_artifacts(select.info.run_id)}
     assert select.inputs.dataset_inputs[0].dataset.name == "cherry-subset"
+    pick = next(c for c in children if c.data.tags["pomona.stage"] == "cherry-pick"  # the run that computed it
+                and c.data.tags.get("pomona.cached") != "true")
+    assert {"pre_experience.png", "pre_experience_clusters.jsonl"} <= {
+        a.path for a in mlc.list_artifacts(pick.info.run_id)}
     score = next(c for c in children if c.data.tags["pomona.stage"] == "score")
     # the stage manifest (DESIGN.md): which shards the scores were assembled from, with their sha256
     assert "scores/_part-manifest.json" in {a.path for a in mlc.list_artifacts(score.info.run_id, "scores")}

@@ -109,14 +109,16 @@ def test_pick_pre_experience_clusters_then_picks_per_cluster():
     centers = np.array([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
     emb = np.concatenate([c + rng.normal(size=(20, 2)) for c in centers])
     ppl = rng.uniform(1, 100, size=60)
-    picked = pick_pre_experience(emb, ppl, PreExperienceConfig(n_clusters=3, per_cluster=4))
+    picked, labels = pick_pre_experience(emb, ppl, PreExperienceConfig(n_clusters=3, per_cluster=4))
     assert picked == sorted(picked) and len(picked) == 12
+    assert sorted(np.bincount(labels).tolist()) == [20, 20, 20]  # one cluster per blob, every instruction labelled
+    assert all(len(set(labels[blob * 20:(blob + 1) * 20])) == 1 for blob in range(3))
     assert sorted(np.bincount(np.array(picked) // 20).tolist()) == [4, 4, 4]  # 4 from each blob
     for blob in range(3):
         members = ppl[blob * 20:(blob + 1) * 20]
         lo, hi = np.percentile(members, 25), np.percentile(members, 75)
         assert all(lo <= ppl[i] <= hi for i in picked if i // 20 == blob)
-    assert picked == pick_pre_experience(emb, ppl, PreExperienceConfig(n_clusters=3, per_cluster=4))  # fixed seed
+    assert picked == pick_pre_experience(emb, ppl, PreExperienceConfig(n_clusters=3, per_cluster=4))[0]  # fixed seed
 
 
 def test_facility_location_covers_every_cluster_first():
@@ -463,3 +465,17 @@ def test_diversity_step_leaves_out_a_sample_holding_the_embedders_special_tokens
     with pytest.raises(ConfigError, match=r"^select-superfilter-d: all 5 IFD-selected samples hold one of the "
                                           r"tokenizer's special tokens as text \(first: field 'instruction' holds"):
         diversity_selection(records, ifd_out, selection)
+
+
+@pytest.mark.parametrize("spread", [1.1, 1000.0])
+def test_pre_experience_figure_draws_narrow_and_decade_spanning_perplexities(tmp_path, spread):
+    """A random model's perplexities sit in a narrow band (linear axis), a real model's span decades (log axis)."""
+    from PIL import Image
+
+    from tasks.plots import pre_experience_figure
+
+    ppl = np.geomspace(10.0, 10.0 * spread, 200)
+    sizes, picked = np.array([120, 50, 30]), np.array([10, 10, 10])
+    path = pre_experience_figure(sizes, picked, ppl, ppl[80:110], tmp_path / "pre.png", "title")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (1100, 400)
