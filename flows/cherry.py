@@ -8,6 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from configs.ifd import CherryFlowConfig, CherrySelection
+from flows.selection import warn_short_of_budget
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task
 from tasks.ifd import ifd_selection_task, instruction_profile_task, pre_experience_pick_task, pre_experience_sft_task
@@ -56,4 +57,5 @@ def cherry_flow(config: CherryFlowConfig, fail_at: str | None = None) -> dict[st
     with tracked_run(config) as parent:
         records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
         stages = cherry_stage_outputs(config.selection, records, config.output_format, parent_run_id=parent)
+        warn_short_of_budget(config.selection, stages["selection"], records)
     return {"records": records, **stages}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from configs.deita import DeitaFlowConfig, DeitaSelection
+from flows.selection import warn_short_of_budget
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task
 from tasks.deita import deita_complexity_task, deita_embed_task, deita_quality_task, deita_select_task
@@ -50,4 +51,5 @@ def deita_flow(config: DeitaFlowConfig, fail_at: str | None = None) -> dict[str,
     with tracked_run(config) as parent:
         records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
         stages = deita_stage_outputs(config.selection, records, config.output_format, parent_run_id=parent)
+        warn_short_of_budget(config.selection, stages["selection"], records)
     return {"records": records, **stages}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import flow
 
 from configs.grape import GrapeRecipe, GrapeSelection
+from flows.selection import warn_short_of_budget
 from flows.wiring import fail_at_switch, run_stage_task
 from models.generation import GenerationError
 from tasks.data import prepare_records_task
@@ -74,5 +75,6 @@ def grape_flow(config: GrapeRecipe, fail_at: str | None = None) -> dict[str, Sta
             records = run_stage_task(prepare_records_task, config.data, False, parent_run_id=parent,
                                      log_config=config.data)
         outputs = grape_stages(config.selection, records, config.output_format, parent_run_id=parent)
+        warn_short_of_budget(config.selection, outputs["selection"], records)
     return ({"records": records} if records is not None else {}) | outputs
 

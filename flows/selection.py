@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows.wiring import run_stage_task
-from tasks.select import select_baseline_task
+from tasks.select import budget_shortfall, select_baseline_task
 from tasks.store import StageOutput
 
 
@@ -13,8 +13,29 @@ def select_subset(selection: Any, records: StageOutput | None, output_format: st
                   parent_run_id: str | None = None) -> StageOutput:
     """Run the stages of `selection.method` on prepared records; returns the stage holding `subset.*`.
 
-    `records` is None only for GRAPE reading a candidates file, which brings its own instructions.
+    `records` is None only for GRAPE reading a candidates file, which brings its own instructions. A subset
+    smaller than its fixed budget is warned about in the run's log.
     """
+    subset = _method_stages(selection, records, output_format, parent_run_id)
+    warn_short_of_budget(selection, subset, records)
+    return subset
+
+
+def warn_short_of_budget(selection: Any, subset: StageOutput, records: StageOutput | None) -> None:
+    """Say in the run's log when a method's filters left fewer samples than its fixed budget (every flow that
+    selects calls this: the pipeline and comparison through `select_subset`, the method flows directly)."""
+    asked, short = budget_shortfall(selection, subset, records)
+    if short:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning(
+            "%s kept %d samples, %d fewer than the %d asked: its filters left no more (the stage's summary and "
+            "counts say which); a comparison is then not at one data size", selection.method,
+            int(subset.metrics["selected"]), short, asked)
+
+
+def _method_stages(selection: Any, records: StageOutput | None, output_format: str,
+                   parent_run_id: str | None) -> StageOutput:
     if selection.method in ("random", "longest", "full"):
         return run_stage_task(select_baseline_task, records, selection, output_format,
                               parent_run_id=parent_run_id, log_config=selection)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from configs.ifd import SuperfilterFlowConfig, SuperfilterSelection
+from flows.selection import warn_short_of_budget
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task
 from tasks.ifd import diversity_selection_task, ifd_selection_task
@@ -50,4 +51,5 @@ def superfilter_flow(config: SuperfilterFlowConfig, fail_at: str | None = None) 
     with tracked_run(config) as parent:
         records = run_stage_task(prepare_records_task, config.data, parent_run_id=parent, log_config=config.data)
         stages = superfilter_stage_outputs(config.selection, records, config.output_format, parent_run_id=parent)
+        warn_short_of_budget(config.selection, stages["selection"], records)
     return {"records": records, **stages}

@@ -860,7 +860,8 @@ def comparison_rows(results: Sequence[dict]) -> list[dict]:
     return rows
 
 
-COUNT_METRICS = ("/answers", "/pairs", "/problems", "sample_len", "/not_judged", "/judge_special_tokens")
+COUNT_METRICS = ("/answers", "/pairs", "/problems", "sample_len", "/not_judged", "/judge_special_tokens",
+                 "short_of_budget")
 """Endings of the metrics that count items: not plotted in a comparison unless asked for."""
 
 
@@ -901,11 +902,14 @@ def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str]
         header = "| method | status | " + " | ".join(wanted) + " |\n|" + "---|" * (len(wanted) + 2) + "\n"
         lines = [f"| {r['method']} | {r['status']} | " + " | ".join(
             "" if r[m] is None else f"{r[m]:.4f}" for m in wanted) + " |" for r in rows]
-        return {"metrics": {"methods": len(rows), "methods_failed": len(failed)},
+        # methods whose filters left fewer samples than the shared budget (flows/compare.py): said, not hidden
+        short = [f"{r['method']} ({int(r['short_of_budget'])} fewer)" for r in ok if r.get("short_of_budget")]
+        note = f"\n\n**Short of the budget** (trained on fewer samples): {', '.join(short)}" if short else ""
+        return {"metrics": {"methods": len(rows), "methods_failed": len(failed), "methods_short_of_budget": len(short)},
                 "params": {"failed_methods": ",".join(failed) or "none",
                            "unknown_plot_metrics": ",".join(unknown) or "none"},
                 "artifacts": ["comparison.csv", "comparison.jsonl"] + plots,
-                "summary": f"Comparison **{name}**\n\n" + header + "\n".join(lines)}
+                "summary": f"Comparison **{name}**\n\n" + header + "\n".join(lines) + note}
 
     return run_stage("compare-table", {"name": name, "results": results, "plot_metrics": list(plot_metrics)}, [],
                      body, digest_of=["comparison.jsonl"])

@@ -40,6 +40,22 @@ def write_subset(records: list[Record], selected: set[str] | list[str], folder: 
     }
 
 
+def budget_shortfall(selection, subset: StageOutput, records: StageOutput | None) -> tuple[int, int]:
+    """(asked, shortfall) of a selection with a fixed budget: asked = the budget (Superfiltering.D: its diversity
+    budget), capped at the records in the pool; shortfall = how many fewer than that the subset holds. A filter
+    can leave fewer candidates than the budget (IFD > 1 dropped, Deita's near-duplicates, unscored records), and
+    then a comparison is no longer at one data size. (0, 0) for a share, whose base differs by method, and for
+    methods without a budget."""
+    diversity = getattr(selection, "diversity", None)
+    budget = diversity.budget if diversity is not None else getattr(selection, "budget", None)
+    if budget is None:
+        return 0, 0
+    # GRAPE on a candidates file has no records stage: its pool is the file's instructions
+    pool = int(records.metrics["records_used"]) if records is not None else int(subset.metrics["instructions"])
+    asked = min(budget, pool)
+    return asked, max(0, asked - int(subset.metrics["selected"]))
+
+
 def nothing_selected(stage: str, records_out: StageOutput, rule: str) -> ConfigError:
     """The error of a selection whose filter removed every record: the data file and its counts, then `rule` (what
     removed them and what to change), so an empty subset never passes as a finished selection."""

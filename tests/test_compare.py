@@ -26,6 +26,46 @@ def test_compare_config_shares_one_budget():
         CompareConfig.model_validate({**raw, "share": 0.5})
 
 
+def test_the_shortfall_counts_against_the_budget_a_method_can_reach():
+    from configs.grape import GrapeSelection
+    from configs.ifd import CherrySelection, DiversityConfig, ScoringConfig, SuperfilterSelection
+    from configs.schema import ModelConfig
+    from configs.selection import FullSelection, RandomSelection
+    from tasks.select import budget_shortfall
+    from tasks.store import StageOutput
+
+    def out(**metrics):
+        return StageOutput(stage="s", key="k", path="/nowhere", digest="0", metrics=metrics)
+
+    scoring = ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"))
+    pool = out(records_used=40)
+    assert budget_shortfall(RandomSelection(budget=10), out(selected=10), pool) == (10, 0)
+    assert budget_shortfall(CherrySelection(budget=30, scoring=scoring), out(selected=21), pool) == (30, 9)
+    assert budget_shortfall(RandomSelection(budget=50), out(selected=40), pool) == (40, 0)  # capped at the pool
+    # Superfiltering.D is asked for its diversity budget; a share and a method without a budget ask no count
+    d = SuperfilterSelection(budget=20, scoring=scoring, diversity=DiversityConfig(budget=5))
+    assert budget_shortfall(d, out(selected=4), pool) == (5, 1)
+    assert budget_shortfall(CherrySelection(share=0.5, scoring=scoring), out(selected=3), pool) == (0, 0)
+    assert budget_shortfall(FullSelection(), out(selected=40), pool) == (0, 0)
+    # GRAPE from a candidates file: no records stage, the pool is its instructions
+    grape = GrapeSelection(budget=10, target=ModelConfig(name_or_path="tiny:0"),
+                           candidates={"path": str(REPO / "tests/data/vicuna_two_models_12.json")})
+    assert budget_shortfall(grape, out(selected=6, instructions=6), None) == (6, 0)
+    assert budget_shortfall(grape, out(selected=5, instructions=12), None) == (10, 5)
+
+
+def test_a_method_short_of_the_budget_is_named_in_the_comparison_not_plotted():
+    from tasks.evaluate import comparison_stage
+
+    results = [{"label": "random", "status": "ok", "metrics": {"selected": 10, "short_of_budget": 0, "nll": 2.0}},
+               {"label": "deita", "status": "ok", "metrics": {"selected": 7, "short_of_budget": 3, "nll": 2.1}}]
+    table = comparison_stage("short", results)
+    assert table.metrics["methods_short_of_budget"] == 1
+    assert table.summary.endswith("**Short of the budget** (trained on fewer samples): deita (3 fewer)")
+    assert [r["short_of_budget"] for r in read_jsonl(table.file("comparison.jsonl"))] == [0, 3]
+    assert sorted(table.artifacts) == ["comparison.csv", "comparison.jsonl", "plots/nll.png", "plots/selected.png"]
+
+
 def test_smollm2_recipe_validates():
     cfg = load_recipe(REPO / "configs/recipes/compare_smollm2.yaml", CompareConfig)
     assert {m.method for m in cfg.methods} >= {"random", "longest", "full"}
@@ -106,6 +146,7 @@ def test_every_method_of_the_tiny_recipe_selects_trains_and_evaluates(prefect_se
         ["random", "longest", "full", "cherry", "superfilter", "deita", "grape"], "ok"), rows
     assert {label: row["selected"] for label, row in rows.items()} == {
         "random": 10, "longest": 10, "full": 40, "cherry": 10, "superfilter": 10, "deita": 10, "grape": 10}
+    assert {row["short_of_budget"] for row in rows.values()} == {0}  # every method reached the budget
     assert all(math.isfinite(row["likelihood/mean_nll"]) for row in rows.values())
     # Different subsets train different models: at least the four paper methods do not all tie.
     assert len({round(rows[m]["likelihood/mean_nll"], 6) for m in ("cherry", "superfilter", "deita", "grape")}) > 1

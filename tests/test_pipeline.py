@@ -219,3 +219,28 @@ def test_fail_at_is_checked_against_every_stage_task_name():
         with fail_at_stage("no-such-stage"):
             ran.append(True)
     assert not ran
+
+
+def test_a_selection_left_short_of_its_budget_by_its_filter_is_warned_about(prefect_server, monkeypatch):
+    """Cherry's IFD > 1 rule drops about half of what a random scorer scores: 30 asked of 40 cannot all be kept."""
+    import logging
+
+    from configs.pipeline import PipelineConfig
+    from flows.pipeline import pipeline
+
+    warned = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = lambda record: warned.append(record.getMessage())
+    # the flow run's own logger (what the Prefect UI shows), whatever the console handlers do under pytest
+    monkeypatch.setattr(logging.getLogger("prefect.flow_runs"), "handlers",
+                        [*logging.getLogger("prefect.flow_runs").handlers, catch])
+
+    config = PipelineConfig.model_validate({
+        "name": "pipeline-short-of-budget", "data": {"path": str(DATA / "alpaca_cherry_40.json")},
+        "selection": {"method": "cherry", "budget": 30, "pre_experience": None,
+                      "scoring": {"scorer": {"name_or_path": "tiny:0"}, "max_length": 256}},
+        "tracking": {"enabled": False}})
+    selection = pipeline(config)["selection"]
+    kept = int(selection.metrics["selected"])
+    assert kept == selection.metrics["passing_threshold"] < 30
+    assert any(f"cherry kept {kept} samples, {30 - kept} fewer than the 30 asked" in m for m in warned), warned
