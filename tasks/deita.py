@@ -450,10 +450,9 @@ def select_deita(records_out: StageOutput, complexity_out: StageOutput | None, q
 
         artifacts = ["ranking.jsonl", "rejects.jsonl"]
         if len(scores):
-            selected_scores = [score_of[i] for i in selected]
-            cutoff = min(selected_scores) if selected_scores else None
+            # the picks against all candidates: how far down the ranking the diversity filter had to reach
             histogram(scores, folder / "score_hist.png", f"Deita {selection.score} score", f"{selection.score} score",
-                      threshold=cutoff)
+                      selected=[score_of[i] for i in selected])
             artifacts.append("score_hist.png")
         if c_turns is not None and q_turns is not None and len(cand):
             scatter([v for t in c_turns for v in t], [v for t in q_turns for v in t], folder / "complexity_vs_quality.png",

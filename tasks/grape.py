@@ -473,7 +473,8 @@ def grape_select(candidates_out: StageOutput, fit_out: StageOutput, selection: G
         bar_chart(generators, [wins.get(g, 0) for g in generators], folder / "winners_by_generator.png",
                   f"GRAPE winners (n={len(kept_ids)})", "instructions won")
         histogram([c.fit for cs in ranked.values() for c in cs], folder / "candidate_fit_hist.png",
-                  "Fit of every candidate under the target", label)
+                  "Fit of every candidate under the target", label,
+                  selected=[ranked[i][0].fit for i in kept_ids], selected_label="kept winners")
         histogram(margins or [0.0], folder / "margin_hist.png", "Best minus second-best fit per instruction",
                   f"margin ({label})")
         fields["artifacts"] += ["candidate_fit.parquet", "winners_by_generator.png", "candidate_fit_hist.png",

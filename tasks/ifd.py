@@ -441,7 +441,8 @@ def ifd_selection(records_out: StageOutput, scores_out: StageOutput, selection: 
                                                for r in rows if r["status"] != STATUS_SCORED))
         values = [v for v in ifd if v is not None]
         histogram(values, folder / "ifd_histogram.png", f"{kind} IFD ({len(values)} scored)", "IFD",
-                  threshold=selection.rule.threshold)
+                  threshold=selection.rule.threshold,
+                  selected=[v for row, v in zip(rows, ifd) if v is not None and row["id"] in chosen])
         fields = write_subset(records, ids, folder, kind, output_format)
         metrics = score_counts(rows)
         metrics.update(counts)

@@ -15,13 +15,32 @@ def _pyplot():
     return plt
 
 
+ALL_COLOR, PICKED_COLOR = "#BBBBBB", "#55A868"
+
+
+def _overlaid_hist(ax, values, picked, picked_label: str, edges) -> None:
+    """All values in grey, the picked ones over them in green, on the same bin edges (so heights compare)."""
+    ax.hist(values, bins=edges, color=ALL_COLOR, label=f"all ({len(values)})")
+    ax.hist(picked, bins=edges, color=PICKED_COLOR, label=f"{picked_label} ({len(picked)})")
+
+
 def histogram(values: Sequence[float], path: str | Path, title: str, xlabel: str,
-              threshold: float | None = None, bins: int = 50) -> Path:
+              threshold: float | None = None, bins: int = 50, selected: Sequence[float] | None = None,
+              selected_label: str = "selected") -> Path:
+    """A histogram of `values`; with `selected`, those drawn over all of them (where in the distribution a
+    method's picks lie); with `threshold`, a dashed line there."""
+    import numpy as np
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(list(values), bins=bins, color="#4C72B0")
+    values = list(values)
+    if selected is None:
+        ax.hist(values, bins=bins, color="#4C72B0")
+    else:
+        _overlaid_hist(ax, values, list(selected), selected_label, np.histogram_bin_edges(values, bins))
     if threshold is not None:
         ax.axvline(threshold, color="#C44E52", linestyle="--", label=f"threshold {threshold:g}")
+    if threshold is not None or selected is not None:
         ax.legend()
     ax.set(title=title, xlabel=xlabel, ylabel="samples")
     fig.tight_layout()
@@ -67,8 +86,8 @@ def pre_experience_figure(cluster_sizes, picked_per_cluster, perplexities, picke
     order = np.argsort(-np.asarray(cluster_sizes), kind="stable")
     fig, (by_cluster, by_ppl) = plt.subplots(1, 2, figsize=(11, 4))
     ranks = np.arange(len(order))
-    by_cluster.bar(ranks, np.asarray(cluster_sizes)[order], width=1.0, color="#BBBBBB", label="instructions")
-    by_cluster.bar(ranks, np.asarray(picked_per_cluster)[order], width=1.0, color="#55A868", label="picked")
+    by_cluster.bar(ranks, np.asarray(cluster_sizes)[order], width=1.0, color=ALL_COLOR, label="instructions")
+    by_cluster.bar(ranks, np.asarray(picked_per_cluster)[order], width=1.0, color=PICKED_COLOR, label="picked")
     by_cluster.set(xlabel="cluster (largest first)", ylabel="instructions", title="per cluster")
     by_cluster.legend()
     values = np.asarray(perplexities, dtype=np.float64)
@@ -77,9 +96,7 @@ def pre_experience_figure(cluster_sizes, picked_per_cluster, perplexities, picke
     # where log ticks would crowd each other).
     wide = len(finite) > 0 and finite.max() > 100 * finite.min()
     bins = np.geomspace(finite.min(), finite.max(), 40) if wide else np.histogram_bin_edges(finite, 40)
-    by_ppl.hist(finite, bins=bins, color="#BBBBBB", label=f"all ({len(finite)})")
-    by_ppl.hist(np.asarray(picked_perplexities, dtype=np.float64), bins=bins, color="#55A868",
-                label=f"picked ({len(picked_perplexities)})")
+    _overlaid_hist(by_ppl, finite, np.asarray(picked_perplexities, dtype=np.float64), "picked", bins)
     if wide:
         by_ppl.set_xscale("log")
     by_ppl.set(xlabel="instruction perplexity", ylabel="instructions", title="perplexity")

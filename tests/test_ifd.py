@@ -472,10 +472,14 @@ def test_pre_experience_figure_draws_narrow_and_decade_spanning_perplexities(tmp
     """A random model's perplexities sit in a narrow band (linear axis), a real model's span decades (log axis)."""
     from PIL import Image
 
-    from tasks.plots import pre_experience_figure
+    from tasks.plots import histogram, pre_experience_figure
 
     ppl = np.geomspace(10.0, 10.0 * spread, 200)
     sizes, picked = np.array([120, 50, 30]), np.array([10, 10, 10])
     path = pre_experience_figure(sizes, picked, ppl, ppl[80:110], tmp_path / "pre.png", "title")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (1100, 400)
+    # the selection histograms draw the picks over all values the same way
+    hist = histogram(ppl, tmp_path / "hist.png", "title", "x", threshold=12.0, selected=ppl[80:110])
+    with Image.open(hist) as image:
+        assert image.format == "PNG" and image.size == (600, 400)
