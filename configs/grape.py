@@ -46,6 +46,11 @@ class EndpointConfig(StrictModel):
     backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each retry (Retry-After wins).")
     max_backoff_s: float = Field(60.0, ge=0, description="Upper bound of one retry delay.")
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    tokenizer: ModelConfig | None = Field(
+        None, description="The served model's tokenizer (a local folder or hub name; only the tokenizer is loaded): "
+                          "a conversation whose messages hold one of its special tokens as text is then not sent "
+                          "(finish_reason special_token), as the local backends do. None: such text is sent as it "
+                          "is, and the server's tokenizer reads it as that control token.")
 
     @field_validator("base_url")
     @classmethod

@@ -89,18 +89,13 @@ def screen_conversations(tokenizer, conversations: Sequence[Messages], context: 
     from jinja2 import TemplateError
 
     from models.fit import render_prompt
-    from models.special_tokens import first_special_token, message_texts, special_token_pattern
+    from models.special_tokens import special_token_pattern
 
-    pattern = special_token_pattern(tokenizer)
+    skipped = hold_special_tokens(special_token_pattern(tokenizer), conversations, seeds)
     texts: list[str] = []
-    skipped: dict[int, Generation] = {}
-    held = []
     for i, c in enumerate(conversations):
-        hit = first_special_token(message_texts(c), pattern)
-        if hit:  # only the user's texts: the template's own control tokens are what it is for
+        if i in skipped:
             texts.append("")
-            skipped[i] = Generation("", None, 0, SPECIAL_TOKEN, seeds[i])
-            held.append((i, hit))
             continue
         try:
             texts.append(render_prompt(tokenizer, c))
@@ -111,12 +106,26 @@ def screen_conversations(tokenizer, conversations: Sequence[Messages], context: 
     for i, n in enumerate(lengths):
         if i not in skipped and context is not None and n + max_new_tokens > context:
             skipped[i] = Generation("", n, 0, CONTEXT_OVERFLOW, seeds[i])
+    return texts, skipped
+
+
+def hold_special_tokens(pattern, conversations: Sequence[Messages], seeds: Sequence[int]) -> dict[int, Generation]:
+    """By index, a `Generation` with no text (finish_reason `special_token`) for each conversation whose messages
+    hold one of the tokenizer's special tokens (`pattern`, `models/special_tokens.py`) as text; warned about once,
+    naming the first. Only the user's texts count: a chat template's own control tokens are what it is for."""
+    from models.special_tokens import first_special_token, message_texts
+
+    held = {}
+    for i, c in enumerate(conversations):
+        hit = first_special_token(message_texts(c), pattern)
+        if hit:
+            held[i] = hit
     if held:
-        i, (where, token) = held[0]
+        i, (where, token) = next(iter(held.items()))
         log.warning("%d of %d conversations hold one of the generator's special tokens as text and are not generated "
                     "(finish_reason %s; first: conversation %d, %s holds %r)", len(held), len(conversations),
                     SPECIAL_TOKEN, i, where, token)
-    return texts, skipped
+    return {i: Generation("", None, 0, SPECIAL_TOKEN, seeds[i]) for i in held}
 
 
 # ---------------------------------------------------------------------------------------------- transformers
@@ -258,6 +267,12 @@ class OpenAIChatGenerator:
         base = urlsplit(self.endpoint.base_url)
         self.url = urlunsplit(base._replace(path=base.path.rstrip("/") + "/chat/completions"))
         self.shown_url = redact_url(self.url)  # for messages: a user:password or api_key in the URL stays out of logs
+        self.special_tokens = None  # the served model's special tokens, when the recipe names its tokenizer
+        if self.endpoint.tokenizer is not None:
+            from models.loading import load_tokenizer
+            from models.special_tokens import special_token_pattern
+
+            self.special_tokens = special_token_pattern(load_tokenizer(self.endpoint.tokenizer))
         self._in_flight = 0
         self.max_in_flight = 0  # observed, for the summary (and the concurrency test)
         self._lock = threading.Lock()
@@ -352,14 +367,17 @@ class OpenAIChatGenerator:
                 failed.set()
                 raise
 
+        held = hold_special_tokens(self.special_tokens, conversations, [seed + i for i in range(len(conversations))])
+        sent = [i for i in range(len(conversations)) if i not in held]
         pool = ThreadPoolExecutor(max_workers=self.endpoint.concurrency, thread_name_prefix=f"gen-{self.name}")
         try:
-            futures = [pool.submit(one, c, seed + i) for i, c in enumerate(conversations)]
-            out = [f.result() for f in tqdm(futures, desc=f"generate {self.name}", disable=not progress)]
+            futures = [pool.submit(one, conversations[i], seed + i) for i in sent]
+            answers = [f.result() for f in tqdm(futures, desc=f"generate {self.name}", disable=not progress)]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        self._count_refusals(out)
-        return out
+        self._count_refusals(answers)
+        held.update(zip(sent, answers))
+        return [held[i] for i in range(len(conversations))]
 
     def _count_refusals(self, out: list[Generation]) -> None:
         """Raise when the server has refused every conversation this generator sent (none answered yet): one
@@ -406,4 +424,4 @@ def generation_params(config: GeneratorConfig) -> dict:
 
 __all__ = ["CONTEXT_OVERFLOW", "SERVER_REFUSED", "TEMPLATE_REFUSED", "Generation", "GenerationError",
            "OpenAIChatGenerator", "TransformersGenerator", "VllmGenerator",
-           "derive_seed", "generation_params", "make_generator", "screen_conversations"]
+           "derive_seed", "generation_params", "hold_special_tokens", "make_generator", "screen_conversations"]

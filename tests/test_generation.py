@@ -217,6 +217,29 @@ def test_a_conversation_the_server_refuses_gets_no_answer_and_the_others_go_on(f
     assert (backend.answered, backend.refused) == (2, 1)
 
 
+def test_an_endpoint_given_its_tokenizer_does_not_send_a_conversation_holding_its_special_tokens(fake_server, caplog):
+    """The served model's tokenizer named in the recipe: the held conversation is not sent (the server's tokenizer
+    would read '<|end|>' as its control token) and says why; without it, it is sent as it is, as before."""
+    import logging
+
+    held = [{"role": "user", "content": "Say <|end|> twice."}]
+    conversations = [CONVERSATIONS[0], held, CONVERSATIONS[1]]
+    checked = OpenAIChatGenerator(http_generator(fake_server.url, tokenizer={"name_or_path": "tiny:0"}),
+                                  sleep=lambda s: None)
+    with caplog.at_level(logging.WARNING, logger="models.generation"):
+        out = checked.generate(conversations, seed=20)
+    assert [(g.finish_reason, g.seed) for g in out] == [("stop", 20), ("special_token", 21), ("stop", 22)]
+    assert out[1].text == "" and out[2].text.startswith("echo Write")
+    sent = sorted(r["messages"][0]["content"] for r in fake_server.requests)  # concurrent: any order
+    assert sent == sorted(c[0]["content"] for c in CONVERSATIONS[:2])
+    assert "conversation 1, the user message 1 holds '<|end|>'" in caplog.text
+    assert (checked.answered, checked.refused) == (2, 0)  # the held one was never sent
+
+    unchecked = OpenAIChatGenerator(http_generator(fake_server.url), sleep=lambda s: None)
+    assert [g.finish_reason for g in unchecked.generate([held], seed=0)] == ["stop"]
+    assert fake_server.requests[-1]["messages"] == held
+
+
 def test_a_refusals_message_is_one_line_truncated_and_keeps_url_credentials_out(fake_server):
     fake_server.refuse_containing = "capital"
     fake_server.refusal = (400, "Bad Request\n\ncontext too long: " + "x" * 1000)  # a plain-text body
