@@ -466,6 +466,25 @@ def ifd_selection(records_out: StageOutput, scores_out: StageOutput, selection: 
     return run_stage(f"select-{kind}", config, [records_out, scores_out], body, digest_of=SUBSET_FILES)
 
 
+def facility_coverage(embeddings: np.ndarray, order: list[int], kernel: Literal["euclidean", "cosine"] = "euclidean",
+                      chunk: int = 256) -> np.ndarray:
+    """The facility-location objective after each pick of `order`, as a share of the pool's own full coverage:
+    f(S_k) / n with f(S) = sum_i max(0, max_{j in S} sim(i, j)) (every sample covers itself with similarity 1, so
+    n is the most any set reaches). A curve that flattens well before the budget says a smaller budget covers the
+    pool about as well."""
+    x = embeddings.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cover = np.zeros(len(x))
+    curve = np.empty(len(order))
+    for start in range(0, len(order), chunk):
+        picks = order[start:start + chunk]
+        sims = np.maximum(facility_kernel(x, x[picks], kernel), 0.0)  # [n, len(picks)]
+        for k in range(len(picks)):
+            cover = np.maximum(cover, sims[:, k])
+            curve[start + k] = cover.sum() / len(x)
+    return curve
+
+
 def diversity_text(record: Record) -> str:
     """The text Superfiltering.D embeds, as the authors' `combine_sentences` writes it: instruction + "\\n" +
     input + "\\n" + output for a row with an `input` field (even an empty one), instruction + "\\n" + output else."""
@@ -489,6 +508,7 @@ def diversity_selection(records_out: StageOutput, ifd_out: StageOutput, selectio
     def body(folder: Path) -> dict:
         from models.embeddings import embed_texts
         from models.loading import load_model
+        from tasks.plots import line_chart
 
         records = load_canonical(records_out.file("records.jsonl"))
         chosen = set(ifd_out.file("selected_ids.txt").read_text().split())
@@ -508,9 +528,14 @@ def diversity_selection(records_out: StageOutput, ifd_out: StageOutput, selectio
         ids = [pool[i].id for i in order]
         atomic_write_text(folder / "facility_location_order.json", json.dumps(ids))
         fields = write_subset(records, ids, folder, "superfilter-d", output_format)
+        coverage = facility_coverage(emb, order, diversity.kernel)
+        line_chart(np.arange(1, len(order) + 1), coverage, folder / "coverage.png",
+                   f"Superfiltering.D coverage of {len(pool)} ({diversity.kernel} kernel)",
+                   "samples kept (in the order chosen)",
+                   "facility-location coverage (share of the pool)")
         fields["metrics"].update(ifd_selected=len(selected), diversity_embedded=len(pool),
-                                 diversity_special_tokens=left_out)
-        fields["artifacts"] += ["facility_location_order.json", "rejects.jsonl"]
+                                 diversity_special_tokens=left_out, coverage=float(coverage[-1]))
+        fields["artifacts"] += ["facility_location_order.json", "rejects.jsonl", "coverage.png"]
         fields["params"] = {"embedder": embedder.name_or_path, "pooling": diversity.pooling,
                             "diversity_budget": diversity.budget, "kernel": diversity.kernel}
         fields["summary"] = (f"Superfiltering.D: facility location kept **{len(ids)}** of the {len(pool)} embedded "

@@ -64,6 +64,18 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | Path, 
     return Path(path)
 
 
+def line_chart(x: Sequence[float], y: Sequence[float], path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(list(x), list(y), color="#4C72B0")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)  # y not from 0: the shape is what it is drawn for
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def scatter(x: Sequence[float], y: Sequence[float], path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))

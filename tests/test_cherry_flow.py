@@ -88,6 +88,7 @@ def test_superfilter_flow_with_diversity_step(prefect_server):
     ifd_ids = out["ifd_selection"].file("selected_ids.txt").read_text().split()
     final = out["selection"].file("selected_ids.txt").read_text().split()
     assert out["selection"].stage == "select-superfilter-d" and len(final) == 4 and set(final) <= set(ifd_ids)
+    assert 0 < out["selection"].metrics["coverage"] <= 1 and "coverage.png" in out["selection"].artifacts
     _, children = _child_runs("superfilter-flow-test")
     assert {c.data.tags["pomona.stage"] for c in children} == {
         "records", "score", "select-superfilter", "select-superfilter-d"}

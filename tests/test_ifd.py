@@ -14,8 +14,8 @@ from configs.ifd import (CherrySelection, DiversityConfig, IFDRule, PreExperienc
                          SuperfilterSelection)
 from configs.schema import Budget, DataConfig, ModelConfig
 from configs.train import LoraSettings, SFTStageConfig
-from tasks.ifd import (band_stride_pick, facility_location, ifd_scores, ifd_value, pick_pre_experience, select_by_ifd,
-                       skip_undefined_ifd)
+from tasks.ifd import (band_stride_pick, facility_coverage, facility_location, ifd_scores, ifd_value,
+                       pick_pre_experience, select_by_ifd, skip_undefined_ifd)
 from tests.conftest import DATA, HELD_REASON, held_copies
 
 
@@ -156,6 +156,10 @@ def test_facility_location_is_the_greedy_maximiser_of_its_objective(kernel):
         expected.append(int(np.argmax(gains)))
     assert facility_location(emb, 30, kernel) == expected
     assert facility_location(emb, 30, kernel, chunk=7, max_kernel_bytes=0) == expected  # columns computed on demand
+    # the coverage curve the stage draws is that objective after each pick, over the pool's size
+    curve = facility_coverage(emb, expected, kernel, chunk=7)
+    assert np.allclose(curve, [objective(expected[:k]) / len(emb) for k in range(1, 31)], rtol=1e-12)
+    assert np.all(np.diff(curve) >= 0) and curve[-1] <= 1
 
 
 def test_the_two_facility_kernels_choose_differently():
