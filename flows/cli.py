@@ -59,15 +59,19 @@ def check_input_files(recipe: Path, config) -> None:
 
 
 def _print_outputs(outputs) -> None:
-    """One line per stage: its folder and metrics."""
+    """One line per stage: its folder and metrics; a flow that returns one stage (the comparison's table) also
+    prints that stage's summary, the table itself."""
     from tasks.store import StageOutput
 
-    if isinstance(outputs, StageOutput):
-        outputs = {outputs.stage: outputs}
+    single = outputs if isinstance(outputs, StageOutput) else None
+    if single is not None:
+        outputs = {single.stage: single}
     for stage, out in (outputs or {}).items():
         if out is not None:
             metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.metrics.items()}
             typer.echo(f"{stage:>20}: {out.path}  {json.dumps(metrics)}")
+    if single is not None and single.summary:
+        typer.echo("\n" + single.summary)
 
 
 @app.command()

@@ -101,3 +101,16 @@ def test_store_lists_finished_and_partial_stages(monkeypatch, tmp_path):
     assert lines[-1].startswith("3 folders") and str(tmp_path / "store") in lines[-1]
     only = invoke("store", "--partial", monkeypatch=monkeypatch).output.splitlines()
     assert [line.split()[0] for line in only[1:-1]] == ["score"]
+
+
+def test_a_comparison_run_prints_its_table_after_the_stage_line(capsys):
+    from flows.cli import _print_outputs
+    from tasks.store import StageOutput
+
+    table = StageOutput(stage="compare-table", key="k", path="/store/compare-table/k", digest="0",
+                        metrics={"methods": 2.0}, summary="| method | status |\n|---|---|\n| random | ok |")
+    _print_outputs(table)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].strip().startswith("compare-table: /store/compare-table/k") and lines[-1] == "| random | ok |"
+    _print_outputs({"records": StageOutput(stage="records", key="k", path="/r", digest="0", summary="not printed")})
+    assert "not printed" not in capsys.readouterr().out  # a flow of several stages: one line each
