@@ -128,16 +128,26 @@ def validate(recipe: Path, flow: str = typer.Option("pipeline", help="Which flow
 
 
 @app.command()
-def store(partial: bool = typer.Option(False, "--partial", help="Only stages that have not finished.")):
+def store(partial: bool = typer.Option(False, "--partial", help="Only stages that have not finished."),
+          stale: bool = typer.Option(False, "--stale", help="Only stages other code made (another pomona or library "
+                                                            "version): no run of this code reuses or resumes them."),
+          delete: bool = typer.Option(False, "--delete", help="With --stale: delete those folders.")):
     """List the stage store: what is finished (reused by reruns) and what is partial (resumed by reruns), with
-    sizes. Deleting a folder is safe: the next run that needs it computes it again."""
+    sizes and whether this code made it. Deleting a folder is safe: the next run that needs it computes it again."""
     import datetime
+    import shutil
 
     from configs.settings import store_root
     from tasks.store import store_listing
 
-    rows = [r for r in store_listing() if not partial or r["state"] == "partial"]
-    typer.echo(f"{'stage':<22} {'key':<20} {'state':<8} {'size':>9} {'modified':<16} {'took':>8}")
+    if delete and not stale:
+        # a partial folder may belong to a run in progress; only folders of other code are safe to clear in bulk
+        typer.secho("error: --delete deletes only with --stale (delete other folders by hand: rm -rf PATH)",
+                    fg="red", err=True)
+        raise typer.Exit(2)
+    rows = [r for r in store_listing()
+            if (not partial or r["state"] == "partial") and (not stale or r["code"] == "other")]
+    typer.echo(f"{'stage':<22} {'key':<20} {'state':<8} {'code':<7} {'size':>9} {'modified':<16} {'took':>8}")
     for r in rows:
         size, unit = float(r["bytes"]), "B"
         for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -146,9 +156,16 @@ def store(partial: bool = typer.Option(False, "--partial", help="Only stages tha
             size /= 1024
         when = datetime.datetime.fromtimestamp(r["modified"]).strftime("%Y-%m-%d %H:%M")
         took = "" if r["seconds"] is None else f"{r['seconds']:.0f} s"
-        typer.echo(f"{r['stage']:<22} {r['key']:<20} {r['state']:<8} {size:>6.1f} {unit:<2} {when:<16} {took:>8}")
+        code = r["code"] or "-"
+        typer.echo(f"{r['stage']:<22} {r['key']:<20} {r['state']:<8} {code:<7} {size:>6.1f} {unit:<2} {when:<16} "
+                   f"{took:>8}")
     total = sum(r["bytes"] for r in rows)
-    typer.echo(f"{len(rows)} folders, {total / 2**20:.1f} MB, in {store_root()}")
+    if delete:
+        for r in rows:
+            shutil.rmtree(r["path"])
+        typer.echo(f"deleted {len(rows)} folders, {total / 2**20:.1f} MB, from {store_root()}")
+    else:
+        typer.echo(f"{len(rows)} folders, {total / 2**20:.1f} MB, in {store_root()}")
 
 
 @app.command("tiny-model")

@@ -262,8 +262,10 @@ def run_stage(stage: str, config: Any, inputs: Iterable[Any], body: Callable[[Pa
 
 def store_listing(root: Path | None = None) -> list[dict[str, Any]]:
     """One row per folder of the store: stage, key, state (finished; partial = a run stopped or still running, a
-    rerun resumes it; model = a built tiny model), size in bytes, last change (unix time), and for a finished stage
-    its wall time."""
+    rerun resumes it; model = a built tiny model), size in bytes, last change (unix time), for a finished stage
+    its wall time, and `code`: "current" when this code made it, "other" when other code (another pomona version
+    or library versions: every stage key holds the code version, so no run of this code reuses or resumes it),
+    None where unknown (a model, a folder without its `stage_key.json`)."""
     root = root or store_root()
     rows = []
     for folder in sorted(p for p in root.glob("*/*") if p.is_dir()):
@@ -274,8 +276,18 @@ def store_listing(root: Path | None = None) -> list[dict[str, Any]]:
         rows.append({"stage": folder.parent.name, "key": folder.name, "state": state,
                      "bytes": sum(f.stat().st_size for f in files),
                      "modified": max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime),
-                     "seconds": finished.seconds if finished else None, "path": str(folder)})
+                     "seconds": finished.seconds if finished else None, "path": str(folder),
+                     "code": None if state == "model" else made_by(folder)})
     return rows
+
+
+def made_by(folder: Path) -> str | None:
+    """"current" if this code version made the stage folder, "other" if another did, None if it does not say."""
+    try:
+        recorded = json.loads((folder / KEY_FILE).read_text())["code_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return "current" if recorded == CODE_VERSION else "other"
 
 
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -11,7 +14,27 @@ from tests.conftest import REPO
 
 def invoke(*args: str, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes name their data relative to the repository root
-    return CliRunner().invoke(app, list(args))
+    with logging_as_it_was():
+        return CliRunner().invoke(app, list(args))
+
+
+@contextlib.contextmanager
+def logging_as_it_was():
+    """The CLI sets up Prefect's logging as a user's process does, while CliRunner has swapped in its own stdout:
+    its console handler kept that stream after CliRunner closed it, and a later test's flow logged into a closed
+    file (seen as test_store's log_prints test failing right after this module). Every logger is put back."""
+    import logging
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate, disabled in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
 
 
 def test_validate_reads_a_recipe_as_the_named_flow(monkeypatch):
@@ -101,6 +124,32 @@ def test_store_lists_finished_and_partial_stages(monkeypatch, tmp_path):
     assert lines[-1].startswith("3 folders") and str(tmp_path / "store") in lines[-1]
     only = invoke("store", "--partial", monkeypatch=monkeypatch).output.splitlines()
     assert [line.split()[0] for line in only[1:-1]] == ["score"]
+
+
+def test_store_lists_and_deletes_the_stages_other_code_made(monkeypatch, tmp_path):
+    """After an upgrade every stage key changes: the older folders are never reused and only take disk."""
+    import json
+
+    from tasks.store import run_stage
+
+    monkeypatch.setenv("POMONA_HOME", str(tmp_path))
+    mine = run_stage("select-random", {"n": 1}, [], lambda f: (f / "subset.jsonl").write_text("x") and {})
+    older = run_stage("select-random", {"n": 2}, [], lambda f: (f / "subset.jsonl").write_text("y" * 5000) and {})
+    key_file = older.file("stage_key.json")
+    key_file.write_text(json.dumps({**json.loads(key_file.read_text()), "code_version": "src-0000;torch=2.0.0"}))
+    (tmp_path / "store" / "models" / "tiny-0").mkdir(parents=True)
+
+    listed = invoke("store", monkeypatch=monkeypatch).output.splitlines()
+    rows = {line.split()[1]: line.split()[3] for line in listed[1:-1]}  # key -> code
+    assert rows == {mine.key: "current", older.key: "other", "tiny-0": "-"}
+    stale = invoke("store", "--stale", monkeypatch=monkeypatch).output.splitlines()
+    assert [line.split()[1] for line in stale[1:-1]] == [older.key] and stale[-1].startswith("1 folders")
+
+    refused = invoke("store", "--delete", monkeypatch=monkeypatch)
+    assert refused.exit_code == 2 and "only with --stale" in refused.output
+    done = invoke("store", "--stale", "--delete", monkeypatch=monkeypatch)
+    assert done.exit_code == 0 and done.output.splitlines()[-1].startswith("deleted 1 folders")
+    assert not Path(older.path).exists() and Path(mine.path).exists() and (tmp_path / "store/models/tiny-0").exists()
 
 
 def test_a_comparison_run_prints_its_table_after_the_stage_line(capsys):
