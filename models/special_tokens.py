@@ -5,9 +5,10 @@ as the characters: a real ShareGPT V3 reply ending in "...Skipped 1 messages<|en
 scored, as a sequence with an end of text in the middle of a conversation. Training (`tasks/train.py`) and every
 scoring stage (IFD `score` and `cherry-instructions`, `grape-fit`, the Deita scorers and `deita-embed`,
 `eval-likelihood`, `select-superfilter-d`'s embedder, `eval-answers` and `eval-judge`), and the generators
-(`models/generation.py`: finish_reason `special_token`; the HTTP backend when given the served model's tokenizer) look at the user's own texts with these functions, never at
-what a template renders (a chat template writes `<|im_start|>` itself), and leave such an item out: listed with the
-reason below, counted, warned about; where every item is left out for it, the stage refuses with a ConfigError.
+(`models/generation.py`: finish_reason `special_token`; the HTTP backend when given the served model's tokenizer)
+look at the user's own texts with these functions, never at what a template renders (a chat template writes
+`<|im_start|>` itself), and leave such an item out: listed with the reason below, counted, warned about; where every
+item is left out for it, the stage refuses with a ConfigError.
 """
 
 from __future__ import annotations
