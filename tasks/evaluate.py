@@ -899,9 +899,12 @@ def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str]
                           title=f"{name}: {metric}", ylabel=metric)
                 plots.append(file)
         failed = [r["method"] for r in rows if r["status"] != "ok"]
-        header = "| method | status | " + " | ".join(wanted) + " |\n|" + "---|" * (len(wanted) + 2) + "\n"
+        # how many samples each method trained on, beside its metrics: the comparison holds at one data size
+        columns = (["selected"] if "selected" in rows[0] else []) + [m for m in wanted if m != "selected"]
+        header = "| method | status | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 2) + "\n"
         lines = [f"| {r['method']} | {r['status']} | " + " | ".join(
-            "" if r[m] is None else f"{r[m]:.4f}" for m in wanted) + " |" for r in rows]
+            "" if r[m] is None else f"{r[m]:g}" if m == "selected" else f"{r[m]:.4f}" for m in columns) + " |"
+            for r in rows]
         # methods whose filters left fewer samples than the shared budget (flows/compare.py): said, not hidden
         short = [f"{r['method']} ({int(r['short_of_budget'])} fewer)" for r in ok if r.get("short_of_budget")]
         note = f"\n\n**Short of the budget** (trained on fewer samples): {', '.join(short)}" if short else ""

@@ -62,6 +62,7 @@ def test_a_method_short_of_the_budget_is_named_in_the_comparison_not_plotted():
     table = comparison_stage("short", results)
     assert table.metrics["methods_short_of_budget"] == 1
     assert table.summary.endswith("**Short of the budget** (trained on fewer samples): deita (3 fewer)")
+    assert "| method | status | selected | nll |" in table.summary and "| deita | ok | 7 | 2.1000 |" in table.summary
     assert [r["short_of_budget"] for r in read_jsonl(table.file("comparison.jsonl"))] == [0, 3]
     assert sorted(table.artifacts) == ["comparison.csv", "comparison.jsonl", "plots/nll.png", "plots/selected.png"]
 
