@@ -153,6 +153,15 @@ def facility_kernel(x: np.ndarray, columns: np.ndarray, kernel: str) -> np.ndarr
     raise ValueError(f"unknown facility-location kernel {kernel!r}: expected 'euclidean' or 'cosine'")
 
 
+def unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """The embeddings as float64 unit rows, the facility kernels' input; a zero row has no direction."""
+    x = embeddings.astype(np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ScoringError("an embedding has zero norm: its direction (and so its similarity) is undefined")
+    return x / norms
+
+
 def facility_location(embeddings: np.ndarray, k: int, kernel: Literal["euclidean", "cosine"] = "euclidean",
                       chunk: int = 2048, max_kernel_bytes: int = 1 << 30) -> list[int]:
     """Greedy facility location: repeatedly add the sample that most raises sum_i max_{j in S} sim(i, j).
@@ -167,11 +176,7 @@ def facility_location(embeddings: np.ndarray, k: int, kernel: Literal["euclidean
     """
     import heapq
 
-    x = embeddings.astype(np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ScoringError("an embedding has zero norm: its direction (and so its similarity) is undefined")
-    x = x / norms
+    x = unit_rows(embeddings)
     n = len(x)
     full = None
     if n * n * 8 <= max_kernel_bytes:
@@ -472,8 +477,7 @@ def facility_coverage(embeddings: np.ndarray, order: list[int], kernel: Literal[
     f(S_k) / n with f(S) = sum_i max(0, max_{j in S} sim(i, j)) (every sample covers itself with similarity 1, so
     n is the most any set reaches). A curve that flattens well before the budget says a smaller budget covers the
     pool about as well."""
-    x = embeddings.astype(np.float64)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    x = unit_rows(embeddings)
     cover = np.zeros(len(x))
     curve = np.empty(len(order))
     for start in range(0, len(order), chunk):
