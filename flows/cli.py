@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -125,6 +126,19 @@ def validate(recipe: Path, flow: str = typer.Option("pipeline", help="Which flow
         check_input_files(recipe, config)
     # URLs masked as in MLflow: this output gets pasted into issues and chats
     typer.echo(yaml.safe_dump(redact_values(config.model_dump(mode="json")), sort_keys=False))
+
+
+@app.command()
+def fields(prefix: str = typer.Argument("", help="Only this field and those under it, e.g. selection.rule."),
+           flow: str = typer.Option("pipeline", help="Whose config: pipeline, compare, cherry, ... (see `run`).")):
+    """Every field a recipe (and `--set`) can name: dotted path, type, default and description."""
+    from configs.fields import docs_under, field_docs, render_field_docs
+    from flows.serve import flow_by_name, flow_config_type
+
+    with user_errors():
+        rows = docs_under(field_docs(flow_config_type(flow_by_name(flow))), prefix, f"a {flow} recipe")
+    width = max(60, min(120, shutil.get_terminal_size().columns) - 4)
+    typer.echo(render_field_docs(rows, width=width))
 
 
 @app.command()

@@ -163,3 +163,14 @@ def test_a_comparison_run_prints_its_table_after_the_stage_line(capsys):
     assert lines[0].strip().startswith("compare-table: /store/compare-table/k") and lines[-1] == "| random | ok |"
     _print_outputs({"records": StageOutput(stage="records", key="k", path="/r", digest="0", summary="not printed")})
     assert "not printed" not in capsys.readouterr().out  # a flow of several stages: one line each
+
+
+def test_fields_lists_what_a_recipe_can_set(monkeypatch):
+    done = invoke("fields", "--flow", "cherry", "selection.rule", monkeypatch=monkeypatch)
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith("selection.rule: section (IFDRule)")
+    assert "selection.rule.threshold: float = 1.0\n    Samples with IFD above this are dropped" in done.output
+    assert "scoring" not in done.output  # only the asked-for part
+    wrong = invoke("fields", "selection.treshold", monkeypatch=monkeypatch)
+    assert wrong.exit_code == 2 and "no field 'selection.treshold' in a pipeline recipe (did you mean " \
+        "'selection.rule.threshold'" in wrong.output, wrong.output

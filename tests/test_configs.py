@@ -203,3 +203,54 @@ def test_every_bundled_recipe_validates_as_its_flow(stem):
 
 def test_no_recipe_is_left_unlisted():
     assert {p.stem for p in (REPO / "configs" / "recipes").glob("*.yaml")} == set(RECIPE_FLOWS)
+
+
+@pytest.mark.parametrize("stem", ["cherry_tiny", "deita_tiny", "demo"])
+def test_field_reference_paths_are_what_set_takes(stem):
+    """Every leaf `pomona fields` lists that the recipe holds can be set by its printed path to its value."""
+    from configs.fields import field_docs
+
+    path = REPO / "configs" / "recipes" / f"{stem}.yaml"
+    config = load_recipe(path)
+    dumped = config.model_dump(mode="json")
+    method = f"method: {config.selection.method}"
+    checked = 0
+    for row in field_docs(PipelineConfig):
+        if row.variant not in ("", method) or row.type.startswith(("section", "one of", "list of items")):
+            continue
+        node = dumped
+        for part in row.path.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is KeyError:  # a section the recipe leaves out, or a list item
+            continue
+        assert load_recipe(path, overrides={row.path: node}) == config, row.path
+        changed = load_recipe(path, overrides={row.path: node}).model_dump(mode="json")
+        assert changed == dumped, row.path
+        checked += 1
+    assert checked > 25, checked
+
+
+def test_field_reference_names_types_defaults_union_members_and_runtime_fields():
+    from configs.compare import CompareConfig
+    from configs.fields import docs_under, field_docs, render_field_docs
+
+    rows = {(r.path, r.variant): r for r in field_docs(PipelineConfig)}
+    threshold = rows[("selection.rule.threshold", "method: cherry")]
+    assert (threshold.type, threshold.default) == ("float", "1.0") and "dropped" in threshold.description
+    assert ("selection.rule.threshold", "method: superfilter") in rows
+    assert not any(path == "selection.rule.threshold" and variant == "method: deita" for path, variant in rows)
+    assert rows[("selection", "")].type.startswith("one of 7 sections, chosen by selection.method: random, longest")
+    assert rows[("data.format", "")].type == "'auto' | 'alpaca' | 'sharegpt' | 'messages'"
+    assert rows[("name", "")].default == "required"
+    scale_out = rows[("selection.scoring.scale_out", "method: cherry")]
+    assert scale_out.runtime_only and not rows[("selection.scoring.max_length", "method: cherry")].runtime_only
+    # the union inside a list keeps its discriminator
+    compare = {(r.path, r.variant) for r in field_docs(CompareConfig)}
+    assert ("methods.N.scoring.scorer.name_or_path", "method: cherry") in compare
+    # a concrete list index selects the `N` rows; a typo is refused with the closest paths
+    assert {r.path for r in docs_under(field_docs(CompareConfig), "methods.2.tau")} == {"methods.N.tau"}
+    with pytest.raises(ConfigError, match=r"no field 'selection.rul' in this config .*did you mean 'selection.rule'"):
+        docs_under(field_docs(PipelineConfig), "selection.rul")
+    text = render_field_docs(docs_under(field_docs(PipelineConfig), "selection.scoring.scale_out"), width=80)
+    assert "selection.scoring.scale_out.workers: int = 1  [method: cherry]  [runtime: not in the cache key]" in text
+    assert all(len(line) <= 80 for line in text.splitlines() if line.startswith("    "))
