@@ -25,12 +25,12 @@ class FieldDoc:
 
 
 def _strip_optional(annotation):
-    """`X | None` -> (X, True); anything else -> (annotation, False)."""
+    """`X | None` -> X; anything else as it is."""
     args = typing.get_args(annotation)
     if _is_union(annotation) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
-    return annotation, False
+        return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    return annotation
 
 
 def _is_union(annotation) -> bool:
@@ -103,7 +103,7 @@ def field_docs(model: type[BaseModel], prefix: str = "", variant: str = "", runt
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         discriminator = field.discriminator if isinstance(field.discriminator, str) else None
-        inner, _ = _strip_optional(_unannotated(field.annotation))
+        inner = _strip_optional(_unannotated(field.annotation))
         origin = typing.get_origin(_unannotated(inner))
         item_path = path
         if origin in (list, tuple, dict) and typing.get_args(_unannotated(inner)):
