@@ -39,7 +39,8 @@ class CompareConfig(StrictModel):
     evaluate: EvaluateConfig = Field(description="Evaluations run on every trained model.")
     evaluate_base: bool = Field(True, description="Also evaluate the untrained base model as the row 'base'.")
     plot_metrics: list[str] = Field(default_factory=list, description=(
-        "Metrics (e.g. 'likelihood/mean_nll') drawn as bar charts; empty: every metric the methods share."))
+        "Metrics (e.g. 'likelihood/mean_nll') drawn as one chart each (methods against the base model); empty: "
+        "every metric the methods share."))
     tracking: TrackingConfig = tracking_field()
 
     @model_validator(mode="before")

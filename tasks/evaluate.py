@@ -866,11 +866,11 @@ COUNT_METRICS = ("/answers", "/pairs", "/problems", "sample_len", "/not_judged",
 
 
 def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str] = ()) -> StageOutput:
-    """Stage `compare-table`: the comparison table (`comparison.csv` / `.jsonl`) and one bar chart per metric."""
+    """Stage `compare-table`: the comparison table (`comparison.csv` / `.jsonl`) and one chart per metric."""
     import csv
     import io
 
-    from tasks.plots import bar_chart
+    from tasks.plots import comparison_chart
 
     def body(folder: Path) -> dict:
         rows = comparison_rows(results)
@@ -895,8 +895,8 @@ def comparison_stage(name: str, results: list[dict], plot_metrics: Sequence[str]
             if picked:
                 file = f"plots/{sanitize_metric_key(metric).replace('/', '__').replace(' ', '_')}.png"
                 (folder / "plots").mkdir(exist_ok=True)
-                bar_chart([r["method"] for r in picked], [r[metric] for r in picked], folder / file,
-                          title=f"{name}: {metric}", ylabel=metric)
+                comparison_chart([r["method"] for r in picked], [r[metric] for r in picked], folder / file,
+                                 title=f"{name}: {metric}", metric=metric)
                 plots.append(file)
         failed = [r["method"] for r in rows if r["status"] != "ok"]
         # how many samples each method trained on, beside its metrics: the comparison holds at one data size

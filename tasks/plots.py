@@ -64,6 +64,62 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | Path, 
     return Path(path)
 
 
+LOWER_IS_BETTER = ("nll", "loss", "perplexity", "lose_rate")
+HIGHER_IS_BETTER = ("acc", "exact_match", "pass@", "pass_", "win_rate", "winning_score", "quality", "f1", "bleu",
+                    "rouge")
+
+
+def metric_direction(metric: str) -> str | None:
+    """'lower' or 'higher' is better, by the metric's last name part; None where the name does not say."""
+    last = metric.rsplit("/", 1)[-1].lower()
+    if any(word in last for word in LOWER_IS_BETTER):
+        return "lower"
+    if any(last.startswith(word) or f"_{word}" in last for word in HIGHER_IS_BETTER):
+        return "higher"
+    return None
+
+
+def best_method(methods: Sequence[tuple[str, float]], direction: str | None) -> str | None:
+    """The label of the best (label, value) by `direction`; None when the direction is unknown, there is nothing to
+    choose between, or the best value is shared (a highlighted tie would claim a winner)."""
+    if direction is None or len(methods) < 2:
+        return None
+    best = (min if direction == "lower" else max)(v for _, v in methods)
+    winners = [label for label, v in methods if v == best]
+    return winners[0] if len(winners) == 1 else None
+
+
+def comparison_chart(labels: Sequence[str], values: Sequence[float], path: str | Path, title: str, metric: str,
+                     reference: str | None = "base") -> Path:
+    """Methods as dots on a shared axis that spans their values (not from zero: methods often differ in the third
+    decimal), the `reference` row (the untrained base model) as a dashed line, the best method in green when the
+    metric's name says which way is better."""
+    plt = _pyplot()
+    pairs = [(label, float(v)) for label, v in zip(labels, values)]
+    base = next((v for label, v in pairs if label == reference), None)
+    methods = [(label, v) for label, v in pairs if label != reference] or pairs
+    direction = metric_direction(metric)
+    best = best_method(methods, direction)
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.42 * len(methods)))
+    ys = range(len(methods))[::-1]  # first method on top
+    colors = [PICKED_COLOR if label == best else "#4C72B0" for label, _ in methods]
+    ax.scatter([v for _, v in methods], list(ys), color=colors, s=45, zorder=3)
+    for y, (label, v) in zip(ys, methods):
+        ax.annotate(f"{v:.4g}", (v, y), textcoords="offset points", xytext=(7, -3), fontsize=8)
+    if base is not None:
+        ax.axvline(base, color="#C44E52", linestyle="--", label=f"{reference} {base:.4g}")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_yticks(list(ys), [label for label, _ in methods])
+    ax.margins(x=0.15, y=0.12)
+    ax.grid(axis="x", alpha=0.3)
+    suffix = f" ({direction} is better)" if direction else ""
+    ax.set(title=title + suffix, xlabel=metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def line_chart(x: Sequence[float], y: Sequence[float], path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -67,6 +67,34 @@ def test_a_method_short_of_the_budget_is_named_in_the_comparison_not_plotted():
     assert sorted(table.artifacts) == ["comparison.csv", "comparison.jsonl", "plots/nll.png", "plots/selected.png"]
 
 
+@pytest.mark.parametrize("metric, direction", [
+    ("likelihood/mean_nll", "lower"), ("likelihood/perplexity", "lower"), ("train_loss", "lower"),
+    ("instruction/all/lose_rate", "lower"), ("humaneval/pass_1", "higher"), ("pomona_mc/acc_none", "higher"),
+    ("pomona_mc/acc_norm_none", "higher"), ("pomona_gen/exact_match_strip", "higher"),
+    ("instruction/vicuna/win_rate", "higher"), ("instruction/all/winning_score", "higher"),
+    ("instruction/all/quality", "higher"), ("instruction/all/tie_rate", None), ("selected", None),
+    ("pomona_gen/sample_len", None)])
+def test_comparison_charts_know_which_way_each_metric_is_better(metric, direction):
+    from tasks.plots import metric_direction
+
+    assert metric_direction(metric) == direction
+
+
+def test_comparison_chart_marks_the_best_method_against_the_base_row(tmp_path):
+    from PIL import Image
+
+    from tasks.plots import best_method, comparison_chart
+
+    rows = [("random", 6.353), ("cherry", 6.351), ("grape", 6.395)]
+    assert best_method(rows, "lower") == "cherry" and best_method(rows, "higher") == "grape"
+    assert best_method(rows, None) is None and best_method(rows[:1], "lower") is None
+    assert best_method([("a", 1.0), ("b", 1.0)], "higher") is None  # a tie crowns nobody
+    path = comparison_chart(["base", *[r[0] for r in rows]], [6.403, *[r[1] for r in rows]], tmp_path / "c.png",
+                            "t", "likelihood/mean_nll")
+    with Image.open(path) as image:  # three method rows, the base a line: the figure's height follows the rows
+        assert image.size == (650, int((1.2 + 0.42 * 3) * 100))
+
+
 def test_smollm2_recipe_validates():
     cfg = load_recipe(REPO / "configs/recipes/compare_smollm2.yaml", CompareConfig)
     assert {m.method for m in cfg.methods} >= {"random", "longest", "full"}
