@@ -339,16 +339,44 @@ def file_fingerprints(material: Any) -> dict[str, str]:
     return {path: path_fingerprint(Path(path).expanduser()) for path in sorted(local_paths(material))}
 
 
+def repo_input_fingerprints(value: Any) -> dict[str, str]:
+    """`path_fingerprint` of every folder a REPO_INPUT_DIR field names (at any depth of configs, lists and dicts),
+    found where the stage finds it (`repo_path`: the current folder, else the repository root). A relative name
+    that exists only under the repository root is no local path to `file_fingerprints`, which looks from here."""
+    from configs.schema import repo_path
+
+    found: dict[str, str] = {}
+    if isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            item = getattr(value, name)
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get("pomona_input_file") == "repo" and isinstance(item, str):
+                if repo_path(item).exists():
+                    found[item] = path_fingerprint(repo_path(item))
+            else:
+                found.update(repo_input_fingerprints(item))
+    elif isinstance(value, dict):
+        for item in value.values():
+            found.update(repo_input_fingerprints(item))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found.update(repo_input_fingerprints(item))
+    return found
+
+
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Prefect cache key: the task's name plus its inputs, configs and upstream digests, plus CODE_VERSION.
 
     Every local file or folder the parameters name (data files, candidates, pairs, task folders, models) enters
     by `path_fingerprint` (as in the store's own keys, `keyed_config`), so an edited file is a new key: Prefect must
-    never hand back a result the stage itself would recompute. The key may be finer than the stage's store key (a
+    never hand back a result the stage itself would recompute. Folders named relative to the repository (lm-eval
+    tasks, instruction test sets) enter as the stage finds them (`repo_input_fingerprints`), from any folder. The key may be finer than the stage's store key (a
     config field the stage ignores); then the task runs, finds its folder finished and returns it as `reused`.
     """
     material = {name: canonical(value) for name, value in parameters.items() if name not in _NOT_IN_KEY}
     material["files"] = file_fingerprints(material)
+    kept = {name: value for name, value in parameters.items() if name not in _NOT_IN_KEY}
+    material["files"].update(repo_input_fingerprints(kept))
     task_name = getattr(getattr(context, "task", None), "name", "task")
     return f"{task_name}-{stage_key(task_name, material)}"
 

@@ -453,3 +453,27 @@ def test_shards_of_an_older_version_resume_and_end_in_one_schema(tmp_path):
     assert not (folder / "part-manifest.json").exists() and (folder / "_part-manifest.json").exists()
     assert sorted(ds.dataset(folder).to_table().to_pylist(), key=lambda r: r["i"]) == rows
     assert ShardedTable(folder).todo(4) == []
+
+
+def test_cache_key_follows_a_folder_named_relative_to_the_repository(tmp_path, monkeypatch):
+    # lm-eval task folders and instruction test sets resolve against the repository root when the run's folder
+    # lacks them (`repo_path`): Prefect must not hand back a cached evaluation after such a file was edited.
+    import configs.schema
+    from configs.evaluate import InstructionEvalConfig, LmEvalConfig
+
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    (repo / "my_tasks").mkdir(parents=True)
+    (repo / "my_sets").mkdir()
+    elsewhere.mkdir()
+    task_file, set_file = repo / "my_tasks" / "t.yaml", repo / "my_sets" / "vicuna_test_set.jsonl"
+    task_file.write_text("task: t\n")
+    set_file.write_text('{"text": "q"}\n')
+    monkeypatch.setattr(configs.schema, "REPO_ROOT", repo)
+    monkeypatch.chdir(elsewhere)
+    params = {"cfg": LmEvalConfig(task_dir="my_tasks"),
+              "inst": InstructionEvalConfig(data_dir="my_sets", pairwise=False)}
+    before = stage_cache_key(None, params)
+    task_file.write_text("task: t\nnum_fewshot: 5\n")
+    edited_task = stage_cache_key(None, params)
+    set_file.write_text('{"text": "another question"}\n')
+    assert len({before, edited_task, stage_cache_key(None, params)}) == 3
