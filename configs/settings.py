@@ -11,19 +11,23 @@ from pathlib import Path
 
 SOURCE_PACKAGES = ("configs", "models", "tasks")
 """The packages whose code computes stage outputs (flows only wire stages: what they pass is in the keys)."""
+SOURCE_FILES = ("configs/deepspeed/*.json", "configs/accelerate/*.yaml")
+"""Files that are not Python but are stage code all the same: a training config names its DeepSpeed stage
+('zero2'), and these files say what that means (an edit changes the trained model, not the stage's key)."""
 LIBRARIES = ("torch", "transformers", "tokenizers", "trl", "peft", "lm_eval")
 """Libraries whose upgrade can change a stage's numbers."""
 
 
 def source_digest(root: Path, packages: tuple[str, ...] = SOURCE_PACKAGES) -> str:
-    """sha256 over the relative paths and bytes of every .py file in `packages` under `root`."""
+    """sha256 over the relative paths and bytes of every .py file in `packages` under `root`, and of SOURCE_FILES."""
     import hashlib
 
     h = hashlib.sha256()
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
+    files = [path for package in packages for path in sorted((root / package).rglob("*.py"))]
+    files += [path for pattern in SOURCE_FILES for path in sorted(root.glob(pattern))]
+    for path in files:
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 

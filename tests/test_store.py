@@ -315,6 +315,27 @@ def test_code_version_follows_every_edit_of_the_stage_code(tmp_path):
     assert release("2.13.0+cu128") == release("2.13.0+cpu") == "2.13.0" and release("4.57.1") == "4.57.1"
 
 
+def test_code_version_follows_the_deepspeed_and_accelerate_files_training_reads(tmp_path):
+    """A training stage's key names its DeepSpeed stage ('zero2'), not the file: the JSON and accelerate YAML that
+    say what 'zero2' means are stage code (an edit changes the trained model), so they are in the version too."""
+    from configs.settings import source_digest
+
+    for folder in ("configs/deepspeed", "configs/accelerate", "configs/recipes", "configs/eval_tasks"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "configs" / "a.py").write_text("X = 1\n")
+    (tmp_path / "configs" / "deepspeed" / "zero2.json").write_text('{"gradient_clipping": 1.0}')
+    (tmp_path / "configs" / "accelerate" / "deepspeed_zero2.yaml").write_text("mixed_precision: 'no'\n")
+    before = source_digest(tmp_path)
+    (tmp_path / "configs" / "recipes" / "r.yaml").write_text("name: r\n")  # a user's recipe is no stage code
+    (tmp_path / "configs" / "eval_tasks" / "t.yaml").write_text("task: t\n")  # keyed by the lm-eval stage itself
+    assert source_digest(tmp_path) == before
+    (tmp_path / "configs" / "deepspeed" / "zero2.json").write_text('{"gradient_clipping": 0.5}')
+    edited = source_digest(tmp_path)
+    assert edited != before
+    (tmp_path / "configs" / "accelerate" / "deepspeed_zero2.yaml").write_text("mixed_precision: bf16\n")
+    assert source_digest(tmp_path) not in (before, edited)
+
+
 def test_a_second_run_of_a_stage_waits_for_the_first_and_reuses_its_output():
     """Two runs computing the same stage at once (two processes, or parallel comparison branches) must not train
     or score into one folder together: the second waits on the stage lock, then finds the folder finished."""
