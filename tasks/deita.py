@@ -114,9 +114,16 @@ def dimension_rows(scorer, records: list[Record]) -> list[dict]:
     return rows
 
 
-@functools.lru_cache(maxsize=2)
 def _worker_scorer(dimension: str, scorer_json: str):
-    """One loaded Deita scorer per worker process and dimension."""
+    """One loaded Deita scorer per worker process, dimension and model files (`model_files_stamp`)."""
+    from tasks.runner import model_files_stamp
+
+    return _loaded_scorer(dimension, scorer_json,
+                          model_files_stamp(DeitaScorerConfig.model_validate_json(scorer_json).model))
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded_scorer(dimension: str, scorer_json: str, files_stamp: str):
     from models.deita import DeitaScorer
 
     config = DeitaScorerConfig.model_validate_json(scorer_json)

@@ -83,9 +83,18 @@ def generation_rows(backend, generator: GeneratorConfig, records: list[Record], 
              "finish_reason": a.finish_reason, "refusal": a.refusal} for r, a in zip(part, answers)]
 
 
-@functools.lru_cache(maxsize=2)
 def _worker_generator(generator_json: str):
-    """One generator backend per worker process (its shards share the loaded model)."""
+    """One generator backend per worker process and model files (`model_files_stamp`; its shards share the
+    loaded model)."""
+    from tasks.runner import model_files_stamp
+
+    generator = GeneratorConfig.model_validate_json(generator_json)
+    tokenizer = generator.endpoint.tokenizer if generator.endpoint is not None else None
+    return _loaded_generator(generator_json, model_files_stamp(generator.model, tokenizer))
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded_generator(generator_json: str, files_stamp: str):
     from models.generation import make_generator
 
     return make_generator(GeneratorConfig.model_validate_json(generator_json))

@@ -28,9 +28,28 @@ def worker_records(records_path: str):
     return load_canonical(records_path)
 
 
-@functools.lru_cache(maxsize=2)
+def model_files_stamp(*models) -> str:
+    """What a worker's cache of loaded models must see of the `ModelConfig`s' local folders: their
+    `path_fingerprint` (a folder retrained in place is a new stage key, and must not be served the weights this
+    process loaded before); "" for a hub or tiny name."""
+    from pathlib import Path
+
+    from tasks.store import path_fingerprint
+
+    paths = [Path(m.name_or_path).expanduser() for m in models if m is not None]
+    return ";".join(path_fingerprint(p) if p.exists() else "" for p in paths)
+
+
 def worker_model(model_json: str):
-    """(model, tokenizer) of a `ModelConfig` JSON, loaded once per worker process (a stage's shards share it)."""
+    """(model, tokenizer) of a `ModelConfig` JSON, loaded once per worker process and model files (a stage's
+    shards share it)."""
+    from configs.schema import ModelConfig
+
+    return _loaded_model(model_json, model_files_stamp(ModelConfig.model_validate_json(model_json)))
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded_model(model_json: str, files_stamp: str):
     from configs.schema import ModelConfig
     from models.loading import load_model
 

@@ -58,6 +58,41 @@ def test_config_selects_the_runner():
         ScaleOutConfig(address="tcp://10.0.0.5:8786")
 
 
+def test_a_worker_loads_a_model_folder_again_once_it_changed(tmp_path, monkeypatch):
+    # A worker process (a Dask worker, the stage's own process in threads mode) outlives a run: a model folder
+    # retrained in place is a new stage key, and its shards must then score with the new weights, not the
+    # ones this process loaded for the old key.
+    import models.deita
+    import models.generation
+    import models.loading
+    from configs.deita import DeitaScorerConfig
+    from configs.grape import GeneratorConfig
+    from configs.schema import ModelConfig
+    from tasks.deita import _worker_scorer
+    from tasks.generate import _worker_generator
+    from tasks.runner import worker_model
+
+    loads = []
+    monkeypatch.setattr(models.loading, "load_model", lambda cfg: loads.append("model") or len(loads))
+    monkeypatch.setattr(models.deita.DeitaScorer, "load", lambda *args: loads.append("scorer") or len(loads))
+    monkeypatch.setattr(models.generation, "make_generator", lambda cfg: loads.append("generator") or len(loads))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+    model = ModelConfig(name_or_path=str(folder))
+    scorer = DeitaScorerConfig(model=model).model_dump_json()
+    generator = GeneratorConfig(name="g", model=model).model_dump_json()
+
+    def load_all():
+        return worker_model(model.model_dump_json()), _worker_scorer("quality", scorer), _worker_generator(generator)
+
+    first = load_all()
+    assert load_all() == first and len(loads) == 3  # one load per process and folder
+    (folder / "model.safetensors").write_bytes(b"weights v2, retrained")
+    again = load_all()
+    assert len(loads) == 6 and set(again).isdisjoint(first)
+
+
 def test_dask_cluster_computes_shards_in_worker_processes_and_resumes(prefect_server, dask_local, tmp_path):
     table = ShardedTable(tmp_path / "scores")
     with pytest.raises(RuntimeError, match="shard 3 failed"):
