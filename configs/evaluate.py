@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from configs.schema import INPUT_FILE, REPO_INPUT_DIR, DataConfig, ModelConfig, StrictModel, TrackingConfig, tracking_field
+from configs.schema import REPO_INPUT_DIR, DataConfig, ModelConfig, StrictModel, TrackingConfig, tracking_field
 
 InstructionSet = Literal["vicuna", "koala", "lima", "sinstruct", "wizardlm"]
 
@@ -41,7 +41,7 @@ class LmEvalConfig(StrictModel):
 class BaselineAnswersFile(StrictModel):
     """Precomputed baseline answers, e.g. `../shared/data/candidates/vicuna_two_models.json` (Answer2 = Alpaca-7B)."""
 
-    path: str = Field(min_length=1, json_schema_extra=INPUT_FILE, description="JSON/JSONL file (a `{data: [...]}` wrapper is accepted) holding the test set's prompt field and an answer field.")
+    path: str = Field(min_length=1, json_schema_extra=REPO_INPUT_DIR, description="JSON/JSONL file (a `{data: [...]}` wrapper is accepted) holding the test set's prompt field and an answer field (relative: against the repository root when not found here).")
     answer_field: str = Field("Answer2", description="Field holding the baseline's answer.")
 
 

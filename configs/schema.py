@@ -22,7 +22,7 @@ INPUT_FILE = {"pomona_input_file": True}
 starts, so a typo costs a second, not a Prefect start-up and a stage's traceback."""
 
 REPO_INPUT_DIR = {"pomona_input_file": "repo"}
-"""As INPUT_FILE, for a folder that a relative path may also name from the repository root (`repo_path`)."""
+"""As INPUT_FILE, for a folder or file that a relative path may also name from the repository root (`repo_path`)."""
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -498,3 +498,24 @@ def test_cache_key_follows_a_folder_named_relative_to_the_repository(tmp_path, m
     edited_task = stage_cache_key(None, params)
     set_file.write_text('{"text": "another question"}\n')
     assert len({before, edited_task, stage_cache_key(None, params)}) == 3
+
+
+def test_cache_key_follows_a_baseline_answers_file_named_relative_to_the_repository(tmp_path, monkeypatch):
+    # the judge reads baseline answers by `repo_path` as it reads the test sets: the same file must move its key
+    import configs.schema
+    from configs.evaluate import BaselineAnswersFile, InstructionEvalConfig
+    from configs.schema import missing_input_files
+
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    repo.mkdir()
+    elsewhere.mkdir()
+    answers = repo / "vicuna_two_models.json"
+    answers.write_text('{"data": [{"text": "q", "Answer2": "a"}]}')
+    monkeypatch.setattr(configs.schema, "REPO_ROOT", repo)
+    monkeypatch.chdir(elsewhere)
+    inst = InstructionEvalConfig(data_dir=str(repo), baseline_answers={
+        "vicuna": BaselineAnswersFile(path="vicuna_two_models.json")})
+    assert missing_input_files(inst) == []  # found where the judge finds it
+    before = stage_cache_key(None, {"inst": inst})
+    answers.write_text('{"data": [{"text": "q", "Answer2": "another answer"}]}')
+    assert stage_cache_key(None, {"inst": inst}) != before
