@@ -94,6 +94,12 @@ def humaneval_generation(settings: GenerationSettings) -> GenerationSettings:
                                        for name in ("do_sample", "temperature", "top_p", "seed")})
 
 
+def answers_generation(settings: GenerationSettings) -> GenerationSettings:
+    """The instruction sets' decoding as their answers stage is keyed on: greedy decoding reads no temperature,
+    top_p or seed, so they go back to their defaults and changing one reuses the answers (a run of generation)."""
+    return settings if settings.do_sample else humaneval_generation(settings)
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     return text[:cut]
@@ -542,6 +548,8 @@ def answers_stage(model: ModelConfig, model_digest: str, cfg: InstructionEvalCon
     token) is not answered: its row in `answers.jsonl` has `answer` null and the `reason`, it is listed in
     `rejects.jsonl` and counted (`answers_special_tokens`); the judge leaves it out. All of them: a ConfigError."""
     from models.loading import load_model, load_tokenizer
+
+    generation = answers_generation(generation)
 
     def body(folder: Path) -> dict:
         loaded = functools.cache(lambda: load_model(model))  # loads only if a shard is left to generate

@@ -498,6 +498,25 @@ def test_generation_kwargs_carry_sampling_parameters_only_when_sampling():
                                                                         "pad_token_id": 0}
 
 
+def test_greedy_answers_are_keyed_without_the_sampling_fields_they_do_not_read(tmp_path, monkeypatch):
+    import tasks.evaluate
+    from configs.evaluate import InstructionEvalConfig
+    from configs.schema import ModelConfig
+    from tasks.evaluate import answers_stage
+    from tasks.store import stage_key
+
+    (tmp_path / "vicuna_test_set.jsonl").write_text('{"text": "q"}\n')
+    keys = []
+    monkeypatch.setattr(tasks.evaluate, "run_stage", lambda stage, config, inputs, body, **kw: keys.append(
+        stage_key(stage, config, inputs)))
+    inst, model = InstructionEvalConfig(data_dir=str(tmp_path), pairwise=False), ModelConfig(name_or_path="tiny:0")
+    for settings in (GenerationSettings(), GenerationSettings(temperature=0.3, top_p=0.5, seed=7),
+                     GenerationSettings(do_sample=True, seed=1), GenerationSettings(do_sample=True, seed=2)):
+        answers_stage(model, "digest", inst, settings)
+    assert keys[0] == keys[1]  # greedy: the same answers, reused
+    assert len({keys[0], keys[2], keys[3]}) == 3  # sampling: each seed its own answers
+
+
 def test_killed_humaneval_resumes_at_its_unfinished_shard_with_identical_results(tiny, tmp_path, monkeypatch):
     import tasks.evaluate
     from tasks.evaluate import humaneval_stage
