@@ -341,9 +341,12 @@ def _to_messages(row: dict, fmt: str, file: str, location: str, require_response
         system = _text(row, "system", file, location, required=False)
         if system:
             messages.append({"role": "system", "content": system})
-        history = row.get("history") or []
+        # None only: `or []` would pass a history of "", 0 or {} off as no earlier turns, dropping what was meant
+        history = row.get("history")
+        history = [] if history is None else history
         if not isinstance(history, list):
-            raise RecordError(file, location, "history", "wrong type: expected a list of [instruction, response] pairs", row)
+            raise RecordError(file, location, "history", "wrong type: expected a list of [instruction, response] "
+                              f"pairs, got {type(history).__name__}", row)
         for j, pair in enumerate(history):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) and t.strip() for t in pair)):
                 raise RecordError(file, location, f"history[{j}]", "expected a pair of non-empty strings", row)

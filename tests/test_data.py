@@ -473,3 +473,12 @@ def test_a_cut_off_json_array_says_so_and_how_to_keep_the_good_records(tmp_path)
     path.write_text(text[: text.index("},\n {") + 1] + "\n")  # one whole record, the array never closed
     with pytest.raises(RecordError, match=r"cut off\?"):
         read_records(path)
+
+
+@pytest.mark.parametrize("history", ["", 0, {}, "Hi -> Hello."])
+def test_an_alpaca_history_that_is_not_a_list_is_a_reject_not_no_history(tmp_path, history):
+    path = _write(tmp_path / "h.json", [{"instruction": "a", "output": "b", "history": history}])
+    with pytest.raises(RecordError, match=r"record 0, field 'history': wrong type: expected a list") as err:
+        read_records(path)
+    assert type(history).__name__ in err.value.reason
+    assert read_records(path, on_error="skip").counts["rejected[wrong type]"] == 1
