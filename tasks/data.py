@@ -331,6 +331,22 @@ def _text(row: dict, key: str, file: str, location: str, required: bool = True, 
     return value
 
 
+def with_instance_input(instruction: str, row: dict, file: str, location: str) -> str:
+    """A Self-Instruct row's instruction, followed by the input of its one instance (`instances: [{input, output}]`)
+    as Alpaca's instruction and input are joined; a malformed `instances` is an error naming it, never left out."""
+    instances = row.get("instances")
+    if instances is None:
+        return instruction
+    if not isinstance(instances, list) or len(instances) != 1 or not isinstance(instances[0], dict):
+        raise RecordError(file, location, "instances", "expected a list with exactly one {input, output} object", row)
+    extra = instances[0].get("input")
+    extra = "" if extra is None else extra
+    if not isinstance(extra, str):
+        raise RecordError(file, location, "instances[0].input",
+                          f"wrong type: expected a string, got {type(extra).__name__}", row)
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
 def _to_messages(row: dict, fmt: str, file: str, location: str, require_response: bool,
                  leading_reply: LeadingReply = "reject", repairs: list[dict] | None = None) -> list[dict[str, str]]:
     if fmt == "alpaca":

@@ -29,7 +29,7 @@ from configs.evaluate import (EvaluateConfig, GenerationSettings, HeldoutLikelih
 from configs.schema import ModelConfig, repo_path
 from models.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
                                    special_token_reason)
-from tasks.data import jsonl_rows, read_jsonl, read_records, reject_kind, write_jsonl
+from tasks.data import jsonl_rows, read_jsonl, read_records, reject_kind, with_instance_input, write_jsonl
 from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
                          stage_task)
 from tasks.track import sanitize_metric_key
@@ -122,11 +122,8 @@ def instruction_prompt(name: str, row: dict, file: str, location: str) -> str:
     value = row.get(field)
     if not isinstance(value, str) or not value.strip():
         raise RecordError(file, location, field, "missing or empty prompt field", row)
-    if name == "sinstruct":
-        instances = row.get("instances") or []
-        extra = instances[0].get("input", "") if instances and isinstance(instances[0], dict) else ""
-        if extra and extra.strip():
-            value = f"{value}\n\n{extra}"
+    if name == "sinstruct":  # checked as GRAPE's candidates are: a bad `instances` is named, not a traceback
+        value = with_instance_input(value, row, file, location)
     return value
 
 

@@ -33,7 +33,7 @@ from models.generation import SPECIAL_TOKEN as SPECIAL_TOKEN_FINISH
 from models.special_tokens import (SPECIAL_TOKEN, first_special_token, message_texts, report_special_tokens,
                                    special_token_pattern, special_token_reason)
 from tasks.data import (Record, json_rows, jsonl_rows, load_canonical, read_jsonl, record_id, reject_counts,
-                        reject_kind, write_jsonl)
+                        reject_kind, with_instance_input, write_jsonl)
 from tasks.generate import CANDIDATE_FILES, instruction_messages, read_parquet, write_candidates, write_parquet
 from tasks.select import SUBSET_FILES, write_subset
 from tasks.store import ShardedTable, StageOutput, file_digest, run_stage, stage_task
@@ -55,16 +55,8 @@ def _prompt(row: dict, file: str, location: str) -> str:
         raise RecordError(file, location, key, f"wrong type: expected a string, got {type(text).__name__}", row)
     if not text.strip():
         raise RecordError(file, location, key, "empty field", row)
-    instances = row.get("instances")
-    if key == "instruction" and instances is not None:  # Self-Instruct: the input lives in instances[0]
-        if not isinstance(instances, list) or len(instances) != 1 or not isinstance(instances[0], dict):
-            raise RecordError(file, location, "instances", "expected a list with exactly one {input, output} object", row)
-        extra = instances[0].get("input") or ""
-        if not isinstance(extra, str):
-            raise RecordError(file, location, "instances[0].input", "wrong type: expected a string", row)
-        if extra.strip():
-            text = f"{text}\n\n{extra}"  # the same instruction/input join tasks/data.py uses for Alpaca rows
-    return text
+    # Self-Instruct: the input lives in instances[0]
+    return with_instance_input(text, row, file, location) if key == "instruction" else text
 
 
 def _row_candidates(row: dict, fmt: str, file: str, location: str) -> list[tuple[str, object, str]]:

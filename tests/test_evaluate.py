@@ -769,3 +769,23 @@ def test_instruction_prompts_and_answers_holding_a_special_tokens_text_are_left_
     with pytest.raises(ConfigError, match=r"^eval-answers: all 1 test prompts hold one of the tokenizer's special"):
         answers_stage(tiny, "digest-held", InstructionEvalConfig(
             sets=["vicuna"], data_dir=str(tmp_path / "prompts-held"), pairwise=False), gen)
+
+
+@pytest.mark.parametrize("instances, field, reason", [
+    ({"input": "he go home"}, "instances", "expected a list with exactly one"),
+    ("he go home", "instances", "expected a list with exactly one"),
+    ([{"input": 5}], "instances[0].input", "wrong type: expected a string, got int"),
+])
+def test_a_self_instruct_test_prompt_with_bad_instances_names_the_field(tmp_path, instances, field, reason):
+    # a dict used to end in KeyError 0, a number in AttributeError, and a string was dropped without a word
+    from configs.errors import RecordError
+    from tasks.evaluate import load_instruction_set
+
+    path = tmp_path / "sinstruct_test_set.jsonl"
+    path.write_text(json.dumps({"instruction": "Fix the grammar."}) + "\n" +
+                    json.dumps({"instruction": "Fix the grammar.", "instances": instances}) + "\n")
+    with pytest.raises(RecordError) as err:
+        load_instruction_set("sinstruct", str(tmp_path))
+    assert (err.value.location, err.value.field) == ("line 2", field) and reason in err.value.reason
+    path.write_text(json.dumps({"instruction": "Fix the grammar.", "instances": [{"input": "he go home"}]}) + "\n")
+    assert load_instruction_set("sinstruct", str(tmp_path))[0]["prompt"] == "Fix the grammar.\n\nhe go home"
