@@ -29,7 +29,7 @@ from configs.evaluate import (EvaluateConfig, GenerationSettings, HeldoutLikelih
 from configs.schema import ModelConfig, repo_path
 from models.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
                                    special_token_reason)
-from tasks.data import jsonl_rows, read_jsonl, read_records, reject_kind, with_instance_input, write_jsonl
+from tasks.data import json_rows, jsonl_rows, read_jsonl, read_records, reject_kind, with_instance_input, write_jsonl
 from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
                          stage_task)
 from tasks.track import sanitize_metric_key
@@ -144,25 +144,26 @@ def load_instruction_set(name: str, data_dir: str, limit: int | None = None) -> 
 def load_baseline_file(name: str, path: str, answer_field: str, prompts: list[dict]) -> list[str]:
     """Baseline answers from a file, matched to the test set by position and checked against its prompt field."""
     file = repo_path(path)
-    text = file.read_text(encoding="utf-8")
-    rows = read_jsonl(file) if file.suffix == ".jsonl" else json.loads(text)
-    if isinstance(rows, dict):
-        rows = rows.get("data", rows)
+    if not file.is_file():  # a run from the Prefect UI has no `pomona run` input check before it
+        raise RecordError(str(file), "file", None, f"no such file: give the {name!r} baseline's answers "
+                                                   "(evaluate.instruction.baseline_answers)")
+    # read as data files are: broken JSON, not UTF-8 or a top level that is no list of rows names its line
+    rows = list(jsonl_rows(file, "raise", []) if file.suffix == ".jsonl" else json_rows(file))
     field = INSTRUCTION_PROMPT_FIELDS[name]
     answers = []
     for item in prompts:
         i = item["index"]
         if i >= len(rows):
             raise RecordError(str(file), f"record {i}", None, f"baseline file has only {len(rows)} rows")
-        row = rows[i]
+        location, row = rows[i]
         text = row.get(field) if isinstance(row, dict) else None
         # Self-Instruct prompts carry the instance input after the instruction; the files hold the instruction.
         matches = isinstance(text, str) and (item["prompt"] == text or (name == "sinstruct" and item["prompt"].startswith(text + "\n\n")))
         if not matches:
-            raise RecordError(str(file), f"record {i}", field, "does not match the test set's prompt at this position", row)
+            raise RecordError(str(file), location, field, "does not match the test set's prompt at this position", row)
         answer = row.get(answer_field)
         if not isinstance(answer, str):
-            raise RecordError(str(file), f"record {i}", answer_field, "missing baseline answer", row)
+            raise RecordError(str(file), location, answer_field, "missing baseline answer", row)
         answers.append(answer)
     return answers
 

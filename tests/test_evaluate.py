@@ -789,3 +789,30 @@ def test_a_self_instruct_test_prompt_with_bad_instances_names_the_field(tmp_path
     assert (err.value.location, err.value.field) == ("line 2", field) and reason in err.value.reason
     path.write_text(json.dumps({"instruction": "Fix the grammar.", "instances": [{"input": "he go home"}]}) + "\n")
     assert load_instruction_set("sinstruct", str(tmp_path))[0]["prompt"] == "Fix the grammar.\n\nhe go home"
+
+
+@pytest.mark.parametrize("content, location, reason", [
+    (None, "file", "no such file"),
+    ('[{"Instruction": "Hi?", "Answer2": "Hello."}', "line 1", "invalid JSON"),
+    ('{"data": {"Instruction": "Hi?", "Answer2": "Hello."}}', "top level", "wrong type: expected a JSON array"),
+    ('{"Instruction": "Hi?", "Answer2": "Hello."}', "top level", "wrong type: expected a JSON array"),
+])
+def test_a_broken_baseline_answers_file_names_the_file_and_where(tmp_path, content, location, reason):
+    # these used to end in FileNotFoundError, JSONDecodeError and KeyError 0 tracebacks
+    from configs.errors import RecordError
+    from tasks.evaluate import load_baseline_file
+
+    path = tmp_path / "baseline.json"
+    if content is not None:
+        path.write_text(content)
+    prompts = [{"set": "wizardlm", "index": 0, "prompt": "Hi?"}]
+    with pytest.raises(RecordError) as err:
+        load_baseline_file("wizardlm", str(path), "Answer2", prompts)
+    assert err.value.file == str(path) and err.value.location == location and reason in err.value.reason
+    jsonl = tmp_path / "baseline.jsonl"
+    jsonl.write_text('{"Instruction": "Hi?", "Answer2": "Hello."}\n\n{"Instruction": "Bye?"\n')
+    with pytest.raises(RecordError, match=r"baseline.jsonl, line 3: invalid JSON"):
+        load_baseline_file("wizardlm", str(jsonl), "Answer2", prompts)
+    jsonl.write_text('{"Instruction": "Hi?", "Answer2": "Hello."}\n\n{"Instruction": "Bye?", "Answer2": "Bye."}\n')
+    both = prompts + [{"set": "wizardlm", "index": 1, "prompt": "Bye?"}]
+    assert load_baseline_file("wizardlm", str(jsonl), "Answer2", both) == ["Hello.", "Bye."]
