@@ -73,7 +73,12 @@ def _row_candidates(row: dict, fmt: str, file: str, location: str) -> list[tuple
     for j, item in enumerate(completions):
         if not isinstance(item, dict):
             raise RecordError(file, location, f"completions[{j}]", "wrong type: expected an object", row)
-        model = item.get("model") if isinstance(item.get("model"), str) and item.get("model") else f"completion{j}"
+        model = item.get("model")
+        if model is not None and not isinstance(model, str):
+            # named by position instead, it would pass as another generator (or clash with `completion{j}`)
+            raise RecordError(file, location, f"completions[{j}].model",
+                              f"wrong type: expected a generator name (a string), got {type(model).__name__}", row)
+        model = model or f"completion{j}"  # no name: by position
         out.append((model, item.get("response"), f"completions[{j}].response"))
     return out
 

@@ -100,6 +100,22 @@ def test_a_candidates_file_that_is_not_utf8_or_not_an_array_names_its_line(tmp_p
         read_candidates_file(CandidatesFile(path=str(obj)))
 
 
+def test_a_completion_whose_model_is_not_a_name_is_a_reject_not_renamed_by_position(tmp_path):
+    # `model: 5` used to become `completion0`, another generator (here clashing with the row's real one)
+    path = tmp_path / "u.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "Name a colour.", "completions": [{"model": 5, "response": "Blue."},
+                                                          {"model": "completion0", "response": "Red."}]},
+        {"instruction": "Name a fruit.", "completions": [{"response": "Apple."}, {"model": "", "response": "Pear."}]},
+    ]) + "\n")
+    with pytest.raises(RecordError, match=r"u.jsonl, line 1, field 'completions\[0\].model': wrong type: expected "
+                                          r"a generator name \(a string\), got int"):
+        read_candidates_file(CandidatesFile(path=str(path), on_error="raise"))
+    instructions, rows, rejects = read_candidates_file(CandidatesFile(path=str(path)))
+    assert [r["location"] for r in rejects] == ["line 1"] and len(instructions) == 1
+    assert [r["generator"] for r in rows] == ["completion0", "completion1"]  # unnamed: by position
+
+
 def test_generator_labels_must_name_a_generator_of_the_file_and_make_valid_param_names(tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.utils.validation import _validate_param_name
