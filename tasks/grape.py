@@ -59,13 +59,22 @@ def _prompt(row: dict, file: str, location: str) -> str:
     return with_instance_input(text, row, file, location) if key == "instruction" else text
 
 
-def _row_candidates(row: dict, fmt: str, file: str, location: str) -> list[tuple[str, object, str]]:
-    """(generator name as the file has it, raw response, field name) in file order."""
+_ABSENT = object()
+"""The response of an AnswerN field that other rows of the file hold and this row lacks."""
+
+
+def _answer_keys(keys: Iterable[str]) -> list[str]:
+    return sorted((k for k in keys if _ANSWER.match(k)), key=lambda k: int(_ANSWER.match(k).group(1)))
+
+
+def _row_candidates(row: dict, fmt: str, file: str, location: str,
+                    file_answers: Iterable[str] = ()) -> list[tuple[str, object, str]]:
+    """(generator name as the file has it, raw response or _ABSENT, field name) in file order; `file_answers`:
+    the AnswerN fields of every row of the file, so one that this row lacks is a reject, as a null answer is."""
     if fmt == "answers":
-        keys = sorted((k for k in row if _ANSWER.match(k)), key=lambda k: int(_ANSWER.match(k).group(1)))
-        if not keys:
+        if not _answer_keys(row):
             raise RecordError(file, location, None, "no Answer1, Answer2, ... fields", row)
-        return [(k, row[k], k) for k in keys]
+        return [(k, row.get(k, _ABSENT), k) for k in _answer_keys(set(row) | set(file_answers))]
     completions = row.get("completions")
     if not isinstance(completions, list) or not completions:
         raise RecordError(file, location, "completions", "expected a non-empty list of {model, response}", row)
@@ -118,7 +127,9 @@ def read_candidates_file(cfg: CandidatesFile) -> tuple[list[Record], list[dict],
 
     params = json.dumps({"backend": "file", "source": str(path)})
     generators: set[str] = set()  # as the file names them, to check generator_labels against
-    for location, raw in _candidate_rows(path, cfg.on_error, rejects):
+    read = _candidate_rows(path, cfg.on_error, rejects)
+    file_answers = _answer_keys({k for _, raw in read if isinstance(raw, dict) for k in raw})
+    for location, raw in read:
         if cfg.limit is not None and len(instructions) >= cfg.limit:
             break
         try:
@@ -130,9 +141,13 @@ def read_candidates_file(cfg: CandidatesFile) -> tuple[list[Record], list[dict],
             if iid in seen:
                 raise RecordError(str(path), location, None, f"duplicate instruction: same prompt as {seen[iid]}", raw)
             kept = []
-            for name, response, field in _row_candidates(raw, fmt, str(path), location):
+            for name, response, field in _row_candidates(raw, fmt, str(path), location, file_answers):
                 generators.add(name)
                 label = cfg.generator_labels.get(name, name)
+                if response is _ABSENT:
+                    reject(RecordError(str(path), location, field, f"missing field: other rows of the file hold "
+                                       f"{field}; give it, or null for no answer", raw))
+                    continue
                 if not isinstance(response, str) or not response.strip():
                     why = "empty response" if isinstance(response, str) or response is None else \
                         f"wrong type: expected a string, got {type(response).__name__}"

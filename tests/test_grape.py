@@ -15,7 +15,7 @@ from configs.grape import CandidatesFile, GrapeRecipe, GrapeSelection
 from configs.schema import ModelConfig
 from models.fit import CandidateGroup, candidate_tokens, fit_plain, fit_with_prefix_reuse
 from models.loading import load_model
-from tasks.data import read_jsonl
+from tasks.data import read_jsonl, reject_kind
 from tasks.generate import read_parquet
 from tasks.grape import (
     CandidateFit, dpo_pairs, grape_select, ingest_candidates, rank_candidates, read_candidates_file,
@@ -114,6 +114,21 @@ def test_a_completion_whose_model_is_not_a_name_is_a_reject_not_renamed_by_posit
     instructions, rows, rejects = read_candidates_file(CandidatesFile(path=str(path)))
     assert [r["location"] for r in rejects] == ["line 1"] and len(instructions) == 1
     assert [r["generator"] for r in rows] == ["completion0", "completion1"]  # unnamed: by position
+
+
+def test_an_answer_field_a_row_lacks_is_a_counted_reject_as_a_null_answer_is(tmp_path):
+    # a row without Answer2 used to pass as a one-candidate instruction, with nothing in the rejects
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"Meta_Info": {}, "data": [
+        {"instruction": "Name a colour.", "Answer1": "Blue.", "Answer2": "Red."},
+        {"instruction": "Name a fruit.", "Answer1": "Apple."},
+        {"instruction": "Name a tree.", "Answer1": "Oak.", "Answer2": None}]}))
+    instructions, rows, rejects = read_candidates_file(CandidatesFile(path=str(path)))
+    assert len(instructions) == 3 and len(rows) == 4
+    assert [(r["location"], r["field"], reject_kind(r["reason"])) for r in rejects] == [
+        ("record 1", "Answer2", "missing field"), ("record 2", "Answer2", "empty response")]
+    with pytest.raises(RecordError, match=r"c.json, record 1, field 'Answer2': missing field: other rows of the file"):
+        read_candidates_file(CandidatesFile(path=str(path), on_error="raise"))
 
 
 def test_generator_labels_must_name_a_generator_of_the_file_and_make_valid_param_names(tmp_path):
