@@ -25,11 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from configs.errors import ConfigError, ModelLoadError
+from configs.errors import ConfigError, ModelLoadError, RecordError
 from configs.schema import ModelConfig
 from configs.train import ACCELERATE_FILES, DPOStageConfig, SFTStageConfig, TrainStageConfig
 from models.special_tokens import special_token_reason, special_tokens_in_text
-from tasks.data import read_jsonl, write_jsonl
+from tasks.data import read_jsonl, reject_counts, write_jsonl
 from tasks.store import (StageOutput, atomic_write_text, file_digest, portable_model_digest, run_stage,
                          stage_task)
 
@@ -699,6 +699,9 @@ def dpo_stage(pairs: StageOutput | None, model: ModelConfig, config: DPOStageCon
         read = read_preference_pairs(source, on_error=config.on_error)
         write_jsonl(folder / "pairs.jsonl", read.rows)
         write_jsonl(folder / "rejects.jsonl", read.rejects)
+        if not read.rows:  # here, naming the user's file and why, not later as "no preference pairs" in the store
+            raise RecordError(str(source), "whole file", None, no_pairs_reason(read.rejects, folder / "rejects.jsonl",
+                                                                              bool(config.pairs_path)))
         callbacks = [_interrupt_callback(interrupt_after_step)] if interrupt_after_step else None
         with training_run(tracking, "train-dpo", tags) as run_id:
             dpo_train(folder / "pairs.jsonl", start, config, folder, callbacks=callbacks)
@@ -713,6 +716,19 @@ def dpo_stage(pairs: StageOutput | None, model: ModelConfig, config: DPOStageCon
 
     return run_stage("train-dpo", {"model": model, "train": config}, inputs, body, digest_of=[MODEL_DIR],
                      digest_file=portable_model_digest)
+
+
+def no_pairs_reason(rejects: list[dict], rejects_file: Path, given: bool) -> str:
+    """Why a preference file (`given`: dpo.pairs_path, else the selection's) gave no pair to train on: empty, or
+    every row rejected (counts per kind)."""
+    if not rejects:
+        return ("no preference pairs in it: " + ("give a file with at least one pair (dpo.pairs_path)" if given else
+                "the selection wrote none (its dpo_skipped[...] counts say why): lower selection.dpo.min_margin, or "
+                "set dpo.pairs_path"))
+    kinds = ", ".join(f"{k.removeprefix('rejected[').removesuffix(']')} {n}"
+                      for k, n in reject_counts(r["reason"] for r in rejects).items())
+    return (f"all {len(rejects)} preference rows read were rejected ({kinds}), so none is left to train on: fix "
+            f"them (each is listed with its line and reason in {rejects_file})")
 
 
 def trained_model(out: StageOutput, base: ModelConfig) -> ModelConfig:

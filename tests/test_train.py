@@ -611,3 +611,21 @@ def test_the_same_lora_sft_in_two_homes_has_one_digest_and_loads_after_the_home_
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_a_pairs_file_whose_every_row_is_rejected_fails_naming_it_and_the_reasons(tmp_path):
+    # it used to train on: DPO died after loading the model, naming the store's empty pairs.jsonl and no reason
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+         "rejected": {"from": "gpt", "value": "a"}},
+        {"conversations": [{"from": "human", "value": "q2"}], "chosen": {"from": "gpt", "value": "b"}},
+    ]) + "\n")
+    config = DPOStageConfig(max_steps=1, pairs_path=str(path), on_error="skip")
+    with pytest.raises(RecordError, match=r"pairs.jsonl, whole file: all 2 preference rows read were rejected "
+                                          r"\(chosen and rejected are identical 1, missing field 1\)") as err:
+        dpo_stage(None, ModelConfig(name_or_path="/nonexistent-model"), config, tracking=None)
+    assert err.value.file == str(path) and "rejects.jsonl" in err.value.reason
+    path.write_text("")
+    with pytest.raises(RecordError, match=r"whole file: no preference pairs in it"):
+        dpo_stage(None, ModelConfig(name_or_path="/nonexistent-model"), config, tracking=None)
