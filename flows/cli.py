@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -42,11 +43,27 @@ def user_errors():
     """A problem the user can fix (bad recipe, missing file or model) is one red line and exit status 2."""
     from configs.errors import PomonaError
 
+    # Prefect logs a task's or flow's exception with its traceback (twice, ~100 lines above the red line): for a
+    # PomonaError the message says where and what to do, so its run loggers keep the line and drop the traceback.
+    run_loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    for logger in run_loggers:
+        logger.addFilter(_no_traceback_for_user_errors)
     try:
         yield
     except PomonaError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    finally:
+        for logger in run_loggers:
+            logger.removeFilter(_no_traceback_for_user_errors)
+
+
+def _no_traceback_for_user_errors(record: logging.LogRecord) -> bool:
+    from configs.errors import PomonaError
+
+    if record.exc_info and isinstance(record.exc_info[1], PomonaError):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def check_input_files(recipe: Path, config) -> None:

@@ -174,3 +174,19 @@ def test_fields_lists_what_a_recipe_can_set(monkeypatch):
     wrong = invoke("fields", "selection.treshold", monkeypatch=monkeypatch)
     assert wrong.exit_code == 2 and "no field 'selection.treshold' in a pipeline recipe (did you mean " \
         "'selection.rule.threshold'" in wrong.output, wrong.output
+
+
+def test_a_bad_record_found_inside_a_flow_is_its_message_without_prefects_tracebacks(tmp_path):
+    """As a user runs it: Prefect logged the task's and the flow's traceback (~100 lines) above the red line."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": ["x"], "output": "y"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: cli-bad-record\ndata: {{path: {data}}}\nselection: {{method: random, budget: 1}}\n"
+                      "tracking: {enabled: false}\n")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "run", str(recipe)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"error: {data}, line 2, field 'instruction': wrong type: expected a string, got list" in done.stderr
