@@ -206,12 +206,15 @@ def load_for_training(model: ModelConfig, config: TrainStageConfig, device: str)
 def training_weights_dtype(model: ModelConfig, config: TrainStageConfig, device: str):
     """float32 weights for full fine-tuning under 'auto' (the trainer's bf16 flag autocasts the compute): weights
     held in bfloat16 round most updates at small learning rates to nothing (at 2e-5, 70 % of a layer's entries
-    never moved). LoRA/QLoRA keep the frozen base in the compute dtype; PEFT holds the adapters in float32."""
+    never moved). The same under 'float16' on CUDA, where the trainer's fp16 flag autocasts: its gradient scaler
+    refuses float16 gradients ("Attempting to unscale FP16 gradients"), so float16 weights failed the first step.
+    LoRA/QLoRA keep the frozen base in the compute dtype; PEFT holds the adapters in float32."""
     import torch
 
     from models.loading import resolve_dtype
 
-    if model.dtype == "auto" and config.lora is None and not config.qlora:
+    full = config.lora is None and not config.qlora
+    if full and (model.dtype == "auto" or (model.dtype == "float16" and device == "cuda")):
         return torch.float32
     return resolve_dtype(model, device)
 

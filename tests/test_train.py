@@ -406,6 +406,25 @@ def test_full_fine_tuning_keeps_float32_weights_under_bf16_autocast():
     assert training_weights_dtype(TINY, lora, "cpu") == torch.float32
 
 
+def test_full_fine_tuning_in_float16_on_cuda_gives_the_gradient_scaler_float32_weights():
+    """dtype 'float16' on CUDA turns on the trainer's fp16 mixed precision, whose gradient scaler refuses float16
+    gradients: with float16 weights a full fine-tune failed its first optimizer step. The scaler's check is the
+    same on CPU, so it runs here on the weights' dtype; a LoRA base stays float16 (PEFT's adapters are float32)."""
+    from tasks.train import training_weights_dtype
+
+    half = TINY.model_copy(update={"dtype": "float16"})
+    dtype = training_weights_dtype(half, SFTStageConfig(), "cuda")
+    weight = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale((weight.float() * 2).sum()).backward()
+    scaler.unscale_(optimizer)  # float16 weights: ValueError "Attempting to unscale FP16 gradients."
+    scaler.step(optimizer)
+    assert dtype == torch.float32 and bool((weight < 1).all())
+    assert training_weights_dtype(half, SFTStageConfig(lora=LoraSettings(r=4, alpha=8)), "cuda") == torch.float16
+    assert training_weights_dtype(half, SFTStageConfig(), "cpu") == torch.float16  # no autocast on CPU: as asked
+
+
 def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
     """The Trainer writes trainer_state.json last: a checkpoint without it (or with it cut short) was being saved
     when the run died, and resuming from it failed on every rerun."""
