@@ -252,7 +252,7 @@ def quantization_config(device: str, dtype):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError("qlora needs the bitsandbytes package: pip install bitsandbytes") from None
+        raise ConfigError("qlora needs the bitsandbytes package: pip install 'pomona[qlora]'") from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

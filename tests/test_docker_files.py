@@ -234,9 +234,24 @@ def test_cuda_image_installs_under_the_tested_constraints():
         assert len(matched) == 1, f"Dockerfile.cuda's constraint filter: {name!r} matches {matched} in constraints.txt"
     for needed in ("torch", "transformers", "trl", "peft", "prefect", "fastapi", "mlflow", "lm_eval"):
         assert needed in found["names"].split("|"), needed
-    install = re.search(rf"pip install -c {re.escape(found['out'])} \"\.\[dev,vllm\]\"", text)
+    install = re.search(rf"pip install -c {re.escape(found['out'])} \"\.\[dev,vllm[,\w]*\]\"", text)
     assert install, "pomona and vLLM are installed with -c <the filtered constraints>, like the CPU image"
     assert re.search(r'pip install -c constraints\.txt "\.\[dev\]"', (DOCKER / "Dockerfile.cpu").read_text())
+
+
+def test_cuda_image_installs_what_the_cuda_only_features_import():
+    """QLoRA (`sft.qlora`) loads 4-bit weights through bitsandbytes and runs only on CUDA, so only the CUDA image can
+    serve it: without the package there, every QLoRA run on the GPU worker stopped with 'qlora needs the
+    bitsandbytes package'."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    text = (DOCKER / "Dockerfile.cuda").read_text().replace("\\\n", " ")
+    installed = re.search(r'pip install -c \S+ "\.\[(?P<extras>[\w,]+)\]"', text)
+    assert installed, "Dockerfile.cuda installs pomona with its extras"
+    for extra, package in (("vllm", "vllm"), ("qlora", "bitsandbytes")):
+        assert any(re.match(rf"{package}\b", requirement) for requirement in extras[extra]), (extra, package)
+        assert extra in installed["extras"].split(","), f"Dockerfile.cuda leaves out the {extra!r} extra"
 
 
 def test_workers_have_a_healthcheck_on_the_worker_health_server(compose):
