@@ -406,12 +406,23 @@ def lm_eval_metrics(results: dict) -> dict[str, float]:
     return out
 
 
+def harness_model(model, tokenizer, batch_size: int):
+    """lm-eval's wrapper of the in-memory model, its log-softmax in float32. lm-eval's default takes it in the
+    model's dtype and sums the continuation's log-probabilities in that dtype too: on CUDA (bfloat16) a sum near
+    -159 came out as exactly -159.0, so multiple-choice options tied or swapped where float32 tells them apart."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    device = str(next(model.parameters()).device)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                softmax_dtype=torch.float32)
+
+
 def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, work_dir: Path) -> dict:
     """`lm_eval.simple_evaluate` on the in-memory model over the local task folder; returns lm-eval's result dict."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     task_dir = materialize_task_dir(repo_path(cfg.task_dir), work_dir / "lm_eval_tasks")
@@ -419,8 +430,7 @@ def run_lm_eval(model, tokenizer, cfg: LmEvalConfig, work_dir: Path) -> dict:
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"lm_eval.tasks {unknown} are not defined in {cfg.task_dir} (found {sorted(manager.all_tasks)})")
-    device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, device=device)
+    lm = harness_model(model, tokenizer, cfg.batch_size)
     results = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
                               num_fewshot=cfg.num_fewshot, log_samples=False, bootstrap_iters=0,
                               random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)

@@ -338,6 +338,29 @@ def test_lm_eval_stage_runs_local_mc_and_generate_tasks(tiny):
         out.file("lm_eval_tasks/pomona_mc.yaml").read_text()
 
 
+def test_lm_eval_log_likelihoods_of_a_bfloat16_model_are_summed_in_float32(tiny):
+    """On CUDA the model is bfloat16 ('auto'): lm-eval's default log-softmax and sum in the model's dtype rounded a
+    continuation's log-likelihood of -158.8 to -159.0 (bfloat16's step there is 1), tying multiple-choice options.
+    The same bfloat16 model on CPU shows it; the yardstick is float64 over the model's own bfloat16 logits."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from models.loading import load_model
+    from tasks.evaluate import harness_model
+
+    model, tokenizer = load_model(tiny.model_copy(update={"dtype": "bfloat16", "device": "cpu"}))
+    lm = harness_model(model, tokenizer, batch_size=2)
+    context = "Question: what is the capital of France?\nAnswer:"
+    continuation = " The capital of France is Paris, a large city on the river Seine."
+    [(got, _)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    whole, start = lm.tok_encode(context + continuation), len(lm.tok_encode(context))
+    with torch.no_grad():
+        logp = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+    expected = math.fsum(float(logp[i - 1, whole[i]]) for i in range(start, len(whole)))
+    assert expected < -2 ** 7  # where bfloat16 holds whole numbers only, so its rounding would show
+    assert got == pytest.approx(expected, abs=1e-3)
+
+
 def test_instruction_answers_judged_against_file_baseline(tiny, monkeypatch):
     from tasks.evaluate import answers_stage, judge_stage
 
