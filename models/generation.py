@@ -204,7 +204,9 @@ class VllmGenerator:
 
         from models.loading import resolve_model_path
 
-        dtype = "auto" if config.model.dtype == "auto" else config.model.dtype
+        # pomona's 'auto' is bfloat16 on CUDA, as the transformers backend loads it; vLLM's own 'auto' runs a float32
+        # checkpoint (an imported GGUF, a full fine-tune saved in float32) in float16, which can overflow
+        dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype
         self._bind(config.name, config.sampling, LLM(model=resolve_model_path(config.model), dtype=dtype,
                                                      seed=config.sampling.seed,
                                                      trust_remote_code=config.model.trust_remote_code))

@@ -534,3 +534,33 @@ def test_a_conversation_holding_a_special_tokens_text_is_not_generated_and_says_
     assert [r["finish_reason"] == "special_token" for r in generated] == [False, True] and generated[1]["response"] == ""
     assert "answered 1 of 2 instructions" in stage.summary
     assert "1 conversations hold one of the generator's special tokens as text" in stage.summary
+
+
+def test_vllm_runs_dtype_auto_in_bfloat16_as_the_transformers_backend(monkeypatch, tiny_model_dir):
+    """pomona's dtype 'auto' is bfloat16 on CUDA; vLLM's own 'auto' runs a float32 checkpoint (the tiny model,
+    SmolLM2 imported from GGUF, a full fine-tune saved in float32) in float16, so the backends generated in
+    different precisions and float16 can overflow. A fake vLLM records what the generator asks of it."""
+    import sys
+    from types import ModuleType
+
+    import torch
+
+    from models.generation import VllmGenerator
+    from models.loading import load_tokenizer
+
+    model = ModelConfig(name_or_path=str(tiny_model_dir))
+    asked = []
+
+    def fake_llm(**kwargs):
+        asked.append(kwargs)
+        return FakeVllmEngine(load_tokenizer(model), 2048)
+
+    fake_vllm = ModuleType("vllm")
+    fake_vllm.LLM = fake_llm
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for dtype, expected in [("auto", "bfloat16"), ("float16", "float16"), ("float32", "float32")]:
+        VllmGenerator(GeneratorConfig(name="v", backend="vllm", model=model.model_copy(update={"dtype": dtype})))
+        assert asked[-1]["dtype"] == expected, dtype
