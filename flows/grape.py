@@ -56,7 +56,20 @@ def grape_stages(selection: GrapeSelection, records: StageOutput | None, output_
                          log_config=selection)
     chosen = run_stage_task(grape_select_task, candidates, fit, selection, output_format,
                             parent_run_id=parent_run_id, log_config=selection)
+    warn_single_candidates(chosen)
     return {"candidates": candidates, "fit": fit, "selection": chosen}
+
+
+def warn_single_candidates(chosen: StageOutput) -> None:
+    """Say in the run's log when GRAPE had nothing to choose for every instruction (one candidate each): the subset
+    is then one generator's answers, whatever the target model fits (e.g. the other generators failed)."""
+    single = int(chosen.metrics.get("single_candidate_instructions", 0))
+    if single and single == int(chosen.metrics.get("instructions_scored", -1)):
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning("GRAPE chose nothing: every one of the %d scored instructions had a single candidate "
+                                 "response, so the subset is those responses as they came (see select-grape's "
+                                 "summary)", single)
 
 
 @flow(name="pomona-grape", log_prints=True)

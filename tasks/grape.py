@@ -487,10 +487,11 @@ def grape_select(candidates_out: StageOutput, fit_out: StageOutput, selection: G
         histogram([c.fit for cs in ranked.values() for c in cs], folder / "candidate_fit_hist.png",
                   "Fit of every candidate under the target", label,
                   selected=[ranked[i][0].fit for i in kept_ids], selected_label="kept winners")
-        histogram(margins or [0.0], folder / "margin_hist.png", "Best minus second-best fit per instruction",
-                  f"margin ({label})")
-        fields["artifacts"] += ["candidate_fit.parquet", "winners_by_generator.png", "candidate_fit_hist.png",
-                                "margin_hist.png"]
+        fields["artifacts"] += ["candidate_fit.parquet", "winners_by_generator.png", "candidate_fit_hist.png"]
+        if margins:  # no instruction with two candidates has no margin to draw (not a bar at 0)
+            histogram(margins, folder / "margin_hist.png", "Best minus second-best fit per instruction",
+                      f"margin ({label})")
+            fields["artifacts"].append("margin_hist.png")
         metrics = fields["metrics"]
         metrics.update({"instructions": len(instructions), "instructions_scored": len(scored),
                         "instructions_unscored": len(instructions) - len(scored),
@@ -510,6 +511,11 @@ def grape_select(candidates_out: StageOutput, fit_out: StageOutput, selection: G
         summary = (f"GRAPE ({selection.criterion}) under `{selection.target.name_or_path}`: kept **{len(winners)}** "
                    f"of {len(instructions)} instructions ({len(fit_rows)} candidates scored).\n\n"
                    f"| generator | wins |\n|---|---|\n{rows_md}")
+        single = metrics["single_candidate_instructions"]
+        if single:
+            summary += (f"\n\n**{single} of {len(scored)} scored instructions had a single candidate**: nothing to "
+                        "choose, their one response is kept (a generator failed or answered only some, or a "
+                        "candidates file lacks answers; `instructions_unscored` and the rejects say which).")
         if selection.dpo.enabled:
             prompts = {r.id: instruction_messages(r) for r in instructions}
             chosen_ranked = {i: ranked[i] for i in ranked if i in kept_ids}

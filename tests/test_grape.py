@@ -326,6 +326,35 @@ def test_too_long_and_empty_candidates_are_rejected_not_scored(tiny_model_dir, t
     assert fit.metrics["candidates_scored"] == 2
     out = grape_select(candidates, fit, selection)
     assert out.metrics["single_candidate_instructions"] == 2 and out.metrics["selected"] == 2
+    # nothing to choose is said, and no margin histogram is drawn from margins that do not exist
+    assert "**2 of 2 scored instructions had a single candidate**" in out.summary
+    assert "margin_hist.png" not in out.artifacts and not out.file("margin_hist.png").exists()
+
+
+def test_the_run_log_says_when_grape_had_one_candidate_for_every_instruction(prefect_server, monkeypatch):
+    import logging
+
+    from prefect import flow
+
+    from flows.grape import warn_single_candidates
+    from tasks.store import StageOutput
+
+    warned = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = lambda record: warned.append(record.getMessage())
+    monkeypatch.setattr(logging.getLogger("prefect.flow_runs"), "handlers",
+                        [*logging.getLogger("prefect.flow_runs").handlers, catch])
+
+    @flow
+    def select(single: int, scored: int):
+        warn_single_candidates(StageOutput(stage="select-grape", key="k", path="/p", digest="0", metrics={
+            "single_candidate_instructions": single, "instructions_scored": scored}))
+
+    select(1, 3)
+    select(0, 3)
+    assert warned == []  # some instructions with one candidate: the summary says it, the log stays quiet
+    select(3, 3)
+    assert len(warned) == 1 and "every one of the 3 scored instructions had a single candidate" in warned[0]
 
 
 def test_no_usable_candidate_fails_its_stage_instead_of_selecting_nothing(tiny_model_dir, tmp_path):
