@@ -30,6 +30,19 @@ def prefect_server():
         yield
 
 
+@pytest.fixture
+def run_log_warnings(monkeypatch) -> list[str]:
+    """The warnings a flow run logs (what the Prefect UI shows), whatever the console handlers do under pytest."""
+    import logging
+
+    warned: list[str] = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = lambda record: warned.append(record.getMessage())
+    logger = logging.getLogger("prefect.flow_runs")
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, catch])
+    return warned
+
+
 def task_states(flow_run_id) -> dict[str, str]:
     """Final state name of each task run of a flow run, by task name ("prepare-records-f64" -> "prepare-records")."""
     from prefect.client.orchestration import get_client

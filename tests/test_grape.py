@@ -331,19 +331,13 @@ def test_too_long_and_empty_candidates_are_rejected_not_scored(tiny_model_dir, t
     assert "margin_hist.png" not in out.artifacts and not out.file("margin_hist.png").exists()
 
 
-def test_the_run_log_says_when_grape_had_one_candidate_for_every_instruction(prefect_server, monkeypatch):
-    import logging
-
+def test_the_run_log_says_when_grape_had_one_candidate_for_every_instruction(prefect_server, run_log_warnings):
     from prefect import flow
 
     from flows.grape import warn_single_candidates
     from tasks.store import StageOutput
 
-    warned = []
-    catch = logging.Handler(logging.WARNING)
-    catch.emit = lambda record: warned.append(record.getMessage())
-    monkeypatch.setattr(logging.getLogger("prefect.flow_runs"), "handlers",
-                        [*logging.getLogger("prefect.flow_runs").handlers, catch])
+    warned = run_log_warnings
 
     @flow
     def select(single: int, scored: int):

@@ -221,19 +221,12 @@ def test_fail_at_is_checked_against_every_stage_task_name():
     assert not ran
 
 
-def test_a_selection_left_short_of_its_budget_by_its_filter_is_warned_about(prefect_server, monkeypatch):
+def test_a_selection_left_short_of_its_budget_by_its_filter_is_warned_about(prefect_server, run_log_warnings):
     """Cherry's IFD > 1 rule drops about half of what a random scorer scores: 30 asked of 40 cannot all be kept."""
-    import logging
-
     from configs.pipeline import PipelineConfig
     from flows.pipeline import pipeline
 
-    warned = []
-    catch = logging.Handler(logging.WARNING)
-    catch.emit = lambda record: warned.append(record.getMessage())
-    # the flow run's own logger (what the Prefect UI shows), whatever the console handlers do under pytest
-    monkeypatch.setattr(logging.getLogger("prefect.flow_runs"), "handlers",
-                        [*logging.getLogger("prefect.flow_runs").handlers, catch])
+    warned = run_log_warnings
 
     config = PipelineConfig.model_validate({
         "name": "pipeline-short-of-budget", "data": {"path": str(DATA / "alpaca_cherry_40.json")},
