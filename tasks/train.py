@@ -325,7 +325,8 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
     from models.loading import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(model)
-    policy = load_for_training(model, config, device)
+    with zero3_partitioning_paused(args, is_adapter(Path(resolve_model_path(model)))):
+        policy = load_for_training(model, config, device)
     peft_config = config.lora.peft_config() if config.lora else None
     info: dict[str, Any] = {"kind": kind}
     if kind == "sft":
@@ -376,11 +377,32 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
         # evaluated and registered) is then always written.
         stacked = config.lora is not None and is_adapter(Path(resolve_model_path(model)))
         if config.merge_adapter or stacked:
-            merge_adapter(model_dir, out_dir / MERGED_DIR, model, device)
+            with zero3_partitioning_paused(args):
+                merge_adapter(model_dir, out_dir / MERGED_DIR, model, device)
             info["merged"] = MERGED_DIR
             info["adapter_applies_to"] = "base + the start model's adapter (use merged/)" if stacked else "base"
         atomic_write_text(out_dir / RESULT_FILE, json.dumps(info, indent=1, default=str))
     return model_dir
+
+
+@contextmanager
+def zero3_partitioning_paused(args, pause: bool = True) -> Iterator[None]:
+    """Load whole weights while a ZeRO-3 trainer config is alive (`pause` False: leave it on). That config makes
+    every `from_pretrained` partition the weights over the ranks (zero.Init), so outside the engine each parameter
+    is an empty tensor: merging a LoRA adapter into such a base failed ('The size of tensor a (0) must match'), for
+    `merge_adapter` after training and for DPO starting from an SFT adapter, and with several ranks only rank 0
+    merges, which the others would have to join. The engine partitions a whole model itself when training starts."""
+    held = getattr(args, "hf_deepspeed_config", None)
+    if not pause or held is None or not held.is_zero3():
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(held)
 
 
 def canonical_adapter_config(model_dir: Path) -> None:

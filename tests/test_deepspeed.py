@@ -57,3 +57,43 @@ def test_zero2_through_torchrun_logs_into_the_stage_run_and_reloads():
                                            return_tensors="pt", return_dict=True)
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_zero3_lora_merges_after_training_and_dpo_starts_from_the_sft_adapter(tmp_path):
+    """Under ZeRO-3 every from_pretrained partitioned the weights (empty tensors outside the engine): merge_adapter
+    and DPO's merge of its start adapter failed on 'The size of tensor a (0) must match'. In-process, one rank."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from configs.train import DPOStageConfig, LoraSettings
+    from models.loading import resolve_model_path
+    from tasks.train import dpo_train, sft_train
+
+    rows = json.loads((DATA / "alpaca_cherry_40.json").read_text())[:8]
+    data = tmp_path / "train.messages.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                                     {"role": "assistant", "content": r["output"]}]}) + "\n"
+                            for r in rows))
+    tiny = ModelConfig(name_or_path="tiny:0")
+    common = dict(max_steps=2, save_steps=100, per_device_train_batch_size=4, max_length=128, logging_steps=1,
+                  deepspeed="zero3", lora=LoraSettings(r=4, alpha=8))
+    sft_dir = sft_train(data, tiny, SFTStageConfig(learning_rate=1e-2, merge_adapter=True, **common), tmp_path / "sft")
+    base = load_file(Path(resolve_model_path(tiny)) / "model.safetensors")
+    merged = load_file(tmp_path / "sft" / "merged" / "model.safetensors")
+    assert merged.keys() == base.keys() and all(merged[k].shape == base[k].shape for k in base)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q_proj], base[q_proj])  # the trained adapter is in it
+
+    # DPO from the SFT adapter: merged into its base at load, and merged/ written after (the adapter stacks on SFT)
+    dpo = DPOStageConfig(learning_rate=1e-3, pairs_path=str(DATA / "dpo_en_20.json"), **common)
+    from tasks.preferences import read_preference_pairs
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in read_preference_pairs(DATA / "dpo_en_20.json").rows))
+    dpo_train(pairs, ModelConfig(name_or_path=str(sft_dir)), dpo, tmp_path / "dpo")
+    result = read_train_result(tmp_path / "dpo")
+    assert result["global_step"] == 2 and result["merged"] == "merged"
+    stacked = load_file(tmp_path / "dpo" / "merged" / "model.safetensors")
+    assert all(stacked[k].shape == base[k].shape for k in base)
