@@ -352,9 +352,10 @@ def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
             raise ConfigError(f"{data_path}: no preference pairs")
         if all(isinstance(r.get("prompt"), list) and isinstance(r.get("chosen"), list) for r in rows):
             refuse_untemplatable([r["prompt"] + r["chosen"] for r in rows], tokenizer, data_path)
-        # ref_model=None: with a peft_config the reference is the adapter-disabled policy; without one TRL copies it.
+        # ref_model None: with a peft_config the reference is the adapter-disabled policy; without one TRL loads it
+        # from the folder the policy's config names, which after merging a LoRA SFT is the bare base (no SFT).
         special = screen_special_tokens(rows, tokenizer, "dpo", data_path)
-        trainer = DPOTrainer(model=policy, ref_model=None, args=args,
+        trainer = DPOTrainer(model=policy, ref_model=dpo_reference(model, config, device, args), args=args,
                              train_dataset=Dataset.from_list(numbered_rows(rows, special)),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
         rows = account_for_dropped(trainer, rows, special, "dpo", config, data_path, out_dir,
@@ -403,6 +404,20 @@ def zero3_partitioning_paused(args, pause: bool = True) -> Iterator[None]:
         yield
     finally:
         set_hf_deepspeed_config(held)
+
+
+def dpo_reference(model: ModelConfig, config: TrainStageConfig, device: str, args):
+    """The reference model of a full-weight DPO that starts from a LoRA adapter folder: base + adapter merged as
+    the policy is (None otherwise, TRL's own reference is right). TRL loads its reference from the policy's config
+    `_name_or_path`, and a merged adapter's config names the bare base, so that DPO kept the policy near the model
+    SFT started from, not near the SFT model."""
+    from models.loading import resolve_model_path
+
+    if config.lora is not None or not is_adapter(Path(resolve_model_path(model))):
+        return None
+    with zero3_partitioning_paused(args):
+        reference = load_for_training(model, config, device)
+    return reference.requires_grad_(False).eval()
 
 
 def canonical_adapter_config(model_dir: Path) -> None:

@@ -456,6 +456,37 @@ def test_full_weight_dpo_trains_every_weight_of_a_merged_lora_sft(resumed_sft, p
     assert len(moved) > len(tuned) // 2, moved  # a full-weight stage, not an adapter
 
 
+def test_full_weight_dpo_from_a_lora_sft_adapter_is_held_to_the_sft_model_not_the_bare_base(tmp_path, monkeypatch):
+    """TRL loads a full-weight DPO's reference from the policy's config name, which after merging the SFT adapter
+    named the bare base: the reference was the model before SFT."""
+    import trl
+
+    from tasks.train import load_for_training
+
+    data = tmp_path / "train.messages.jsonl"
+    write_jsonl(data, [{"messages": [{"role": "user", "content": r["instruction"]},
+                                     {"role": "assistant", "content": r["output"]}]}
+                       for r in json.loads((DATA / "alpaca_cherry_40.json").read_text())[:8]])
+    adapter = sft_train(data, TINY, SFTStageConfig(max_steps=2, save_steps=100, lora=LoraSettings(r=4, alpha=8),
+                                                   **{**FAST, "learning_rate": 1e-2}), tmp_path / "sft")
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, read_preference_pairs(DATA / "dpo_en_20.json").rows[:4])
+    trainers = []
+
+    class Recorded(trl.DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(trl, "DPOTrainer", Recorded)
+    config = DPOStageConfig(max_steps=1, save_steps=100, **{**FAST, "max_length": 128})
+    start = ModelConfig(name_or_path=str(adapter))
+    dpo_train(pairs, start, config, tmp_path / "dpo")
+    sft_model = load_for_training(start, config, "cpu").state_dict()
+    reference = trainers[0].ref_model.state_dict()
+    assert all(torch.equal(reference[k], sft_model[k]) for k in sft_model)
+
+
 def test_a_run_that_reuses_a_stage_another_run_trained_logs_its_own_cached_child_run(selection, prefect_server):
     """Two runs of one stage at once: the second waits on the stage lock and reuses the folder before the first has
     logged its training run. It must not log into (and claim) the first run's training run."""
