@@ -103,6 +103,18 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def placement(device: str) -> dict:
+    """`from_pretrained` arguments that put the weights on `device` as they load. On CUDA that is this process's
+    current GPU (its own one in a Dask CUDA worker, whose CUDA_VISIBLE_DEVICES lists it first); loaded on the CPU and
+    moved after, the whole model passed through host memory first (a 7B model in bfloat16: 14 GB per process, eight
+    times over with a Dask worker per GPU). The CPU path loads as before, with no device map."""
+    if device != "cuda":
+        return {}
+    import torch
+
+    return {"device_map": {"": torch.device("cuda", torch.cuda.current_device())}}
+
+
 def load_model(cfg: ModelConfig, device: str | None = None):
     """(model, tokenizer) in eval mode on the resolved device and dtype."""
     from transformers import AutoModelForCausalLM
@@ -119,11 +131,12 @@ def load_model(cfg: ModelConfig, device: str | None = None):
             from peft import PeftModel
 
             base = AutoModelForCausalLM.from_pretrained(moved_base, dtype=resolve_dtype(cfg, device),
-                                                        trust_remote_code=cfg.trust_remote_code)
+                                                        trust_remote_code=cfg.trust_remote_code, **placement(device))
             model = PeftModel.from_pretrained(base, path)
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                path, gguf_file=cfg.gguf_file, dtype=resolve_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code)
+                path, gguf_file=cfg.gguf_file, dtype=resolve_dtype(cfg, device),
+                trust_remote_code=cfg.trust_remote_code, **placement(device))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {cfg.name_or_path!r}: {exc}{hub_hint(path)}") from exc
     model.to(device)

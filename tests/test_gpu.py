@@ -41,6 +41,22 @@ def test_engine_on_cuda_in_float32_matches_the_one_sample_loop(tiny_model_dir, t
     assert max(abs(a.mean_nll - b.mean_nll) for a, b in zip(engine, loop)) < 1e-5
 
 
+def test_load_model_on_cuda_loads_onto_the_current_gpu_without_a_host_copy(tiny_model_dir):
+    """device_map puts the weights on this process's current GPU as they load (a Dask CUDA worker's own one)."""
+    import torch
+
+    last = torch.cuda.device_count() - 1
+    before = torch.cuda.current_device()
+    torch.cuda.set_device(last)  # as a worker pinned to another GPU sees it
+    try:
+        model, _ = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cuda"))
+    finally:
+        torch.cuda.set_device(before)
+    assert model.hf_device_map == {"": torch.device("cuda", last)}
+    assert {p.device for p in model.parameters()} == {torch.device("cuda", last)}
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
 def test_engine_on_cuda_in_bfloat16_stays_near_float32_on_cpu(tiny_model_dir):
     model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", device="cuda"))
     cpu, _ = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", device="cpu"))

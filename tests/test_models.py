@@ -9,7 +9,7 @@ import torch
 
 from configs.errors import ModelLoadError
 from configs.schema import ModelConfig
-from models.loading import load_model, resolve_model_path
+from models.loading import load_model, placement, resolve_model_path
 
 
 def test_tiny_model_loads_from_disk_and_generates(tiny_model_dir):
@@ -23,6 +23,23 @@ def test_tiny_model_loads_from_disk_and_generates(tiny_model_dir):
     assert out.shape[1] > ids["input_ids"].shape[1]
     # every digit is one token (the Deita scorers need that)
     assert all(len(tok.encode(d, add_special_tokens=False)) == 1 for d in "123456")
+
+
+def test_the_cpu_path_loads_without_a_device_map(tiny_model_dir, monkeypatch):
+    """CUDA loads straight onto the GPU with a device map (tests/test_gpu.py); the CPU path is the plain load."""
+    from transformers import AutoModelForCausalLM
+
+    given = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def recording(*args, **kwargs):
+        given.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    model, _ = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
+    assert placement("cpu") == {} and "device_map" not in given[0] and not hasattr(model, "hf_device_map")
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and next(model.parameters()).dtype == torch.float32
 
 
 def test_tiny_spec_builds_once_and_seeds_differ():
