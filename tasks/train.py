@@ -315,6 +315,19 @@ def _reporting_to_mlflow() -> bool:
 def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig, out_dir: Path,
                      callbacks: list | None = None) -> Path:
     """Train in this process (also the body of every launched worker); returns `<out_dir>/model`."""
+    try:
+        return _train_here(kind, data_path, model, config, out_dir, callbacks)
+    finally:
+        if config.deepspeed != "none":
+            # transformers keeps the trainer's DeepSpeed config as a process-wide setting (alive after training):
+            # under ZeRO-3 every later from_pretrained here, the evaluation's included, loaded empty partitions.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+
+
+def _train_here(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig, out_dir: Path,
+                callbacks: list | None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = training_device(model)

@@ -97,3 +97,9 @@ def test_zero3_lora_merges_after_training_and_dpo_starts_from_the_sft_adapter(tm
     assert result["global_step"] == 2 and result["merged"] == "merged"
     stacked = load_file(tmp_path / "dpo" / "merged" / "model.safetensors")
     assert all(stacked[k].shape == base[k].shape for k in base)
+
+    # and a model loaded in this process afterwards (the evaluation after in-process training) is whole, too
+    from models.loading import load_model
+
+    evaluated, _ = load_model(tiny)
+    assert evaluated.get_parameter(q_proj).shape == base[q_proj].shape
