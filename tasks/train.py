@@ -493,9 +493,24 @@ def launch_command(kind: Kind, data_path: Path, model: ModelConfig, config: Trai
             *(["--cpu"] if cpu and config.deepspeed == "none" else []), *entry]
 
 
+def refuse_more_processes_than_gpus(model: ModelConfig, config: TrainStageConfig) -> None:
+    """On CUDA each launched worker takes the GPU of its local rank: with more workers than visible GPUs the extra
+    ones died at start-up ('invalid device ordinal') inside the launcher's log, after the others had loaded."""
+    if training_device(model) != "cuda":
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if config.num_processes > visible:
+        raise ConfigError(f"num_processes {config.num_processes} but {visible} GPU(s) visible here "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one worker per "
+                          "GPU, so set num_processes to at most that")
+
+
 def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig, out_dir: Path) -> Path:
     """Run the launcher as a child process; its output goes to `<out_dir>/launcher.log` and to our stdout."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_more_processes_than_gpus(model, config)
     command = launch_command(kind, data_path, model, config, out_dir)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

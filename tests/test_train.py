@@ -299,6 +299,20 @@ def test_configs_refuse_impossible_combinations(tmp_path):
         quantization_config("cpu", torch.float32)
 
 
+def test_more_launched_workers_than_gpus_is_refused_before_launching(tmp_path, monkeypatch):
+    import tasks.train as train
+
+    monkeypatch.setattr(train, "training_device", lambda model: "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    launched = []
+    monkeypatch.setattr(train.subprocess, "Popen", lambda *args, **kwargs: launched.append(args))
+    config = SFTStageConfig(launcher="torchrun", num_processes=4)
+    with pytest.raises(ConfigError, match="num_processes 4 but 2 GPU"):
+        train.train_subprocess("sft", tmp_path / "d.jsonl", TINY, config, tmp_path / "out")
+    assert not launched
+    train.refuse_more_processes_than_gpus(TINY, config.model_copy(update={"num_processes": 2}))  # fits
+
+
 def test_deepspeed_files_leave_batch_and_precision_to_the_trainer():
     from configs.train import DEEPSPEED_FILES
 
