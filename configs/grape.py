@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
-from configs.schema import INPUT_FILE, DataConfig, ModelConfig, StrictModel, TrackingConfig, share_count, tracking_field
+from configs.schema import (INPUT_FILE, RUNTIME_ONLY, DataConfig, ModelConfig, StrictModel, TrackingConfig, share_count,
+                            tracking_field)
 
 Criterion = Literal["mean_logprob", "sum_logprob", "per_byte"]
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -60,6 +61,20 @@ class EndpointConfig(StrictModel):
         return value.rstrip("/")
 
 
+class VllmSettings(StrictModel):
+    """How a 'vllm' generator's engine uses the GPUs."""
+
+    tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=RUNTIME_ONLY,
+                                      description="GPUs one engine spans (a model too large for one GPU).")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, json_schema_extra=RUNTIME_ONLY,
+        description="Share of each GPU's memory the engine takes for weights and KV cache; lower it when something "
+                    "else runs on the same GPU.")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context the engine reserves KV cache for (None: the model's own); a conversation "
+                                "longer than it less max_new_tokens is not sent (finish_reason context_overflow).")
+
+
 class GeneratorConfig(StrictModel):
     """One model that answers every instruction."""
 
@@ -71,6 +86,7 @@ class GeneratorConfig(StrictModel):
     endpoint: EndpointConfig | None = Field(None, description="The endpoint (openai backend).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Decoding parameters.")
     batch_size: int = Field(8, ge=1, description="Prompts per generate call (transformers backend).")
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="The vLLM engine's GPU use (backend 'vllm').")
     scale_out: ScaleOutConfig | None = scale_out_field("Generate")
 
     @field_validator("name")
@@ -87,6 +103,9 @@ class GeneratorConfig(StrictModel):
                 raise ValueError(f"generator {self.name!r}: backend 'openai' needs 'endpoint' and no 'model'")
         elif self.model is None or self.endpoint is not None:
             raise ValueError(f"generator {self.name!r}: backend {self.backend!r} needs 'model' and no 'endpoint'")
+        if self.backend != "vllm" and "vllm" in self.model_fields_set:
+            raise ValueError(f"generator {self.name!r}: 'vllm' settings apply to backend 'vllm' only (this one is "
+                             f"{self.backend!r})")
         return self
 
 

@@ -207,9 +207,11 @@ class VllmGenerator:
         # pomona's 'auto' is bfloat16 on CUDA, as the transformers backend loads it; vLLM's own 'auto' runs a float32
         # checkpoint (an imported GGUF, a full fine-tune saved in float32) in float16, which can overflow
         dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype
-        self._bind(config.name, config.sampling, LLM(model=resolve_model_path(config.model), dtype=dtype,
-                                                     seed=config.sampling.seed,
-                                                     trust_remote_code=config.model.trust_remote_code))
+        engine = config.vllm
+        self._bind(config.name, config.sampling, LLM(
+            model=resolve_model_path(config.model), dtype=dtype, seed=config.sampling.seed,
+            trust_remote_code=config.model.trust_remote_code, tensor_parallel_size=engine.tensor_parallel_size,
+            gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len))
 
     def _bind(self, name: str, sampling: SamplingConfig, llm) -> None:
         """Use `llm` (a vllm.LLM), its tokenizer and its context (max_model_len) for the conversation checks."""
@@ -242,7 +244,16 @@ class VllmGenerator:
         return [answers[i] for i in range(len(conversations))]
 
     def close(self) -> None:
-        self.llm = None
+        """Give the engine's GPU memory back before the next generator loads: GRAPE runs its generators one after
+        another in one process, and an engine holds `gpu_memory_utilization` of the GPU until it is collected."""
+        import gc
+
+        import torch
+
+        self.llm = self.tokenizer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------------ HTTP

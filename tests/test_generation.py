@@ -564,3 +564,51 @@ def test_vllm_runs_dtype_auto_in_bfloat16_as_the_transformers_backend(monkeypatc
     for dtype, expected in [("auto", "bfloat16"), ("float16", "float16"), ("float32", "float32")]:
         VllmGenerator(GeneratorConfig(name="v", backend="vllm", model=model.model_copy(update={"dtype": dtype})))
         assert asked[-1]["dtype"] == expected, dtype
+
+
+def test_vllm_engine_settings_reach_the_engine_and_apply_to_vllm_only(monkeypatch, tiny_model_dir):
+    """tensor_parallel_size / gpu_memory_utilization / max_model_len go to vllm.LLM (a fake here, no vLLM); they are
+    refused on another backend (silently ignored there); closing drops the engine for the next generator."""
+    import sys
+    from types import ModuleType
+
+    import torch
+    from pydantic import ValidationError
+
+    from configs.grape import VllmSettings
+    from models.generation import VllmGenerator
+    from models.loading import load_tokenizer
+    from tasks.store import keyed_config
+
+    model = ModelConfig(name_or_path=str(tiny_model_dir))
+    asked = []
+
+    def fake_llm(**kwargs):
+        asked.append(kwargs)
+        return FakeVllmEngine(load_tokenizer(model), kwargs["max_model_len"] or 2048)
+
+    fake_vllm = ModuleType("vllm")
+    fake_vllm.LLM = fake_llm
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    config = GeneratorConfig(name="v", backend="vllm", model=model,
+                             vllm={"tensor_parallel_size": 4, "gpu_memory_utilization": 0.45, "max_model_len": 512})
+    generator = VllmGenerator(config)
+    assert {k: asked[-1][k] for k in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len")} == {
+        "tensor_parallel_size": 4, "gpu_memory_utilization": 0.45, "max_model_len": 512}
+    assert generator.context == 512  # the conversation check follows the engine's context
+    generator.close()
+    assert generator.llm is None
+    VllmGenerator(GeneratorConfig(name="v", backend="vllm", model=model))
+    assert (asked[-1]["tensor_parallel_size"], asked[-1]["gpu_memory_utilization"], asked[-1]["max_model_len"]) == (
+        1, 0.9, None)
+    # the GPU split is not in the cache key (same answers); the context is (it decides which are sent)
+    plain = GeneratorConfig(name="v", backend="vllm", model=model)
+    assert keyed_config(plain) == keyed_config(plain.model_copy(update={"vllm": VllmSettings(
+        tensor_parallel_size=4, gpu_memory_utilization=0.45)}))
+    assert keyed_config(plain) != keyed_config(plain.model_copy(update={"vllm": VllmSettings(max_model_len=512)}))
+    with pytest.raises(ValidationError, match="'vllm' settings apply to backend 'vllm' only"):
+        GeneratorConfig(name="t", model=model, vllm={"tensor_parallel_size": 2})
