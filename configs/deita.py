@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -64,11 +64,14 @@ class DeitaSelection(Budget):
                     "units, float32 elsewhere. The selection is exact either way (similarities near tau are "
                     "recomputed in float32, then exactly).")
 
+    # Deita's released subsets' size when the recipe names neither budget nor share; `pomona fields` prints it.
+    implied_defaults: ClassVar[dict[str, Any]] = {"budget": DEFAULT_BUDGET}
+
     @model_validator(mode="before")
     @classmethod
     def _default_budget(cls, data):
         if isinstance(data, dict) and data.get("budget") is None and data.get("share") is None:
-            data = {**data, "budget": DEFAULT_BUDGET}
+            data = {**data, "budget": cls.implied_defaults["budget"]}
         return data
 
     @model_validator(mode="after")

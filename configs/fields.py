@@ -71,7 +71,10 @@ def type_text(annotation) -> str:
 def _default_text(field) -> str:
     if field.is_required():
         return "required"
-    value = field.default_factory() if field.default is PydanticUndefined else field.default
+    return _value_text(field.default_factory() if field.default is PydanticUndefined else field.default)
+
+
+def _value_text(value) -> str:
     if isinstance(value, BaseModel):
         return "the section's defaults"
     if isinstance(value, (list, tuple)) and any(isinstance(v, BaseModel) for v in value):
@@ -96,9 +99,15 @@ def _discriminator(annotation) -> str | None:
     return None
 
 
-def field_docs(model: type[BaseModel], prefix: str = "", variant: str = "", runtime: bool = False) -> list[FieldDoc]:
+def field_docs(model: type[BaseModel], prefix: str = "", variant: str = "", runtime: bool = False,
+               implied: dict[str, typing.Any] | None = None) -> list[FieldDoc]:
     """Every field of `model`, depth first; sections (nested models) get a row of their own, then their fields
-    (all of a runtime-only section's fields are runtime only: the key leaves the whole section out)."""
+    (all of a runtime-only section's fields are runtime only: the key leaves the whole section out).
+
+    A model's `implied_defaults` ({dotted path below it: value}) are what its validator fills in where a recipe
+    names nothing (Superfiltering's template in the shared scoring section): they are listed as those fields'
+    defaults, since that is what a recipe that leaves them out runs with. `implied` carries them down."""
+    implied = {**getattr(model, "implied_defaults", {}), **(implied or {})}
     rows = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
@@ -120,10 +129,12 @@ def field_docs(model: type[BaseModel], prefix: str = "", variant: str = "", runt
             if item_path != path:
                 type_name = f"{type_text(field.annotation).split(' of ')[0]} of items, each {type_name}"
         field_runtime = runtime or runtime_only(field)
-        rows.append(FieldDoc(path, type_name, _default_text(field), field.description or "", variant, field_runtime))
+        default = _value_text(implied[name]) if name in implied else _default_text(field)
+        rows.append(FieldDoc(path, type_name, default, field.description or "", variant, field_runtime))
+        below = {key[len(name) + 1:]: value for key, value in implied.items() if key.startswith(name + ".")}
         for member in members:
             inner_variant = _tag(member, discriminator) if len(members) > 1 else variant
-            rows += field_docs(member, f"{item_path}.", inner_variant, field_runtime)
+            rows += field_docs(member, f"{item_path}.", inner_variant, field_runtime, below)
     return rows
 
 

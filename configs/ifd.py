@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -97,15 +97,21 @@ class SuperfilterSelection(Budget):
                           description="Threshold, strictness and what the share counts.")
     diversity: DiversityConfig | None = Field(None, description="Facility-location step to a second, smaller budget.")
 
+    # Superfiltering's own template, length limit and rule where the recipe names none (ScoringConfig's and
+    # IFDRule's defaults are Cherry's: 'wiz', 512, ifd <= 1, share of the filtered); `pomona fields` prints these.
+    implied_defaults: ClassVar[dict[str, Any]] = {"scoring.template": "superfilter", "scoring.max_length": 1024,
+                                                  "rule.strict": True, "rule.share_of": "all"}
+
     @model_validator(mode="before")
     @classmethod
     def _paper_defaults(cls, raw):
-        """Superfiltering's own template, length limit and rule where the recipe names none (ScoringConfig's and
-        IFDRule's defaults are Cherry's: 'wiz', 512, ifd <= 1, share of the filtered)."""
-        if isinstance(raw, dict) and isinstance(raw.get("scoring"), dict):
-            raw = {**raw, "scoring": {"template": "superfilter", "max_length": 1024, **raw["scoring"]}}
-        if isinstance(raw, dict) and isinstance(raw.get("rule"), dict):
-            raw = {**raw, "rule": {"strict": True, "share_of": "all", **raw["rule"]}}
+        if not isinstance(raw, dict):
+            return raw
+        for section in ("scoring", "rule"):
+            if isinstance(raw.get(section), dict):
+                own = {path.split(".", 1)[1]: value for path, value in cls.implied_defaults.items()
+                       if path.startswith(section + ".")}
+                raw = {**raw, section: {**own, **raw[section]}}
         return raw
 
     @model_validator(mode="after")

@@ -254,3 +254,35 @@ def test_field_reference_names_types_defaults_union_members_and_runtime_fields()
     text = render_field_docs(docs_under(field_docs(PipelineConfig), "selection.scoring.scale_out"), width=80)
     assert "selection.scoring.scale_out.workers: int = 1  [method: cherry]  [runtime: not in the cache key]" in text
     assert all(len(line) <= 80 for line in text.splitlines() if line.startswith("    "))
+
+
+@pytest.mark.parametrize("selection", [
+    {"method": "superfilter", "budget": 5, "scoring": {"scorer": {"name_or_path": "tiny:0"}}},
+    {"method": "deita", "complexity_scorer": {"model": {"name_or_path": "tiny:0"}},
+     "quality_scorer": {"model": {"name_or_path": "tiny:0"}}, "embedding": {"model": {"name_or_path": "tiny:0"}}},
+    {"method": "cherry", "budget": 5, "scoring": {"scorer": {"name_or_path": "tiny:0"}}},
+])
+def test_field_reference_defaults_are_what_a_recipe_that_leaves_the_field_out_gets(tmp_path, selection):
+    """Superfiltering's template, length and rule, and Deita's budget, differ from the shared sections' own
+    defaults: `pomona fields` prints the value such a recipe runs with, not the shared class's default."""
+    import yaml
+
+    from configs.fields import field_docs
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "data": {"path": "x.jsonl"}, "selection": selection}))
+    dumped = load_recipe(recipe).model_dump(mode="json")
+    method, checked = f"method: {selection['method']}", 0
+    for row in field_docs(PipelineConfig):
+        if row.variant != method or row.default in ("required", "[...]", "the section's defaults"):
+            continue
+        given, node = selection, dumped
+        for part in row.path.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        for part in row.path.split(".")[1:]:
+            given = given.get(part, KeyError) if isinstance(given, dict) else KeyError
+        if node is KeyError or given is not KeyError:  # a section left out, or a value the recipe names
+            continue
+        assert yaml.safe_load(row.default) == node, (row.path, row.default, node)
+        checked += 1
+    assert checked > 5, checked
