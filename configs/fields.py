@@ -99,15 +99,14 @@ def _discriminator(annotation) -> str | None:
     return None
 
 
-def field_docs(model: type[BaseModel], prefix: str = "", variant: str = "", runtime: bool = False,
-               implied: dict[str, typing.Any] | None = None) -> list[FieldDoc]:
+def field_docs(model: type[BaseModel], prefix: str = "", variant: str = "", runtime: bool = False) -> list[FieldDoc]:
     """Every field of `model`, depth first; sections (nested models) get a row of their own, then their fields
     (all of a runtime-only section's fields are runtime only: the key leaves the whole section out).
 
-    A model's `implied_defaults` ({dotted path below it: value}) are what its validator fills in where a recipe
-    names nothing (Superfiltering's template in the shared scoring section): they are listed as those fields'
-    defaults, since that is what a recipe that leaves them out runs with. `implied` carries them down."""
-    implied = {**getattr(model, "implied_defaults", {}), **(implied or {})}
+    A model's `implied_defaults` ({field: value}) are what its validator fills in where a recipe names nothing and
+    the default depends on other fields (Deita's budget, when no share is given either): listed as the default.
+    """
+    implied = getattr(model, "implied_defaults", {})
     rows = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
@@ -131,10 +130,9 @@ def field_docs(model: type[BaseModel], prefix: str = "", variant: str = "", runt
         field_runtime = runtime or runtime_only(field)
         default = _value_text(implied[name]) if name in implied else _default_text(field)
         rows.append(FieldDoc(path, type_name, default, field.description or "", variant, field_runtime))
-        below = {key[len(name) + 1:]: value for key, value in implied.items() if key.startswith(name + ".")}
         for member in members:
             inner_variant = _tag(member, discriminator) if len(members) > 1 else variant
-            rows += field_docs(member, f"{item_path}.", inner_variant, field_runtime, below)
+            rows += field_docs(member, f"{item_path}.", inner_variant, field_runtime)
     return rows
 
 

@@ -103,7 +103,8 @@ class GeneratorConfig(StrictModel):
                 raise ValueError(f"generator {self.name!r}: backend 'openai' needs 'endpoint' and no 'model'")
         elif self.model is None or self.endpoint is not None:
             raise ValueError(f"generator {self.name!r}: backend {self.backend!r} needs 'model' and no 'endpoint'")
-        if self.backend != "vllm" and "vllm" in self.model_fields_set:
+        # compared with the defaults, not "was it given": a dumped config (the Prefect form) holds every section
+        if self.backend != "vllm" and self.vllm != VllmSettings():
             raise ValueError(f"generator {self.name!r}: 'vllm' settings apply to backend 'vllm' only (this one is "
                              f"{self.backend!r})")
         return self

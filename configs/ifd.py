@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
 from configs.schema import Budget, ModelConfig, SelectionFlowBase, StrictModel
 from configs.train import SFTStageConfig
 
 
+ScoringTemplate = Literal["wiz", "alpaca", "superfilter", "chat"]
+ShareOf = Literal["all", "filtered"]
+
+
 class ScoringConfig(StrictModel):
     """How the likelihood stage scores every sample: conditioned on its prompt and direct (see models/templates.py)."""
 
     scorer: ModelConfig = Field(description="The model whose likelihoods are measured.")
-    template: Literal["wiz", "alpaca", "superfilter", "chat"] = Field(
+    template: ScoringTemplate = Field(
         "wiz", description="Prompt format: Cherry's 'wiz' or 'alpaca', Superfiltering's plain 'superfilter' "
                            "({instruction}\\n{input}\\n), or the scorer's own 'chat' template.")
     max_length: int = Field(512, ge=8, description="Token limit of a scored sequence (Cherry 512, Superfiltering 1024).")
@@ -36,7 +40,7 @@ class IFDRule(StrictModel):
 
     threshold: float = Field(1.0, gt=0, description="Samples with IFD above this are dropped (the papers use 1).")
     strict: bool = Field(False, description="Also drop IFD equal to the threshold (Superfiltering keeps ifd < 1; Cherry drops ifd > 1).")
-    share_of: Literal["all", "filtered"] = Field(
+    share_of: ShareOf = Field(
         "filtered", description="What `share` is a share of: 'all' scored-or-not samples, or those left after the "
                                 "threshold (Cherry's reference).")
 
@@ -88,31 +92,38 @@ class DiversityConfig(StrictModel):
                                  "authors' submodlib call, or 'cosine' (negative similarities count as 0).")
 
 
+class SuperfilterScoring(ScoringConfig):
+    """The scoring section with Superfiltering's defaults (the paper's plain template and 1024 tokens), so the
+    schema, the Prefect form and `pomona fields` show what a recipe that leaves them out runs with."""
+
+    template: ScoringTemplate = Field("superfilter", description=ScoringConfig.model_fields["template"].description)
+    max_length: int = Field(1024, ge=8, description=ScoringConfig.model_fields["max_length"].description)
+
+
+class SuperfilterRule(IFDRule):
+    """The IFD rule with Superfiltering's defaults: keep ifd < 1, and a share of all samples."""
+
+    strict: bool = Field(True, description=IFDRule.model_fields["strict"].description)
+    share_of: ShareOf = Field("all", description=IFDRule.model_fields["share_of"].description)
+
+
 class SuperfilterSelection(Budget):
     """Superfiltering (IFD v2): ratio of perplexities from a small scorer, keep ifd < 1, top share; optional D step."""
 
     method: Literal["superfilter"] = Field("superfilter", description="Which selection method this section configures.")
-    scoring: ScoringConfig = Field(description="Small scorer model; template 'superfilter' and max_length 1024 (the paper's) unless set here.")
-    rule: IFDRule = Field(default_factory=lambda: IFDRule(strict=True, share_of="all"),
-                          description="Threshold, strictness and what the share counts.")
+    scoring: SuperfilterScoring = Field(description="Small scorer model; template 'superfilter' and max_length 1024 (the paper's) unless set here.")
+    rule: SuperfilterRule = Field(default_factory=SuperfilterRule,
+                                  description="Threshold, strictness and what the share counts.")
     diversity: DiversityConfig | None = Field(None, description="Facility-location step to a second, smaller budget.")
 
-    # Superfiltering's own template, length limit and rule where the recipe names none (ScoringConfig's and
-    # IFDRule's defaults are Cherry's: 'wiz', 512, ifd <= 1, share of the filtered); `pomona fields` prints these.
-    implied_defaults: ClassVar[dict[str, Any]] = {"scoring.template": "superfilter", "scoring.max_length": 1024,
-                                                  "rule.strict": True, "rule.share_of": "all"}
-
-    @model_validator(mode="before")
+    @field_validator("scoring", "rule", mode="before")
     @classmethod
-    def _paper_defaults(cls, raw):
-        if not isinstance(raw, dict):
-            return raw
-        for section in ("scoring", "rule"):
-            if isinstance(raw.get(section), dict):
-                own = {path.split(".", 1)[1]: value for path, value in cls.implied_defaults.items()
-                       if path.startswith(section + ".")}
-                raw = {**raw, section: {**own, **raw[section]}}
-        return raw
+    def _shared_section(cls, value):
+        """A Cherry-default section object (ScoringConfig, IFDRule) counts by the fields it sets, as a mapping
+        does: the ones it leaves out take Superfiltering's defaults, not Cherry's."""
+        if isinstance(value, (ScoringConfig, IFDRule)) and not isinstance(value, (SuperfilterScoring, SuperfilterRule)):
+            return value.model_dump(exclude_unset=True)
+        return value
 
     @model_validator(mode="after")
     def _second_budget(self):

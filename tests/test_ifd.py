@@ -196,6 +196,18 @@ def test_superfiltering_gets_its_own_template_length_and_rule_unless_set():
     sel = SuperfilterSelection.model_validate({"budget": 5, "scoring": scorer, "rule": {"strict": False}})
     assert (sel.rule.strict, sel.rule.share_of) == (False, "all")
     assert (cherry.rule.strict, cherry.rule.share_of) == (False, "filtered")
+    # section objects built with the shared classes count by what they set, as mappings do (they took Cherry's)
+    sel = SuperfilterSelection(budget=5, scoring=ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0"),
+                                                                max_length=96), rule=IFDRule(threshold=0.9))
+    assert (sel.scoring.template, sel.scoring.max_length, sel.rule.strict, sel.rule.share_of) == (
+        "superfilter", 96, True, "all")
+    # the schema the Prefect form renders shows these defaults: a form that sends every value runs Superfiltering
+    schema = SuperfilterSelection.model_json_schema()["$defs"]
+    assert schema["SuperfilterScoring"]["properties"]["template"]["default"] == "superfilter"
+    assert schema["SuperfilterScoring"]["properties"]["max_length"]["default"] == 1024
+    assert schema["SuperfilterRule"]["properties"]["share_of"]["default"] == "all"
+    form = SuperfilterSelection.model_validate({"budget": 5, "scoring": scorer}).model_dump(mode="json")
+    assert SuperfilterSelection.model_validate(form).scoring.template == "superfilter"
 
 
 def test_configs_refuse_invalid_combinations():
