@@ -103,6 +103,9 @@ def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override
         flow_obj = flow_by_name(flow)
         config = recipe_for_flow(recipe, flow, _overrides(set_))
         check_input_files(recipe, config)
+        from tasks.track import detach_temporary_prefect_server
+
+        detach_temporary_prefect_server()  # Ctrl-C must reach this process only, not the server it reports to
         outputs = flow_obj(config)
     _print_outputs(outputs)
 

@@ -181,6 +181,35 @@ def reap_orphan_prefect_servers(proc: Path = Path("/proc")) -> list[int]:
     return stopped
 
 
+def detach_temporary_prefect_server() -> None:
+    """Start the temporary Prefect server (the one Prefect starts when no `PREFECT_API_URL` is set) in a session of
+    its own. In the terminal's process group Ctrl-C stopped it together with this process, whose crash handling then
+    spent minutes retrying the vanished API (the flow run left Running, no exit) instead of marking the run Crashed
+    and exiting at once. Detached, the server outlives the interrupt and Prefect's exit hook stops it; if this
+    process is killed outright, the next run stops it (`reap_orphan_prefect_servers`). Idempotent."""
+    import functools
+    import types
+
+    from prefect.server.api import server as prefect_server
+
+    launch = prefect_server.SubprocessASGIServer._run_uvicorn_command
+    if getattr(launch, "pomona_detached", False):
+        return
+
+    def detached_launch(self):
+        # Prefect's own command line and environment, only its Popen gets start_new_session (setsid in the child)
+        module_subprocess = prefect_server.subprocess
+        prefect_server.subprocess = types.SimpleNamespace(
+            Popen=functools.partial(module_subprocess.Popen, start_new_session=True))
+        try:
+            return launch(self)
+        finally:
+            prefect_server.subprocess = module_subprocess
+
+    detached_launch.pomona_detached = True  # type: ignore[attr-defined]
+    prefect_server.SubprocessASGIServer._run_uvicorn_command = detached_launch
+
+
 def end_runs_of_dead_processes(experiment_id: str) -> list[str]:
     """Mark KILLED the runs of this experiment left RUNNING by a pomona process of this machine that is gone, and
     their Prefect flow runs Crashed; returns their ids. Without this a killed pipeline stays "Running" in the MLflow

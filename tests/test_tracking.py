@@ -183,6 +183,38 @@ def test_temporary_prefect_servers_of_killed_pomona_processes_are_stopped():
             p.wait()
 
 
+def test_the_temporary_prefect_server_is_out_of_reach_of_the_terminals_ctrl_c():
+    """Ctrl-C signals the terminal's whole foreground process group: with the temporary Prefect server in it, the
+    server died with the interrupted run, whose crash handling then hung for minutes retrying the vanished API. The
+    server `pomona run` starts is in a session of its own, launched with Prefect's own command line."""
+    import os
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from tasks.track import PREFECT_SERVER_APP, detach_temporary_prefect_server
+
+    detach_temporary_prefect_server()
+    detach_temporary_prefect_server()  # a second call must not wrap the launch twice
+    server = SubprocessASGIServer(port=_free_port())
+    process = server._run_uvicorn_command()
+    try:
+        assert os.getsid(process.pid) == process.pid != os.getsid(0)
+        assert os.getpgid(process.pid) != os.getpgid(0)
+        assert PREFECT_SERVER_APP.encode() in Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    finally:
+        process.kill()
+        process.wait()
+        SubprocessASGIServer._instances.pop(server._instance_key, None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_a_run_whose_process_was_killed_is_ended_by_the_next_run(prefect_server):
     """kill -9 leaves the pipeline's MLflow run RUNNING and its Prefect flow run Running (nothing of the killed
     process can end them); the next run on this machine marks them KILLED / Crashed, and leaves live ones alone."""
