@@ -32,7 +32,7 @@ from models.special_tokens import (first_special_token, report_special_tokens, s
 from tasks.data import Record, load_canonical, read_jsonl, to_format, write_jsonl
 from tasks.score import STATUS_SCORED, STATUS_SKIPPED, read_scores, score_counts, scored_texts, skip_kind
 from tasks.select import SUBSET_FILES, nothing_selected, write_subset
-from tasks.store import StageOutput, atomic_write_text, run_stage, stage_task
+from tasks.store import StageOutput, atomic_write_text, portable_model_digest, run_stage, stage_task
 
 IFDKind = Literal["cherry", "superfilter"]
 
@@ -408,9 +408,10 @@ def pre_experience_sft(pick_out: StageOutput, scoring: ScoringConfig, pre: PreEx
                            f"({int(metrics['global_step'])} steps){note}: `{model_dir}`."}
 
     # the digest covers the weights the score stage loads (train_result.json holds wall-clock timings: digesting it
-    # made every retraining a new input for the stages downstream, identical weights or not)
+    # made every retraining a new input for the stages downstream, identical weights or not), the same in every
+    # home (training_args.bin pickles the home's output folder), as train-sft's
     return run_stage("cherry-sft", {"scorer": scoring.scorer, "sft": pre.sft}, [pick_out], body,
-                     digest_of=[pre_experienced_dir(pre)])
+                     digest_of=[pre_experienced_dir(pre)], digest_file=portable_model_digest)
 
 
 def pre_experienced_dir(pre: PreExperienceConfig) -> str:

@@ -367,6 +367,28 @@ def test_pre_experience_says_which_picked_samples_truncation_left_untrained(tmp_
     assert f"{len(rejects)} of the 12 picked had no answer token left" in out.summary
 
 
+def test_the_same_pre_experience_sft_in_two_homes_has_one_digest(tmp_path, monkeypatch):
+    """The trainer pickles its output folder (in the home) into training_args.bin: the cherry-sft digest covered
+    it, so the same weights trained in another home (a fresh home, a compose worker's volume) were another input
+    to the score stage, which computed again under another key."""
+    from tasks.data import read_records, write_jsonl
+    from tasks.ifd import PRE_EXPERIENCE_TRAIN, pre_experience_rows, pre_experience_sft
+    from tasks.store import StageOutput
+
+    pick = tmp_path / "pick"
+    write_jsonl(pick / PRE_EXPERIENCE_TRAIN, pre_experience_rows(
+        read_records(DATA / "alpaca_cherry_40.json").records[:4], "wiz"))
+    pick_out = StageOutput(stage="cherry-pick", key="test", path=str(pick), digest="0")
+    pre = PreExperienceConfig(sft=SFTStageConfig(max_steps=1, per_device_train_batch_size=2, max_length=64,
+                                                 register_model=False))
+    outs = []
+    for home in ("home-a", "home-b"):
+        monkeypatch.setenv("POMONA_HOME", str(tmp_path / home))
+        outs.append(pre_experience_sft(pick_out, ScoringConfig(scorer=ModelConfig(name_or_path="tiny:0")), pre))
+    assert outs[0].key == outs[1].key and outs[0].path != outs[1].path
+    assert outs[0].digest == outs[1].digest
+
+
 def _alpaca_rows(n: int) -> list[dict]:
     return json.loads((DATA / "alpaca_cherry_40.json").read_text())[:n]
 
