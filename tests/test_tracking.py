@@ -188,6 +188,7 @@ def test_the_temporary_prefect_server_is_out_of_reach_of_the_terminals_ctrl_c():
     server died with the interrupted run, whose crash handling then hung for minutes retrying the vanished API. The
     server `pomona run` starts is in a session of its own, launched with Prefect's own command line."""
     import os
+    import time
 
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -200,7 +201,12 @@ def test_the_temporary_prefect_server_is_out_of_reach_of_the_terminals_ctrl_c():
     try:
         assert os.getsid(process.pid) == process.pid != os.getsid(0)
         assert os.getpgid(process.pid) != os.getpgid(0)
-        assert PREFECT_SERVER_APP.encode() in Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{process.pid}/cmdline")
+        for _ in range(100):  # the child shows its command line once it has exec'd (empty just after the fork)
+            if cmdline.read_bytes():
+                break
+            time.sleep(0.05)
+        assert PREFECT_SERVER_APP.encode() in cmdline.read_bytes()
     finally:
         process.kill()
         process.wait()
