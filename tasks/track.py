@@ -26,6 +26,7 @@ from configs.settings import pomona_home
 from tasks.store import KEY_FILE, MANIFEST, StageOutput, content_digest
 
 MAX_PARAM_CHARS = 6000
+CONFIG_HASH_TAG = "pomona.config_hash"
 
 
 def tracking_uri() -> str:
@@ -100,7 +101,7 @@ def start_parent_run(experiment: str, run_name: str, config: Any, flow_run_id: s
 
     mlc = client()
     exp_id = ensure_experiment(experiment)
-    tags = {"pomona.config_hash": content_digest(config)[:16], "pomona.git_commit": git_commit(),
+    tags = {CONFIG_HASH_TAG: content_digest(config)[:16], "pomona.git_commit": git_commit(),
             "prefect.flow_run_id": flow_run_id or "none"}
     ui_url = getattr(getattr(config, "tracking", None), "ui_url", None)
     if ui_url:  # stage runs copy it, so every link of this run points at the UI the recipe named
@@ -275,12 +276,15 @@ def tracked_run_or_none(run_id: str):
 
 
 def child_tags(parent) -> dict[str, str]:
-    """Tags every child run takes from its parent run: the nesting, the Prefect flow run, and the MLflow UI the
-    recipe named (so the child's links point there too); and the process that logs it (`process_tags`)."""
+    """Tags every child run takes from its parent run: the nesting, the Prefect flow run, the recipe's config hash
+    and the MLflow UI the recipe named (so the child's links point there too); and the process that logs it
+    (`process_tags`). The hash passes through a comparison's `method:<label>` runs to the stage runs nested under
+    them, which otherwise got an empty `pomona.config_hash` and fell out of a search by it."""
     tags = {"mlflow.parentRunId": parent.info.run_id,
             "prefect.flow_run_id": parent.data.tags.get("prefect.flow_run_id", "none"), **process_tags()}
-    if UI_URL_TAG in parent.data.tags:
-        tags[UI_URL_TAG] = parent.data.tags[UI_URL_TAG]
+    for key in (UI_URL_TAG, CONFIG_HASH_TAG):
+        if key in parent.data.tags:
+            tags[key] = parent.data.tags[key]
     return tags
 
 
@@ -295,7 +299,7 @@ def log_stage_run(parent_run_id: str, out: StageOutput, config: Any = None, cach
     parent = mlc.get_run(parent_run_id)
     tags = {**child_tags(parent), "pomona.stage": out.stage, "pomona.stage_key": out.key,
             "pomona.output_digest": out.digest, "pomona.cached": str(cached).lower(),
-            "pomona.config_hash": parent.data.tags.get("pomona.config_hash", "")}
+            CONFIG_HASH_TAG: parent.data.tags.get(CONFIG_HASH_TAG, "")}
     tags.update(extra_tags or {})
     if run_id is None:
         run_id = mlc.create_run(parent.info.experiment_id, run_name=out.stage, tags=tags).info.run_id

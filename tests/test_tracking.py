@@ -92,6 +92,26 @@ def test_stage_runs_link_to_the_ui_their_recipe_names(tmp_path):
     assert run_link(child) == f"https://mlflow.example.org/#/experiments/{experiment}/runs/{child}"
 
 
+def test_stage_runs_of_a_compared_method_carry_the_recipes_config_hash(tmp_path):
+    """A comparison nests its stage runs under `method:<label>` runs; they took the hash from the method run, which
+    had none, so `tags.pomona.config_hash = '<hash>'` found the records and table runs but no method's stages."""
+    from configs.pipeline import load_recipe
+    from tasks.evaluate import start_method_run
+    from tasks.track import CONFIG_HASH_TAG, client, log_stage_run, start_parent_run
+
+    config = load_recipe(REPO / "configs" / "recipes" / "demo.yaml", overrides={"name": "hash-test"})
+    parent = start_parent_run("unit-test-config-hash", "p", config, None)
+    method = start_method_run(parent, "random", None)
+    (tmp_path / "stage_key.json").write_text("{}")
+    stage = log_stage_run(method, StageOutput(stage="unit", key="k-hash", path=str(tmp_path), digest="d"))
+    mlc = client()
+    expected = mlc.get_run(parent).data.tags[CONFIG_HASH_TAG]
+    assert expected and mlc.get_run(method).data.tags[CONFIG_HASH_TAG] == expected
+    assert mlc.get_run(stage).data.tags[CONFIG_HASH_TAG] == expected
+    for run_id in (method, parent):
+        mlc.set_terminated(run_id, "FINISHED")
+
+
 # ------------------------------------------------------------------------------ secrets in endpoint URLs
 SECRET_URL = "https://alice:pa55word@llm.example.org/v1?api_key=SECRETKEY&api-version=2024-06"
 SECRETS = ("pa55word", "SECRETKEY", "alice")
