@@ -16,7 +16,7 @@ from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task
 from tasks.store import StageOutput
 from tasks.track import client, log_stage, tracked_run, tracked_run_or_none
-from tasks.train import dpo_stage_task, sft_stage_task
+from tasks.train import PROVENANCE_TAGS, dpo_stage_task, sft_stage_task
 
 
 def run_training_stage(stage_task, *args, parent_run_id: str | None = None, log_config=None, **kwargs) -> StageOutput:
@@ -35,6 +35,11 @@ def run_training_stage(stage_task, *args, parent_run_id: str | None = None, log_
         client().set_tag(run_id, "pomona.logged", "true")
         if not fresh and trained_in:
             client().set_tag(run_id, "pomona.trained_in_run", trained_in)
+        if not fresh and trained_run is not None:
+            # the reused run names the subset as its trainer does: a search by tags.dataset_digest finds both
+            for key in PROVENANCE_TAGS:
+                if key in trained_run.data.tags:
+                    client().set_tag(run_id, key, trained_run.data.tags[key])
     return out
 
 

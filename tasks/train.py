@@ -584,6 +584,10 @@ def _interrupt_callback(step: int):
     return InterruptAfterStep()
 
 
+# The tags a training run carries about what it trained on (selection_tags, and the SFT stage a DPO run started from)
+PROVENANCE_TAGS = ("selection_method", "selection_stage", "dataset_digest", "sft_stage_key")
+
+
 def selection_tags(selection: StageOutput, data_file: Path) -> dict[str, str]:
     """What a trained model traces back to: the selection method and the digest of the exact training file."""
     method = selection.stage.removeprefix("select-")

@@ -374,6 +374,9 @@ def test_sft_flow_trains_logs_and_reuses_the_stage(prefect_server, tmp_path):
     assert trained.data.params["sft.max_steps"] == "2" and "loss" in trained.data.metrics
     reused = next(r for r in runs if r.data.tags["pomona.cached"] == "true")
     assert reused.data.tags["pomona.trained_in_run"] == trained.info.run_id
+    # the reused run names the subset as the trainer's does (a search by tags.dataset_digest missed it)
+    for key in ("selection_method", "selection_stage", "dataset_digest"):
+        assert reused.data.tags[key] == trained.data.tags[key]
 
     # A full fine-tune: every weight file is rewritten, and the folder reloads as a plain causal LM.
     from transformers import AutoModelForCausalLM, AutoTokenizer
