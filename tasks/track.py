@@ -398,13 +398,19 @@ def mlflow_ui_url(configured: str | None = None) -> str | None:
     return strip_userinfo(url).rstrip("/") if url else None
 
 
+# MLflow 3's UI opens in its GenAI mode, where a run page's breadcrumb leads to "Evaluation runs" (every stage shown
+# as an "Eval") and the experiment to a traces overview; this query puts it in "Model training" mode, whose breadcrumb
+# leads to the runs table. Older UIs ignore it.
+UI_MODE_QUERY = "?workflowType=machine_learning"
+
+
 def run_link(run_id: str) -> str:
     """A link to the run in the MLflow UI; without a browsable UI, the run id and the store with its credentials
     masked (a `postgresql://user:password@host/db` URI must never reach a log or an artifact)."""
     run = client().get_run(run_id)
     base = mlflow_ui_url(run.data.tags.get(UI_URL_TAG))
     if base:
-        return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}{UI_MODE_QUERY}"
     return f"run {run_id} in {redact_url(tracking_uri())}"
 
 

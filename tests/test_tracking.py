@@ -51,7 +51,7 @@ def test_run_link_never_shows_database_credentials(fake_store, monkeypatch):
     assert link == "run r1 in postgresql+psycopg2://***@postgres:5432/mlflow"
     # an http tracking server with basic auth: a browsable link, without the user:password
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://admin:s3cret@mlflow:5000/")
-    assert run_link("r1") == "http://mlflow:5000/#/experiments/7/runs/r1"
+    assert run_link("r1") == "http://mlflow:5000/#/experiments/7/runs/r1?workflowType=machine_learning"
 
 
 def test_run_link_points_at_the_public_ui_when_one_is_set(fake_store, monkeypatch):
@@ -60,9 +60,9 @@ def test_run_link_points_at_the_public_ui_when_one_is_set(fake_store, monkeypatc
     monkeypatch.setenv("MLFLOW_TRACKING_URI", DB_URI)
     monkeypatch.setenv("POMONA_MLFLOW_UI_URL", "https://mlflow.example.org/")
     fake_store["r1"] = _Run()
-    assert run_link("r1") == "https://mlflow.example.org/#/experiments/7/runs/r1"
+    assert run_link("r1") == "https://mlflow.example.org/#/experiments/7/runs/r1?workflowType=machine_learning"
     fake_store["r2"] = _Run({UI_URL_TAG: "https://ui.team.example"})  # the recipe's tracking.ui_url wins
-    assert run_link("r2") == "https://ui.team.example/#/experiments/7/runs/r2"
+    assert run_link("r2") == "https://ui.team.example/#/experiments/7/runs/r2?workflowType=machine_learning"
 
 
 def test_tracking_ui_url_is_a_described_optional_http_setting():
@@ -89,7 +89,9 @@ def test_stage_runs_link_to_the_ui_their_recipe_names(tmp_path):
     child = log_stage_run(parent, StageOutput(stage="unit", key="k", path=str(tmp_path), digest="d"))
     assert client().get_run(child).data.tags[UI_URL_TAG] == "https://mlflow.example.org"
     experiment = client().get_run(child).info.experiment_id
-    assert run_link(child) == f"https://mlflow.example.org/#/experiments/{experiment}/runs/{child}"
+    # in MLflow 3's "Model training" mode: its breadcrumb leads to the runs table, not to GenAI "Evaluation runs"
+    assert run_link(child) == f"https://mlflow.example.org/#/experiments/{experiment}/runs/{child}" \
+        "?workflowType=machine_learning"
 
 
 def test_stage_runs_of_a_compared_method_carry_the_recipes_config_hash(tmp_path):
