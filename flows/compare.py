@@ -24,7 +24,7 @@ from flows.selection import select_subset
 from flows.train import run_training_stage
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task, read_jsonl
-from tasks.evaluate import comparison_task, finish_method_run, model_fingerprint, start_method_run
+from tasks.evaluate import comparison_task, finish_method_run, headline_metrics, model_fingerprint, start_method_run
 from tasks.select import budget_shortfall
 from tasks.store import StageOutput
 from tasks.train import sft_stage_task, trained_model
@@ -46,11 +46,11 @@ def compare_method(label: str, selection: Any, records: StageOutput, config: Com
                                          parent_run_id=run_id,
                                          log_config={"sft": config.training.sft, "model": config.training.model})
             # the comparison's premise is one data size: a method whose filters left fewer says so in its row
-            metrics.update(selected=subset.metrics["selected"], train_loss=trained.metrics["train.mean_loss"],
+            metrics.update(headline_metrics(subset, trained),
                            short_of_budget=budget_shortfall(selection, subset, records)[1])
             model, digest = trained_model(trained, config.training.model), trained.digest
         table = evaluate_stages(model, digest, config.evaluate, f"{config.name}-{label}", run_id)
-        metrics.update(table.metrics)
+        metrics.update(headline_metrics(evaluation=table))
     except Exception as exc:
         if run_id:
             finish_method_run(run_id, metrics, error=f"{type(exc).__name__}: {exc}")

@@ -847,19 +847,28 @@ def start_method_run(parent_run_id: str, label: str, selection: Any) -> str:
     return run.info.run_id
 
 
+def headline_metrics(subset: StageOutput | None = None, sft: StageOutput | None = None,
+                     dpo: StageOutput | None = None, evaluation: StageOutput | None = None) -> dict[str, float]:
+    """What a run is compared by, under one set of names for a pipeline's parent run and a comparison's method runs
+    (so MLflow compares the two): samples selected, the training's mean loss, every evaluation metric."""
+    metrics: dict[str, float] = {}
+    if subset is not None:
+        metrics["selected"] = subset.metrics["selected"]
+    if sft is not None:
+        metrics["train_loss"] = sft.metrics["train.mean_loss"]
+    if dpo is not None:
+        metrics["dpo_loss"] = dpo.metrics["train.mean_loss"]
+    if evaluation is not None:
+        metrics.update(evaluation.metrics)
+    return metrics
+
+
 def finish_method_run(run_id: str, metrics: dict[str, float], error: str | None = None) -> None:
     """Log the method's final metrics, or its error, and close the run (FAILED when it failed)."""
-    import time as _time
-
-    from mlflow.entities import Metric
-
-    from tasks.track import client
+    from tasks.track import client, log_metrics
 
     mlc = client()
-    now = int(_time.time() * 1000)
-    batch = [Metric(sanitize_metric_key(k), float(v), now, 0) for k, v in metrics.items()]
-    for i in range(0, len(batch), 500):
-        mlc.log_batch(run_id, metrics=batch[i:i + 500])
+    log_metrics(run_id, metrics)
     if error:
         mlc.set_tag(run_id, "pomona.error", error[:5000])
     mlc.set_terminated(run_id, "FAILED" if error else "FINISHED")

@@ -330,6 +330,16 @@ def artifacts_holder(mlc, experiment_id: str, out: StageOutput) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    """`metrics` on a run, keys made MLflow-safe, in batches (MLflow takes at most 1,000 per call)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(sanitize_metric_key(k), float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(batch), 500):
+        client().log_batch(run_id, metrics=batch[i:i + 500])
+
+
 def log_stage_contents(mlc, parent_run_id: str, run_id: str, out: StageOutput, config: Any,
                        stage_files: bool = True) -> None:
     """Params, metrics, artifacts (with the stage key and the shard manifests) and dataset inputs of one stage.
@@ -337,18 +347,15 @@ def log_stage_contents(mlc, parent_run_id: str, run_id: str, out: StageOutput, c
     `stage_files=False` (a reused stage whose files an earlier run holds, tagged `pomona.artifacts_run_id`) logs
     the stage key only of the files."""
     import mlflow
-    from mlflow.entities import DatasetInput, InputTag, Metric, Param
+    from mlflow.entities import DatasetInput, InputTag, Param
 
     params = {**(flatten(config) if config is not None else {}),
               **{sanitize_metric_key(k): param_value(redact_url(str(v))) for k, v in out.params.items()}}
     plist = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(plist), 100):
         mlc.log_batch(run_id, params=plist[i:i + 100])
-    now = int(time.time() * 1000)
     timing = {"stage_seconds": out.seconds} if out.seconds is not None else {}
-    metrics = [Metric(sanitize_metric_key(k), float(v), now, 0) for k, v in {**out.metrics, **timing}.items()]
-    for i in range(0, len(metrics), 500):
-        mlc.log_batch(run_id, metrics=metrics[i:i + 500])
+    log_metrics(run_id, {**out.metrics, **timing})
     manifests = [str(p.relative_to(out.path)) for p in sorted(Path(out.path).rglob(f"*{MANIFEST}"))]
     for rel in [KEY_FILE, *manifests, *out.artifacts] if stage_files else [KEY_FILE]:
         path = out.file(rel)
@@ -468,6 +475,11 @@ def log_stage(parent_run_id: str, out: StageOutput, config: Any = None, cached: 
                  f"\n\nOutput: `{out.path}`",
         description=f"{out.stage} summary")
     return run_id
+
+
+@task(cache_policy=NO_CACHE, name="log-run-metrics")
+def log_run_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    log_metrics(run_id, metrics)
 
 
 @task(cache_policy=NO_CACHE, name="finish-tracking")

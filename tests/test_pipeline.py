@@ -88,6 +88,13 @@ def test_mlflow_holds_parent_children_params_metrics_artifacts_and_dataset(two_r
     assert {c.data.tags["pomona.cached"] for c in cached} == {"true"}
     config_yaml = mlc.download_artifacts(parent.info.run_id, "config.yaml")
     assert "budget: 17" in open(config_yaml).read()
+    # the run's headline on both parents (the cached rerun too), named as a comparison's method runs name it
+    out = first.result()
+    for run in parents:
+        assert run.data.metrics["selected"] == 17 and run.data.metrics["short_of_budget"] == 0
+        assert run.data.metrics["train_loss"] == pytest.approx(out["sft"].metrics["train.mean_loss"])
+        assert run.data.metrics["likelihood/mean_nll"] == pytest.approx(out["evaluation"].metrics["likelihood/mean_nll"])
+        assert any(k.startswith("lm_eval/pomona_mc/acc") for k in run.data.metrics)
 
 
 def test_every_selection_method_is_a_pipeline_option():
