@@ -17,10 +17,27 @@ from configs.ifd import CherrySelection, SuperfilterSelection
 from configs.selection import FullSelection, LongestSelection, RandomSelection
 from configs.train import TrainingConfig
 
+
+class _FormChoice:
+    """Writes a discriminated union's JSON schema as `anyOf` instead of pydantic's `oneOf`.
+
+    Prefect's run form renders `anyOf` as one button per member, each with its own fields and defaults; a `oneOf`
+    it does not know, and shows as a bare JSON editor (the user types the method's settings from memory). Validation
+    is the same: members differ in their `method` constant, so at most one matches either way.
+    """
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        schema = handler(core_schema)
+        if "oneOf" in schema:
+            schema["anyOf"] = schema.pop("oneOf")
+        return schema
+
+
 SelectionConfig = Annotated[
     Union[RandomSelection, LongestSelection, FullSelection, CherrySelection, SuperfilterSelection, GrapeSelection,
           DeitaSelection],
     Field(discriminator="method"),
+    _FormChoice(),
 ]
 
 

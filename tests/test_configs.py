@@ -286,3 +286,21 @@ def test_field_reference_defaults_are_what_a_recipe_that_leaves_the_field_out_ge
         assert yaml.safe_load(row.default) == node, (row.path, row.default, node)
         checked += 1
     assert checked > 5, checked
+
+
+def test_the_run_form_offers_the_selection_method_as_a_choice():
+    """Prefect's run form renders `anyOf` as one button per member with its fields; pydantic writes a discriminated
+    union as `oneOf`, which the form showed as a bare JSON editor (no method list, no fields, no defaults)."""
+    import json
+
+    from flows.serve import discover_flows
+
+    for _, flow_obj in discover_flows():
+        assert '"oneOf"' not in json.dumps(flow_obj.parameters.model_dump()), flow_obj.name  # what the form reads
+    selection = PipelineConfig.model_json_schema()["properties"]["selection"]
+    members = [ref["$ref"].rsplit("/", 1)[-1] for ref in selection["anyOf"]]
+    assert members[0] == "RandomSelection" and {"SuperfilterSelection", "GrapeSelection"} <= set(members)
+    assert selection["description"] == "Selection method and its budget."
+    # the same validation: each member takes only its own method
+    assert PipelineConfig.model_validate({"name": "x", "data": {"path": "a.json"},
+                                          "selection": {"method": "longest", "budget": 3}}).selection.method == "longest"
