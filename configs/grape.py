@@ -38,7 +38,7 @@ class EndpointConfig(StrictModel):
     """An OpenAI-compatible chat-completions endpoint (a local vLLM or llama.cpp server, or a hosted API)."""
 
     base_url: str = Field(description="Base URL up to the API version, e.g. http://127.0.0.1:8000/v1; "
-                                      "requests go to <base_url>/chat/completions.")
+                                      "requests go to `<base_url>/chat/completions`.")
     model: str = Field(description="Model name the server expects in the request body.")
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key "
                                                        "(the key itself never goes into a recipe or MLflow).")

@@ -104,7 +104,7 @@ class ModelConfig(StrictModel):
     """A causal LM: a local folder, a hub name (when a hub is reachable), a GGUF file, or a tiny random model."""
 
     name_or_path: str = Field(
-        min_length=1, description="Local folder or hub name; 'tiny:<seed>' builds a tiny random Llama with a freshly trained tokenizer.")
+        min_length=1, description="Local folder or hub name; `tiny:<seed>` builds a tiny random Llama with a freshly trained tokenizer.")
     gguf_file: str | None = Field(None, description="GGUF file name inside `name_or_path` to load instead of safetensors.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' = float32 on CPU (the fast dtype there), bfloat16 on CUDA.")

@@ -66,7 +66,7 @@ class TrainStageConfig(StrictModel):
     merge_adapter: bool = Field(False, description="Also save the base model with the LoRA adapter merged in (`merged/`).")
     register_model: bool = Field(True, description="Register the trained model in the MLflow model registry.")
     registered_model_name: str | None = Field(
-        None, description="Registry name; defaults to '<experiment>-<stage>'.")
+        None, description="Registry name; defaults to `<experiment>-<stage>`.")
 
     @model_validator(mode="after")
     def _combinations(self):

@@ -304,3 +304,19 @@ def test_the_run_form_offers_the_selection_method_as_a_choice():
     # the same validation: each member takes only its own method
     assert PipelineConfig.model_validate({"name": "x", "data": {"path": "a.json"},
                                           "selection": {"method": "longest", "budget": 3}}).selection.method == "longest"
+
+
+def test_form_descriptions_show_their_placeholders():
+    """Prefect renders descriptions as markdown, which drops `<name>` outside a code span as an HTML tag: the form
+    read "'tiny:' builds a tiny random Llama" (of 'tiny:<seed>')."""
+    import json
+    import re
+
+    from flows.serve import discover_flows
+
+    hidden = set()
+    for _, flow_obj in discover_flows():
+        for text in re.findall(r'"description": "((?:[^"\\]|\\.)*)"', json.dumps(flow_obj.parameters.model_dump())):
+            if re.search(r"<[A-Za-z_/][^>]*>", re.sub(r"`[^`]*`", "", text)):  # outside code spans
+                hidden.add(text)
+    assert not hidden, hidden
