@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
 from configs.schema import RUNTIME_ONLY, Budget, ModelConfig, SelectionFlowBase, StrictModel
@@ -41,6 +41,8 @@ class DeitaEmbeddingConfig(StrictModel):
 
 class DeitaSelection(Budget):
     """Deita: rank by complexity x quality (summed over turns), then keep greedily unless too similar to a kept sample."""
+
+    model_config = ConfigDict(title="deita")  # its button in the Prefect form
 
     method: Literal["deita"] = Field("deita", description="Which selection method this section configures.")
     complexity_scorer: DeitaScorerConfig | None = Field(

@@ -10,7 +10,7 @@ import posixpath
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
 from configs.schema import (INPUT_FILE, RUNTIME_ONLY, DataConfig, ModelConfig, StrictModel, TrackingConfig, share_count,
@@ -153,6 +153,8 @@ class DpoPairsConfig(StrictModel):
 
 class GrapeSelection(StrictModel):
     """GRAPE: per instruction keep the candidate response the target model finds most probable."""
+
+    model_config = ConfigDict(title="grape")  # its button in the Prefect form
 
     method: Literal["grape"] = Field("grape", description="Which selection method this section configures.")
     target: ModelConfig = Field(description="The base model to be fine-tuned; candidates are scored under it.")

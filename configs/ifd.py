@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from configs.runner import ScaleOutConfig, scale_out_field
 from configs.schema import Budget, ModelConfig, SelectionFlowBase, StrictModel
@@ -71,6 +71,8 @@ class PreExperienceConfig(StrictModel):
 class CherrySelection(Budget):
     """Cherry (IFD v1): ratio of mean losses, scored by a pre-experienced model, drop IFD > 1, keep the top."""
 
+    model_config = ConfigDict(title="cherry")  # its button in the Prefect form
+
     method: Literal["cherry"] = Field("cherry", description="Which selection method this section configures.")
     scoring: ScoringConfig = Field(description="Scorer model, template ('wiz' by default) and truncation.")
     rule: IFDRule = Field(default_factory=IFDRule, description="Threshold, strictness and what the share counts.")
@@ -109,6 +111,8 @@ class SuperfilterRule(IFDRule):
 
 class SuperfilterSelection(Budget):
     """Superfiltering (IFD v2): ratio of perplexities from a small scorer, keep ifd < 1, top share; optional D step."""
+
+    model_config = ConfigDict(title="superfilter")  # its button in the Prefect form
 
     method: Literal["superfilter"] = Field("superfilter", description="Which selection method this section configures.")
     scoring: SuperfilterScoring = Field(description="Small scorer model; template 'superfilter' and max_length 1024 (the paper's) unless set here.")

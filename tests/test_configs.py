@@ -301,6 +301,9 @@ def test_the_run_form_offers_the_selection_method_as_a_choice():
     members = [ref["$ref"].rsplit("/", 1)[-1] for ref in selection["anyOf"]]
     assert members[0] == "RandomSelection" and {"SuperfilterSelection", "GrapeSelection"} <= set(members)
     assert selection["description"] == "Selection method and its budget."
+    # each button reads as the `method` a recipe writes, not the class name
+    defs = PipelineConfig.model_json_schema()["$defs"]
+    assert [defs[m]["title"] for m in members] == [defs[m]["properties"]["method"]["default"] for m in members]
     # the same validation: each member takes only its own method
     assert PipelineConfig.model_validate({"name": "x", "data": {"path": "a.json"},
                                           "selection": {"method": "longest", "budget": 3}}).selection.method == "longest"
