@@ -672,13 +672,15 @@ def whole_run_mean_loss(session_mean: float, global_step: int, resumed_step: int
 def _stage_fields(folder: Path, stage: str, info: dict, run_id: str | None, registered: dict,
                   dataset: dict[str, str]) -> dict[str, Any]:
     """StageOutput fields of a training stage, with the loss curve drawn from the trainer's log history."""
-    from tasks.plots import scatter
+    from tasks.plots import line_chart
 
     history = [h for h in info.get("log_history", []) if "loss" in h and "step" in h]
     artifacts = [RESULT_FILE]
     if history:
-        scatter([h["step"] for h in history], [h["loss"] for h in history], folder / "loss_curve.png",
-                title=f"{stage} training loss", xlabel="step", ylabel="loss")
+        # named by what it trained on: a comparison's curves look alike once downloaded side by side
+        line_chart([h["step"] for h in history], [h["loss"] for h in history], folder / "loss_curve.png",
+                   title=f"{stage} loss on {dataset['name']} ({info['examples']} examples)", xlabel="step",
+                   ylabel="loss")
         artifacts.append("loss_curve.png")
     resumed = info.get("resumed_from")
     resumed_step = int(resumed.rsplit("-", 1)[1]) if resumed else 0
