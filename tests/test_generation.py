@@ -536,64 +536,57 @@ def test_a_conversation_holding_a_special_tokens_text_is_not_generated_and_says_
     assert "1 conversations hold one of the generator's special tokens as text" in stage.summary
 
 
-def test_vllm_runs_dtype_auto_in_bfloat16_as_the_transformers_backend(monkeypatch, tiny_model_dir):
-    """pomona's dtype 'auto' is bfloat16 on CUDA; vLLM's own 'auto' runs a float32 checkpoint (the tiny model,
-    SmolLM2 imported from GGUF, a full fine-tune saved in float32) in float16, so the backends generated in
-    different precisions and float16 can overflow. A fake vLLM records what the generator asks of it."""
+@pytest.fixture
+def fake_vllm_llm(monkeypatch, tiny_model_dir) -> list[dict]:
+    """A `vllm` module whose LLM records the keyword arguments it is built with (the list returned) and serves the
+    tiny tokenizer at the asked max_model_len; CUDA reported present. No vLLM or GPU is needed."""
     import sys
     from types import ModuleType
 
     import torch
 
-    from models.generation import VllmGenerator
     from models.loading import load_tokenizer
 
-    model = ModelConfig(name_or_path=str(tiny_model_dir))
-    asked = []
+    asked: list[dict] = []
 
     def fake_llm(**kwargs):
         asked.append(kwargs)
-        return FakeVllmEngine(load_tokenizer(model), 2048)
+        return FakeVllmEngine(load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir))),
+                              kwargs.get("max_model_len") or 2048)
 
     fake_vllm = ModuleType("vllm")
     fake_vllm.LLM = fake_llm
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    return asked
+
+
+def test_vllm_runs_dtype_auto_in_bfloat16_as_the_transformers_backend(fake_vllm_llm, tiny_model_dir):
+    """pomona's dtype 'auto' is bfloat16 on CUDA; vLLM's own 'auto' runs a float32 checkpoint (the tiny model,
+    SmolLM2 imported from GGUF, a full fine-tune saved in float32) in float16, so the backends generated in
+    different precisions and float16 can overflow. A fake vLLM records what the generator asks of it."""
+    from models.generation import VllmGenerator
+
+    model, asked = ModelConfig(name_or_path=str(tiny_model_dir)), fake_vllm_llm
     for dtype, expected in [("auto", "bfloat16"), ("float16", "float16"), ("float32", "float32")]:
         VllmGenerator(GeneratorConfig(name="v", backend="vllm", model=model.model_copy(update={"dtype": dtype})))
         assert asked[-1]["dtype"] == expected, dtype
 
 
-def test_vllm_engine_settings_reach_the_engine_and_apply_to_vllm_only(monkeypatch, tiny_model_dir):
+def test_vllm_engine_settings_reach_the_engine_and_apply_to_vllm_only(fake_vllm_llm, tiny_model_dir):
     """tensor_parallel_size / gpu_memory_utilization / max_model_len go to vllm.LLM (a fake here, no vLLM); they are
     refused on another backend (silently ignored there); closing drops the engine for the next generator."""
-    import sys
-    from types import ModuleType
-
-    import torch
     from pydantic import ValidationError
 
     from configs.grape import VllmSettings
     from models.generation import VllmGenerator
-    from models.loading import load_tokenizer
     from tasks.store import keyed_config
 
-    model = ModelConfig(name_or_path=str(tiny_model_dir))
-    asked = []
-
-    def fake_llm(**kwargs):
-        asked.append(kwargs)
-        return FakeVllmEngine(load_tokenizer(model), kwargs["max_model_len"] or 2048)
-
-    fake_vllm = ModuleType("vllm")
-    fake_vllm.LLM = fake_llm
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    model, asked = ModelConfig(name_or_path=str(tiny_model_dir)), fake_vllm_llm
     config = GeneratorConfig(name="v", backend="vllm", model=model,
                              vllm={"tensor_parallel_size": 4, "gpu_memory_utilization": 0.45, "max_model_len": 512})
     generator = VllmGenerator(config)
