@@ -315,15 +315,34 @@ def _reporting_to_mlflow() -> bool:
 def train_in_process(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig, out_dir: Path,
                      callbacks: list | None = None) -> Path:
     """Train in this process (also the body of every launched worker); returns `<out_dir>/model`."""
-    try:
+    if config.deepspeed == "none":
         return _train_here(kind, data_path, model, config, out_dir, callbacks)
-    finally:
-        if config.deepspeed != "none":
-            # transformers keeps the trainer's DeepSpeed config as a process-wide setting (alive after training):
-            # under ZeRO-3 every later from_pretrained here, the evaluation's included, loaded empty partitions.
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    with deepspeed_process_state():
+        return _train_here(kind, data_path, model, config, out_dir, callbacks)
 
-            unset_hf_deepspeed_config()
+
+@contextmanager
+def deepspeed_process_state() -> Iterator[None]:
+    """A DeepSpeed training's process-wide marks, undone when it ends, so a later training or model load in this
+    process (the next stage of a pipeline, a Prefect worker's next run) is not DeepSpeed's: transformers' DeepSpeed
+    config (under ZeRO-3 every later from_pretrained loaded empty partitions), ACCELERATE_USE_DEEPSPEED and
+    accelerate's process-state singletons (a later full-weight DPO had its reference wrapped in a DeepSpeed engine).
+    The one-rank process group stays, with its variables: DeepSpeed's comm layer keeps it for the next DeepSpeed
+    training here, and a destroyed one failed that training ('group is not registered')."""
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    saved = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    _set_single_process_distributed_env()
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        if saved is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = saved
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _train_here(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig, out_dir: Path,
@@ -331,8 +350,6 @@ def _train_here(kind: Kind, data_path: Path, model: ModelConfig, config: TrainSt
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = training_device(model)
-    if config.deepspeed != "none":
-        _set_single_process_distributed_env()
     # TrainingArguments first: with ZeRO-3 it must exist before from_pretrained to partition the weights.
     args = trl_config(kind, config, out_dir, device, model.dtype, _reporting_to_mlflow())
     from models.loading import load_tokenizer, resolve_model_path

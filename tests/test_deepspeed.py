@@ -63,6 +63,7 @@ def test_zero3_lora_merges_after_training_and_dpo_starts_from_the_sft_adapter(tm
     """Under ZeRO-3 every from_pretrained partitioned the weights (empty tensors outside the engine): merge_adapter
     and DPO's merge of its start adapter failed on 'The size of tensor a (0) must match'. In-process, one rank."""
     import json
+    import os
 
     import torch
     from safetensors.torch import load_file
@@ -71,6 +72,7 @@ def test_zero3_lora_merges_after_training_and_dpo_starts_from_the_sft_adapter(tm
     from models.loading import resolve_model_path
     from tasks.train import dpo_train, sft_train
 
+    environ_before = set(os.environ)
     rows = json.loads((DATA / "alpaca_cherry_40.json").read_text())[:8]
     data = tmp_path / "train.messages.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
@@ -103,3 +105,9 @@ def test_zero3_lora_merges_after_training_and_dpo_starts_from_the_sft_adapter(tm
 
     evaluated, _ = load_model(tiny)
     assert evaluated.get_parameter(q_proj).shape == base[q_proj].shape
+    # nor is a later training here DeepSpeed's: its switch and accelerate's state are gone (a later full-weight DPO
+    # had its reference wrapped in a DeepSpeed engine)
+    from accelerate.state import PartialState
+
+    assert "ACCELERATE_USE_DEEPSPEED" not in os.environ or "ACCELERATE_USE_DEEPSPEED" in environ_before
+    assert not PartialState._shared_state
