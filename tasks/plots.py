@@ -18,6 +18,14 @@ def _pyplot():
 ALL_COLOR, PICKED_COLOR = "#BBBBBB", "#55A868"
 
 
+def _saved(plt, fig, path: str | Path) -> Path:
+    """Lay out, write and close a figure (an open figure holds its memory until the process ends)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def _overlaid_hist(ax, values, picked, picked_label: str, edges) -> None:
     """All values in grey, the picked ones over them in green, on the same bin edges (so heights compare)."""
     ax.hist(values, bins=edges, color=ALL_COLOR, label=f"all ({len(values)})")
@@ -43,10 +51,7 @@ def histogram(values: Sequence[float], path: str | Path, title: str, xlabel: str
     if threshold is not None or selected is not None:
         ax.legend()
     ax.set(title=title, xlabel=xlabel, ylabel="samples")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _saved(plt, fig, path)
 
 
 def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | Path, title: str, ylabel: str) -> Path:
@@ -58,10 +63,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | Path, 
     ax.margins(y=0.12)
     ax.set(title=title, ylabel=ylabel)
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _saved(plt, fig, path)
 
 
 LOWER_IS_BETTER = ("nll", "loss", "perplexity", "lose_rate")
@@ -114,10 +116,7 @@ def comparison_chart(labels: Sequence[str], values: Sequence[float], path: str |
     ax.grid(axis="x", alpha=0.3)
     suffix = f" ({direction} is better)" if direction else ""
     ax.set(title=title + suffix, xlabel=metric)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _saved(plt, fig, path)
 
 
 def line_chart(x: Sequence[float], y: Sequence[float], path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
@@ -126,10 +125,7 @@ def line_chart(x: Sequence[float], y: Sequence[float], path: str | Path, title: 
     ax.plot(list(x), list(y), color="#4C72B0")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)  # y not from 0: the shape is what it is drawn for
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _saved(plt, fig, path)
 
 
 def scatter(x: Sequence[float], y: Sequence[float], path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
@@ -137,10 +133,7 @@ def scatter(x: Sequence[float], y: Sequence[float], path: str | Path, title: str
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(list(x), list(y), s=6, alpha=0.6)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _saved(plt, fig, path)
 
 
 def pre_experience_figure(cluster_sizes, picked_per_cluster, perplexities, picked_perplexities, path: str | Path,
@@ -170,7 +163,4 @@ def pre_experience_figure(cluster_sizes, picked_per_cluster, perplexities, picke
     by_ppl.set(xlabel="instruction perplexity", ylabel="instructions", title="perplexity")
     by_ppl.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _saved(plt, fig, path)
