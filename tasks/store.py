@@ -370,13 +370,13 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     Every local file or folder the parameters name (data files, candidates, pairs, task folders, models) enters
     by `path_fingerprint` (as in the store's own keys, `keyed_config`), so an edited file is a new key: Prefect must
     never hand back a result the stage itself would recompute. Folders named relative to the repository (lm-eval
-    tasks, instruction test sets) enter as the stage finds them (`repo_input_fingerprints`), from any folder. The key may be finer than the stage's store key (a
-    config field the stage ignores); then the task runs, finds its folder finished and returns it as `reused`.
+    tasks, instruction test sets) enter as the stage finds them (`repo_input_fingerprints`), from any folder. The
+    key may be finer than the stage's store key (a config field the stage ignores); then the task runs, finds its
+    folder finished and returns it as `reused`.
     """
-    material = {name: canonical(value) for name, value in parameters.items() if name not in _NOT_IN_KEY}
-    material["files"] = file_fingerprints(material)
     kept = {name: value for name, value in parameters.items() if name not in _NOT_IN_KEY}
-    material["files"].update(repo_input_fingerprints(kept))
+    material = {name: canonical(value) for name, value in kept.items()}
+    material["files"] = {**file_fingerprints(material), **repo_input_fingerprints(kept)}
     task_name = getattr(getattr(context, "task", None), "name", "task")
     return f"{task_name}-{stage_key(task_name, material)}"
 
