@@ -25,7 +25,6 @@ from flows.train import run_training_stage
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task, read_jsonl
 from tasks.evaluate import comparison_task, finish_method_run, headline_metrics, model_fingerprint, start_method_run
-from tasks.select import budget_shortfall
 from tasks.store import StageOutput
 from tasks.train import sft_stage_task, trained_model
 from tasks.track import artifact_key, client, tracked_run
@@ -46,8 +45,7 @@ def compare_method(label: str, selection: Any, records: StageOutput, config: Com
                                          parent_run_id=run_id,
                                          log_config={"sft": config.training.sft, "model": config.training.model})
             # the comparison's premise is one data size: a method whose filters left fewer says so in its row
-            metrics.update(headline_metrics(subset, trained),
-                           short_of_budget=budget_shortfall(selection, subset, records)[1])
+            metrics.update(headline_metrics((selection, subset, records), trained))
             model, digest = trained_model(trained, config.training.model), trained.digest
         table = evaluate_stages(model, digest, config.evaluate, f"{config.name}-{label}", run_id)
         metrics.update(headline_metrics(evaluation=table))

@@ -11,7 +11,6 @@ from flows.train import training_stages
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task
 from tasks.evaluate import headline_metrics
-from tasks.select import budget_shortfall
 from tasks.store import StageOutput
 from tasks.track import log_run_metrics, tracked_run
 from tasks.train import trained_model
@@ -44,7 +43,6 @@ def pipeline(config: PipelineConfig, fail_at: str | None = None) -> dict[str, St
                 outputs["evaluation"] = evaluate_stages(trained_model(final, config.train.model), final.digest,
                                                         config.evaluate, config.name, parent)
         if parent:  # the run's headline on the parent, named as a comparison's method runs name it
-            log_run_metrics(parent, headline_metrics(subset, outputs.get("sft"), outputs.get("dpo"),
-                                                     outputs.get("evaluation"))
-                            | {"short_of_budget": budget_shortfall(config.selection, subset, records)[1]})
+            log_run_metrics(parent, headline_metrics((config.selection, subset, records), outputs.get("sft"),
+                                                     outputs.get("dpo"), outputs.get("evaluation")))
     return outputs

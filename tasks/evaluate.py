@@ -30,6 +30,7 @@ from configs.schema import ModelConfig, repo_path
 from models.special_tokens import (first_special_token, message_texts, report_special_tokens, special_token_pattern,
                                    special_token_reason)
 from tasks.data import json_rows, jsonl_rows, read_jsonl, read_records, reject_kind, with_instance_input, write_jsonl
+from tasks.select import budget_shortfall
 from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
                          stage_task)
 from tasks.track import sanitize_metric_key
@@ -847,13 +848,17 @@ def start_method_run(parent_run_id: str, label: str, selection: Any) -> str:
     return run.info.run_id
 
 
-def headline_metrics(subset: StageOutput | None = None, sft: StageOutput | None = None,
-                     dpo: StageOutput | None = None, evaluation: StageOutput | None = None) -> dict[str, float]:
+def headline_metrics(selected: tuple[Any, StageOutput, StageOutput | None] | None = None,
+                     sft: StageOutput | None = None, dpo: StageOutput | None = None,
+                     evaluation: StageOutput | None = None) -> dict[str, float]:
     """What a run is compared by, under one set of names for a pipeline's parent run and a comparison's method runs
-    (so MLflow compares the two): samples selected, the training's mean loss, every evaluation metric."""
+    (so MLflow compares the two): samples selected and how many short of the budget (`selected`: the selection
+    config, its subset and the records it chose from), the training's mean loss, every evaluation metric."""
     metrics: dict[str, float] = {}
-    if subset is not None:
+    if selected is not None:
+        selection, subset, records = selected
         metrics["selected"] = subset.metrics["selected"]
+        metrics["short_of_budget"] = budget_shortfall(selection, subset, records)[1]
     if sft is not None:
         metrics["train_loss"] = sft.metrics["train.mean_loss"]
     if dpo is not None:
