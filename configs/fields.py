@@ -111,12 +111,13 @@ def field_docs(model: type[BaseModel], prefix: str = "", variant: str = "", runt
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         discriminator = field.discriminator if isinstance(field.discriminator, str) else None
+        # `inner` keeps its own Annotated: a union inside a list carries its discriminator there
         inner = _strip_optional(_unannotated(field.annotation))
-        origin = typing.get_origin(_unannotated(inner))
+        bare = _unannotated(inner)
+        origin, args = typing.get_origin(bare), typing.get_args(bare)
         item_path = path
-        if origin in (list, tuple, dict) and typing.get_args(_unannotated(inner)):
-            item = typing.get_args(_unannotated(inner))[-1 if origin is dict else 0]
-            item_path, inner = f"{path}.{'KEY' if origin is dict else 'N'}", item
+        if origin in (list, tuple, dict) and args:
+            item_path, inner = f"{path}.{'KEY' if origin is dict else 'N'}", args[-1 if origin is dict else 0]
         discriminator = discriminator or _discriminator(inner)
         inner = _unannotated(inner)
         members = [m for m in (typing.get_args(inner) if _is_union(inner) else (inner,)) if _is_model(m)]

@@ -169,7 +169,6 @@ def store(partial: bool = typer.Option(False, "--partial", help="Only stages tha
     """List the stage store: what is finished (reused by reruns) and what is partial (resumed by reruns), with
     sizes and whether this code made it. Deleting a folder is safe: the next run that needs it computes it again."""
     import datetime
-    import shutil
 
     from configs.settings import store_root
     from tasks.store import store_listing
