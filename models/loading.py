@@ -40,10 +40,10 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         seed_text = name[len(TINY_PREFIX):]
         if not seed_text.isdigit():
             raise ModelLoadError(f"tiny model name must be 'tiny:<integer seed>', got {name!r}")
-        folder = store_root() / "models" / f"tiny-{int(seed_text)}"
-        if not (folder / "config.json").exists():
-            from models.tiny import build_tiny_model
+        from models.tiny import build_tiny_model, tiny_folder_name
 
+        folder = store_root() / "models" / tiny_folder_name(int(seed_text))
+        if not (folder / "config.json").exists():
             build_tiny_model(folder, seed=int(seed_text))
         return str(folder)
     path = Path(name).expanduser()

@@ -7,6 +7,7 @@ different seeds share one tokenizer (as GRAPE's generators and target need to co
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -36,6 +37,18 @@ _CORPUS = [
     "Describe the process of making bread: mix flour, water, yeast and salt, knead, rise, and bake.",
     "Generate a list of ideas for a birthday party. Compare Python and JavaScript programming languages.",
 ]
+
+
+def tiny_build_stamp() -> str:
+    """A digest of this file: what a built tiny model depends on besides its seed. Part of the store folder's name,
+    so a change to how tiny models are built (config, tokenizer corpus) builds new folders instead of loading the
+    ones older code wrote, which every stage key (holding the code version) would otherwise trust."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+def tiny_folder_name(seed: int) -> str:
+    """The store folder (under store/models/) of `tiny:<seed>` built by this code."""
+    return f"tiny-{seed}-{tiny_build_stamp()}"
 
 
 def train_tokenizer(vocab_size: int = 600, extra_corpus: list[str] | None = None):

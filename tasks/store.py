@@ -264,8 +264,8 @@ def store_listing(root: Path | None = None) -> list[dict[str, Any]]:
     """One row per folder of the store: stage, key, state (finished; partial = a run stopped or still running, a
     rerun resumes it; model = a built tiny model), size in bytes, last change (unix time), for a finished stage
     its wall time, and `code`: "current" when this code made it, "other" when other code (another pomona version
-    or library versions: every stage key holds the code version, so no run of this code reuses or resumes it),
-    None where unknown (a model, a folder without its `stage_key.json`)."""
+    or library versions: every stage key holds the code version, so no run of this code reuses or resumes it; a
+    tiny model built by another `models/tiny.py`), None where unknown (a folder without its `stage_key.json`)."""
     root = root or store_root()
     rows = []
     for folder in sorted(p for p in root.glob("*/*") if p.is_dir()):
@@ -277,8 +277,16 @@ def store_listing(root: Path | None = None) -> list[dict[str, Any]]:
                      "bytes": sum(f.stat().st_size for f in files),
                      "modified": max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime),
                      "seconds": finished.seconds if finished else None, "path": str(folder),
-                     "code": None if state == "model" else made_by(folder)})
+                     "code": tiny_made_by(folder) if state == "model" else made_by(folder)})
     return rows
+
+
+def tiny_made_by(folder: Path) -> str:
+    """"current" if this code's `models/tiny.py` built the tiny model folder (its name ends with that file's
+    stamp), else "other": no run of this code loads it again."""
+    from models.tiny import tiny_build_stamp
+
+    return "current" if folder.name.endswith(f"-{tiny_build_stamp()}") else "other"
 
 
 def made_by(folder: Path) -> str | None:

@@ -137,19 +137,25 @@ def test_store_lists_and_deletes_the_stages_other_code_made(monkeypatch, tmp_pat
     older = run_stage("select-random", {"n": 2}, [], lambda f: (f / "subset.jsonl").write_text("y" * 5000) and {})
     key_file = older.file("stage_key.json")
     key_file.write_text(json.dumps({**json.loads(key_file.read_text()), "code_version": "src-0000;torch=2.0.0"}))
-    (tmp_path / "store" / "models" / "tiny-0").mkdir(parents=True)
+    from models.tiny import tiny_folder_name
+
+    tiny_now = tiny_folder_name(0)
+    (tmp_path / "store" / "models" / tiny_now).mkdir(parents=True)
+    (tmp_path / "store" / "models" / "tiny-0-0123456789ab").mkdir(parents=True)  # another models/tiny.py built it
 
     listed = invoke("store", monkeypatch=monkeypatch).output.splitlines()
     rows = {line.split()[1]: line.split()[3] for line in listed[1:-1]}  # key -> code
-    assert rows == {mine.key: "current", older.key: "other", "tiny-0": "-"}
+    assert rows == {mine.key: "current", older.key: "other", tiny_now: "current", "tiny-0-0123456789ab": "other"}
     stale = invoke("store", "--stale", monkeypatch=monkeypatch).output.splitlines()
-    assert [line.split()[1] for line in stale[1:-1]] == [older.key] and stale[-1].startswith("1 folders")
+    assert sorted(line.split()[1] for line in stale[1:-1]) == sorted([older.key, "tiny-0-0123456789ab"])
+    assert stale[-1].startswith("2 folders")
 
     refused = invoke("store", "--delete", monkeypatch=monkeypatch)
     assert refused.exit_code == 2 and "only with --stale" in refused.output
     done = invoke("store", "--stale", "--delete", monkeypatch=monkeypatch)
-    assert done.exit_code == 0 and done.output.splitlines()[-1].startswith("deleted 1 folders")
-    assert not Path(older.path).exists() and Path(mine.path).exists() and (tmp_path / "store/models/tiny-0").exists()
+    assert done.exit_code == 0 and done.output.splitlines()[-1].startswith("deleted 2 folders")
+    assert not Path(older.path).exists() and Path(mine.path).exists()
+    assert [p.name for p in (tmp_path / "store/models").iterdir()] == [tiny_now]
 
 
 def test_a_comparison_run_prints_its_table_after_the_stage_line(capsys):

@@ -54,6 +54,20 @@ def test_tiny_spec_builds_once_and_seeds_differ():
     assert not torch.equal(m3.model.embed_tokens.weight, m4.model.embed_tokens.weight)
 
 
+def test_a_tiny_model_built_by_other_tiny_code_is_built_again(monkeypatch):
+    """Stage keys hold the code version, so they trust that `tiny:<seed>` loads what this code builds: a folder
+    an older `models/tiny.py` wrote (another tokenizer corpus, say) must not be loaded under the same name."""
+    from pathlib import Path
+
+    import models.tiny
+
+    now = Path(resolve_model_path(ModelConfig(name_or_path="tiny:5")))
+    monkeypatch.setattr(models.tiny, "tiny_build_stamp", lambda: "0123456789ab")
+    edited = Path(resolve_model_path(ModelConfig(name_or_path="tiny:5")))
+    assert edited != now and edited.name == "tiny-5-0123456789ab" and (edited / "config.json").exists()
+    assert (now / "config.json").exists()  # the other build is left for `pomona store --stale` to list
+
+
 def test_missing_models_are_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(ModelConfig(name_or_path=str(tmp_path / "nope") + "/"))
