@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from configs.schema import REPO_INPUT_DIR, DataConfig, ModelConfig, StrictModel, TrackingConfig, tracking_field
+from configs.schema import LM_EVAL_TASK_DIR, REPO_INPUT_DIR, DataConfig, ModelConfig, StrictModel, TrackingConfig, tracking_field
 
 InstructionSet = Literal["vicuna", "koala", "lima", "sinstruct", "wizardlm"]
 
@@ -32,7 +32,7 @@ class LmEvalConfig(StrictModel):
     """lm-evaluation-harness over local task YAMLs."""
 
     tasks: list[str] = Field(["pomona_mc", "pomona_gen"], min_length=1, description="Task names defined in `task_dir`.")
-    task_dir: str = Field("configs/eval_tasks", json_schema_extra=REPO_INPUT_DIR, description="Folder of task YAMLs (relative paths resolve against the repository root).")
+    task_dir: str = Field("configs/eval_tasks", json_schema_extra=LM_EVAL_TASK_DIR, description="Folder of task YAMLs (relative paths resolve against the repository root).")
     batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N documents of each task.")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's own setting).")

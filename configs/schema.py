@@ -24,6 +24,10 @@ starts, so a typo costs a second, not a Prefect start-up and a stage's traceback
 REPO_INPUT_DIR = {"pomona_input_file": "repo"}
 """As INPUT_FILE, for a folder or file that a relative path may also name from the repository root (`repo_path`)."""
 
+LM_EVAL_TASK_DIR = {**REPO_INPUT_DIR, "pomona_input_refs": "tasks.evaluate:task_data_fingerprints"}
+"""As REPO_INPUT_DIR, for a folder whose files name further inputs (lm-eval task YAMLs name data files anywhere):
+`pomona_input_refs` is the function giving those inputs' fingerprints for the cache keys."""
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -371,6 +371,57 @@ def _yaml_io():
     return Loader, Dumper
 
 
+def _map_data_files(files, change):
+    """`dataset_kwargs.data_files` (a path, a list of paths, or {split: path or list}) with `change` applied to
+    each path."""
+    if isinstance(files, dict):
+        return {split: _map_data_files(value, change) for split, value in files.items()}
+    if isinstance(files, list):
+        return [change(item) for item in files]
+    return change(files)
+
+
+def _task_docs(src: Path):
+    """(YAML file, parsed document, its `data_files` or None) for every task YAML under `src`."""
+    import yaml
+
+    loader, _ = _yaml_io()
+    for original in sorted(src.rglob("*.yaml")):
+        doc = yaml.load(original.read_text(encoding="utf-8"), Loader=loader)
+        files = (doc or {}).get("dataset_kwargs", {}).get("data_files") if isinstance(doc, dict) else None
+        yield original, doc, files or None
+
+
+def task_data_fingerprints(src: Path) -> dict[str, str]:
+    """{path: sha256} of the data files the task YAMLs under `src` name outside that folder (the folder's own files
+    are in its digest), so an evaluation stage's key changes when one of them does. A named file that does not
+    exist is a ConfigError naming the YAML, before lm-eval fails on it with a datasets traceback."""
+    if not src.is_dir():
+        raise ConfigError(f"lm_eval.task_dir {src} is not a folder")
+    found: dict[str, str] = {}
+    inside = src.resolve()
+
+    def check(original: Path, name: str) -> str:
+        path = (original.parent / name).resolve()
+        if any(c in name for c in "*?["):  # a glob: lm-eval expands it; each match counts
+            matches = sorted(Path(path.anchor).glob(str(path.relative_to(path.anchor))))
+            if not matches:
+                raise ConfigError(f"lm-eval task {original}: data_files pattern {name!r} matches no file")
+        elif not path.is_file():
+            raise ConfigError(f"lm-eval task {original}: data file {name!r} does not exist ({path})")
+        else:
+            matches = [path]
+        for match in matches:
+            if not match.is_relative_to(inside):
+                found[str(match)] = file_digest(match)
+        return name
+
+    for original, _, files in _task_docs(src):
+        if files:
+            _map_data_files(files, lambda name, original=original: check(original, str(name)))
+    return found
+
+
 def materialize_task_dir(src: Path, dest: Path) -> Path:
     """Copy task YAMLs with `dataset_kwargs.data_files` made absolute (lm-eval reads them against the cwd)."""
     import shutil
@@ -382,16 +433,12 @@ def materialize_task_dir(src: Path, dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest)
-    loader, dumper = _yaml_io()
-    for original in sorted(src.rglob("*.yaml")):
-        doc = yaml.load(original.read_text(encoding="utf-8"), Loader=loader)
-        files = (doc or {}).get("dataset_kwargs", {}).get("data_files") if isinstance(doc, dict) else None
+    _, dumper = _yaml_io()
+    for original, doc, files in _task_docs(src):
         if not files:
             continue
-        as_abs = lambda p: p if Path(p).is_absolute() else str((original.parent / p).resolve())  # noqa: E731
-        doc["dataset_kwargs"]["data_files"] = (
-            {k: ([as_abs(x) for x in v] if isinstance(v, list) else as_abs(v)) for k, v in files.items()}
-            if isinstance(files, dict) else as_abs(files) if isinstance(files, str) else [as_abs(x) for x in files])
+        doc["dataset_kwargs"]["data_files"] = _map_data_files(
+            files, lambda p, original=original: p if Path(p).is_absolute() else str((original.parent / p).resolve()))
         target = dest / original.relative_to(src)
         atomic_write_text(target, yaml.dump(doc, Dumper=dumper, sort_keys=False, allow_unicode=True))
     return dest
@@ -507,7 +554,10 @@ def lm_eval_stage(model: ModelConfig, model_digest: str, cfg: LmEvalConfig) -> S
                 "summary": "| metric | value |\n|---|---|\n" + "\n".join(lines)}
 
     task_digest = file_digest(repo_path(cfg.task_dir))
-    return run_stage("eval-lm-eval", {"config": cfg, "task_files": task_digest, **_model_input(model, model_digest)},
+    outside = task_data_fingerprints(repo_path(cfg.task_dir))
+    return run_stage("eval-lm-eval", {"config": cfg, "task_files": task_digest,
+                                      **({"task_data_outside": outside} if outside else {}),
+                                      **_model_input(model, model_digest)},
                      [], body, digest_of=["lm_eval_results.json"])
 
 

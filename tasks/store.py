@@ -361,6 +361,7 @@ def repo_input_fingerprints(value: Any) -> dict[str, str]:
             if isinstance(extra, dict) and extra.get("pomona_input_file") == "repo" and isinstance(item, str):
                 if repo_path(item).exists():
                     found[item] = path_fingerprint(repo_path(item))
+                    found.update(referenced_input_fingerprints(extra.get("pomona_input_refs"), repo_path(item)))
             else:
                 found.update(repo_input_fingerprints(item))
     elif isinstance(value, dict):
@@ -370,6 +371,22 @@ def repo_input_fingerprints(value: Any) -> dict[str, str]:
         for item in value:
             found.update(repo_input_fingerprints(item))
     return found
+
+
+def referenced_input_fingerprints(function_ref: str | None, folder: Path) -> dict[str, str]:
+    """The fingerprints of the inputs that the files of `folder` name (`pomona_input_refs`: "module:function"), {}
+    when the field names none. An input it cannot find is left to the stage, which stops on it with the error."""
+    import importlib
+
+    from configs.errors import ConfigError
+
+    if not function_ref:
+        return {}
+    module, name = function_ref.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)(folder)
+    except ConfigError:
+        return {}
 
 
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:

@@ -338,6 +338,39 @@ def test_lm_eval_stage_runs_local_mc_and_generate_tasks(tiny):
         out.file("lm_eval_tasks/pomona_mc.yaml").read_text()
 
 
+def test_lm_eval_data_files_outside_the_task_folder_move_both_keys(tiny, tmp_path, monkeypatch):
+    """A task YAML may name its data anywhere (`../shared/...`): the task folder's own digest does not see it, so an
+    edited data file must move the stage's key and Prefect's cache key, or the old scores come back for new data."""
+    import tasks.evaluate
+    from configs.errors import ConfigError
+    from tasks.evaluate import lm_eval_stage, task_data_fingerprints
+    from tasks.store import file_digest, stage_cache_key
+
+    task_dir, outside = tmp_path / "tasks", tmp_path / "elsewhere" / "mc.jsonl"
+    (task_dir / "data").mkdir(parents=True)
+    outside.parent.mkdir()
+    outside.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    (task_dir / "data" / "gen.jsonl").write_text("{}\n")
+    (task_dir / "mc.yaml").write_text("task: mc_outside\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                      "    test: ../elsewhere/mc.jsonl\n    validation: [data/gen.jsonl]\n")
+    assert task_data_fingerprints(task_dir) == {str(outside.resolve()): file_digest(outside)}  # inside: own digest
+
+    calls = []
+    monkeypatch.setattr(tasks.evaluate, "run_lm_eval", lambda *a: calls.append(1) or {"results": {}})
+    cfg = LmEvalConfig(task_dir=str(task_dir), tasks=["mc_outside"])
+    first, cache_key = lm_eval_stage(tiny, "digest-a", cfg), stage_cache_key(None, {"cfg": cfg})
+    assert lm_eval_stage(tiny, "digest-a", cfg).reused and len(calls) == 1
+    outside.write_text('{"question": "q2", "choices": ["a", "b"], "answer": 1}\n')
+    again = lm_eval_stage(tiny, "digest-a", cfg)
+    assert len(calls) == 2 and again.key != first.key and stage_cache_key(None, {"cfg": cfg}) != cache_key
+
+    # a data file that is not there stops the stage with the YAML and the name, before lm-eval's traceback
+    outside.unlink()
+    with pytest.raises(ConfigError, match=r"mc\.yaml: data file '\.\./elsewhere/mc\.jsonl' does not exist"):
+        lm_eval_stage(tiny, "digest-a", cfg)
+    assert stage_cache_key(None, {"cfg": cfg})  # the cache key leaves it to the stage
+
+
 def test_lm_eval_log_likelihoods_of_a_bfloat16_model_are_summed_in_float32(tiny):
     """On CUDA the model is bfloat16 ('auto'): lm-eval's default log-softmax and sum in the model's dtype rounded a
     continuation's log-likelihood of -158.8 to -159.0 (bfloat16's step there is 1), tying multiple-choice options.
