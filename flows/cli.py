@@ -106,8 +106,27 @@ def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override
         from tasks.track import detach_temporary_prefect_server
 
         detach_temporary_prefect_server()  # Ctrl-C must reach this process only, not the server it reports to
+        exit_on_sigterm()
         outputs = flow_obj(config)
     _print_outputs(outputs)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (`kill PID`, `docker stop`, Kubernetes, systemd) end this process as Ctrl-C does: an exception
+    that unwinds it, so the MLflow runs end FAILED and Prefect's exit hook stops the temporary server, then exit
+    status 143 (128 + 15) as supervisors expect of a SIGTERM. During a flow run Prefect's own handler comes first (it
+    marks the run Crashed) and then re-sends the signal to the handler it found: with Python's default, that killed
+    the process on the spot, without exit hooks, and the server (~220 MB, a port) stayed until the next run reaped
+    it. Only the main thread can set handlers (CliRunner in a thread: left as it is)."""
+    import signal
+    import sys
+    import threading
+
+    def terminated(signum, frame):
+        sys.exit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminated)
 
 
 def recipe_for_flow(recipe: Path, flow: str, overrides: dict | None = None):

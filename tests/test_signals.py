@@ -1,0 +1,102 @@
+"""How `pomona run` ends on a signal other than Ctrl-C: SIGTERM is what `docker stop`, Kubernetes, systemd and a plain
+`kill PID` send, and a process that dies of it without its exit hooks leaves its temporary Prefect server and its
+MLflow run behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.live_servers import base_env
+
+pytestmark = pytest.mark.skipif(not Path("/proc").is_dir() or not hasattr(os, "mkfifo"),
+                                reason="reads /proc and a named pipe (Linux)")
+
+
+def open_writer_once_read(fifo: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
+    """Wait until `proc` has `fifo` open for reading (its flow is inside the records stage), then hold the writing
+    end open without writing: the stage stays blocked on its read until a signal interrupts it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"pomona exited with {proc.returncode} before it read its data:\n"
+                                 f"{log.read_text()[-4000:]}")
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no process has it open for reading
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+        time.sleep(0.1)
+    raise AssertionError(f"pomona did not read its data within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def prefect_servers_of(owner: int) -> list[int]:
+    """Pids of the temporary Prefect servers that process `owner` started (as `reap_orphan_prefect_servers` knows
+    them: the app on the command line, POMONA_OWNER_PID in the environment)."""
+    from configs.settings import OWNER_PID_ENV
+    from tasks.track import PREFECT_SERVER_APP
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if PREFECT_SERVER_APP.encode() not in (entry / "cmdline").read_bytes():
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{OWNER_PID_ENV}={owner}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM to the pomona process alone, while its flow is inside a stage: it exits 143 (128 + SIGTERM) within
+    seconds, its flow run Crashed, its MLflow run ended, its temporary Prefect server stopped. Python's default action
+    (what Prefect's own SIGTERM handler hands the signal back to once it has marked the flow run) killed it on the
+    spot, status -15 and no exit hooks: the server stayed until the next run reaped it."""
+    fifo = tmp_path / "pool.jsonl"
+    os.mkfifo(fifo)  # data that never arrives: the stage waits on it, as deterministic as a slow stage can be
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: sigterm\ndata: {{path: {fifo}, format: alpaca}}\n"
+                      "selection: {method: random, budget: 1}\n")
+    home, log = tmp_path / "home", tmp_path / "pomona.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--home", str(home), "run", str(recipe)],
+                                cwd=REPO, env=base_env(), stdout=sink, stderr=subprocess.STDOUT)
+    writer = None
+    try:
+        writer = open_writer_once_read(fifo, proc, log)
+        os.kill(proc.pid, signal.SIGTERM)  # the process only, not its group: as `kill PID` and `docker stop` do
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"pomona did not exit within 60 s of SIGTERM:\n{log.read_text()[-4000:]}") from None
+        left = prefect_servers_of(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if writer is not None:
+            os.close(writer)
+        for pid in prefect_servers_of(proc.pid):  # a failed run must not leave its server to the rest of the suite
+            os.kill(pid, signal.SIGTERM)
+
+    output = log.read_text()
+    assert code == 128 + signal.SIGTERM, f"exit status {code}:\n{output[-4000:]}"
+    assert any("Flow run" in line and "Crash detected" in line for line in output.splitlines()), \
+        output[-4000:]  # Prefect marked the flow run Crashed
+    assert left == [], f"its temporary Prefect server (pids {left}) is still running"
+    with sqlite3.connect(home / "mlflow.db") as db:
+        runs = db.execute("SELECT name, status FROM runs").fetchall()
+    assert runs and all(status != "RUNNING" for _, status in runs), runs
