@@ -14,7 +14,6 @@ embedded by that stage (`models/special_tokens.py`): a reject, and select-deita 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections import Counter
@@ -28,6 +27,7 @@ from models.special_tokens import (SPECIAL_TOKEN, first_special_token, message_t
                                    special_token_pattern, special_token_reason)
 from tasks.data import Record, atomic_write_text, load_canonical, read_jsonl, reject_counts, reject_kind, write_jsonl
 from tasks.deita_selection import diversity_filter, evol_scores, ranking_order
+from tasks.runner import WorkerCache
 from tasks.select import SUBSET_FILES, nothing_selected, write_subset
 from tasks.store import ArrayShards, ShardedTable, StageOutput, run_stage, stage_task
 
@@ -114,20 +114,20 @@ def dimension_rows(scorer, records: list[Record]) -> list[dict]:
     return rows
 
 
+# One scorer per worker process: a scorer is a whole LLM (Deita's are 7B/13B), the complexity and quality stages
+# run one after another and a shard uses one, so keeping the other would only hold its memory.
+_WORKER_SCORERS = WorkerCache(size=1)
+
+
 def _worker_scorer(dimension: str, scorer_json: str):
-    """One loaded Deita scorer per worker process, dimension and model files (`model_files_stamp`)."""
+    """The Deita scorer of a worker process, per dimension and model files (`model_files_stamp`), for a `with`
+    block."""
+    from models.deita import DeitaScorer
     from tasks.runner import model_files_stamp
 
-    return _loaded_scorer(dimension, scorer_json,
-                          model_files_stamp(DeitaScorerConfig.model_validate_json(scorer_json).model))
-
-
-@functools.lru_cache(maxsize=2)
-def _loaded_scorer(dimension: str, scorer_json: str, files_stamp: str):
-    from models.deita import DeitaScorer
-
     config = DeitaScorerConfig.model_validate_json(scorer_json)
-    return DeitaScorer.load(config.model, dimension, config.kind, config.batch_size, config.max_prompt_tokens)
+    return _WORKER_SCORERS.use((dimension, scorer_json), model_files_stamp(config.model), lambda: DeitaScorer.load(
+        config.model, dimension, config.kind, config.batch_size, config.max_prompt_tokens))
 
 
 def dimension_shard_at(index: int, records_path: str, dimension: str, scorer_config: DeitaScorerConfig) -> list[dict]:
@@ -135,8 +135,8 @@ def dimension_shard_at(index: int, records_path: str, dimension: str, scorer_con
     from tasks.runner import worker_records
 
     size = scorer_config.shard_size
-    scorer = _worker_scorer(dimension, scorer_config.model_dump_json())
-    return dimension_rows(scorer, worker_records(records_path)[index * size:(index + 1) * size])
+    with _worker_scorer(dimension, scorer_config.model_dump_json()) as scorer:
+        return dimension_rows(scorer, worker_records(records_path)[index * size:(index + 1) * size])
 
 
 def score_dimension(dimension: str, records_out: StageOutput, scorer_config: DeitaScorerConfig,
@@ -245,9 +245,9 @@ def embed_shard_at(index: int, records_path: str, embedding: DeitaEmbeddingConfi
     """Shard `index` of a deita-embed stage, computed in whatever process the task runner chose."""
     from tasks.runner import worker_model, worker_records
 
-    model, tokenizer = worker_model(embedding.model.model_dump_json())
     size = embedding.shard_size
-    return embed_shard(model, tokenizer, worker_records(records_path)[index * size:(index + 1) * size], embedding)
+    with worker_model(embedding.model.model_dump_json()) as (model, tokenizer):
+        return embed_shard(model, tokenizer, worker_records(records_path)[index * size:(index + 1) * size], embedding)
 
 
 def embed_records(records_out: StageOutput, embedding: DeitaEmbeddingConfig, progress: bool = True) -> StageOutput:

@@ -13,13 +13,13 @@ finish_reason, refusal (finish_reason `server_refused`: the HTTP status and the 
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import Counter
 from pathlib import Path
 
 from configs.grape import GeneratorConfig
 from tasks.data import Record, load_canonical, save_canonical, write_jsonl
+from tasks.runner import WorkerCache
 from tasks.store import ShardedTable, StageOutput, atomic_write_text, run_stage, stage_task, writer_id
 
 CANDIDATE_COLUMNS = ["instruction_id", "candidate_index", "generator", "response", "params", "seed",
@@ -83,21 +83,21 @@ def generation_rows(backend, generator: GeneratorConfig, records: list[Record], 
              "finish_reason": a.finish_reason, "refusal": a.refusal} for r, a in zip(part, answers)]
 
 
+# One generator backend per worker process: a vLLM engine reserves most of the GPU, so loading the next
+# generator (GRAPE runs them one after another) closes the last one first.
+_WORKER_GENERATORS = WorkerCache(size=1)
+
+
 def _worker_generator(generator_json: str):
-    """One generator backend per worker process and model files (`model_files_stamp`; its shards share the
-    loaded model)."""
+    """The generator backend of a worker process, per model files (`model_files_stamp`; its shards share the
+    loaded model), for a `with` block."""
+    from models.generation import make_generator
     from tasks.runner import model_files_stamp
 
     generator = GeneratorConfig.model_validate_json(generator_json)
     tokenizer = generator.endpoint.tokenizer if generator.endpoint is not None else None
-    return _loaded_generator(generator_json, model_files_stamp(generator.model, tokenizer))
-
-
-@functools.lru_cache(maxsize=2)
-def _loaded_generator(generator_json: str, files_stamp: str):
-    from models.generation import make_generator
-
-    return make_generator(GeneratorConfig.model_validate_json(generator_json))
+    return _WORKER_GENERATORS.use(generator_json, model_files_stamp(generator.model, tokenizer),
+                                  lambda: make_generator(generator))
 
 
 def generation_shard_at(index: int, records_path: str, generator: GeneratorConfig, shard_size: int) -> list[dict]:
@@ -106,8 +106,8 @@ def generation_shard_at(index: int, records_path: str, generator: GeneratorConfi
     from tasks.runner import worker_records
 
     params = json.dumps(generation_params(generator), sort_keys=True)
-    return generation_rows(_worker_generator(generator.model_dump_json()), generator, worker_records(records_path),
-                           index, shard_size, params)
+    with _worker_generator(generator.model_dump_json()) as backend:
+        return generation_rows(backend, generator, worker_records(records_path), index, shard_size, params)
 
 
 def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, shard_size: int = 64,

@@ -260,9 +260,10 @@ def profile_shard_at(index: int, records_path: str, scoring: ScoringConfig,
     """Shard `index` of a cherry-instructions stage, in whatever process the task runner chose."""
     from tasks.runner import worker_model, worker_records
 
-    model, tokenizer = worker_model(scoring.scorer.model_dump_json())
     size = scoring.shard_size
-    return profile_shard(model, tokenizer, worker_records(records_path)[index * size:(index + 1) * size], scoring, pre)
+    with worker_model(scoring.scorer.model_dump_json()) as (model, tokenizer):
+        return profile_shard(model, tokenizer, worker_records(records_path)[index * size:(index + 1) * size], scoring,
+                             pre)
 
 
 def instruction_profile(records_out: StageOutput, scoring: ScoringConfig, pre: PreExperienceConfig,

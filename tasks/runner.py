@@ -13,7 +13,10 @@ paths (a model per worker, cached in the worker), never receive a model object.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from configs.runner import ScaleOutConfig
@@ -40,20 +43,86 @@ def model_files_stamp(*models) -> str:
     return ";".join(path_fingerprint(p) if p.exists() else "" for p in paths)
 
 
+class _Entry:
+    def __init__(self, stamp: str, value: Any):
+        self.stamp = stamp
+        self.value = value
+        self.users = 0  # shards using the value now
+        self.evicted = False  # out of the cache: closed by its last user
+
+
+class WorkerCache:
+    """Loaded objects (models, scorers, generators) kept by a worker process for the shards it computes.
+
+    An entry is keyed by what identifies its config and holds the stamp of its model files (`model_files_stamp`):
+    a request with another stamp (a folder retrained in place) closes the old entry and loads again. At most
+    `size` entries, least recently used evicted first, and before the new one loads: a generator's vLLM engine
+    reserves most of the GPU, so the next one can only load once the last is closed. An evicted entry is closed
+    (`close()`, where it has one) at once, or, while a shard still uses it, when that shard is done.
+
+    Dask workers and the threads engine run shards in threads of one process: one lock covers lookups and loads,
+    so concurrent shards of a stage load their model once (a load blocks the process's other shards meanwhile).
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def use(self, key: Hashable, stamp: str, load: Callable[[], Any]) -> Iterator[Any]:
+        """The value cached for `key` and `stamp`, loaded by `load()` if there is none, for a `with` block."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.stamp != stamp:
+                self._evict(key)
+                entry = None
+            if entry is None:
+                while len(self._entries) >= self.size:
+                    self._evict(next(iter(self._entries)))
+                entry = self._entries[key] = _Entry(stamp, load())
+            self._entries.move_to_end(key)
+            entry.users += 1
+        try:
+            yield entry.value
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.evicted and not entry.users:
+                    _close(entry.value)
+
+    def discard(self, key: Hashable) -> None:
+        """Drop (and close) `key`'s entry, if any: its stage is done in this process."""
+        with self._lock:
+            if key in self._entries:
+                self._evict(key)
+
+    def _evict(self, key: Hashable) -> None:
+        entry = self._entries.pop(key)
+        entry.evicted = True
+        if not entry.users:
+            _close(entry.value)
+
+
+def _close(value: Any) -> None:
+    close = getattr(value, "close", None)
+    if callable(close):
+        close()
+
+
+# (model, tokenizer) pairs of the scoring, Cherry profile and Deita embedding stages: two, as before (a shard uses
+# one; two stages of parallel compare branches then keep theirs); a pair has no close(): evicted, it is dropped.
+WORKER_MODELS = WorkerCache(size=2)
+
+
 def worker_model(model_json: str):
     """(model, tokenizer) of a `ModelConfig` JSON, loaded once per worker process and model files (a stage's
-    shards share it)."""
-    from configs.schema import ModelConfig
-
-    return _loaded_model(model_json, model_files_stamp(ModelConfig.model_validate_json(model_json)))
-
-
-@functools.lru_cache(maxsize=2)
-def _loaded_model(model_json: str, files_stamp: str):
+    shards share it), for a `with` block."""
     from configs.schema import ModelConfig
     from models.loading import load_model
 
-    return load_model(ModelConfig.model_validate_json(model_json))
+    config = ModelConfig.model_validate_json(model_json)
+    return WORKER_MODELS.use(model_json, model_files_stamp(config), lambda: load_model(config))
 
 
 def task_runner(config: ScaleOutConfig):

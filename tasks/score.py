@@ -93,11 +93,10 @@ def score_shard_at(index: int, records_path: str, scoring: ScoringConfig, model_
     """Shard `index` of a score stage, computed from paths in whatever process the task runner chose."""
     from tasks.runner import worker_model, worker_records
 
-    model, tokenizer = worker_model(model_cfg.model_dump_json())
-
     records = worker_records(records_path)
     start = index * scoring.shard_size
-    return score_shard(model, tokenizer, records[start:start + scoring.shard_size], start, scoring)
+    with worker_model(model_cfg.model_dump_json()) as (model, tokenizer):
+        return score_shard(model, tokenizer, records[start:start + scoring.shard_size], start, scoring)
 
 
 def read_scores(scores_out: StageOutput) -> list[dict[str, Any]]:

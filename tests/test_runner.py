@@ -84,13 +84,138 @@ def test_a_worker_loads_a_model_folder_again_once_it_changed(tmp_path, monkeypat
     generator = GeneratorConfig(name="g", model=model).model_dump_json()
 
     def load_all():
-        return worker_model(model.model_dump_json()), _worker_scorer("quality", scorer), _worker_generator(generator)
+        with (worker_model(model.model_dump_json()) as loaded, _worker_scorer("quality", scorer) as quality,
+              _worker_generator(generator) as backend):
+            return loaded, quality, backend
 
     first = load_all()
     assert load_all() == first and len(loads) == 3  # one load per process and folder
     (folder / "model.safetensors").write_bytes(b"weights v2, retrained")
     again = load_all()
     assert len(loads) == 6 and set(again).isdisjoint(first)
+
+
+class Loaded:
+    """A loaded model as the worker caches hold it: closed once, by whoever evicts it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class Loader:
+    def __init__(self):
+        self.loaded: list[Loaded] = []
+
+    def __call__(self, name: str):
+        def load() -> Loaded:
+            self.loaded.append(Loaded(name))
+            return self.loaded[-1]
+        return load
+
+
+def test_worker_cache_closes_exactly_the_entry_it_evicts():
+    from tasks.runner import WorkerCache
+
+    cache, load = WorkerCache(size=2), Loader()
+    for name in ("a", "b", "a", "c"):  # "a" used again: "b" is the least recently used when "c" comes
+        with cache.use(name, "", load(name)):
+            pass
+    a, b, c = load.loaded
+    assert [m.name for m in load.loaded] == ["a", "b", "c"] and (a.closed, b.closed, c.closed) == (0, 1, 0)
+
+
+def test_worker_cache_hits_do_not_reload():
+    from tasks.runner import WorkerCache
+
+    cache, load = WorkerCache(size=1), Loader()
+    with cache.use("a", "v1", load("a")) as first:
+        pass
+    with cache.use("a", "v1", load("a")) as again:
+        assert again is first
+    assert len(load.loaded) == 1 and not first.closed
+
+
+def test_worker_cache_reloads_a_changed_stamp_and_closes_the_old_entry():
+    # with room to spare, the stale entry must still go: its weights are never served again
+    from tasks.runner import WorkerCache
+
+    cache, load = WorkerCache(size=2), Loader()
+    with cache.use("a", "v1", load("a")) as old:
+        pass
+    with cache.use("a", "v2", load("a")) as new:
+        assert new is not old
+    assert old.closed == 1 and not new.closed
+
+
+def test_worker_cache_closes_the_old_generator_before_the_next_loads():
+    # one GPU fits one vLLM engine: the second may load only once the first gave its memory back
+    from tasks.runner import WorkerCache
+
+    cache, load = WorkerCache(size=1), Loader()
+    with cache.use("a", "", load("a")) as a:
+        pass
+
+    def load_b():
+        assert a.closed == 1
+        return load("b")()
+
+    with cache.use("b", "", load_b):
+        pass
+
+
+def test_worker_cache_drops_entries_without_close():
+    from tasks.runner import WorkerCache
+
+    cache, loads = WorkerCache(size=1), []
+    with cache.use("a", "", lambda: loads.append("a") or ("model", "tokenizer")) as pair:
+        assert pair == ("model", "tokenizer")
+    with cache.use("b", "", lambda: loads.append("b") or ("model", "tokenizer")):
+        pass
+    with cache.use("a", "", lambda: loads.append("a") or ("model", "tokenizer")):
+        pass
+    assert loads == ["a", "b", "a"]
+
+
+def test_worker_cache_closes_an_entry_in_use_when_its_last_user_is_done():
+    # Shards of two stages (parallel compare branches) may share a process: evicting must not close a model
+    # under a shard still generating with it.
+    from tasks.runner import WorkerCache
+
+    cache, load = WorkerCache(size=1), Loader()
+    with cache.use("a", "", load("a")) as a:
+        with cache.use("b", "", load("b")) as b:
+            assert not a.closed
+        assert not a.closed
+    assert a.closed == 1 and not b.closed
+    cache.discard("b")
+    assert b.closed == 1
+    cache.discard("b")  # nothing left: nothing closed twice
+    assert b.closed == 1
+
+
+def test_worker_cache_loads_once_for_concurrent_shards():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.runner import WorkerCache
+
+    cache, loads = WorkerCache(size=1), []
+
+    def slow_load():
+        loads.append(1)
+        time.sleep(0.05)  # other shards ask meanwhile
+        return Loaded("a")
+
+    def shard(_):
+        with cache.use("a", "", slow_load) as model:
+            return model
+
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(shard, range(8)))
+    assert len(loads) == 1 and len({id(m) for m in models}) == 1
 
 
 def test_dask_cluster_computes_shards_in_worker_processes_and_resumes(prefect_server, dask_local, tmp_path):
