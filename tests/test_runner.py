@@ -218,6 +218,31 @@ def test_worker_cache_loads_once_for_concurrent_shards():
     assert len(loads) == 1 and len({id(m) for m in models}) == 1
 
 
+class FakeGenerator(Loaded):
+    def generate(self, conversations, seed, progress=False):
+        from models.generation import Generation
+
+        return [Generation(f"answer {i}", 1, 1, "stop", seed) for i in range(len(conversations))]
+
+
+def test_threads_engine_generate_stage_closes_its_generator_as_the_in_process_stage_does(prefect_server,
+                                                                                          monkeypatch):
+    # GRAPE's stages after its last generator (fit, training) must get the GPU back from its vLLM engine
+    import models.generation
+    from configs.grape import GeneratorConfig
+    from configs.schema import ModelConfig
+    from tasks.generate import generate_candidates
+
+    made: list[FakeGenerator] = []
+    monkeypatch.setattr(models.generation, "make_generator",
+                        lambda config: made.append(FakeGenerator(config.name)) or made[-1])
+    generator = GeneratorConfig(name="closed-after-stage", model=ModelConfig(name_or_path="tiny-not-on-disk"),
+                                scale_out=ScaleOutConfig(engine="threads", workers=2))
+    out = generate_candidates(records_slice(4), generator, shard_size=2, progress=False)
+    assert out.metrics["responses"] == 4
+    assert len(made) == 1 and made[0].closed == 1
+
+
 def test_dask_cluster_computes_shards_in_worker_processes_and_resumes(prefect_server, dask_local, tmp_path):
     table = ShardedTable(tmp_path / "scores")
     with pytest.raises(RuntimeError, match="shard 3 failed"):
