@@ -542,13 +542,20 @@ def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
     log.info("launching: %s", " ".join(command))
     log_path = out_dir / "launcher.log"
     with open(log_path, "a", encoding="utf-8") as sink:
+        # its own process group, so the launcher and the ranks it starts can be stopped together (below)
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, start_new_session=True)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            sink.write(line)
-            sys.stdout.write(line)
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                sink.write(line)
+                sys.stdout.write(line)
+            code = proc.wait()
+        except BaseException:
+            # Ctrl-C, a SIGTERM to pomona, a cancelled flow: the training must stop with the stage, not go on
+            # holding the GPUs with no one reading its output
+            stop_process_group(proc)
+            raise
     if code != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{config.launcher} {kind} training failed with exit code {code}; log {log_path}:\n{tail}")
@@ -556,6 +563,30 @@ def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
     if not (out_dir / RESULT_FILE).exists():
         raise RuntimeError(f"{config.launcher} exited 0 but wrote no {RESULT_FILE} in {out_dir}")
     return model_dir
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to `proc`'s process group (torchrun and accelerate pass it on to their ranks), SIGKILL to whatever
+    of the group is still there after `grace_s`."""
+    import signal
+    import time
+
+    def group_alive() -> bool:
+        proc.poll()  # reap the launcher itself: a zombie still counts as a member of its group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + grace_s
+    if group_alive():
+        os.killpg(proc.pid, signal.SIGTERM)
+    while group_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if group_alive():
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _train(kind: Kind, data_path: Path, model: ModelConfig, config: TrainStageConfig, out_dir: Path,

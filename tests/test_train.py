@@ -313,6 +313,50 @@ def test_more_launched_workers_than_gpus_is_refused_before_launching(tmp_path, m
     train.refuse_more_processes_than_gpus(TINY, config.model_copy(update={"num_processes": 2}))  # fits
 
 
+def test_an_interrupted_launched_training_stops_the_launcher_and_its_ranks(tmp_path, monkeypatch):
+    """Ctrl-C reaches the launcher through the terminal, but a SIGTERM to pomona, or a cancelled flow, does not:
+    the launcher and its ranks trained on, holding the GPUs, after the stage had failed."""
+    import os
+    import sys
+    import time
+
+    import tasks.train as train
+
+    rank_pid = tmp_path / "rank.pid"
+    launcher = ("import subprocess, sys, time\n"
+                "rank = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+                f"open({str(rank_pid)!r}, 'w').write(str(rank.pid))\n"
+                "print('training', flush=True)\n"
+                "time.sleep(300)\n")
+    monkeypatch.setattr(train, "launch_command", lambda *args: [sys.executable, "-c", launcher])
+
+    class InterruptedTerminal:  # the interrupt lands while the stage relays the launcher's output
+        def write(self, text):
+            if "training" in text:
+                raise KeyboardInterrupt("stopped")
+
+        def flush(self):
+            pass
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has exited
+
+    monkeypatch.setattr(sys, "stdout", InterruptedTerminal())
+    with pytest.raises(KeyboardInterrupt):
+        train.train_subprocess("sft", tmp_path / "d.jsonl", TINY, SFTStageConfig(launcher="torchrun"), tmp_path / "out")
+    monkeypatch.undo()
+    assert "training" in (tmp_path / "out" / "launcher.log").read_text()
+    rank = int(rank_pid.read_text())
+    deadline = time.monotonic() + 10
+    while alive(rank) and time.monotonic() < deadline:  # the rank is the init process's child now
+        time.sleep(0.1)
+    assert not alive(rank)
+
+
 def test_deepspeed_files_leave_batch_and_precision_to_the_trainer():
     from configs.train import DEEPSPEED_FILES
 
