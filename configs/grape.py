@@ -170,7 +170,8 @@ class GrapeSelection(StrictModel):
                                     "'per_byte': total log-prob per UTF-8 byte of the response.")
     score_end_of_turn: bool = Field(
         True, description="Also score the template's end-of-turn marker after the response, so a truncated "
-                          "response pays for not ending there.")
+                          "response pays for not ending there; false scores the response tokens only, the "
+                          "paper's rule.")
     prefix_reuse: bool = Field(
         False, description="Run each instruction's prompt once and score all candidates from its KV cache (same "
                            "numbers as K full passes). Off by default: measured 0.75-1.1x of K batched passes on CPU "
