@@ -128,15 +128,9 @@ def generate_candidates(records_out: StageOutput, generator: GeneratorConfig, sh
         if todo and generator.scale_out is not None:
             from tasks.runner import map_shards
 
-            try:
-                map_shards(generation_shard_at, n_shards, table, generator.scale_out,
-                           name=f"generate-{generator.name}", progress=progress,
-                           records_path=str(records_out.file("records.jsonl")), generator=generator,
-                           shard_size=shard_size)
-            finally:
-                # threads engine: the shards ran here; close their generator as the in-process branch does, not
-                # hold its engine through the stages after GRAPE's last generator (Dask workers keep theirs)
-                _WORKER_GENERATORS.discard(generator.model_dump_json())
+            map_shards(generation_shard_at, n_shards, table, generator.scale_out, name=f"generate-{generator.name}",
+                       progress=progress, records_path=str(records_out.file("records.jsonl")),
+                       generator=generator, shard_size=shard_size)
         elif todo:
             backend = make_generator(generator)
             try:

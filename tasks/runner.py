@@ -68,6 +68,7 @@ class WorkerCache:
         self.size = size
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        _WORKER_CACHES.append(self)
 
     @contextmanager
     def use(self, key: Hashable, stamp: str, load: Callable[[], Any]) -> Iterator[Any]:
@@ -91,10 +92,10 @@ class WorkerCache:
                 if entry.evicted and not entry.users:
                     _close(entry.value)
 
-    def discard(self, key: Hashable) -> None:
-        """Drop (and close) `key`'s entry, if any: its stage is done in this process."""
+    def drop_idle(self) -> None:
+        """Drop (and close) every entry no shard uses now."""
         with self._lock:
-            if key in self._entries:
+            for key in [k for k, entry in self._entries.items() if not entry.users]:
                 self._evict(key)
 
     def _evict(self, key: Hashable) -> None:
@@ -102,6 +103,18 @@ class WorkerCache:
         entry.evicted = True
         if not entry.users:
             _close(entry.value)
+
+
+_WORKER_CACHES: list[WorkerCache] = []
+
+
+def release_worker_caches() -> None:
+    """Drop what the worker caches of this process hold and no shard uses. A threads-engine stage calls it when it
+    ends: its shards ran in the flow's own process, and a Deita scorer, a Cherry scorer or a vLLM engine kept
+    there would hold its memory (GPU memory included) through every later stage, where the in-process path loads
+    per stage and lets go. A later stage of the same model loads it again."""
+    for cache in _WORKER_CACHES:
+        cache.drop_idle()
 
 
 def _close(value: Any) -> None:
@@ -222,6 +235,8 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
             if failure is None and submit_next():
                 in_flight += 1
     bar.close()
+    if config.engine == "threads":  # the shards ran here (Dask workers keep theirs for the worker's next stage)
+        release_worker_caches()
     if failure is not None:
         raise failure
     return counts

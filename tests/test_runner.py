@@ -191,9 +191,12 @@ def test_worker_cache_closes_an_entry_in_use_when_its_last_user_is_done():
             assert not a.closed
         assert not a.closed
     assert a.closed == 1 and not b.closed
-    cache.discard("b")
+    with cache.use("b", "", load("b")):
+        cache.drop_idle()  # b is in use: kept
+    assert not b.closed
+    cache.drop_idle()
     assert b.closed == 1
-    cache.discard("b")  # nothing left: nothing closed twice
+    cache.drop_idle()  # nothing left: nothing closed twice
     assert b.closed == 1
 
 
@@ -216,6 +219,25 @@ def test_worker_cache_loads_once_for_concurrent_shards():
     with ThreadPoolExecutor(4) as pool:
         models = list(pool.map(shard, range(8)))
     assert len(loads) == 1 and len({id(m) for m in models}) == 1
+
+
+HELD = []
+
+
+def shard_with_a_cached_model(index: int) -> list[dict]:
+    from tasks.runner import WORKER_MODELS
+
+    with WORKER_MODELS.use("test-model", "", lambda: HELD.append(Loaded("m")) or HELD[-1]) as model:
+        return [{"x": index, "model": model.name}]
+
+
+def test_a_threads_engine_stage_lets_go_of_the_models_its_shards_loaded(prefect_server, tmp_path):
+    # its shards ran in the flow's process: a scorer kept there would hold its (GPU) memory through later stages,
+    # where the in-process path loads per stage; Dask workers keep theirs for the worker's next stage
+    HELD.clear()
+    counts = map_shards(shard_with_a_cached_model, 3, ShardedTable(tmp_path / "t"),
+                        ScaleOutConfig(engine="threads", workers=2), name="cached-model", progress=False)
+    assert counts["shards_computed"] == 3 and len(HELD) == 1 and HELD[0].closed == 1
 
 
 class FakeGenerator(Loaded):
