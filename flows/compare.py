@@ -4,7 +4,9 @@
 
 MLflow: one parent run for the comparison, a child run `method:<label>` per method (its metrics, or its error;
 the method's stages nest under it), and the comparison table + plots on the parent. Prefect: a table artifact.
-Branches are submitted as tasks: one that fails is reported as a failed row and the others go on.
+Branches are submitted as tasks: one that fails is reported as a failed row and the others go on. Ctrl-C or SIGTERM
+interrupts the running branch too (it runs in a worker thread, which signals do not reach: see
+`tasks.runner.WorkerThreads`), so the run ends within seconds, not after the branch has trained and evaluated.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flows.train import run_training_stage
 from flows.wiring import fail_at_switch, run_stage_task
 from tasks.data import prepare_records_task, read_jsonl
 from tasks.evaluate import comparison_task, finish_method_run, headline_metrics, model_fingerprint, start_method_run
+from tasks.runner import interruptible, interrupting_workers
 from tasks.store import StageOutput
 from tasks.train import sft_stage_task, trained_model
 from tasks.track import artifact_key, client, tracked_run
@@ -34,6 +37,12 @@ from tasks.track import artifact_key, client, tracked_run
 def compare_method(label: str, selection: Any, records: StageOutput, config: CompareConfig,
                    parent_run_id: str | None) -> dict:
     """One branch: select -> SFT -> evaluate (selection None: evaluate the base model). Returns its table row."""
+    with interruptible():  # an interrupted comparison interrupts its running branch (see tasks.runner.WorkerThreads)
+        return _compare_method(label, selection, records, config, parent_run_id)
+
+
+def _compare_method(label: str, selection: Any, records: StageOutput, config: CompareConfig,
+                    parent_run_id: str | None) -> dict:
     run_id = start_method_run(parent_run_id, label, selection) if parent_run_id else None
     metrics: dict[str, float] = {}
     try:
@@ -49,7 +58,7 @@ def compare_method(label: str, selection: Any, records: StageOutput, config: Com
             model, digest = trained_model(trained, config.training.model), trained.digest
         table = evaluate_stages(model, digest, config.evaluate, f"{config.name}-{label}", run_id)
         metrics.update(headline_metrics(evaluation=table))
-    except Exception as exc:
+    except BaseException as exc:  # an interrupt too: the method's run must not stay RUNNING
         if run_id:
             finish_method_run(run_id, metrics, error=f"{type(exc).__name__}: {exc}")
         raise
@@ -87,17 +96,18 @@ def compare(config: CompareConfig, fail_at: str | None = None) -> StageOutput:
         branches: list[tuple[str, Any]] = list(zip(config.labels(), config.methods))
         if config.evaluate_base:
             branches.insert(0, ("base", None))
-        futures = [(label, compare_method.submit(label, selection, records, config, parent))
-                   for label, selection in branches]
         results = []
-        for label, future in futures:
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, BaseException):
-                print(f"method {label} failed: {type(outcome).__name__}: {outcome}")
-                results.append({"label": label, "status": "failed", "error": f"{type(outcome).__name__}: {outcome}",
-                                "metrics": {}})
-            else:
-                results.append(outcome)
+        with interrupting_workers("comparison branch(es)"):
+            futures = [(label, compare_method.submit(label, selection, records, config, parent))
+                       for label, selection in branches]
+            for label, future in futures:
+                outcome = future.result(raise_on_failure=False)
+                if isinstance(outcome, BaseException):
+                    print(f"method {label} failed: {type(outcome).__name__}: {outcome}")
+                    results.append({"label": label, "status": "failed",
+                                    "error": f"{type(outcome).__name__}: {outcome}", "metrics": {}})
+                else:
+                    results.append(outcome)
         table = run_stage_task(comparison_task, config.name, results, config.plot_metrics, parent_run_id=parent)
         create_table_artifact(key=artifact_key(f"compare-{config.name}"), table=read_jsonl(table.file("comparison.jsonl")),
                               description=f"Selection methods compared at one budget ({config.name})")

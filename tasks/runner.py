@@ -12,7 +12,9 @@ paths (a model per worker, cached in the worker), never receive a model object.
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -136,6 +138,102 @@ def worker_model(model_json: str):
 
     config = ModelConfig.model_validate_json(model_json)
     return WORKER_MODELS.use(model_json, model_files_stamp(config), lambda: load_model(config))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in a worker thread whose flow was interrupted (Ctrl-C, SIGTERM, a cancelled flow run): the thread
+    unwinds as the main thread does on Ctrl-C. A KeyboardInterrupt, so what handles Ctrl-C handles it too."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args or ("its flow run was interrupted (Ctrl-C, SIGTERM, cancelled)",))
+
+
+class WorkerThreads:
+    """The threads running a flow's submitted task runs now, so that an interrupt of the flow can reach them.
+
+    Python gives Ctrl-C (and pomona's SIGTERM) to the main thread only. A task run submitted to a thread (a
+    comparison branch, a shard) went on computing, and the flow could not end: Prefect's ThreadPoolTaskRunner waits
+    for its running task runs when it closes, and Python's exit joins the pool's threads, so an interrupted
+    comparison hung, its flow run not yet Crashed, its MLflow runs RUNNING and its Prefect server up, until the
+    running branch had trained and evaluated (hours on a real model). So the interrupted flow raises `Interrupted`
+    in these threads (`PyThreadState_SetAsyncExc`, as Prefect's own timeouts of sync tasks do): each unwinds at its
+    next Python instruction through the code a Ctrl-C already goes through (stage runs end FAILED, a stage folder
+    stays partial for a rerun to resume, a launched training is stopped with its ranks, the task run is Crashed).
+    Not daemon threads or an os._exit after cleanup: they would end the process but leave the branch's MLflow and
+    Prefect runs RUNNING, and a launched torchrun training on, holding the GPUs. A thread inside one long C call
+    (a blocking read, a wait on a lock or another process) takes the exception when that call returns.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[int] = set()
+        self._interrupted = False
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Around a task run's body, in its worker thread. Once interrupted, a task run queued behind the
+        interrupted ones ends as it starts (a freed pool thread takes the next one before the task runner cancels
+        what is queued)."""
+        ident = threading.get_ident()
+        with self._lock:
+            if self._interrupted:
+                raise Interrupted()
+            self._running.add(ident)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.discard(ident)
+
+    def interrupt(self) -> int:
+        """Raise `Interrupted` in every thread inside `running()` now, but the main thread (the signal's own) and
+        this one; returns how many."""
+        import ctypes
+
+        skip = {threading.get_ident(), threading.main_thread().ident}
+        with self._lock:  # a thread leaves `running()` under this lock: none is interrupted after it left
+            self._interrupted = True
+            targets = [ident for ident in self._running if ident not in skip]
+            for ident in targets:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(Interrupted))
+        return len(targets)
+
+
+_WORKER_THREADS: contextvars.ContextVar[WorkerThreads | None] = contextvars.ContextVar("pomona_worker_threads",
+                                                                                        default=None)
+
+
+@contextmanager
+def interrupting_workers(what: str) -> Iterator[None]:
+    """Around the code that submits task runs to threads and waits for them: when it is interrupted (any exception
+    that is not an `Exception`: KeyboardInterrupt, SIGTERM's SystemExit or Prefect's TerminationSignal), the task
+    runs still running (in `interruptible()`) are interrupted too (see `WorkerThreads`). `what` names them in the
+    log. Submitted task runs see it through the context Prefect copies into them."""
+    threads = WorkerThreads()
+    token = _WORKER_THREADS.set(threads)
+    try:
+        yield
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            count = threads.interrupt()
+            if count:
+                logging.getLogger("pomona.runner").warning("%s: interrupting %d running %s",
+                                                           type(exc).__name__, count, what)
+        raise
+    finally:
+        _WORKER_THREADS.reset(token)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Around a submitted task run's body: the interrupt of the flow that submitted it (`interrupting_workers`)
+    interrupts it too. A no-op outside one (called directly, or in a Dask worker process)."""
+    threads = _WORKER_THREADS.get()
+    if threads is None:
+        yield
+        return
+    with threads.running():
+        yield
 
 
 def task_runner(config: ScaleOutConfig):

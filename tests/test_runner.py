@@ -518,3 +518,54 @@ def test_cherry_instruction_profile_on_a_dask_cluster_equals_the_in_process_stag
     assert [r["id"] for r in on_dask[0]] == [r["id"] for r in in_process[0]] and len(on_dask[0]) == 9
     assert np.allclose([r["perplexity"] for r in on_dask[0]], [r["perplexity"] for r in in_process[0]], rtol=1e-5)
     assert on_dask[1].shape == (9, 64) and np.allclose(on_dask[1], in_process[1], atol=1e-5)
+
+
+def test_an_interrupt_of_the_submitter_interrupts_its_running_worker_threads():
+    """Ctrl-C reaches the main thread only: `interrupting_workers` raises `Interrupted` in the worker threads
+    running an `interruptible()` body (at their next Python instruction), and a body that starts afterwards ends at
+    once; a plain exception of the submitter leaves them running."""
+    import contextvars
+
+    from tasks.runner import Interrupted, interruptible, interrupting_workers
+
+    outcomes: dict[str, str] = {}
+    inside = threading.Event()
+
+    def body(name: str, seconds: float) -> None:
+        try:
+            with interruptible():
+                inside.set()
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:  # computing, in Python
+                    time.sleep(0.01)
+            outcomes[name] = "finished"
+        except Interrupted:
+            outcomes[name] = "interrupted"
+
+    def submit(name: str, seconds: float) -> threading.Thread:
+        context = contextvars.copy_context()  # as Prefect's ThreadPoolTaskRunner submits a task run
+        thread = threading.Thread(target=context.run, args=(body, name, seconds))
+        thread.start()
+        return thread
+
+    with pytest.raises(RuntimeError):
+        with interrupting_workers("test"):
+            plain = submit("plain", 0.5)
+            assert inside.wait(10)
+            raise RuntimeError("a plain error")
+    plain.join()
+    inside.clear()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with interrupting_workers("test"):
+            running = submit("running", 60)
+            assert inside.wait(10)
+            raise KeyboardInterrupt
+    running.join(10)
+    assert not running.is_alive() and time.monotonic() - started < 10
+    with pytest.raises(KeyboardInterrupt):
+        with interrupting_workers("test"):
+            queued = contextvars.copy_context()  # submitted, but no pool thread has taken it yet
+            raise KeyboardInterrupt
+    queued.run(body, "queued", 60)  # a pool thread freed by the interrupt takes it: it ends as it starts
+    assert outcomes == {"plain": "finished", "running": "interrupted", "queued": "interrupted"}

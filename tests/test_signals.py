@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,3 +101,74 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     with sqlite3.connect(home / "mlflow.db") as db:
         runs = db.execute("SELECT name, status FROM runs").fetchall()
     assert runs and all(status != "RUNNING" for _, status in runs), runs
+
+
+def trickle(fd: int, stop: threading.Event) -> None:
+    """Write blank lines into a pipe until `stop` or its reader is gone: a JSONL reader that skips blank lines
+    stays busy on them, in Python (interruptible), for as long as the test wants, like a branch that trains."""
+    while not stop.is_set():
+        try:
+            os.write(fd, b"\n" * 64)
+        except BlockingIOError:  # the pipe is full: its reader is not reading just now
+            pass
+        except OSError:  # EPIPE: the reader closed it (the process ended)
+            return
+        time.sleep(0.01)
+
+
+def test_sigterm_interrupts_a_running_comparison_branch(tmp_path):
+    """SIGTERM while a comparison branch computes (branches are Prefect task runs in worker threads): the branch is
+    interrupted too, so pomona exits 143 within seconds, its flow run Crashed, no MLflow run (parent, method, stage)
+    left RUNNING, its server stopped, the interrupted stage left partial for a rerun. Before, the flow engine's task
+    runner waited for the running branch to finish (hours of training on a real model) before it let the process
+    end: here, never (its evaluation data never ends)."""
+    fifo = tmp_path / "heldout.jsonl"
+    os.mkfifo(fifo)  # the base branch evaluates first; its held-out data is a stream of blank lines that never ends
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(
+        f"name: sigterm-compare\ndata: {{path: {REPO / 'tests/data/alpaca_cherry_40.json'}, format: alpaca}}\n"
+        "budget: 10\nmethods: [{method: random, seed: 0}]\n"
+        "training: {model: {name_or_path: 'tiny:0'}, sft: {max_steps: 1, register_model: false}}\n"
+        f"evaluate: {{lm_eval: null, likelihood: {{data: {{path: {fifo}, format: alpaca}}, max_length: 64}}}}\n"
+        "evaluate_base: true\n")
+    home, log = tmp_path / "home", tmp_path / "pomona.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--home", str(home), "run", "--flow", "compare",
+                                 str(recipe)], cwd=REPO, env=base_env(), stdout=sink, stderr=subprocess.STDOUT)
+    writer, stop = None, threading.Event()
+    feeder = None
+    try:
+        writer = open_writer_once_read(fifo, proc, log)  # the base branch is inside its eval-likelihood stage
+        feeder = threading.Thread(target=trickle, args=(writer, stop), daemon=True)
+        feeder.start()
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        started = time.monotonic()
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"pomona did not exit within 30 s of SIGTERM:\n{log.read_text()[-4000:]}") from None
+        took = time.monotonic() - started
+        left = prefect_servers_of(proc.pid)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if feeder is not None:
+            feeder.join()
+        if writer is not None:
+            os.close(writer)
+        for pid in prefect_servers_of(proc.pid):
+            os.kill(pid, signal.SIGTERM)
+
+    output = log.read_text()
+    assert code == 128 + signal.SIGTERM, f"exit status {code} after {took:.1f} s:\n{output[-4000:]}"
+    assert any("Flow run" in line and "Crash detected" in line for line in output.splitlines()), output[-4000:]
+    assert left == [], f"its temporary Prefect server (pids {left}) is still running"
+    with sqlite3.connect(home / "mlflow.db") as db:
+        runs = db.execute("SELECT name, status FROM runs").fetchall()
+    assert {"sigterm-compare", "method:base"} <= {name for name, _ in runs}, runs
+    assert all(status != "RUNNING" for _, status in runs), runs
+    interrupted = list((home / "store" / "eval-likelihood").iterdir())
+    assert len(interrupted) == 1 and not (interrupted[0] / "_SUCCESS").exists(), interrupted  # partial: resumable
