@@ -236,6 +236,29 @@ def interruptible() -> Iterator[None]:
         yield
 
 
+def interruptible_shard(shard_rows: Callable[..., Any]) -> Callable[..., Any]:
+    """`shard_rows` as a shard task for the threads engine: `interruptible()` (same signature, for Prefect)."""
+
+    @functools.wraps(shard_rows)
+    def shard(*args: Any, **kwargs: Any) -> Any:
+        with interruptible():
+            return shard_rows(*args, **kwargs)
+
+    return shard
+
+
+def next_finished(finished) -> Any:
+    """The next (index, future) of a shard whose task run ended. Waits in short steps: a wait in one C call would
+    hold off an interrupt raised in this thread (a comparison branch's: see `WorkerThreads`) until a shard ends."""
+    import queue
+
+    while True:
+        try:
+            return finished.get(timeout=0.5)
+        except queue.Empty:
+            continue
+
+
 def task_runner(config: ScaleOutConfig):
     """The Prefect task runner `config` selects (not started)."""
     if config.engine == "threads":
@@ -295,7 +318,8 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
     if not todo:
         return counts
     # Results travel back in memory: the shard files are the durable output, not Prefect's result store.
-    shard_task = task(shard_rows, name=f"{name}-shard", cache_policy=NO_CACHE, persist_result=False,
+    shard_task = task(interruptible_shard(shard_rows) if config.engine == "threads" else shard_rows,
+                      name=f"{name}-shard", cache_policy=NO_CACHE, persist_result=False,
                       task_run_name=f"{name}-shard-{{index:05d}}")
     bar = tqdm(total=shard_count, initial=counts["shards_reused"], desc=name, unit="shard", disable=not progress)
     window = config.max_in_flight
@@ -303,7 +327,9 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
     finished: queue.SimpleQueue = queue.SimpleQueue()  # (index, future) as each shard's task run ends
     in_flight = 0
     failure: BaseException | None = None
-    with task_runner(config) as runner:
+    # an interrupt (Ctrl-C, SIGTERM) interrupts the shards running in threads, whose results it would drop anyway,
+    # instead of the runner waiting for them to finish before the stage can unwind (see `WorkerThreads`)
+    with task_runner(config) as runner, interrupting_workers(f"{name} shard(s)"):
 
         def submit_next() -> bool:
             index = next(pending, None)
@@ -316,7 +342,7 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
         while in_flight < window and submit_next():
             in_flight += 1
         while in_flight:
-            index, future = finished.get()
+            index, future = next_finished(finished)
             in_flight -= 1
             try:
                 rows = future.result()

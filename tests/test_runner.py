@@ -569,3 +569,48 @@ def test_an_interrupt_of_the_submitter_interrupts_its_running_worker_threads():
             raise KeyboardInterrupt
     queued.run(body, "queued", 60)  # a pool thread freed by the interrupt takes it: it ends as it starts
     assert outcomes == {"plain": "finished", "running": "interrupted", "queued": "interrupted"}
+
+
+SPUN: dict[int, str] = {}
+
+
+def spinning_squares(index: int, size: int, seconds: float) -> list[dict]:
+    """`squares` after `seconds` of computing in Python (a real shard: scoring, generating); notes how it ended."""
+    from tasks.runner import Interrupted
+
+    SPUN[index] = "started"
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            sum(range(1000))
+    except Interrupted:
+        SPUN[index] = "interrupted"
+        raise
+    SPUN[index] = "finished"
+    return squares(index, size)
+
+
+def test_an_interrupted_stage_interrupts_its_running_shard_threads(prefect_server, tmp_path):
+    """Ctrl-C while shards compute on the threads engine: the running shards are interrupted (their results would
+    be dropped anyway), not waited for, and the queued ones never start; a rerun computes every shard."""
+    import _thread
+
+    SPUN.clear()
+    table = ShardedTable(tmp_path / "interrupted")
+    config = ScaleOutConfig(engine="threads", workers=2)
+
+    def ctrl_c_once_two_shards_run():
+        deadline = time.monotonic() + 60
+        while len(SPUN) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _thread.interrupt_main()  # as SIGINT does: a KeyboardInterrupt in the main thread (this test's)
+
+    threading.Thread(target=ctrl_c_once_two_shards_run, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        map_shards(spinning_squares, 6, table, config, name="interrupted", progress=False, size=SHARD, seconds=120)
+    assert time.monotonic() - started < 60  # before: the two running shards' 120 s
+    assert SPUN == {0: "interrupted", 1: "interrupted"} and table.done() == set()
+    counts = map_shards(spinning_squares, 6, table, config, name="interrupted", progress=False, size=SHARD, seconds=0)
+    assert counts == {"shards_computed": 6, "shards_reused": 0, "rows_written": 6 * SHARD}
+    assert rows_of(table) == expected(6)
