@@ -269,7 +269,9 @@ def trl_config(kind: Kind, config: TrainStageConfig, out_dir: Path, device: str,
         output_dir=str(out_dir / CHECKPOINT_DIR), save_strategy="steps", logging_strategy="steps",
         use_cpu=device == "cpu", bf16=bf16, fp16=device == "cuda" and dtype_name == "float16",
         report_to=["mlflow"] if report else "none", deepspeed=config.deepspeed_file(),
-        run_name=f"{kind}-{out_dir.name}", disable_tqdm=False,
+        # the stage run's own name: a launched worker resumes that run by MLFLOW_RUN_ID, and the Trainer's MLflow
+        # callback renames the run it resumes to this
+        run_name=f"train-{kind}", disable_tqdm=False,
     )
     if kind == "sft":
         assert isinstance(config, SFTStageConfig)

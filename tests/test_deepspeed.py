@@ -49,6 +49,7 @@ def test_zero2_through_torchrun_logs_into_the_stage_run_and_reloads():
     run_id = out.params["train.mlflow_run_id"]
     history = client().get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3]  # logged by the subprocess, into the stage's run
+    assert client().get_run(run_id).info.run_name == "train-sft"  # named as an in-process training's run
     assert "model/model.safetensors" in {a.path for a in client().list_artifacts(run_id, "model")}
 
     model = AutoModelForCausalLM.from_pretrained(folder / "model")
