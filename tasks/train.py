@@ -546,13 +546,9 @@ def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
     with open(log_path, "a", encoding="utf-8") as sink:
         # its own process group, so the launcher and the ranks it starts can be stopped together (below)
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, start_new_session=True)
-        assert proc.stdout is not None
+                                start_new_session=True)
         try:
-            for line in proc.stdout:
-                sink.write(line)
-                sys.stdout.write(line)
-            code = proc.wait()
+            code = relay_output(proc, sink)
         except BaseException:
             # Ctrl-C, a SIGTERM to pomona, a cancelled flow: the training must stop with the stage, not go on
             # holding the GPUs with no one reading its output
@@ -565,6 +561,40 @@ def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
     if not (out_dir / RESULT_FILE).exists():
         raise RuntimeError(f"{config.launcher} exited 0 but wrote no {RESULT_FILE} in {out_dir}")
     return model_dir
+
+
+def relay_output(proc: subprocess.Popen, sink, step_s: float = 0.5) -> int:
+    """Copy the launcher's output (a binary pipe) to `sink` and our stdout until it ends; returns its exit status.
+
+    Waits in steps of `step_s`, never in one long C call: in a comparison branch (a worker thread), the interrupt of
+    a cancelled flow run arrives as an exception raised in this thread (`tasks.runner.WorkerThreads`), which Python
+    delivers only between instructions. A read that blocked while the training printed nothing (starting, loading,
+    saving a checkpoint, a long step) held it off; a served run's process was then SIGKILLed by the runner after its
+    30 s grace, and the launcher and its ranks trained on, their MLflow runs RUNNING."""
+    import codecs
+    import io
+    import select
+
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    # what text=True did: the locale's decoding (UTF-8 here, a bad byte no longer fatal), \r and \r\n read as \n
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(errors="replace"), translate=True)
+    while True:
+        if not select.select([fd], [], [], step_s)[0]:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        text = decoder.decode(chunk, final=not chunk)
+        if text:
+            sink.write(text)
+            sys.stdout.write(text)
+        if not chunk:
+            break
+    proc.stdout.close()
+    while True:
+        try:
+            return proc.wait(timeout=step_s)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
