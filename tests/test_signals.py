@@ -1,6 +1,7 @@
 """How `pomona run` ends on a signal other than Ctrl-C: SIGTERM is what `docker stop`, Kubernetes, systemd and a plain
 `kill PID` send, and a process that dies of it without its exit hooks leaves its temporary Prefect server and its
-MLflow run behind."""
+MLflow run behind. And how a run served by `pomona serve` ends when the UI cancels it: the runner SIGTERMs the flow
+run's process and SIGKILLs it 30 s later."""
 
 from __future__ import annotations
 
@@ -171,4 +172,103 @@ def test_sigterm_interrupts_a_running_comparison_branch(tmp_path):
     assert {"sigterm-compare", "method:base"} <= {name for name, _ in runs}, runs
     assert all(status != "RUNNING" for _, status in runs), runs
     interrupted = list((home / "store" / "eval-likelihood").iterdir())
+    assert len(interrupted) == 1 and not (interrupted[0] / "_SUCCESS").exists(), interrupted  # partial: resumable
+
+
+# Loaded by every Python process of the served run (PYTHONPATH): a training rank (torchrun sets LOCAL_RANK) waits on
+# the named pipe before it prints anything, as a rank starting up, loading, saving a checkpoint or in a long step does.
+RANK_WAITS = """import os
+if os.environ.get("LOCAL_RANK") is not None and os.environ.get("POMONA_TEST_RANK_WAITS_ON"):
+    with open(os.environ["POMONA_TEST_RANK_WAITS_ON"]) as pipe:
+        pipe.read()
+"""
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of the live processes (not zombies) whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if text in cmdline:
+                    found.append(f"{entry.name}: {cmdline}")
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def test_cancelling_a_served_comparison_stops_its_launched_training(prefect_server, tmp_path):
+    """The UI's Cancel on a comparison served by `pomona serve`, while a branch's launched training prints nothing:
+    the run ends Cancelled within seconds, the launcher and its rank stopped, no MLflow or Prefect run of it left
+    running, the training stage partial. The branch (a worker thread) waited in one blocking read of the launcher's
+    output, which held off its interrupt: the runner SIGKILLed the flow's process after its 30 s grace, and torchrun
+    and its rank trained on (holding the GPUs), the method's and the stage's MLflow runs and Prefect task runs
+    RUNNING."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling
+
+    from configs.compare import CompareConfig
+    from configs.pipeline import load_recipe
+    from tests.live_servers import BIN, serving_env, start, stop
+
+    hook, fifo, home = tmp_path / "hook", tmp_path / "rank-waits", tmp_path / "home"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RANK_WAITS)
+    os.mkfifo(fifo)
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(
+        f"name: cancel-compare\ndata: {{path: {REPO / 'tests/data/alpaca_cherry_40.json'}, format: alpaca}}\n"
+        "budget: 10\nmethods: [{method: random, seed: 0}]\nevaluate_base: false\n"
+        "training: {model: {name_or_path: 'tiny:0'}, sft: {max_steps: 1, register_model: false, launcher: torchrun}}\n"
+        f"evaluate: {{lm_eval: null, likelihood: {{data: {{path: {REPO / 'tests/data/alpaca_cherry_40.json'}, "
+        "format: alpaca}, max_length: 64}}\n")
+    parameters = {"config": load_recipe(recipe, model=CompareConfig).model_dump(mode="json")}
+    log = tmp_path / "serve.log"
+    serve = start([str(BIN / "pomona"), "serve", "--limit", "1"],
+                  {**serving_env(PREFECT_API_URL.value(), home, None), "PYTHONPATH": str(hook),
+                   "POMONA_TEST_RANK_WAITS_ON": str(fifo)}, log)
+    writer = None
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    deployment = client.read_deployment_by_name("pomona-compare/pomona")
+                    break
+                except ObjectNotFound:
+                    assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                    time.sleep(0.3)
+            run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+            writer = open_writer_once_read(fifo, serve, log)  # the branch's training rank is waiting, silent
+            client.set_flow_run_state(run.id, Cancelling())  # what the UI's Cancel button does
+            started = time.monotonic()
+            while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() - started < 60:
+                time.sleep(0.2)
+            took = time.monotonic() - started
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        training = home / "store" / "train-sft"
+        deadline = time.monotonic() + 5  # the launcher reaps its rank as it exits: a moment on a slow machine
+        while (left := processes_naming(str(training))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for line in processes_naming(str(home / "store")):  # a failed run must not leave a training to the suite
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        if writer is not None:
+            os.close(writer)
+        stop(serve)
+
+    output = log.read_text()
+    assert state.is_cancelled() and took < 20, f"{state!r} {took:.1f} s after Cancel:\n{output[-4000:]}"
+    assert left == [], f"the launched training outlived its cancelled flow run: {left}"
+    still_running = sorted(t.name for t in tasks if t.state is not None and t.state.is_running())
+    assert still_running == [], f"Prefect task runs left Running: {still_running}"
+    with sqlite3.connect(home / "mlflow.db") as db:
+        runs = db.execute("SELECT name, status FROM runs").fetchall()
+    assert {"cancel-compare", "method:random", "train-sft"} <= {name for name, _ in runs}, runs
+    assert all(status != "RUNNING" for _, status in runs), runs
+    interrupted = list(training.iterdir())
     assert len(interrupted) == 1 and not (interrupted[0] / "_SUCCESS").exists(), interrupted  # partial: resumable
