@@ -60,7 +60,7 @@ def _compare_method(label: str, selection: Any, records: StageOutput, config: Co
         metrics.update(headline_metrics(evaluation=table))
     except BaseException as exc:  # an interrupt too: the method's run must not stay RUNNING
         if run_id:
-            finish_method_run(run_id, metrics, error=f"{type(exc).__name__}: {exc}")
+            finish_method_run(run_id, metrics, ended_by=exc)
         raise
     if run_id:
         finish_method_run(run_id, metrics)

@@ -918,15 +918,16 @@ def headline_metrics(selected: tuple[Any, StageOutput, StageOutput | None] | Non
     return metrics
 
 
-def finish_method_run(run_id: str, metrics: dict[str, float], error: str | None = None) -> None:
-    """Log the method's final metrics, or its error, and close the run (FAILED when it failed)."""
-    from tasks.track import client, log_metrics
+def finish_method_run(run_id: str, metrics: dict[str, float], ended_by: BaseException | None = None) -> None:
+    """Log the method's final metrics and close the run: FINISHED, or as `ended_by` ended it (FAILED or KILLED,
+    with the reason: `tasks.track.end_run_by`)."""
+    from tasks.track import client, end_run_by, log_metrics
 
-    mlc = client()
     log_metrics(run_id, metrics)
-    if error:
-        mlc.set_tag(run_id, "pomona.error", error[:5000])
-    mlc.set_terminated(run_id, "FAILED" if error else "FINISHED")
+    if ended_by is not None:
+        end_run_by(run_id, ended_by)
+    else:
+        client().set_terminated(run_id, "FINISHED")
 
 
 def comparison_rows(results: Sequence[dict]) -> list[dict]:

@@ -252,13 +252,34 @@ def crash_flow_run(flow_run_id: str, why: str) -> None:
             prefect.set_flow_run_state(flow_run_id, Crashed(message=f"pomona: {why}"), force=True)
 
 
+ERROR_TAG = "pomona.error"
+
+
+def ended_by(exc: BaseException) -> tuple[str, str]:
+    """(MLflow status, reason) of a run that `exc` ended: FAILED for an error; KILLED for an interrupt - Ctrl-C,
+    SIGTERM, a flow run cancelled in the Prefect UI (Prefect's TerminationSignal), a comparison branch interrupted
+    with its flow - none of which is an `Exception`, so that a user can tell a stopped run from a broken one."""
+    if isinstance(exc, Exception):
+        return "FAILED", f"{type(exc).__name__}: {exc}"[:5000]
+    return "KILLED", f"interrupted ({type(exc).__name__}: Ctrl-C, SIGTERM or a cancelled flow run)"
+
+
+def end_run_by(run_id: str, exc: BaseException) -> None:
+    """End `run_id` as `exc` ended it (`ended_by`), its reason in the `pomona.error` tag."""
+    status, reason = ended_by(exc)
+    mlc = client()
+    mlc.set_tag(run_id, ERROR_TAG, reason)
+    mlc.set_terminated(run_id, status)
+
+
 @contextlib.contextmanager
 def failed_if_raises(run_id: str) -> Iterator[None]:
-    """A run whose logging fails half-way ends FAILED, not RUNNING forever in the MLflow UI."""
+    """A run whose logging fails half-way ends FAILED (KILLED when interrupted), not RUNNING forever in the MLflow
+    UI."""
     try:
         yield
-    except BaseException:
-        client().set_terminated(run_id, "FAILED")
+    except BaseException as exc:
+        end_run_by(run_id, exc)
         raise
 
 
@@ -489,13 +510,14 @@ def finish_tracking(run_id: str, status: str = "FINISHED") -> None:
 
 @contextlib.contextmanager
 def tracked_run(config: Any) -> Iterator[str | None]:
-    """Inside a flow: the MLflow parent run of `config` (None with tracking off), ended FINISHED or FAILED."""
+    """Inside a flow: the MLflow parent run of `config` (None with tracking off), ended FINISHED, or FAILED / KILLED
+    with the reason (`end_run_by`)."""
     parent = start_tracking(config.experiment, config.name, config) if config.tracking.enabled else None
     try:
         yield parent
-    except BaseException:
+    except BaseException as exc:
         if parent:
-            finish_tracking(parent, "FAILED")
+            end_run_by(parent, exc)
         raise
     if parent:
         finish_tracking(parent, "FINISHED")

@@ -684,14 +684,15 @@ def training_run(parent_run_id: str | None, stage: str, tags: dict[str, str]) ->
     """The stage's MLflow child run, opened before training and active in this thread while it trains.
 
     The flow logs the stage's config, metrics and dataset into the same run afterwards (tasks.track.log_stage with
-    run_id). A failed attempt's run is marked FAILED; the rerun opens a new one and resumes the checkpoints.
+    run_id). A failed attempt's run is marked FAILED (KILLED when interrupted); the rerun opens a new one and resumes
+    the checkpoints.
     """
     if not parent_run_id:
         yield None
         return
     import mlflow
 
-    from tasks.track import client, process_tags, tracking_uri
+    from tasks.track import client, end_run_by, process_tags, tracking_uri
 
     mlc = client()
     parent = mlc.get_run(parent_run_id)
@@ -702,9 +703,9 @@ def training_run(parent_run_id: str | None, stage: str, tags: dict[str, str]) ->
         with mlflow.start_run(run_id=run.info.run_id):
             yield run.info.run_id
             mlflow.flush_async_logging()
-    except BaseException:
+    except BaseException as exc:
         mlflow.flush_async_logging()
-        mlc.set_terminated(run.info.run_id, "FAILED")
+        end_run_by(run.info.run_id, exc)
         raise
 
 

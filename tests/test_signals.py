@@ -62,6 +62,23 @@ def prefect_servers_of(owner: int) -> list[int]:
     return found
 
 
+def mlflow_runs(home: Path) -> dict[str, tuple[str, str]]:
+    """{run name: (status, pomona.error tag)} of the home's MLflow store (the last run of a name wins)."""
+    with sqlite3.connect(home / "mlflow.db") as db:
+        rows = db.execute("SELECT r.name, r.status, t.value FROM runs r LEFT JOIN tags t "
+                          "ON t.run_uuid = r.run_uuid AND t.key = 'pomona.error' ORDER BY r.start_time").fetchall()
+    return {name: (status, reason or "") for name, status, reason in rows}
+
+
+def assert_stopped_not_failed(runs: dict[str, tuple[str, str]], names: set[str]) -> None:
+    """No run left RUNNING; the runs the interrupt ended (`names`) KILLED, saying so, not FAILED like a broken one."""
+    assert names <= set(runs), runs
+    assert all(status != "RUNNING" for status, _ in runs.values()), runs
+    for name in names:
+        status, reason = runs[name]
+        assert status == "KILLED" and reason.startswith("interrupted ("), (name, runs[name])
+
+
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     """SIGTERM to the pomona process alone, while its flow is inside a stage: it exits 143 (128 + SIGTERM) within
     seconds, its flow run Crashed, its MLflow run ended, its temporary Prefect server stopped. Python's default action
@@ -99,9 +116,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     assert any("Flow run" in line and "Crash detected" in line for line in output.splitlines()), \
         output[-4000:]  # Prefect marked the flow run Crashed
     assert left == [], f"its temporary Prefect server (pids {left}) is still running"
-    with sqlite3.connect(home / "mlflow.db") as db:
-        runs = db.execute("SELECT name, status FROM runs").fetchall()
-    assert runs and all(status != "RUNNING" for _, status in runs), runs
+    assert_stopped_not_failed(mlflow_runs(home), {"sigterm"})
 
 
 def trickle(fd: int, stop: threading.Event) -> None:
@@ -167,10 +182,7 @@ def test_sigterm_interrupts_a_running_comparison_branch(tmp_path):
     assert code == 128 + signal.SIGTERM, f"exit status {code} after {took:.1f} s:\n{output[-4000:]}"
     assert any("Flow run" in line and "Crash detected" in line for line in output.splitlines()), output[-4000:]
     assert left == [], f"its temporary Prefect server (pids {left}) is still running"
-    with sqlite3.connect(home / "mlflow.db") as db:
-        runs = db.execute("SELECT name, status FROM runs").fetchall()
-    assert {"sigterm-compare", "method:base"} <= {name for name, _ in runs}, runs
-    assert all(status != "RUNNING" for _, status in runs), runs
+    assert_stopped_not_failed(mlflow_runs(home), {"sigterm-compare", "method:base"})
     interrupted = list((home / "store" / "eval-likelihood").iterdir())
     assert len(interrupted) == 1 and not (interrupted[0] / "_SUCCESS").exists(), interrupted  # partial: resumable
 
@@ -266,9 +278,6 @@ def test_cancelling_a_served_comparison_stops_its_launched_training(prefect_serv
     assert left == [], f"the launched training outlived its cancelled flow run: {left}"
     still_running = sorted(t.name for t in tasks if t.state is not None and t.state.is_running())
     assert still_running == [], f"Prefect task runs left Running: {still_running}"
-    with sqlite3.connect(home / "mlflow.db") as db:
-        runs = db.execute("SELECT name, status FROM runs").fetchall()
-    assert {"cancel-compare", "method:random", "train-sft"} <= {name for name, _ in runs}, runs
-    assert all(status != "RUNNING" for _, status in runs), runs
+    assert_stopped_not_failed(mlflow_runs(home), {"cancel-compare", "method:random", "train-sft"})
     interrupted = list(training.iterdir())
     assert len(interrupted) == 1 and not (interrupted[0] / "_SUCCESS").exists(), interrupted  # partial: resumable
