@@ -43,7 +43,9 @@ CHECKPOINT_DIR = "checkpoints"
 RESULT_FILE = "train_result.json"
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # Distributed variables DeepSpeed needs even for one process (without them it looks for MPI and fails).
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DISTRIBUTED_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What torch.distributed reads from the environment; an in-process DeepSpeed training leaves them set in this
+process, and a launched training or any other child must not inherit them (the launcher sets its own)."""
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -533,7 +535,7 @@ def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
     command = launch_command(kind, data_path, model, config, out_dir)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    for name in _DIST_VARS:  # the launcher sets its own
+    for name in DISTRIBUTED_ENV_VARS:  # the launcher sets its own
         env.pop(name, None)
     import mlflow
 

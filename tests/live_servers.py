@@ -65,7 +65,12 @@ def postgres_urls(tag: str) -> tuple[str, str, list[str]]:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    from tasks.train import DISTRIBUTED_ENV_VARS
+
+    # an in-process DeepSpeed test earlier in the session leaves LOCAL_RANK & co. in this process's environment:
+    # a child must not take itself for a rank of that training
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_")) and k not in DISTRIBUTED_ENV_VARS}
     # MLflow's telemetry thread sets and pops an environment variable while requests read the environment:
     # under load a tracking call then fails with KeyError('_MLFLOW_TELEMETRY_SESSION_ID'). Off, as offline anyway.
     env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
