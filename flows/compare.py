@@ -36,8 +36,15 @@ from tasks.track import artifact_key, client, tracked_run
 @task(name="compare-method", cache_policy=NO_CACHE)
 def compare_method(label: str, selection: Any, records: StageOutput, config: CompareConfig,
                    parent_run_id: str | None) -> dict:
-    """One branch: select -> SFT -> evaluate (selection None: evaluate the base model). Returns its table row."""
-    with interruptible():  # an interrupted comparison interrupts its running branch (see tasks.runner.WorkerThreads)
+    """One branch: select -> SFT -> evaluate (selection None: evaluate the base model). Returns its table row.
+
+    Its stages commit as each finishes (CommitMode.EAGER): nested in this task run, they would otherwise commit with
+    it, so a branch failing in evaluation rolled back its finished selection and training - RolledBack in the
+    Prefect UI, their cache records never written - though their store folders were finished and reused."""
+    from prefect.transactions import CommitMode, transaction
+
+    # an interrupted comparison interrupts its running branch (see tasks.runner.WorkerThreads)
+    with interruptible(), transaction(commit_mode=CommitMode.EAGER):
         return _compare_method(label, selection, records, config, parent_run_id)
 
 

@@ -105,14 +105,14 @@ def test_compare_flow_end_to_end_with_a_failing_branch(prefect_server, tiny_mode
     from prefect.client.orchestration import get_client
     from tasks.track import client
 
-    real_select = compare_module.select_subset
+    real_evaluate = compare_module.evaluate_stages
 
-    def select_or_fail(selection, *args, **kwargs):
-        if selection.method == "random" and selection.seed == 1:
-            raise RuntimeError("selection exploded on purpose")
-        return real_select(selection, *args, **kwargs)
+    def evaluate_or_fail(model, digest, evaluate, name, *args, **kwargs):
+        if name.endswith("-random-2"):  # after its selection and training stages completed
+            raise RuntimeError("evaluation exploded on purpose")
+        return real_evaluate(model, digest, evaluate, name, *args, **kwargs)
 
-    monkeypatch.setattr(compare_module, "select_subset", select_or_fail)
+    monkeypatch.setattr(compare_module, "evaluate_stages", evaluate_or_fail)
     cfg = load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig, overrides={
         "data.path": str(REPO / "tests/data/alpaca_cherry_40.json"),
         "training.model.name_or_path": str(tiny_model_dir),  # the session's tiny model (same as tiny:0, built once)
@@ -146,6 +146,18 @@ def test_compare_flow_end_to_end_with_a_failing_branch(prefect_server, tiny_mode
     assert "exploded" in methods["method:random-2"].data.tags["pomona.error"]
     assert methods["method:full"].info.status == "FINISHED"
     assert methods["method:full"].data.metrics["selected"] == 40
+    # The failed branch's finished stages stay Completed in Prefect (and cached for a rerun): Prefect rolled back
+    # the stage task runs nested in a failed task run, showing a finished selection and training as RolledBack.
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[parent.data.tags["prefect.flow_run_id"]])))
+    states = {}
+    for run in task_runs:
+        states.setdefault(run.state.name, []).append(run.name.rsplit("-", 1)[0])
+    assert "RolledBack" not in states, states
+    assert states["Failed"] == ["compare-method"], states
     # The method's stages nest under its run.
     nested = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == methods["method:full"].info.run_id}
     assert {"select-full", "train-sft", "eval-likelihood", "eval-table"} <= nested
