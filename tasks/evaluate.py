@@ -31,8 +31,8 @@ from models.special_tokens import (first_special_token, message_texts, report_sp
                                    special_token_reason)
 from tasks.data import json_rows, jsonl_rows, read_jsonl, read_records, reject_kind, with_instance_input, write_jsonl
 from tasks.select import budget_shortfall
-from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, rows_by_shard, run_stage,
-                         stage_task)
+from tasks.store import (StageOutput, atomic_write_text, content_digest, file_digest, path_fingerprint, rows_by_shard,
+                         run_stage, stage_task)
 from tasks.track import sanitize_metric_key
 
 INSTRUCTION_PROMPT_FIELDS = {"vicuna": "text", "koala": "prompt", "lima": "conversations",
@@ -413,7 +413,7 @@ def task_data_fingerprints(src: Path) -> dict[str, str]:
             matches = [path]
         for match in matches:
             if not match.is_relative_to(inside):
-                found[str(match)] = file_digest(match)
+                found[str(match)] = path_fingerprint(match)  # hashed once per process and file version
         return name
 
     for original, _, files in _task_docs(src):
