@@ -247,16 +247,25 @@ def interruptible_shard(shard_rows: Callable[..., Any]) -> Callable[..., Any]:
     return shard
 
 
-def next_finished(finished) -> Any:
-    """The next (index, future) of a shard whose task run ended. Waits in short steps: a wait in one C call would
-    hold off an interrupt raised in this thread (a comparison branch's: see `WorkerThreads`) until a shard ends."""
-    import queue
+INTERRUPTIBLE_STEP_S = 0.5
 
+
+def wait_in_short_steps(wait: Callable[[float], Any], timed_out: type[BaseException],
+                        step_s: float = INTERRUPTIBLE_STEP_S) -> Any:
+    """`wait(step_s)` again until it returns rather than raising `timed_out`. A wait in one C call would hold off
+    an interrupt raised in this thread (a comparison branch's: see `WorkerThreads`) until the wait ends."""
     while True:
         try:
-            return finished.get(timeout=0.5)
-        except queue.Empty:
+            return wait(step_s)
+        except timed_out:
             continue
+
+
+def next_finished(finished) -> Any:
+    """The next (index, future) of a shard whose task run ended, waited for in short steps."""
+    import queue
+
+    return wait_in_short_steps(lambda step_s: finished.get(timeout=step_s), queue.Empty)
 
 
 def task_runner(config: ScaleOutConfig):

@@ -30,6 +30,7 @@ from configs.schema import ModelConfig
 from configs.train import ACCELERATE_FILES, DPOStageConfig, SFTStageConfig, TrainStageConfig
 from models.special_tokens import special_token_reason, special_tokens_in_text
 from tasks.data import read_jsonl, reject_counts, write_jsonl
+from tasks.runner import INTERRUPTIBLE_STEP_S, wait_in_short_steps
 from tasks.store import (StageOutput, atomic_write_text, file_digest, portable_model_digest, run_stage,
                          stage_task)
 
@@ -565,7 +566,7 @@ def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
     return model_dir
 
 
-def relay_output(proc: subprocess.Popen, sink, step_s: float = 0.5) -> int:
+def relay_output(proc: subprocess.Popen, sink, step_s: float = INTERRUPTIBLE_STEP_S) -> int:
     """Copy the launcher's output (a binary pipe) to `sink` and our stdout until it ends; returns its exit status.
 
     Waits in steps of `step_s`, never in one long C call: in a comparison branch (a worker thread), the interrupt of
@@ -592,11 +593,7 @@ def relay_output(proc: subprocess.Popen, sink, step_s: float = 0.5) -> int:
         if not chunk:
             break
     proc.stdout.close()
-    while True:
-        try:
-            return proc.wait(timeout=step_s)
-        except subprocess.TimeoutExpired:
-            continue
+    return wait_in_short_steps(lambda step: proc.wait(timeout=step), subprocess.TimeoutExpired, step_s)
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
