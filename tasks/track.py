@@ -144,19 +144,15 @@ def process_alive(pid: int) -> bool:
 PREFECT_SERVER_APP = "prefect.server.api.server:create_app"
 
 
-def reap_orphan_prefect_servers(proc: Path = Path("/proc")) -> list[int]:
-    """Stop the temporary Prefect servers that pomona processes of this machine started and left behind when they
-    were killed (kill -9 skips Prefect's exit hook; each server holds ~220 MB and a port forever). A server is ours
-    when its environment carries `POMONA_OWNER_PID` (set by `prepare_environment`, inherited by the server) and the
-    command line serves Prefect's app; it is orphaned when that pid is gone. Returns the pids stopped. Without
-    /proc (not Linux) there is nothing to read, and nothing is stopped."""
-    import signal
-
+def pomona_prefect_servers(proc: Path = Path("/proc")) -> dict[int, int]:
+    """{server pid: owner pid} of the temporary Prefect servers pomona processes of this machine started: the
+    command line serves Prefect's app and the environment carries `POMONA_OWNER_PID` (set by
+    `prepare_environment`, inherited by the server). Without /proc (not Linux) there is nothing to read: {}."""
     from configs.settings import OWNER_PID_ENV
 
-    stopped = []
+    found: dict[int, int] = {}
     if not proc.is_dir():
-        return stopped
+        return found
     marker = f"{OWNER_PID_ENV}=".encode()
     for entry in proc.iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -169,13 +165,26 @@ def reap_orphan_prefect_servers(proc: Path = Path("/proc")) -> list[int]:
         except OSError:  # gone meanwhile, or another user's process
             continue
         owner = next((v[len(marker):].decode() for v in environ if v.startswith(marker)), "")
-        if not owner.isdigit() or process_alive(int(owner)):
+        if owner.isdigit():
+            found[int(entry.name)] = int(owner)
+    return found
+
+
+def reap_orphan_prefect_servers(proc: Path = Path("/proc")) -> list[int]:
+    """Stop the temporary Prefect servers that pomona processes of this machine started and left behind when they
+    were killed (kill -9 skips Prefect's exit hook; each server holds ~220 MB and a port forever): those of
+    `pomona_prefect_servers` whose owner pid is gone. Returns the pids stopped."""
+    import signal
+
+    stopped = []
+    for pid, owner in pomona_prefect_servers(proc).items():
+        if process_alive(owner):
             continue
         try:
-            os.kill(int(entry.name), signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             continue
-        stopped.append(int(entry.name))
+        stopped.append(pid)
     if stopped:
         warnings.warn(f"stopped {len(stopped)} temporary Prefect server(s) (pids {', '.join(map(str, stopped))}) left "
                       "running by pomona processes that were killed", stacklevel=2)
@@ -504,8 +513,8 @@ def log_run_metrics(run_id: str, metrics: dict[str, float]) -> None:
 
 
 @task(cache_policy=NO_CACHE, name="finish-tracking")
-def finish_tracking(run_id: str, status: str = "FINISHED") -> None:
-    client().set_terminated(run_id, status)
+def finish_tracking(run_id: str) -> None:
+    client().set_terminated(run_id, "FINISHED")
 
 
 @contextlib.contextmanager
@@ -520,4 +529,4 @@ def tracked_run(config: Any) -> Iterator[str | None]:
             end_run_by(parent, exc)
         raise
     if parent:
-        finish_tracking(parent, "FINISHED")
+        finish_tracking(parent)

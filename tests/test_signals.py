@@ -42,24 +42,11 @@ def open_writer_once_read(fifo: Path, proc: subprocess.Popen, log: Path, timeout
 
 
 def prefect_servers_of(owner: int) -> list[int]:
-    """Pids of the temporary Prefect servers that process `owner` started (as `reap_orphan_prefect_servers` knows
-    them: the app on the command line, POMONA_OWNER_PID in the environment)."""
-    from configs.settings import OWNER_PID_ENV
-    from tasks.track import PREFECT_SERVER_APP
+    """Pids of the temporary Prefect servers that process `owner` started (as `reap_orphan_prefect_servers` finds
+    them)."""
+    from tasks.track import pomona_prefect_servers
 
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if PREFECT_SERVER_APP.encode() not in (entry / "cmdline").read_bytes():
-                continue
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"{OWNER_PID_ENV}={owner}".encode() in environ:
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, started_by in pomona_prefect_servers().items() if started_by == owner]
 
 
 def mlflow_runs(home: Path) -> dict[str, tuple[str, str]]:
