@@ -33,6 +33,12 @@ def resolve_dtype(cfg: ModelConfig, device: str):
     return getattr(torch, cfg.dtype)
 
 
+def auto_resolution(cfg: ModelConfig) -> str:
+    """What the config's 'auto' device and dtype mean in this process, e.g. 'cuda/bfloat16' (for stage keys)."""
+    device = resolve_device(cfg)
+    return f"{device}/{str(resolve_dtype(cfg, device)).removeprefix('torch.')}"
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
     """A local folder for tiny models (built once into the store), else the name as given."""
     name = cfg.name_or_path

@@ -93,9 +93,18 @@ def canonical(obj: Any) -> Any:
         # field by field, so runtime-only fields of nested configs stay out too
         fields = type(obj).model_fields
         dumped = obj.model_dump(mode="json")
-        return {name: canonical(getattr(obj, name)) if isinstance(getattr(obj, name), (BaseModel, list, tuple, dict))
+        view = {name: canonical(getattr(obj, name)) if isinstance(getattr(obj, name), (BaseModel, list, tuple, dict))
                 else canonical(dumped[name])
                 for name in sorted(dumped) if name not in fields or not runtime_only(fields[name])}
+        from configs.schema import ModelConfig
+
+        if isinstance(obj, ModelConfig) and "auto" in (obj.device, obj.dtype):
+            from models.loading import auto_resolution
+
+            # 'auto' is float32 on a CPU and bfloat16 on CUDA: without this a store shared by (or copied between)
+            # a CPU and a GPU machine would hand one's numbers to the other
+            view["auto_resolves_to"] = auto_resolution(obj)
+        return view
     if isinstance(obj, dict):
         return {str(k): canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):

@@ -21,6 +21,27 @@ def test_stage_key_depends_on_config_inputs_and_nothing_else():
     assert a != stage_key("other", RandomSelection(budget=5), ["d1"])
 
 
+def test_an_auto_device_or_dtype_enters_keys_as_this_machine_resolves_it(monkeypatch):
+    import torch
+
+    from configs.schema import ModelConfig
+
+    def keys(cuda: bool) -> tuple[str, str, str]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        return (stage_key("score", ModelConfig(name_or_path="m")),
+                stage_key("score", ModelConfig(name_or_path="m", device="cpu")),
+                stage_key("score", ModelConfig(name_or_path="m", device="cpu", dtype="float32")))
+
+    on_cpu, on_gpu = keys(cuda=False), keys(cuda=True)
+    assert on_cpu[0] != on_gpu[0]  # float32 scores on a CPU are not bfloat16 scores on CUDA
+    assert on_cpu[1:] == on_gpu[1:]  # a pinned device means the same wherever the key is computed
+    assert on_cpu[1] != on_cpu[2]  # ... though spelling out its dtype is another config
+    from tasks.store import canonical
+
+    assert canonical(ModelConfig(name_or_path="m"))["auto_resolves_to"] == "cuda/bfloat16"
+    assert "auto_resolves_to" not in canonical(ModelConfig(name_or_path="m", device="cpu", dtype="float32"))
+
+
 def test_run_stage_runs_once_then_reuses(tmp_path):
     calls = []
 
