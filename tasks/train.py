@@ -597,11 +597,40 @@ def relay_output(proc: subprocess.Popen, sink, step_s: float = INTERRUPTIBLE_STE
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM to `proc`'s process group (torchrun and accelerate pass it on to their ranks), SIGKILL to whatever
-    of the group is still there after `grace_s` - shorter than the 30 s a Prefect runner grants a cancelled flow run
-    before it kills this process, so the SIGKILL is still ours to send."""
+    """SIGTERM to `proc`'s process group and to its descendants in other groups, SIGKILL to the group and every
+    descendant still there after `grace_s` - shorter than the 30 s a Prefect runner grants a cancelled flow run
+    before it kills this process, so the SIGKILL is still ours to send.
+
+    The group alone is not enough: torchrun starts each rank in a session of its own, so a rank that ignored or
+    outlived the SIGTERM survived the group's SIGKILL as an orphan holding its GPU memory."""
     import signal
     import time
+
+    import psutil
+
+    # pid -> process; psutil's Process refuses to signal a pid that a new process has taken over
+    descendants: dict[int, psutil.Process] = {}
+    try:
+        descendants[proc.pid] = psutil.Process(proc.pid)
+    except psutil.NoSuchProcess:
+        pass
+
+    def running(process: psutil.Process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def descendants_running() -> list[psutil.Process]:
+        # kept between looks, because a dead launcher's ranks are reparented and no longer its descendants; grown on
+        # each look, so ranks spawned late, and the children of orphaned ranks, count too
+        for process in list(descendants.values()):
+            try:
+                for child in process.children(recursive=True):
+                    descendants.setdefault(child.pid, child)
+            except psutil.NoSuchProcess:
+                pass
+        return [process for process in descendants.values() if running(process)]
 
     def group_alive() -> bool:
         proc.poll()  # reap the launcher itself: a zombie still counts as a member of its group
@@ -611,13 +640,32 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
             return False
         return True
 
+    def signal_each(processes: Iterable[psutil.Process], signum: int) -> None:
+        for process in processes:
+            try:
+                process.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+    def outside_group(process: psutil.Process) -> bool:
+        try:
+            return os.getpgid(process.pid) != proc.pid
+        except ProcessLookupError:
+            return False
+
     deadline = time.monotonic() + grace_s
+    survivors = descendants_running()
     if group_alive():
         os.killpg(proc.pid, signal.SIGTERM)
-    while group_alive() and time.monotonic() < deadline:
+    # the group's members get the group's SIGTERM once; a second one could cut short the launcher's own shutdown
+    signal_each([process for process in survivors if outside_group(process)], signal.SIGTERM)
+    while (group_alive() or survivors) and time.monotonic() < deadline:
         time.sleep(0.1)
+        survivors = descendants_running()
+    survivors = descendants_running()
     if group_alive():
         os.killpg(proc.pid, signal.SIGKILL)
+    signal_each(survivors, signal.SIGKILL)
     proc.wait()
 
 

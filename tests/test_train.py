@@ -299,6 +299,20 @@ def test_configs_refuse_impossible_combinations(tmp_path):
         quantization_config("cpu", torch.float32)
 
 
+def alive(pid: int) -> bool:
+    """An orphan is reparented to PID 1 (or a subreaper), which may not reap it promptly: a zombie has exited."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:  # reaped between the two looks
+        return False
+
+
 def test_more_launched_workers_than_gpus_is_refused_before_launching(tmp_path, monkeypatch):
     import tasks.train as train
 
@@ -316,7 +330,6 @@ def test_more_launched_workers_than_gpus_is_refused_before_launching(tmp_path, m
 def test_an_interrupted_launched_training_stops_the_launcher_and_its_ranks(tmp_path, monkeypatch):
     """Ctrl-C reaches the launcher through the terminal, but a SIGTERM to pomona, or a cancelled flow, does not:
     the launcher and its ranks trained on, holding the GPUs, after the stage had failed."""
-    import os
     import sys
     import time
 
@@ -338,13 +351,6 @@ def test_an_interrupted_launched_training_stops_the_launcher_and_its_ranks(tmp_p
         def flush(self):
             pass
 
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has exited
-
     monkeypatch.setattr(sys, "stdout", InterruptedTerminal())
     with pytest.raises(KeyboardInterrupt):
         train.train_subprocess("sft", tmp_path / "d.jsonl", TINY, SFTStageConfig(launcher="torchrun"), tmp_path / "out")
@@ -355,6 +361,46 @@ def test_an_interrupted_launched_training_stops_the_launcher_and_its_ranks(tmp_p
     while alive(rank) and time.monotonic() < deadline:  # the rank is the init process's child now
         time.sleep(0.1)
     assert not alive(rank)
+
+
+def test_stopping_a_launch_kills_a_rank_in_a_session_of_its_own_that_ignores_sigterm(tmp_path):
+    """torchrun starts each rank in a session of its own: the SIGKILL to the launcher's group missed a rank that
+    ignored the SIGTERM, and it lived on as an orphan holding its GPU memory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.train import stop_process_group
+
+    rank_pid = tmp_path / "rank.pid"
+    rank_code = ("import os, signal, sys, time\n"
+                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                 "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+                 "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+                 "time.sleep(60)\n")
+    launcher = ("import subprocess, sys, time\n"
+                f"subprocess.Popen([sys.executable, '-c', {rank_code!r}, {str(rank_pid)!r}], start_new_session=True)\n"
+                "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=True)
+    rank = None
+    try:
+        deadline = time.monotonic() + 10
+        while not rank_pid.exists() and time.monotonic() < deadline:  # written once SIGTERM is ignored
+            time.sleep(0.05)
+        rank = int(rank_pid.read_text())
+        assert os.getsid(rank) != os.getsid(proc.pid)
+        stop_process_group(proc, grace_s=1.0)
+        deadline = time.monotonic() + 2
+        while alive(rank) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(rank)
+    finally:
+        proc.kill()
+        proc.wait()
+        if rank is not None and alive(rank):  # no orphan left behind by a failing run
+            os.kill(rank, signal.SIGKILL)
 
 
 def test_deepspeed_files_leave_batch_and_precision_to_the_trainer():
