@@ -111,12 +111,22 @@ _WORKER_CACHES: list[WorkerCache] = []
 
 
 def release_worker_caches() -> None:
-    """Drop what the worker caches of this process hold and no shard uses. A threads-engine stage calls it when it
-    ends: its shards ran in the flow's own process, and a Deita scorer, a Cherry scorer or a vLLM engine kept
-    there would hold its memory (GPU memory included) through every later stage, where the in-process path loads
-    per stage and lets go. A later stage of the same model loads it again."""
+    """Drop what the worker caches of this process hold and no shard uses. A stage calls it when it ends, here for
+    the threads engine and on every worker of an external Dask cluster (`release_cluster_caches`): both processes
+    outlive the stage, and a Deita scorer, a Cherry scorer or a vLLM engine kept there would hold its memory (GPU
+    memory included) through every later stage (a training on the same GPU), where the in-process path loads per
+    stage and lets go. A later stage of the same model loads it again."""
     for cache in _WORKER_CACHES:
         cache.drop_idle()
+
+
+def release_cluster_caches(client) -> None:
+    """`release_worker_caches` on every worker of the Dask cluster `client` reaches. A failure is logged, not raised:
+    it must not replace the stage's result or error."""
+    try:
+        client.run(release_worker_caches)
+    except Exception as exc:
+        logging.getLogger("pomona.runner").warning("could not release the Dask workers' cached models: %r", exc)
 
 
 def _close(value: Any) -> None:
@@ -339,6 +349,9 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
     # an interrupt (Ctrl-C, SIGTERM) interrupts the shards running in threads, whose results it would drop anyway,
     # instead of the runner waiting for them to finish before the stage can unwind (see `WorkerThreads`)
     with task_runner(config) as runner, interrupting_workers(f"{name} shard(s)"):
+        # An external cluster's workers outlive the stage (a local one exits with it). Connected here, not by the
+        # first submit, so that an unreachable scheduler fails once and not again in the release below.
+        external_cluster = runner.client if config.engine == "dask" and config.address else None
 
         def submit_next() -> bool:
             index = next(pending, None)
@@ -348,27 +361,31 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
             future.add_done_callback(lambda f, i=index: finished.put((i, f)))
             return True
 
-        while in_flight < window and submit_next():
-            in_flight += 1
-        while in_flight:
-            index, future = next_finished(finished)
-            in_flight -= 1
-            try:
-                rows = future.result()
-            except Exception as exc:  # write the shards already submitted, then raise the first error
-                failure = failure or exc
-            else:
-                write(index, rows)
-                counts["shards_computed"] += 1
-                counts["rows_written"] += len(rows)
-                bar.update(1)
-                release(future)
-                del rows
-            del future
-            if failure is None and submit_next():
+        try:
+            while in_flight < window and submit_next():
                 in_flight += 1
+            while in_flight:
+                index, future = next_finished(finished)
+                in_flight -= 1
+                try:
+                    rows = future.result()
+                except Exception as exc:  # write the shards already submitted, then raise the first error
+                    failure = failure or exc
+                else:
+                    write(index, rows)
+                    counts["shards_computed"] += 1
+                    counts["rows_written"] += len(rows)
+                    bar.update(1)
+                    release(future)
+                    del rows
+                del future
+                if failure is None and submit_next():
+                    in_flight += 1
+        finally:
+            if external_cluster is not None:
+                release_cluster_caches(external_cluster)
     bar.close()
-    if config.engine == "threads":  # the shards ran here (Dask workers keep theirs for the worker's next stage)
+    if config.engine == "threads":  # the shards ran here
         release_worker_caches()
     if failure is not None:
         raise failure

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 from prefect import flow, task
@@ -40,7 +41,7 @@ def dask_local():
 @pytest.fixture(scope="module")
 def dask_running():
     """One Dask cluster the stage tests reach by `address`, as a user's existing scheduler: its worker processes
-    import torch and load the tiny model once for all of them (a local cluster per stage costs ~15 s here)."""
+    import torch once for all of them (a local cluster per stage costs ~15 s here)."""
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -233,11 +234,63 @@ def shard_with_a_cached_model(index: int) -> list[dict]:
 
 def test_a_threads_engine_stage_lets_go_of_the_models_its_shards_loaded(prefect_server, tmp_path):
     # its shards ran in the flow's process: a scorer kept there would hold its (GPU) memory through later stages,
-    # where the in-process path loads per stage; Dask workers keep theirs for the worker's next stage
+    # where the in-process path loads per stage
     HELD.clear()
     counts = map_shards(shard_with_a_cached_model, 3, ShardedTable(tmp_path / "t"),
                         ScaleOutConfig(engine="threads", workers=2), name="cached-model", progress=False)
     assert counts["shards_computed"] == 3 and len(HELD) == 1 and HELD[0].closed == 1
+
+
+class MarkedOnClose:
+    """A cached value that leaves files when loaded and closed: a Dask worker process loads and closes it, the test
+    process looks."""
+
+    def __init__(self, folder: str, close_fails: bool):
+        self.name = Path(folder) / f"{os.getpid()}-{id(self)}"
+        self.close_fails = close_fails
+        self.name.with_suffix(".loaded").touch()
+
+    def close(self) -> None:
+        if self.close_fails:
+            raise RuntimeError("close failed")
+        self.name.with_suffix(".closed").touch()
+
+
+def shard_with_a_value_marked_on_close(index: int, folder: str, fail_on: int | None = None,
+                                       close_fails: bool = False) -> list[dict]:
+    from tasks.runner import WORKER_MODELS
+
+    with WORKER_MODELS.use(("marked-on-close", folder), "", lambda: MarkedOnClose(folder, close_fails)):
+        if index == fail_on:
+            raise RuntimeError(f"shard {index} failed")
+        return [{"x": index}]
+
+
+def test_a_stage_on_an_external_dask_cluster_releases_its_workers_cached_models(prefect_server, dask_running,
+                                                                               tmp_path):
+    # the workers outlive the stage: a generator's vLLM engine kept there would hold the GPU through later stages
+    # (a training on it); released after a failed shard too, whose error the stage still raises
+    from distributed import Client
+
+    with pytest.raises(RuntimeError, match="shard 2 failed"):
+        map_shards(shard_with_a_value_marked_on_close, 4, ShardedTable(tmp_path / "t"), dask_running,
+                   name="released", progress=False, folder=str(tmp_path), fail_on=2)
+    loaded = {p.stem for p in tmp_path.glob("*.loaded")}
+    assert loaded and {p.stem for p in tmp_path.glob("*.closed")} == loaded
+    with Client(dask_running.address) as client:  # the cluster is still up, its workers the same processes
+        worker_pids = set(client.run(os.getpid).values())
+    assert len(worker_pids) == 2 and {int(name.split("-")[0]) for name in loaded} <= worker_pids
+
+
+def test_a_failed_release_of_the_dask_workers_models_is_logged_not_raised(prefect_server, dask_running, tmp_path,
+                                                                          caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="pomona.runner"):
+        counts = map_shards(shard_with_a_value_marked_on_close, 2, ShardedTable(tmp_path / "t"), dask_running,
+                            name="release-fails", progress=False, folder=str(tmp_path), close_fails=True)
+    assert counts["shards_computed"] == 2
+    assert "could not release the Dask workers' cached models" in caplog.text and "close failed" in caplog.text
 
 
 class FakeGenerator(Loaded):
