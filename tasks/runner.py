@@ -17,7 +17,7 @@ import functools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -95,10 +95,10 @@ class WorkerCache:
                     _close(entry.value)
 
     def drop_idle(self) -> None:
-        """Drop (and close) every entry no shard uses now."""
+        """Drop (and close) every entry no shard uses now. One whose close() fails does not keep the others loaded:
+        all are dropped, then the first error is raised."""
         with self._lock:
-            for key in [k for k, entry in self._entries.items() if not entry.users]:
-                self._evict(key)
+            first_error(self._evict, [k for k, entry in self._entries.items() if not entry.users])
 
     def _evict(self, key: Hashable) -> None:
         entry = self._entries.pop(key)
@@ -116,8 +116,19 @@ def release_worker_caches() -> None:
     outlive the stage, and a Deita scorer, a Cherry scorer or a vLLM engine kept there would hold its memory (GPU
     memory included) through every later stage (a training on the same GPU), where the in-process path loads per
     stage and lets go. A later stage of the same model loads it again."""
-    for cache in _WORKER_CACHES:
-        cache.drop_idle()
+    first_error(WorkerCache.drop_idle, _WORKER_CACHES)
+
+
+def first_error(action: Callable[[Any], Any], items: Iterable[Any]) -> None:
+    """`action(item)` for every item, even after one raises; then the first error is raised."""
+    failure: Exception | None = None
+    for item in items:
+        try:
+            action(item)
+        except Exception as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def release_cluster_caches(client) -> None:

@@ -181,6 +181,28 @@ def test_worker_cache_drops_entries_without_close():
     assert loads == ["a", "b", "a"]
 
 
+def test_dropping_idle_entries_closes_every_one_when_one_close_fails():
+    from tasks.runner import WorkerCache
+
+    class FailingClose(Loaded):
+        def close(self) -> None:
+            super().close()
+            raise RuntimeError("engine already dead")
+
+    cache, load = WorkerCache(size=3), Loader()
+    with cache.use("failing", "", lambda: FailingClose("failing")) as failing:
+        pass
+    for name in ("b", "c"):
+        with cache.use(name, "", load(name)):
+            pass
+    with pytest.raises(RuntimeError, match="engine already dead"):
+        cache.drop_idle()
+    assert failing.closed == 1 and [m.closed for m in load.loaded] == [1, 1]  # b and c did not stay loaded
+    with cache.use("b", "", load("b")):  # and nothing is left behind: the next use loads afresh
+        pass
+    assert len(load.loaded) == 3
+
+
 def test_worker_cache_closes_an_entry_in_use_when_its_last_user_is_done():
     # Shards of two stages (parallel compare branches) may share a process: evicting must not close a model
     # under a shard still generating with it.
