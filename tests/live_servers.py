@@ -74,7 +74,8 @@ def base_env(**extra: str) -> dict[str, str]:
     # MLflow's telemetry thread sets and pops an environment variable while requests read the environment:
     # under load a tracking call then fails with KeyError('_MLFLOW_TELEMETRY_SESSION_ID'). Off, as offline anyway.
     env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
-               MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1", **extra)
+               MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    env.update(extra)  # may override those (a test that reads Prefect's INFO lines)
     return env
 
 

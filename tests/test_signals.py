@@ -5,6 +5,7 @@ run's process and SIGKILLs it 30 s later."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,37 +68,51 @@ def assert_stopped_not_failed(runs: dict[str, tuple[str, str]], names: set[str])
         assert status == "KILLED" and reason.startswith("interrupted ("), (name, runs[name])
 
 
-def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
-    """SIGTERM to the pomona process alone, while its flow is inside a stage: it exits 143 (128 + SIGTERM) within
-    seconds, its flow run Crashed, its MLflow run ended, its temporary Prefect server stopped. Python's default action
-    (what Prefect's own SIGTERM handler hands the signal back to once it has marked the flow run) killed it on the
-    spot, status -15 and no exit hooks: the server stayed until the next run reaped it."""
+@contextlib.contextmanager
+def pipeline_inside_a_stage(tmp_path: Path, name: str, **env: str) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
+    """`pomona run` of a pipeline whose data is a named pipe that never gets data: yields (process, home, log) once
+    its records stage waits on it, as deterministic as a slow stage can be. Whatever the test left running (pomona,
+    its temporary Prefect server) is killed after it, so that a failed test does not leave it to the rest of the
+    suite."""
     fifo = tmp_path / "pool.jsonl"
-    os.mkfifo(fifo)  # data that never arrives: the stage waits on it, as deterministic as a slow stage can be
+    os.mkfifo(fifo)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: sigterm\ndata: {{path: {fifo}, format: alpaca}}\n"
+    recipe.write_text(f"name: {name}\ndata: {{path: {fifo}, format: alpaca}}\n"
                       "selection: {method: random, budget: 1}\n")
     home, log = tmp_path / "home", tmp_path / "pomona.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--home", str(home), "run", str(recipe)],
-                                cwd=REPO, env=base_env(), stdout=sink, stderr=subprocess.STDOUT)
+                                cwd=REPO, env=base_env(**env), stdout=sink, stderr=subprocess.STDOUT)
     writer = None
     try:
         writer = open_writer_once_read(fifo, proc, log)
-        os.kill(proc.pid, signal.SIGTERM)  # the process only, not its group: as `kill PID` and `docker stop` do
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"pomona did not exit within 60 s of SIGTERM:\n{log.read_text()[-4000:]}") from None
-        left = prefect_servers_of(proc.pid)
+        yield proc, home, log
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if writer is not None:
             os.close(writer)
-        for pid in prefect_servers_of(proc.pid):  # a failed run must not leave its server to the rest of the suite
-            os.kill(pid, signal.SIGTERM)
+        for pid in prefect_servers_of(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def exit_status(proc: subprocess.Popen, log: Path, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"pomona did not exit within {timeout} s of SIGTERM:\n{log.read_text()[-4000:]}") from None
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM to the pomona process alone, while its flow is inside a stage: it exits 143 (128 + SIGTERM) within
+    seconds, its flow run Crashed, its MLflow run ended, its temporary Prefect server stopped. Python's default action
+    (what Prefect's own SIGTERM handler hands the signal back to once it has marked the flow run) killed it on the
+    spot, status -15 and no exit hooks: the server stayed until the next run reaped it."""
+    with pipeline_inside_a_stage(tmp_path, "sigterm") as (proc, home, log):
+        os.kill(proc.pid, signal.SIGTERM)  # the process only, not its group: as `kill PID` and `docker stop` do
+        code = exit_status(proc, log, timeout=60)
+        left = prefect_servers_of(proc.pid)
 
     output = log.read_text()
     assert code == 128 + signal.SIGTERM, f"exit status {code}:\n{output[-4000:]}"
@@ -104,6 +120,42 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
         output[-4000:]  # Prefect marked the flow run Crashed
     assert left == [], f"its temporary Prefect server (pids {left}) is still running"
     assert_stopped_not_failed(mlflow_runs(home), {"sigterm"})
+
+
+# Loaded by every Python process of the run (PYTHONPATH), acts in the temporary Prefect server only (Prefect marks its
+# environment): once uvicorn has shut down on SIGTERM it re-raises the signal to the handler it found, this one, and the
+# server takes 30 s more to exit, as one slow to stop would. Prefect's exit hook then waits its whole 5 s for it, then
+# SIGKILLs it: a window a second signal hits for sure, not the fraction of a second an idle server takes to stop.
+SERVER_STOPS_SLOWLY = """import os, signal, time
+if os.environ.get("PREFECT__SERVER_EPHEMERAL") == "1":
+    signal.signal(signal.SIGTERM, lambda signum, frame: time.sleep(30))
+"""
+
+
+def test_a_second_sigterm_during_shutdown_still_stops_the_server(tmp_path):
+    """SIGTERM, then another while pomona's exit hook waits for its temporary Prefect server to stop (a supervisor
+    that repeats it, `docker stop` then a user's `kill`): pomona still exits 143 and its server is stopped. The
+    second signal raised SystemExit inside Prefect's exit hook, which gave up the wait and the SIGKILL after it: the
+    server, still stopping, outlived pomona, holding its memory and port until the next run reaped it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SERVER_STOPS_SLOWLY)
+    with pipeline_inside_a_stage(tmp_path, "sigterm-twice", PYTHONPATH=str(hook),
+                                 PREFECT_LOGGING_LEVEL="INFO") as (proc, home, log):
+        os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "Stopping temporary server" not in log.read_text():  # Prefect's exit hook has begun
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                f"pomona did not begin to stop its server (status {proc.poll()}):\n{log.read_text()[-4000:]}"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = exit_status(proc, log, timeout=30)
+        left = prefect_servers_of(proc.pid)
+
+    output = log.read_text()
+    assert code == 128 + signal.SIGTERM, f"exit status {code}:\n{output[-4000:]}"
+    assert left == [], f"its temporary Prefect server (pids {left}) is still running:\n{output[-4000:]}"
+    assert_stopped_not_failed(mlflow_runs(home), {"sigterm-twice"})
 
 
 def trickle(fd: int, stop: threading.Event) -> None:
