@@ -106,52 +106,65 @@ def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override
         from tasks.track import detach_temporary_prefect_server
 
         detach_temporary_prefect_server()  # Ctrl-C must reach this process only, not the server it reports to
-        exit_on_signals()
-        outputs = flow_obj(config)
+        with exit_on_signals():
+            outputs = flow_obj(config)
     _print_outputs(outputs)
 
 
-def exit_on_signals() -> None:
-    """Make SIGTERM (`kill PID`, `docker stop`, Kubernetes, systemd) end this process as Ctrl-C does: an exception
-    that unwinds it, so the MLflow runs end KILLED and Prefect's exit hook stops the temporary server, then exit
-    status 143 (128 + 15) as supervisors expect of a SIGTERM. During a flow run Prefect's own handler comes first (it
-    marks the run Crashed) and then re-sends the signal to the handler it found: with Python's default, that killed
-    the process on the spot, without exit hooks, and the server (~220 MB, a port) stayed until the next run reaped
-    it. Only the main thread can set handlers (CliRunner in a thread: left as it is).
+@contextlib.contextmanager
+def exit_on_signals():
+    """While the block runs, make SIGTERM (`kill PID`, `docker stop`, Kubernetes, systemd) end this process as Ctrl-C
+    does: an exception that unwinds it, so the MLflow runs end KILLED and Prefect's exit hook stops the temporary
+    server, then exit status 143 (128 + 15) as supervisors expect of a SIGTERM. During a flow run Prefect's own
+    handler comes first (it marks the run Crashed) and then re-sends the signal to the handler it found: with
+    Python's default, that killed the process on the spot, without exit hooks, and the server (~220 MB, a port)
+    stayed until the next run reaped it. Only the main thread can set handlers (CliRunner in a thread: left as it is).
 
     Only the first SIGTERM or Ctrl-C raises (during a flow run: once Prefect's handler has passed it on); later ones
     are ignored. Raised again (a supervisor that repeats SIGTERM, `docker stop` then a `kill`, a double Ctrl-C), the
     exception cut short whatever cleanup ran: in Prefect's exit hook, the wait for the server to stop and the SIGKILL
     after 5 s of it, so the server outlived this process. Ignored rather than a forced exit, which would need a
     second exit path that stops the server, the MLflow runs and a launched training itself. A cleanup that hangs
-    then needs SIGKILL."""
+    then needs SIGKILL.
+
+    A block that ends without a signal puts the handlers it found back: a caller in the same process (a test, a
+    notebook) keeps its own Ctrl-C, and a later signal is not swallowed as a 'second' one."""
     import atexit
     import signal
     import sys
     import threading
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     shutting_down = threading.Event()
-
-    def shut_down(signum, frame):
-        if shutting_down.is_set():
-            return
-        shutting_down.set()
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt  # as Python's own handler: typer makes it exit status 130
-        sys.exit(128 + signum)
 
     def ignore_signals() -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
 
-    if threading.current_thread() is threading.main_thread():
-        # a flag, not SIG_IGN from the first signal on: Prefect puts the handler it found, this one, back after it
-        signal.signal(signal.SIGTERM, shut_down)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (background)
-            signal.signal(signal.SIGINT, shut_down)
+    def shut_down(signum, frame):
+        if shutting_down.is_set():
+            return
+        shutting_down.set()
         # SIG_IGN once exiting: finalizing, Python puts the default action back in place of a Python handler, and a
         # signal then killed the process (status -15, not 143)
         atexit.register(ignore_signals)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # as Python's own handler: typer makes it exit status 130
+        sys.exit(128 + signum)
+
+    found = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    # a flag, not SIG_IGN from the first signal on: Prefect puts the handler it found, this one, back after it
+    signal.signal(signal.SIGTERM, shut_down)
+    if found[signal.SIGINT] is signal.default_int_handler:  # not where Ctrl-C is ignored (background)
+        signal.signal(signal.SIGINT, shut_down)
+    try:
+        yield
+    finally:
+        if not shutting_down.is_set():  # after a signal this process is exiting: the handler must last to the end
+            for signum, handler in found.items():
+                signal.signal(signum, handler)
 
 
 def recipe_for_flow(recipe: Path, flow: str, overrides: dict | None = None):

@@ -320,3 +320,30 @@ def test_cancelling_a_served_comparison_stops_its_launched_training(prefect_serv
     assert_stopped_not_failed(mlflow_runs(home), {"cancel-compare", "method:random", "train-sft"})
     interrupted = list(training.iterdir())
     assert len(interrupted) == 1 and not (interrupted[0] / "_SUCCESS").exists(), interrupted  # partial: resumable
+
+
+def test_signal_handlers_last_only_as_long_as_the_run_unless_a_signal_ends_it():
+    """In one process (a test, a notebook) a run that ended on its own gives back the handlers it found, so the next
+    Ctrl-C is not swallowed as a 'second' signal; a run a signal ends keeps ignoring the signals that follow."""
+    import _thread
+
+    from flows.cli import exit_on_signals
+
+    found = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with exit_on_signals():
+        assert signal.getsignal(signal.SIGTERM) is not found[1]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == found
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C as before the run
+        _thread.interrupt_main()
+        time.sleep(1)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            with exit_on_signals():
+                signal.raise_signal(signal.SIGTERM)
+        assert ended.value.code == 143
+        signal.raise_signal(signal.SIGTERM)  # the second: ignored, also after the block (the process is exiting)
+        _thread.interrupt_main()
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGINT, found[0])
+        signal.signal(signal.SIGTERM, found[1])
