@@ -111,6 +111,11 @@ def run(recipe: Path, set_: list[str] = typer.Option([], "--set", help="Override
     _print_outputs(outputs)
 
 
+REPEAT_SIGNAL_IGNORED_S = 30.0
+"""How long after the signal that started a shutdown a repeated one is ignored: longer than a shutdown takes (a few
+seconds; up to 20 s to stop a launched training), as long as a Prefect runner waits for a cancelled run."""
+
+
 @contextlib.contextmanager
 def exit_on_signals():
     """While the block runs, make SIGTERM (`kill PID`, `docker stop`, Kubernetes, systemd) end this process as Ctrl-C
@@ -120,12 +125,13 @@ def exit_on_signals():
     Python's default, that killed the process on the spot, without exit hooks, and the server (~220 MB, a port)
     stayed until the next run reaped it. Only the main thread can set handlers (CliRunner in a thread: left as it is).
 
-    Only the first SIGTERM or Ctrl-C raises (during a flow run: once Prefect's handler has passed it on); later ones
-    are ignored. Raised again (a supervisor that repeats SIGTERM, `docker stop` then a `kill`, a double Ctrl-C), the
-    exception cut short whatever cleanup ran: in Prefect's exit hook, the wait for the server to stop and the SIGKILL
-    after 5 s of it, so the server outlived this process. Ignored rather than a forced exit, which would need a
-    second exit path that stops the server, the MLflow runs and a launched training itself. A cleanup that hangs
-    then needs SIGKILL.
+    A signal within `REPEAT_SIGNAL_IGNORED_S` of the one that started the shutdown is ignored (during a flow run:
+    counted from when Prefect's handler has passed the first on). Raised again (a supervisor that repeats SIGTERM,
+    `docker stop` then a `kill`, a double Ctrl-C), the exception cut short whatever cleanup ran: in Prefect's exit
+    hook, the wait for the server to stop and the SIGKILL after 5 s of it, so the server outlived this process.
+    Ignored rather than a forced exit, which would need a second exit path that stops the server, the MLflow runs and
+    a launched training itself. Only for a while: a first interrupt that did not end the run (swallowed by code it
+    landed in) must not leave the run deaf to every later Ctrl-C.
 
     A block that ends without a signal puts the handlers it found back: a caller in the same process (a test, a
     notebook) keeps its own Ctrl-C, and a later signal is not swallowed as a 'second' one."""
@@ -133,20 +139,21 @@ def exit_on_signals():
     import signal
     import sys
     import threading
+    import time
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    shutting_down = threading.Event()
+    shutdown_started: list[float] = []  # monotonic time of each signal that raised
 
     def ignore_signals() -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
 
     def shut_down(signum, frame):
-        if shutting_down.is_set():
+        if shutdown_started and time.monotonic() - shutdown_started[-1] < REPEAT_SIGNAL_IGNORED_S:
             return
-        shutting_down.set()
+        shutdown_started.append(time.monotonic())
         # SIG_IGN once exiting: finalizing, Python puts the default action back in place of a Python handler, and a
         # signal then killed the process (status -15, not 143)
         atexit.register(ignore_signals)
@@ -162,7 +169,7 @@ def exit_on_signals():
     try:
         yield
     finally:
-        if not shutting_down.is_set():  # after a signal this process is exiting: the handler must last to the end
+        if not shutdown_started:  # after a signal this process is exiting: the handler must last to the end
             for signum, handler in found.items():
                 signal.signal(signum, handler)
 

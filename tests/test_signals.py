@@ -322,11 +322,12 @@ def test_cancelling_a_served_comparison_stops_its_launched_training(prefect_serv
     assert len(interrupted) == 1 and not (interrupted[0] / "_SUCCESS").exists(), interrupted  # partial: resumable
 
 
-def test_signal_handlers_last_only_as_long_as_the_run_unless_a_signal_ends_it():
+def test_signal_handlers_last_only_as_long_as_the_run_unless_a_signal_ends_it(monkeypatch):
     """In one process (a test, a notebook) a run that ended on its own gives back the handlers it found, so the next
     Ctrl-C is not swallowed as a 'second' signal; a run a signal ends keeps ignoring the signals that follow."""
     import _thread
 
+    from flows import cli
     from flows.cli import exit_on_signals
 
     found = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -344,6 +345,11 @@ def test_signal_handlers_last_only_as_long_as_the_run_unless_a_signal_ends_it():
         signal.raise_signal(signal.SIGTERM)  # the second: ignored, also after the block (the process is exiting)
         _thread.interrupt_main()
         time.sleep(0.2)
+        # ... for a while only: a first interrupt that did not end the run must not make it deaf to the next
+        monkeypatch.setattr(cli, "REPEAT_SIGNAL_IGNORED_S", 0.3)
+        time.sleep(0.4)
+        with pytest.raises(SystemExit):
+            signal.raise_signal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGINT, found[0])
         signal.signal(signal.SIGTERM, found[1])
