@@ -20,8 +20,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -544,6 +545,7 @@ def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
     if active is not None:
         env["MLFLOW_RUN_ID"] = active.info.run_id
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    launch_id = env[LAUNCH_ID_ENV] = f"{os.getpid()}-{time.time_ns()}"
     log.info("launching: %s", " ".join(command))
     log_path = out_dir / "launcher.log"
     with open(log_path, "a", encoding="utf-8") as sink:
@@ -555,7 +557,7 @@ def train_subprocess(kind: Kind, data_path: Path, model: ModelConfig, config: Tr
         except BaseException:
             # Ctrl-C, a SIGTERM to pomona, a cancelled flow: the training must stop with the stage, not go on
             # holding the GPUs with no one reading its output
-            stop_process_group(proc)
+            stop_process_group(proc, launch_id=launch_id)
             raise
     if code != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-30:])
@@ -596,41 +598,59 @@ def relay_output(proc: subprocess.Popen, sink, step_s: float = INTERRUPTIBLE_STE
     return wait_in_short_steps(lambda step: proc.wait(timeout=step), subprocess.TimeoutExpired, step_s)
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM to `proc`'s process group and to its descendants in other groups, SIGKILL to the group and every
-    descendant still there after `grace_s` - shorter than the 30 s a Prefect runner grants a cancelled flow run
-    before it kills this process, so the SIGKILL is still ours to send.
+LAUNCH_ID_ENV = "POMONA_LAUNCH_ID"
+"""Set in a launched training's environment (inherited by its ranks), so that `stop_process_group` finds ranks the
+process tree no longer leads to: those of a launcher that died and left them reparented, in sessions of their own."""
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0, launch_id: str | None = None) -> None:
+    """SIGTERM to `proc`'s process group and to its other processes, SIGKILL to the group and every one of them still
+    there after `grace_s` - shorter than the 30 s a Prefect runner grants a cancelled flow run before it kills this
+    process, so the SIGKILL is still ours to send. Its processes: the launcher's descendants, and every process whose
+    environment carries `LAUNCH_ID_ENV=launch_id`.
 
     The group alone is not enough: torchrun starts each rank in a session of its own, so a rank that ignored or
     outlived the SIGTERM survived the group's SIGKILL as an orphan holding its GPU memory."""
     import signal
-    import time
 
     import psutil
 
-    # pid -> process; psutil's Process refuses to signal a pid that a new process has taken over
-    descendants: dict[int, psutil.Process] = {}
-    try:
-        descendants[proc.pid] = psutil.Process(proc.pid)
-    except psutil.NoSuchProcess:
-        pass
+    gone = (psutil.NoSuchProcess, psutil.AccessDenied)  # ZombieProcess is a NoSuchProcess
+    # pid -> process; psutil's Process refuses to signal a pid that a new process has taken over. Kept between
+    # looks: a dead launcher's ranks are reparented and no longer its descendants.
+    tracked: dict[int, psutil.Process] = {}
 
-    def running(process: psutil.Process) -> bool:
-        try:
-            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
+    def track(pid: int) -> None:
+        if pid not in tracked:
+            with suppress(*gone):
+                tracked[pid] = psutil.Process(pid)
 
-    def descendants_running() -> list[psutil.Process]:
-        # kept between looks, because a dead launcher's ranks are reparented and no longer its descendants; grown on
-        # each look, so ranks spawned late, and the children of orphaned ranks, count too
-        for process in list(descendants.values()):
-            try:
-                for child in process.children(recursive=True):
-                    descendants.setdefault(child.pid, child)
-            except psutil.NoSuchProcess:
-                pass
-        return [process for process in descendants.values() if running(process)]
+    def tagged() -> None:  # a full read of every process's environment: at the start and before the SIGKILL only
+        if launch_id is None:
+            return
+        for process in psutil.process_iter():
+            with suppress(*gone):
+                if process.environ().get(LAUNCH_ID_ENV) == launch_id:
+                    track(process.pid)
+
+    def running() -> list[psutil.Process]:
+        # one read of the process table per look, then the tracked processes' descendants from it: ranks spawned
+        # late, and the children of orphaned ranks, count too
+        children: dict[int, list[int]] = {}
+        for process in psutil.process_iter(["ppid"]):
+            children.setdefault(process.info["ppid"], []).append(process.pid)
+        todo = list(tracked)
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in tracked:
+                    track(child)
+                    todo.append(child)
+        alive = []
+        for process in tracked.values():
+            with suppress(*gone):
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+        return alive
 
     def group_alive() -> bool:
         proc.poll()  # reap the launcher itself: a zombie still counts as a member of its group
@@ -642,10 +662,8 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 
     def signal_each(processes: Iterable[psutil.Process], signum: int) -> None:
         for process in processes:
-            try:
+            with suppress(*gone):
                 process.send_signal(signum)
-            except psutil.NoSuchProcess:
-                pass
 
     def outside_group(process: psutil.Process) -> bool:
         try:
@@ -654,15 +672,19 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
             return False
 
     deadline = time.monotonic() + grace_s
-    survivors = descendants_running()
+    if proc.poll() is None:  # once reaped, its pid may already be another process's
+        track(proc.pid)
+    tagged()
+    survivors = running()
     if group_alive():
         os.killpg(proc.pid, signal.SIGTERM)
     # the group's members get the group's SIGTERM once; a second one could cut short the launcher's own shutdown
     signal_each([process for process in survivors if outside_group(process)], signal.SIGTERM)
     while (group_alive() or survivors) and time.monotonic() < deadline:
         time.sleep(0.1)
-        survivors = descendants_running()
-    survivors = descendants_running()
+        survivors = running()
+    tagged()
+    survivors = running()
     if group_alive():
         os.killpg(proc.pid, signal.SIGKILL)
     signal_each(survivors, signal.SIGKILL)

@@ -363,16 +363,18 @@ def test_an_interrupted_launched_training_stops_the_launcher_and_its_ranks(tmp_p
     assert not alive(rank)
 
 
-def test_stopping_a_launch_kills_a_rank_in_a_session_of_its_own_that_ignores_sigterm(tmp_path):
+@pytest.mark.parametrize("launcher_exits", [False, True], ids=["launcher running", "launcher already gone"])
+def test_stopping_a_launch_kills_a_rank_in_a_session_of_its_own_that_ignores_sigterm(tmp_path, launcher_exits):
     """torchrun starts each rank in a session of its own: the SIGKILL to the launcher's group missed a rank that
-    ignored the SIGTERM, and it lived on as an orphan holding its GPU memory."""
+    ignored the SIGTERM, and it lived on as an orphan holding its GPU memory. A launcher that already died left its
+    ranks reparented, out of its process tree: they are found by the launch's tag in their environment."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    from tasks.train import stop_process_group
+    from tasks.train import LAUNCH_ID_ENV, stop_process_group
 
     rank_pid = tmp_path / "rank.pid"
     rank_code = ("import os, signal, sys, time\n"
@@ -380,10 +382,13 @@ def test_stopping_a_launch_kills_a_rank_in_a_session_of_its_own_that_ignores_sig
                  "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
                  "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
                  "time.sleep(60)\n")
-    launcher = ("import subprocess, sys, time\n"
+    launcher = ("import os, subprocess, sys, time\n"
                 f"subprocess.Popen([sys.executable, '-c', {rank_code!r}, {str(rank_pid)!r}], start_new_session=True)\n"
-                "time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=True)
+                f"while {launcher_exits} and not os.path.exists({str(rank_pid)!r}): time.sleep(0.05)\n"
+                f"os._exit(0) if {launcher_exits} else time.sleep(60)\n")
+    launch_id = f"test-{os.getpid()}-{time.time_ns()}"
+    proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=True,
+                            env={**os.environ, LAUNCH_ID_ENV: launch_id})
     rank = None
     try:
         deadline = time.monotonic() + 10
@@ -391,7 +396,11 @@ def test_stopping_a_launch_kills_a_rank_in_a_session_of_its_own_that_ignores_sig
             time.sleep(0.05)
         rank = int(rank_pid.read_text())
         assert os.getsid(rank) != os.getsid(proc.pid)
-        stop_process_group(proc, grace_s=1.0)
+        if launcher_exits:
+            deadline = time.monotonic() + 10
+            while alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        stop_process_group(proc, grace_s=1.0, launch_id=launch_id)
         deadline = time.monotonic() + 2
         while alive(rank) and time.monotonic() < deadline:
             time.sleep(0.05)
