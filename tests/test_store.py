@@ -39,6 +39,8 @@ def test_an_auto_device_or_dtype_enters_keys_as_this_machine_resolves_it(monkeyp
     from tasks.store import canonical
 
     assert canonical(ModelConfig(name_or_path="m"))["auto_resolves_to"] == "cuda/bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a flow process without CUDA, its workers with
+    assert canonical(ModelConfig(name_or_path="m", device="cuda"))["auto_resolves_to"] == "cuda/bfloat16"
     assert "auto_resolves_to" not in canonical(ModelConfig(name_or_path="m", device="cpu", dtype="float32"))
 
 
