@@ -112,10 +112,10 @@ _WORKER_CACHES: list[WorkerCache] = []
 
 def release_worker_caches() -> None:
     """Drop what the worker caches of this process hold and no shard uses. A stage calls it when it ends, here for
-    the threads engine and on every worker of an external Dask cluster (`release_cluster_caches`): both processes
-    outlive the stage, and a Deita scorer, a Cherry scorer or a vLLM engine kept there would hold its memory (GPU
-    memory included) through every later stage (a training on the same GPU), where the in-process path loads per
-    stage and lets go. A later stage of the same model loads it again."""
+    the threads engine and on every worker of an external Dask cluster (`release_worker_caches_in_a_thread`): both
+    processes outlive the stage, and a Deita scorer, a Cherry scorer or a vLLM engine kept there would hold its
+    memory (GPU memory included) through every later stage (a training on the same GPU), where the in-process path
+    loads per stage and lets go. A later stage of the same model loads it again."""
     first_error(WorkerCache.drop_idle, _WORKER_CACHES)
 
 
@@ -131,13 +131,21 @@ def first_error(action: Callable[[Any], Any], items: Iterable[Any]) -> None:
         raise failure
 
 
-def release_cluster_caches(client) -> None:
-    """`release_worker_caches` on every worker of the Dask cluster `client` reaches. A failure is logged, not raised:
-    it must not replace the stage's result or error."""
+async def release_worker_caches_in_a_thread() -> None:
+    """`release_worker_caches` for `Client.run`: in a thread of the worker, not on its event loop, which a close
+    waiting for another stage's model load (the cache lock) would hold up, heartbeats and all."""
+    import asyncio
+
+    await asyncio.to_thread(release_worker_caches)
+
+
+def release_cached_models(release: Callable[[], Any], whose: str) -> None:
+    """`release()`, a failure logged and not raised: a model that fails to close (a dead vLLM engine) must not fail
+    a stage whose shards all succeeded, nor replace a shard's own error."""
     try:
-        client.run(release_worker_caches)
+        release()
     except Exception as exc:
-        logging.getLogger("pomona.runner").warning("could not release the Dask workers' cached models: %r", exc)
+        logging.getLogger("pomona.runner").warning("could not release %s cached models: %r", whose, exc)
 
 
 def _close(value: Any) -> None:
@@ -372,6 +380,7 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
             future.add_done_callback(lambda f, i=index: finished.put((i, f)))
             return True
 
+        interrupted = False
         try:
             while in_flight < window and submit_next():
                 in_flight += 1
@@ -392,12 +401,17 @@ def map_shards(shard_rows: Callable[..., Any], shard_count: int, table: ShardedT
                 del future
                 if failure is None and submit_next():
                     in_flight += 1
+        except BaseException as exc:
+            interrupted = not isinstance(exc, Exception)
+            raise
         finally:
-            if external_cluster is not None:
-                release_cluster_caches(external_cluster)
+            # not on an interrupt: Client.run has no timeout, and the unwind must not wait on busy workers
+            if external_cluster is not None and not interrupted:
+                release_cached_models(lambda: external_cluster.run(release_worker_caches_in_a_thread),
+                                      "the Dask workers'")
     bar.close()
     if config.engine == "threads":  # the shards ran here
-        release_worker_caches()
+        release_cached_models(release_worker_caches, "this process's")
     if failure is not None:
         raise failure
     return counts
