@@ -7,10 +7,15 @@ one per call while the machine stays warm, and put together by the last call (be
 
     pack KIT --wheels DIR --gguf FILE RECIPE...   (here, pomona's venv) fill KIT/part1..N, print their sizes
     check KIT N                                   (there, stdlib only) is part N there, complete and intact?
-    assemble KIT ROOT                             (there) every part checked, the GGUF rebuilt: ROOT/wheels, ...
+    assemble KIT ROOT                             (there) every part checked, all of one packing, the GGUF rebuilt:
+                                                  ROOT/wheels, ...
     overrides KIT RECIPE ROOT                     (there) the recipe's --set arguments pointing at ROOT's data
     env-check SITE                                (there) requirements of the carried wheels the machine misses
     summary EXPERIMENT                            (there, with pomona importable) wall times from MLflow, markdown
+
+Every part carries its own copy of the kit's manifest (kit.json) with a pack id, a hash of that manifest: `check`
+verifies part N against part N's own manifest, and a part left on the machine from another packing (a repack
+between calls) is named as such rather than read as damaged or, worse, used.
 
 The commands that run on the GPU machine use the standard library only (and `packaging`, which the image has), so
 they work before the wheels are installed.
@@ -182,6 +187,7 @@ def pack(kit: Path, wheels: Path, gguf: Path, recipes: list[Path], cap_mib: floa
     shutil.rmtree(packed)
     manifest = {"parts": len(bins), "files": files, "overrides": overrides, "unpack": unpack,
                 "gguf": {"name": gguf.name, "size": gguf.stat().st_size, "sha256": sha256(gguf), "chunks": chunk_names}}
+    manifest["pack"] = pack_id(manifest)
     parts = []
     for n in range(1, len(bins) + 1):
         part = kit / f"part{n}"
@@ -192,11 +198,51 @@ def pack(kit: Path, wheels: Path, gguf: Path, recipes: list[Path], cap_mib: floa
 
 # ----------------------------------------------------------------------------------------- on the GPU machine
 
-def read_manifest(kit: Path) -> dict | None:
-    """Any part's manifest (each holds the whole kit's)."""
+def pack_id(manifest: dict) -> str:
+    """The packing a manifest belongs to: a hash of all of it but the part number (and this id). Two packings of
+    the same files give the same id, and their parts are interchangeable; any other difference changes it."""
+    body = {k: v for k, v in manifest.items() if k not in ("pack", "part")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_manifest(kit: Path, n: int | None = None) -> dict | None:
+    """Part n's manifest (each holds the whole kit's), or with n None the first part's; None when not there."""
+    if n is not None:
+        path = kit / f"part{n}" / MANIFEST
+        return json.loads(path.read_text()) if path.is_file() else None
     for m in sorted(kit.glob(f"part*/{MANIFEST}")):
         return json.loads(m.read_text())
     return None
+
+
+def present_manifests(kit: Path) -> dict[int, dict]:
+    """The manifest of every part folder here, by part number."""
+    found = {}
+    for m in kit.glob(f"part*/{MANIFEST}"):
+        suffix = m.parent.name[4:]
+        if suffix.isdigit():
+            found[int(suffix)] = json.loads(m.read_text())
+    return dict(sorted(found.items()))
+
+
+def manifest_problem(manifest: dict, n: int) -> str | None:
+    """Why part n's own manifest cannot be trusted: packed before pack ids, edited, or another part's."""
+    if "pack" not in manifest:
+        return f"part{n}/{MANIFEST}: packed before kits had a pack id: run `make gpu-compare-kit` again"
+    if manifest["pack"] != pack_id(manifest):
+        return f"part{n}/{MANIFEST}: its pack id does not match its content (edited or damaged): repack"
+    if manifest.get("part") != n:
+        return f"part{n}/{MANIFEST}: the manifest of part{manifest.get('part')}, not of part{n}"
+    return None
+
+
+def packings(manifests: dict[int, dict]) -> str:
+    """`part1, part3: pack X (3 parts); part2: pack Y (3 parts)` - which part came from which packing."""
+    groups: dict[str, list[int]] = {}
+    for n, m in manifests.items():
+        groups.setdefault(m.get("pack", "none (old kit)"), []).append(n)
+    return "; ".join(f"{', '.join(f'part{n}' for n in ns)}: pack {pack} ({manifests[ns[0]]['parts']} parts)"
+                     for pack, ns in groups.items())
 
 
 def part_problems(kit: Path, manifest: dict, n: int, deep: bool = True) -> list[str]:
@@ -216,28 +262,53 @@ def part_problems(kit: Path, manifest: dict, n: int, deep: bool = True) -> list[
 
 
 def check(kit: Path, n: int) -> int:
-    manifest = read_manifest(kit)
-    if manifest is None or not (kit / f"part{n}" / MANIFEST).is_file():
+    """Part n, against its own manifest: there, intact, and of the same packing as the parts before it here (a
+    later part from another packing is only named: the calls still to come replace it)."""
+    manifest = read_manifest(kit, n)
+    if manifest is None:
         print(f"part{n}: not here ({kit / f'part{n}'}): carry it in this call")
+        return 1
+    bad = manifest_problem(manifest, n)
+    if bad:
+        print(bad)
         return 1
     problems = part_problems(kit, manifest, n)
     mine = [i for i in manifest["files"].values() if i["part"] == n]
-    print(f"part{n} of {manifest['parts']}: {len(mine)} files, {sum(i['size'] for i in mine) / 2**20:.1f} MiB, "
+    print(f"part{n} of {manifest['parts']} (pack {manifest['pack']}): {len(mine)} files, "
+          f"{sum(i['size'] for i in mine) / 2**20:.1f} MiB, "
           + ("intact" if not problems else f"{len(problems)} problems"))
     if problems:
         print("\n".join(problems))
-    present = [i for i in range(1, manifest["parts"] + 1) if (kit / f"part{i}" / MANIFEST).is_file()]
-    print(f"parts on this machine: {present}")
+    others = present_manifests(kit)
+    print(f"parts on this machine: {list(others)}")
+    foreign = [i for i, m in others.items() if m.get("pack") != manifest["pack"]]
+    if foreign:
+        earlier = [i for i in foreign if i < n]
+        print(f"{'another packing' if len(foreign) == 1 else 'other packings'} here: {packings(others)}"
+              + (f"; part{', part'.join(map(str, earlier))} must be carried again from this packing (start again "
+                 "from part 1)" if earlier else "; the later calls replace them"))
+        if earlier:
+            return 1
     return 1 if problems else 0
 
 
 def assemble(kit: Path, root: Path) -> int:
     """Every part checked; wheels and data linked under root, the GGUF rebuilt and verified at root/gguf/NAME."""
-    manifest = read_manifest(kit)
-    if manifest is None:
+    manifests = present_manifests(kit)
+    if not manifests:
         print(f"no part of the kit in {kit}")
         return 1
-    missing = [n for n in range(1, manifest["parts"] + 1) if not (kit / f"part{n}" / MANIFEST).is_file()]
+    untrusted = [p for n, m in manifests.items() if (p := manifest_problem(m, n))]
+    if untrusted:
+        print(*untrusted, sep="\n")
+        return 1
+    # every part's manifest must be the same packing's: a part from another one would pass its own checks
+    if len({m["pack"] for m in manifests.values()}) > 1:
+        print(f"the parts here come from different packings: {packings(manifests)}. Carry every part of one "
+              "packing (the last `make gpu-compare-kit`), starting again from part 1")
+        return 1
+    manifest = next(iter(manifests.values()))
+    missing = [n for n in range(1, manifest["parts"] + 1) if n not in manifests]
     problems = [p for n in range(1, manifest["parts"] + 1) if n not in missing for p in part_problems(kit, manifest, n)]
     if missing or problems:
         print(f"parts missing here: {missing} (the machine was given back between calls, or a call carried the "

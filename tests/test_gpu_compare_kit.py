@@ -4,6 +4,7 @@ gets back exactly that - the recipes pointed at the kit's copy of every file out
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -66,7 +67,9 @@ def test_the_recipe_reads_nothing_outside_the_repo_once_pointed_at_the_kit(recip
     assert [m for m in missing_input_files(config) if "name_or_path" not in m] == []
 
 
-def test_pack_check_and_assemble_give_back_every_file(tmp_path, monkeypatch, capsys):
+def kit_inputs(tmp_path, monkeypatch):
+    """A recipe with two inputs in ../shared (a file, a folder), three wheels and a random GGUF: small enough to
+    pack in a fraction of a second into several parts (cap 0.15 MiB, chunks of 0.05 MiB)."""
     here = tmp_path / "repo"
     shared = tmp_path / "shared" / "data"
     (shared / "eval").mkdir(parents=True)
@@ -88,7 +91,11 @@ def test_pack_check_and_assemble_give_back_every_file(tmp_path, monkeypatch, cap
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(os.urandom(200_000))  # random: xz keeps it at its size, so it needs several chunks
     monkeypatch.chdir(here)  # `../shared` is found from here, as from a checkout beside ../shared
+    return shared, recipe, wheels, gguf
 
+
+def test_pack_check_and_assemble_give_back_every_file(tmp_path, monkeypatch, capsys):
+    shared, recipe, wheels, gguf = kit_inputs(tmp_path, monkeypatch)
     parts = kit.pack(tmp_path / "kit", wheels, gguf, [recipe], cap_mib=0.15, chunk_mib=0.05)
     assert len(parts) >= 3
     for part in parts:
@@ -113,3 +120,46 @@ def test_pack_check_and_assemble_give_back_every_file(tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert kit.assemble(tmp_path / "kit", root) == 1
     assert "parts missing here: [1]" in capsys.readouterr().out
+
+
+def test_a_part_from_another_packing_is_named_not_used(tmp_path, monkeypatch, capsys):
+    """A repack between calls leaves parts of two packings on the machine: each part is checked against its own
+    manifest, and assembling names the part that is not of the others' packing."""
+    _, recipe, wheels, gguf = kit_inputs(tmp_path, monkeypatch)
+    parts = kit.pack(tmp_path / "kit", wheels, gguf, [recipe], cap_mib=0.15, chunk_mib=0.05)
+    gguf.write_bytes(os.urandom(200_000))  # the same files but the model: another packing, the same part sizes
+    other = kit.pack(tmp_path / "other", wheels, gguf, [recipe], cap_mib=0.15, chunk_mib=0.05)
+    assert len(parts) == len(other) >= 3
+    ours = json.loads((parts[0] / kit.MANIFEST).read_text()).get("pack")
+    theirs = json.loads((other[1] / kit.MANIFEST).read_text()).get("pack")
+    shutil.rmtree(parts[1])
+    shutil.copytree(other[1], parts[1])  # call 2 carried part2 of the new packing, part1 is the old one's
+    capsys.readouterr()
+
+    # each part intact by its own manifest, yet the kit is not one: assembling says which part is foreign
+    assert kit.assemble(tmp_path / "kit", tmp_path / "root") == 1
+    out = capsys.readouterr().out
+    assert "the parts here come from different packings" in out
+    assert ours != theirs
+    rest = ", ".join(p.name for p in parts if p.name != "part2")
+    assert f"{rest}: pack {ours} ({len(parts)} parts)" in out and f"part2: pack {theirs}" in out
+    assert not (tmp_path / "root").exists()
+
+    # part2 on its own is intact (its own manifest), but part1 before it is from another packing
+    assert kit.check(tmp_path / "kit", 2) == 1
+    out = capsys.readouterr().out
+    assert f"part2 of {len(parts)} (pack {theirs})" in out and "intact" in out
+    assert f"part2: pack {theirs}" in out and "part1 must be carried again" in out
+    # part1's call does not fail for a later part from another packing: the later calls replace it
+    assert kit.check(tmp_path / "kit", 1) == 0
+    assert "the later calls replace them" in capsys.readouterr().out
+
+    # a manifest moved to another part's folder, or edited, is not trusted either
+    shutil.copyfile(parts[0] / kit.MANIFEST, parts[1] / kit.MANIFEST)
+    assert kit.check(tmp_path / "kit", 2) == 1
+    assert "the manifest of part1, not of part2" in capsys.readouterr().out
+    edited = json.loads((parts[0] / kit.MANIFEST).read_text())
+    edited["parts"] += 1
+    (parts[0] / kit.MANIFEST).write_text(json.dumps(edited))
+    assert kit.check(tmp_path / "kit", 1) == 1
+    assert "does not match its content" in capsys.readouterr().out
