@@ -23,6 +23,11 @@
 #
 #     bash bench/gpu_compare.sh N [--set key=value ...]     extra --set arguments go to every comparison run
 #     GPU_COMPARE_RECIPES="configs/recipes/compare_smollm2_small.yaml"   to run only that one
+#     GPU_COMPARE_HOME=DIR   the fresh POMONA_HOME of the runs (default /tmp/pomona-compare-home)
+#
+# Call 3 empties GPU_COMPARE_HOME, exported as POMONA_HOME, so that the wall time is a first run's: an inherited
+# POMONA_HOME (your store, MLflow db, models, this kit) is never used nor touched. It only empties a folder it made
+# itself (marked by a .gpu-compare-scratch file) or its own defaults under /tmp, and refuses any other.
 #
 # $OUT gets summary.md (wall times in all / per method / per stage, the comparison tables, log tails), the logs
 # and comparison.csv files (8 files at most come back). Elsewhere $OUT is /tmp/pomona-gpu-compare-out.
@@ -49,11 +54,26 @@ fi
 # ---------------------------------------------------------------------------------------------- the last call
 ROOT=/tmp/pomona-compare-kit SITE=/tmp/pomona-compare-site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DS_BUILD_OPS=0 MPLBACKEND=Agg
-# a fresh store each time: the wall time wanted is a first run's, not a rerun's of cached stages
-export POMONA_HOME=${POMONA_HOME:-/tmp/pomona-compare-home}
-rm -rf "$POMONA_HOME" "$SITE"
 : > "$SUMMARY"
 note() { echo -e "$*" | tee -a "$SUMMARY"; }
+
+# Empty DIR for this run and mark it as the script's: a folder is removed only when it is one of the script's
+# own defaults under /tmp or carries the mark, so a mistyped GPU_COMPARE_HOME (., $HOME, a real store) is refused.
+MARK=.gpu-compare-scratch
+scratch() {
+    local dir=$1 default=$2
+    case "$dir" in /*) ;; *) note "$dir: not an absolute path; refusing to empty it"; return 1 ;; esac
+    if [ -e "$dir" ] && [ "$dir" != "$default" ] && [ ! -e "$dir/$MARK" ]; then
+        note "$dir exists and was not made by bench/gpu_compare.sh (no $MARK in it): not emptying it; pick another" \
+             "GPU_COMPARE_HOME or remove it yourself"
+        return 1
+    fi
+    rm -rf -- "$dir" && mkdir -p -- "$dir" && touch "$dir/$MARK"
+}
+# A fresh store each time: the wall time wanted is a first run's, not a rerun's of cached stages. Its own variable,
+# never an inherited POMONA_HOME: that is the user's store (README: export POMONA_HOME=$PWD/pomona-runs).
+export POMONA_HOME=${GPU_COMPARE_HOME:-/tmp/pomona-compare-home}
+scratch "$POMONA_HOME" /tmp/pomona-compare-home && scratch "$SITE" /tmp/pomona-compare-site || exit 1
 
 note "# SmolLM2 comparison on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo 'no GPU') ($(date -u +%FT%TZ))\n"
 { $PY bench/gpu_compare_kit.py assemble "$KIT" "$ROOT" \
