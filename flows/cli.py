@@ -154,9 +154,10 @@ def exit_on_signals():
         if shutdown_started and time.monotonic() - shutdown_started[-1] < REPEAT_SIGNAL_IGNORED_S:
             return
         shutdown_started.append(time.monotonic())
-        # SIG_IGN once exiting: finalizing, Python puts the default action back in place of a Python handler, and a
-        # signal then killed the process (status -15, not 143)
-        atexit.register(ignore_signals)
+        if len(shutdown_started) == 1:
+            # SIG_IGN once exiting: finalizing, Python puts the default action back in place of a Python handler,
+            # and a signal then killed the process (status -15, not 143)
+            atexit.register(ignore_signals)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt  # as Python's own handler: typer makes it exit status 130
         sys.exit(128 + signum)
