@@ -205,14 +205,10 @@ def pack_id(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_manifest(kit: Path, n: int | None = None) -> dict | None:
-    """Part n's manifest (each holds the whole kit's), or with n None the first part's; None when not there."""
-    if n is not None:
-        path = kit / f"part{n}" / MANIFEST
-        return json.loads(path.read_text()) if path.is_file() else None
-    for m in sorted(kit.glob(f"part*/{MANIFEST}")):
-        return json.loads(m.read_text())
-    return None
+def read_manifest(kit: Path, n: int) -> dict | None:
+    """Part n's manifest (each holds the whole kit's); None when part n is not there."""
+    path = kit / f"part{n}" / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def present_manifests(kit: Path) -> dict[int, dict]:
@@ -347,8 +343,8 @@ def assemble(kit: Path, root: Path) -> int:
 
 def overrides(kit: Path, recipe: str, root: Path) -> int:
     """One `--set field=path` argument a line: the recipe's outside inputs at their place under root."""
-    manifest = read_manifest(kit)
-    table = (manifest or {}).get("overrides", {}).get(Path(recipe).name)
+    manifest = next(iter(present_manifests(kit).values()), {})
+    table = manifest.get("overrides", {}).get(Path(recipe).name)
     if table is None:
         print(f"the kit was not packed for {recipe}", file=sys.stderr)
         return 1

@@ -36,9 +36,7 @@ def resolve_dtype(cfg: ModelConfig, device: str):
 def auto_resolution(cfg: ModelConfig) -> str:
     """What the config's 'auto' device and dtype mean in this process, e.g. 'cuda/bfloat16' (for stage keys). A
     pinned device is taken as given, not checked: a flow process without CUDA computes keys for GPU workers."""
-    import torch
-
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg) if cfg.device == "auto" else cfg.device
     return f"{device}/{str(resolve_dtype(cfg, device)).removeprefix('torch.')}"
 
 

@@ -144,30 +144,37 @@ def process_alive(pid: int) -> bool:
 PREFECT_SERVER_APP = "prefect.server.api.server:create_app"
 
 
-def pomona_prefect_servers(proc: Path = Path("/proc")) -> dict[int, int]:
-    """{server pid: owner pid} of the temporary Prefect servers pomona processes of this machine started: the
-    command line serves Prefect's app and the environment carries `POMONA_OWNER_PID` (set by
-    `prepare_environment`, inherited by the server). Without /proc (not Linux) there is nothing to read: {}."""
-    from configs.settings import OWNER_PID_ENV
-
-    found: dict[int, int] = {}
+def processes_with_env(name: str, cmdline_has: str | None = None, proc: Path = Path("/proc")) -> dict[int, str]:
+    """{pid: value of `name`} of this machine's processes, this one aside, whose environment sets `name` and whose
+    command line contains `cmdline_has` (when given: read first, it is cheaper than the environment). Processes gone
+    meanwhile and other users' are skipped. Without /proc (not Linux) there is nothing to read: {}."""
+    found: dict[int, str] = {}
     if not proc.is_dir():
         return found
-    marker = f"{OWNER_PID_ENV}=".encode()
+    marker = f"{name}=".encode()
     for entry in proc.iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
-            if PREFECT_SERVER_APP.encode() not in cmdline:
+            if cmdline_has is not None and cmdline_has.encode() not in (entry / "cmdline").read_bytes():
                 continue
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:  # gone meanwhile, or another user's process
             continue
-        owner = next((v[len(marker):].decode() for v in environ if v.startswith(marker)), "")
-        if owner.isdigit():
-            found[int(entry.name)] = int(owner)
+        value = next((v[len(marker):] for v in environ if v.startswith(marker)), None)
+        if value is not None:
+            found[int(entry.name)] = value.decode(errors="replace")
     return found
+
+
+def pomona_prefect_servers(proc: Path = Path("/proc")) -> dict[int, int]:
+    """{server pid: owner pid} of the temporary Prefect servers pomona processes of this machine started: the
+    command line serves Prefect's app and the environment carries `POMONA_OWNER_PID` (set by
+    `prepare_environment`, inherited by the server)."""
+    from configs.settings import OWNER_PID_ENV
+
+    return {pid: int(owner) for pid, owner in processes_with_env(OWNER_PID_ENV, PREFECT_SERVER_APP, proc).items()
+            if owner.isdigit()}
 
 
 def reap_orphan_prefect_servers(proc: Path = Path("/proc")) -> list[int]:

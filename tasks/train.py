@@ -628,10 +628,11 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0, launch_id:
     def tagged() -> None:  # a full read of every process's environment: at the start and before the SIGKILL only
         if launch_id is None:
             return
-        for process in psutil.process_iter():
-            with suppress(*gone):
-                if process.environ().get(LAUNCH_ID_ENV) == launch_id:
-                    track(process.pid)
+        from tasks.track import processes_with_env
+
+        for pid, value in processes_with_env(LAUNCH_ID_ENV).items():
+            if value == launch_id:
+                track(pid)
 
     def running() -> list[psutil.Process]:
         # one read of the process table per look, then the tracked processes' descendants from it: ranks spawned
