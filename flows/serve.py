@@ -19,6 +19,7 @@ from typing import Any
 
 import flows as flows_package
 from configs.errors import ConfigError
+from configs.form_schema import checked_form_schema
 
 DEPLOYMENT_NAME = "pomona"
 """Every flow's deployment has this name: `prefect deployment run pomona-pipeline/pomona`."""
@@ -159,6 +160,10 @@ def build_deployments(recipe: Path | None = None, work_pool: str | None = None,
         ))
     if not deployments:
         raise ConfigError("no Prefect flows found in the flows package")
+    for deployment in deployments:
+        # A private attribute in Prefect 3.8.8: `to_deployment` takes no schema of ours.
+        deployment._parameter_openapi_schema = type(deployment._parameter_openapi_schema)(
+            **checked_form_schema(deployment._parameter_openapi_schema.model_dump_for_openapi()))
     return deployments
 
 

@@ -1,5 +1,5 @@
 """Headless Chromium looks at what a user sees: the Prefect UI page of a finished run, the MLflow UI page of its
-experiment (the rerun scenario of test_operations). Screenshots are kept as test artifacts in
+experiment (the rerun scenario of test_operations), the run form of the served pipeline. Screenshots are kept as test artifacts in
 `pomona-runs/screenshots/` (and the test's tmp dir).
 
 Needs Debian's chromium (`apt-get install -y chromium`); skipped without /usr/bin/chromium.
@@ -7,6 +7,7 @@ Needs Debian's chromium (`apt-get install -y chromium`); skipped without /usr/bi
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.live_servers import EXPERIMENT, rerun_scenario
+from tests.live_servers import DEPLOYMENT, EXPERIMENT, rerun_scenario
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO / "pomona-runs" / "screenshots"
@@ -72,5 +73,24 @@ def test_mlflow_ui_shows_the_experiment(scenario, tmp_path):
                    tmp_path / "profile", png)
     # The experiment, its pipeline runs (named after the recipe) and the subset logged as their dataset input.
     assert EXPERIMENT in dom and ">demo<" in dom and "random-subset" in dom
+    assert_not_blank(png)
+    keep(png)
+
+
+def test_prefect_run_form_shows_the_selection_as_buttons_and_fields(scenario, tmp_path):
+    """The form is rendered from the rewritten schema (`configs.form_schema`): one button per method and fields
+    with their labels, not a JSON editor (the inputs' values are not in the DOM Chromium dumps)."""
+    with scenario.stack.client() as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+    png = tmp_path / "prefect-run-form.png"
+    dom = chromium(f"{scenario.stack.prefect_ui}/deployments/deployment/{deployment.id}/run", tmp_path / "profile",
+                   png)
+    text = re.sub(r"<[^>]+>", "\n", re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    methods = ["random", "longest", "full", "cherry", "superfilter", "grape", "deita"]
+    start = lines.index("random")
+    assert lines[start:start + len(methods)] == methods  # the selection's buttons, in the union's order
+    for label in ("Budget (Optional)", "Seed (Optional)", "Data (Optional)", "Path", "Model", "Name Or Path"):
+        assert label in lines, label  # a section's label is its field's, and required fields are not "(Optional)"
     assert_not_blank(png)
     keep(png)

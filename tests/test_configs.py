@@ -323,3 +323,110 @@ def test_form_descriptions_show_their_placeholders():
             if re.search(r"<[A-Za-z_/][^>]*>", re.sub(r"`[^`]*`", "", text)):  # outside code spans
                 hidden.add(text)
     assert not hidden, hidden
+
+
+def _deployment_schemas():
+    """Each flow's Prefect parameter schema as registered (rewritten) and as Prefect writes it, with its defaults."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.serve import build_deployments, discover_flows
+
+    raw = {flow_obj.name: parameter_schema(flow_obj).model_dump_for_openapi() for _, flow_obj in discover_flows()}
+    return {d.flow_name: (d._parameter_openapi_schema.model_dump_for_openapi(), raw[d.flow_name], d.parameters)
+            for d in build_deployments()}
+
+
+def _refusal(params: dict, schema: dict) -> str | None:
+    """What the Prefect server answers when a run is created with `params` (None: accepted)."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    try:
+        validate(params, schema, raise_on_error=True)
+    except ValidationError as exc:
+        return str(exc)
+    return None
+
+
+def _with(params: dict, path: str, value) -> dict:
+    import copy
+
+    out = copy.deepcopy(params)
+    node = out
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return out
+
+
+def test_a_value_refused_in_the_run_form_is_named_by_its_field():
+    """Prefect's server checks a new run against the deployment's schema; inside a union (the selection method, an
+    optional section) it said only "{...the whole section...} is not valid under any of the given schemas"."""
+    schemas = _deployment_schemas()
+    pipeline, pipeline_raw, defaults = schemas["pomona-pipeline"]
+    compare, _, compare_defaults = schemas["pomona-compare"]
+    for flow_name, (schema, raw, params) in schemas.items():
+        assert _refusal(params, schema) is None and _refusal(params, raw) is None, flow_name  # the recipe defaults
+    cases = [
+        (pipeline, defaults, "config.selection.budget", -5, "-5 is less than the minimum of 1"),
+        (pipeline, defaults, "config.train.sft.lora.r", 0, "0 is less than the minimum of 1"),
+        (pipeline, defaults, "config.data.limit", 0, "0 is less than the minimum of 1"),
+        (compare, compare_defaults, "config.methods.0.budget", -3, "-3 is less than the minimum of 1"),
+    ]
+    for schema, params, path, value, reason in cases:
+        field = path.replace(".0.", "[0].")
+        assert _refusal(_with(params, path, value), schema) == (
+            f"Validation failed for field {field!r}. Failure reason: {reason}"), path
+    # Prefect's own schema named only the union
+    assert "'config.selection'" in _refusal(_with(defaults, "config.selection.budget", -5), pipeline_raw)
+
+
+def test_the_rewritten_run_form_accepts_and_refuses_what_prefects_schema_did():
+    schema, raw, defaults = _deployment_schemas()["pomona-pipeline"]
+    cherry = {"method": "cherry", "budget": 3, "scoring": {"scorer": {"name_or_path": "tiny:0"}}}
+    variants = [
+        ("config.selection", {"method": "longest", "budget": 3}, True),
+        ("config.selection", {"method": "longest", "share": 0.5}, True),
+        ("config.selection", cherry, True),
+        ("config.selection", {**cherry, "budget": 0}, False),
+        ("config.selection", {**cherry, "model": {}}, False),  # not a field of Cherry's
+        ("config.selection", {"method": "longest", "budget": 3, "seed": 1}, False),  # random's field, not longest's
+        ("config.selection", {"method": "nope", "budget": 3}, False),
+        ("config.selection.budget", "many", False),
+        ("config.train", None, True),
+        ("config.train.sft.lora", None, True),
+        ("config.train.sft.lora.dropout", 1.0, False),
+        ("config.train.sft.learning_rate", 0, False),
+        ("config.data", None, True),
+        ("config.data.bogus", 1, False),
+    ]
+    for path, value, valid in variants:
+        params = _with(defaults, path, value)
+        assert (_refusal(params, raw) is None) is valid, (path, value, _refusal(params, raw))
+        assert (_refusal(params, schema) is None) is valid, (path, value, _refusal(params, schema))
+
+
+def test_the_run_form_renders_from_copies_without_checks():
+    """The form's union members keep what it renders - their order, titles (the buttons), fields, defaults,
+    required fields - and carry no check of their own: those are in the `if`/`then` the form does not read."""
+    import json
+
+    schema, raw, _ = _deployment_schemas()["pomona-pipeline"]
+    selection = schema["definitions"]["PipelineConfig"]["properties"]["selection"]
+    members = [ref["$ref"].rsplit("/", 1)[-1] for ref in raw["definitions"]["PipelineConfig"]["properties"]["selection"]["anyOf"]]
+    assert [m["title"] for m in selection["anyOf"]] == [raw["definitions"][m]["title"] for m in members]
+    for member, name in zip(selection["anyOf"], members):
+        assert list(member["properties"]) == list(raw["definitions"][name]["properties"]), name
+        assert member.get("required") == raw["definitions"][name].get("required"), name
+        text = json.dumps(member)
+        assert '"$ref"' not in text and '"minimum"' not in text and '"if"' not in text, name
+    cherry = selection["anyOf"][members.index("CherrySelection")]
+    # a field that is a section keeps its own label ("Scoring"), not its class name ("ScoringConfig")
+    assert "title" not in cherry["properties"]["scoring"] and "description" in cherry["properties"]["scoring"]
+    # one `if` per method, each checked against its own definition; anything else is an unknown method
+    checked, node = {}, selection
+    while "if" in node:
+        checked[node["if"]["properties"]["method"]["const"]] = node["then"]["$ref"].rsplit("/", 1)[-1]
+        node = node["else"]
+    assert checked == {raw["definitions"][m]["title"]: m for m in members}
+    assert node["properties"]["method"]["enum"] == sorted(checked)

@@ -111,6 +111,22 @@ def test_served_deployment_renders_a_typed_form_with_defaults(api):
     assert deployment.parameters["config"]["name"] == "demo"  # the demo recipe pre-fills the form
 
 
+def test_served_deployment_refuses_a_bad_value_naming_its_field(api):
+    """What the UI shows when Submit is pressed with a budget of -5 (its toast is the server's `detail`)."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with api.client() as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        config = {**deployment.parameters["config"]}
+        config["selection"] = {**config["selection"], "budget": -5}
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            client.create_flow_run_from_deployment(deployment.id, parameters={"config": config})
+    assert refused.value.response.status_code == 409
+    assert refused.value.response.json()["detail"] == (
+        "Error creating flow run: Validation failed for field 'config.selection.budget'. "
+        "Failure reason: -5 is less than the minimum of 1")
+
+
 def test_deploy_registers_every_flow_on_a_work_pool(api):
     from flows.serve import deploy, discover_flows
 

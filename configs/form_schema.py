@@ -1,0 +1,131 @@
+"""The deployments' parameter schema, rewritten so that a value the Prefect server refuses is refused by its field.
+
+Prefect checks a new run's parameters against the deployment's JSON schema (jsonschema). A union - `selection` (one
+member per method), an optional section like `train: TrainingConfig | None` - is an `anyOf`, and when a value fails
+inside the member it was meant for, jsonschema can only say that no member matched: "Validation failed for field
+'config.selection'. Failure reason: {...the whole section...} is not valid under any of the given schemas", which
+names neither the field nor the rule. So every union with an object member is rewritten:
+
+- its members become *form copies*: the fields, types, titles, defaults, descriptions and constants the UI renders
+  (one button per member), with every value constraint left out and references inlined, so that they only fail on
+  a type, a missing required field, or the member's constant (where the message stays the vague one);
+- the member's full definition is applied with `if`/`then`: if the value is that member (its `method` constant in
+  a discriminated union, an object for an optional section), then it must match the definition, whose errors
+  name the field and the rule ("config.selection.budget: -5 is less than the minimum of 1").
+
+The UI renders `anyOf` and leaves `if`/`then` out of the schema it validates with while the form is filled in, so
+such a value is refused when the run is created, and the UI shows the server's message. What the schema accepts is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_VALUE_CONSTRAINTS = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern",
+    "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties", "if", "then", "else", "not",
+})
+"""Left out of the form copies. `required` stays: the form marks the other fields "(Optional)"."""
+_SCHEMA_LISTS = ("anyOf", "allOf", "prefixItems")  # (no `oneOf`: `configs.pipeline._FormChoice` writes unions as `anyOf`)
+_SCHEMA_MAPS = ("properties", "patternProperties")
+_SCHEMA_VALUES = ("items", "additionalProperties", "not", "if", "then", "else")
+_DEFINITIONS_PREFIX = "#/definitions/"
+
+
+def checked_form_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a Prefect parameter schema with every union of objects rewritten as the module says."""
+    out = copy.deepcopy(schema)
+    definitions = out.get("definitions", {})
+    rewrite = _UnionRewriter(definitions)
+    for definition in definitions.values():
+        rewrite.walk(definition)
+    for prop in out.get("properties", {}).values():
+        rewrite.walk(prop)
+    return out
+
+
+class _UnionRewriter:
+    def __init__(self, definitions: dict[str, Any]):
+        # The form copies are made from the definitions as they were: later rewrites add only `if`/`then`, which
+        # a form copy leaves out anyway.
+        self.originals = copy.deepcopy(definitions)
+
+    def walk(self, node: Any) -> None:
+        """Rewrite the unions in `node`, deepest first (a member's own unions before the union holding it)."""
+        if not isinstance(node, dict) or "if" in node:
+            return  # ("if": rewritten already; its members are form copies, which must stay without checks)
+        for key in _SCHEMA_LISTS:
+            for child in node.get(key, ()):
+                self.walk(child)
+        for key in _SCHEMA_MAPS:
+            for child in node.get(key, {}).values():
+                self.walk(child)
+        for key in _SCHEMA_VALUES:
+            self.walk(node.get(key))
+        self._rewrite_union(node)
+
+    def _rewrite_union(self, node: dict[str, Any]) -> None:
+        members = node.get("anyOf")
+        if not members:
+            return
+        discriminator = node.get("discriminator") or {}
+        if discriminator.get("mapping"):
+            check = _discriminated_check(discriminator["propertyName"], discriminator["mapping"])
+        else:
+            objects = [m for m in members if self._is_object(m)]
+            if len(objects) != 1:
+                return  # no member to single out: the union stays as it is
+            check = {"if": {"type": "object"}, "then": objects[0]}
+        node["anyOf"] = [self.form_copy(m, ()) for m in members]
+        node.update(check)
+
+    def _is_object(self, member: dict[str, Any]) -> bool:
+        target = self._resolve(member["$ref"]) if "$ref" in member else member
+        return target.get("type") == "object" or "properties" in target
+
+    def _resolve(self, ref: str) -> dict[str, Any]:
+        if not ref.startswith(_DEFINITIONS_PREFIX):
+            raise ValueError(f"parameter schema reference {ref!r} is not under {_DEFINITIONS_PREFIX}")
+        return self.originals[ref.removeprefix(_DEFINITIONS_PREFIX)]
+
+    def form_copy(self, node: Any, inlined: tuple[str, ...], is_field: bool = False) -> Any:
+        """`node` without value constraints, its references inlined (what the form renders, nothing it checks).
+
+        A field (`is_field`) that refers to a definition keeps its own label: the form titles a field by its
+        `title`, else by its name, and a definition's title is its class name (`ModelConfig` for `model`).
+        """
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            name = node["$ref"].removeprefix(_DEFINITIONS_PREFIX)
+            if name in inlined:
+                raise ValueError(f"parameter schema definition {name!r} refers to itself: "
+                                 f"{' -> '.join((*inlined, name))}")
+            target = self.form_copy(self._resolve(node["$ref"]), (*inlined, name))
+            if is_field:
+                target.pop("title", None)
+            return {**target, **self.form_copy({k: v for k, v in node.items() if k != "$ref"}, inlined)}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in _VALUE_CONSTRAINTS or (key == "additionalProperties" and value is False):
+                continue
+            if key in _SCHEMA_LISTS:
+                out[key] = [self.form_copy(v, inlined) for v in value]
+            elif key in _SCHEMA_MAPS:
+                out[key] = {name: self.form_copy(v, inlined, is_field=True) for name, v in value.items()}
+            elif key in _SCHEMA_VALUES:
+                out[key] = self.form_copy(value, inlined)
+            else:
+                out[key] = value  # defaults, consts, enums, titles: data, not schemas
+        return out
+
+
+def _discriminated_check(prop: str, mapping: dict[str, str]) -> dict[str, Any]:
+    """if prop == first: then its definition, else if prop == second: ..., else prop must be one of them."""
+    check: dict[str, Any] = {"required": [prop], "properties": {prop: {"enum": list(mapping)}}}
+    for value, ref in reversed(list(mapping.items())):
+        check = {"if": {"required": [prop], "properties": {prop: {"const": value}}}, "then": {"$ref": ref},
+                 "else": check}
+    return check
