@@ -430,3 +430,61 @@ def test_the_run_form_renders_from_copies_without_checks():
         node = node["else"]
     assert checked == {raw["definitions"][m]["title"]: m for m in members}
     assert node["properties"]["method"]["enum"] == sorted(checked)
+
+
+def test_checked_form_schema_on_a_small_schema():
+    """The rewrite on a schema written out by hand: an optional section, a discriminated union, a union of two
+    objects it cannot single out (left as it is), a rewrite applied twice, and a definition that refers to itself."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    from configs.form_schema import checked_form_schema
+
+    defs = {
+        "Inner": {"type": "object", "title": "Inner", "required": ["n"],
+                  "properties": {"n": {"type": "integer", "minimum": 1, "title": "N"}}, "additionalProperties": False},
+        "A": {"type": "object", "title": "a", "properties": {"kind": {"const": "a", "default": "a"},
+                                                               "inner": {"$ref": "#/definitions/Inner"}}},
+        "B": {"type": "object", "title": "b", "properties": {"kind": {"const": "b", "default": "b"},
+                                                               "size": {"type": "integer", "maximum": 3}}},
+    }
+    schema = {"type": "object", "definitions": defs, "properties": {
+        "section": {"anyOf": [{"$ref": "#/definitions/Inner"}, {"type": "null"}], "default": None},
+        "choice": {"anyOf": [{"$ref": "#/definitions/A"}, {"$ref": "#/definitions/B"}],
+                   "discriminator": {"propertyName": "kind",
+                                     "mapping": {"a": "#/definitions/A", "b": "#/definitions/B"}}},
+        "either": {"anyOf": [{"$ref": "#/definitions/A"}, {"$ref": "#/definitions/B"}]},
+    }}
+    checked = checked_form_schema(schema)
+    assert checked_form_schema(checked) == checked
+    assert checked["properties"]["either"] == schema["properties"]["either"]
+    section = checked["properties"]["section"]
+    assert section["anyOf"][0] == {"type": "object", "title": "Inner", "required": ["n"],
+                                   "properties": {"n": {"type": "integer", "title": "N"}}}
+    assert section["if"] == {"type": "object"} and section["then"] == {"$ref": "#/definitions/Inner"}
+    # the member's own field refers to a definition: inlined without its class title
+    assert checked["properties"]["choice"]["anyOf"][0]["properties"]["inner"]["properties"]["n"] == {
+        "type": "integer", "title": "N"}
+
+    def refusal(value) -> str | None:
+        try:
+            validate(value, checked, raise_on_error=True)
+        except ValidationError as exc:
+            return str(exc)
+        return None
+
+    assert refusal({"section": None, "choice": {"kind": "b", "size": 2}}) is None
+    assert refusal({"section": {"n": 0}}) == ("Validation failed for field 'section.n'. Failure reason: 0 is less "
+                                              "than the minimum of 1")
+    assert refusal({"choice": {"kind": "a", "inner": {"n": 0}}}).startswith(
+        "Validation failed for field 'choice.inner.n'.")
+    assert refusal({"choice": {"kind": "b", "size": 4}}) == (
+        "Validation failed for field 'choice.size'. Failure reason: 4 is greater than the maximum of 3")
+    assert refusal({"section": {"n": 1, "m": 2}}) == (
+        "Validation failed for field 'section'. Failure reason: Additional properties are not allowed ('m' was "
+        "unexpected)")
+
+    looped = {"type": "object", "definitions": {"Node": {"type": "object", "properties": {
+        "next": {"anyOf": [{"$ref": "#/definitions/Node"}, {"type": "null"}]}}}},
+        "properties": {"head": {"anyOf": [{"$ref": "#/definitions/Node"}, {"type": "null"}]}}}
+    with pytest.raises(ValueError, match="'Node' refers to itself: Node -> Node"):
+        checked_form_schema(looped)
