@@ -15,7 +15,8 @@ names neither the field nor the rule. So every union with an object member is re
 
 The UI renders `anyOf` and leaves `if`/`then` out of the schema it validates with while the form is filled in, so
 such a value is refused when the run is created, and the UI shows the server's message. What the schema accepts is
-unchanged.
+unchanged, but for a selection without its `method`: Prefect's schema let it through to the flow, whose config
+refused it as the run started; now the run is not created ("'method' is a required property").
 """
 
 from __future__ import annotations

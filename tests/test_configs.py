@@ -404,6 +404,13 @@ def test_the_rewritten_run_form_accepts_and_refuses_what_prefects_schema_did():
         params = _with(defaults, path, value)
         assert (_refusal(params, raw) is None) is valid, (path, value, _refusal(params, raw))
         assert (_refusal(params, schema) is None) is valid, (path, value, _refusal(params, schema))
+    # The one difference: a selection without its method reached the flow, whose config refused it at the start.
+    nameless = _with(defaults, "config.selection", {"budget": 3})
+    assert _refusal(nameless, raw) is None
+    assert _refusal(nameless, schema) == ("Validation failed for field 'config.selection'. Failure reason: 'method' "
+                                          "is a required property")
+    with pytest.raises(Exception, match="Unable to extract tag using discriminator 'method'"):
+        PipelineConfig.model_validate(nameless["config"])
 
 
 def test_the_run_form_renders_from_copies_without_checks():
