@@ -7,14 +7,18 @@ inside the member it was meant for, jsonschema can only say that no member match
 names neither the field nor the rule. So every union with an object member is rewritten:
 
 - its members become *form copies*: the fields, types, titles, defaults, descriptions and constants the UI renders
-  (one button per member), with every value constraint left out and references inlined, so that they only fail on
-  a type, a missing required field, or the member's constant (where the message stays the vague one);
+  (one button per member), with the constraints on values left out and references inlined, so that they only fail
+  on a type, a missing required field, a list's length or the member's constant (where the message stays vague);
 - the member's full definition is applied with `if`/`then`: if the value is that member (its `method` constant in
   a discriminated union, an object for an optional section), then it must match the definition, whose errors
   name the field and the rule ("config.selection.budget: -5 is less than the minimum of 1").
 
+Every field of a definition also gets a title where pydantic writes none (a field that is a section or a union):
+Prefect's V2 UI labelled those "Field" or by the section's class name, V1 by the bare field name.
+
 The UI renders `anyOf` and leaves `if`/`then` out of the schema it validates with while the form is filled in, so
-such a value is refused when the run is created, and the UI shows the server's message. What the schema accepts is
+such a value is refused when the run is created, and the UI shows the server's message (Prefect's V2 UI, at `/v2`,
+had the browser check a number's bounds as it was typed; it now shows the server's message as V1 does). What the schema accepts is
 unchanged, but for a selection without its `method`: Prefect's schema let it through to the flow, whose config
 refused it as the run started; now the run is not created ("'method' is a required property").
 """
@@ -26,9 +30,10 @@ from typing import Any
 
 _VALUE_CONSTRAINTS = frozenset({
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern",
-    "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties", "if", "then", "else", "not",
+    "uniqueItems", "minProperties", "maxProperties", "if", "then", "else", "not",
 })
-"""Left out of the form copies. `required` stays: the form marks the other fields "(Optional)"."""
+"""Left out of the form copies. Kept: `required` (the form marks the other fields "(Optional)") and `minItems` /
+`maxItems` (the form offers no more items than allowed, so only JSON given outside it can break them)."""
 _SCHEMA_LISTS = ("anyOf", "allOf", "prefixItems")  # (no `oneOf`: `configs.pipeline._FormChoice` writes unions as `anyOf`)
 _SCHEMA_MAPS = ("properties", "patternProperties")
 _SCHEMA_VALUES = ("items", "additionalProperties", "not", "if", "then", "else")
@@ -39,6 +44,9 @@ def checked_form_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A copy of a Prefect parameter schema with every union of objects rewritten as the module says."""
     out = copy.deepcopy(schema)
     definitions = out.get("definitions", {})
+    for definition in definitions.values():
+        for name, field in definition.get("properties", {}).items():
+            field.setdefault("title", name.replace("_", " ").title())  # pydantic's own rule for the others
     rewrite = _UnionRewriter(definitions)
     for definition in definitions.values():
         rewrite.walk(definition)
@@ -91,11 +99,10 @@ class _UnionRewriter:
             raise ValueError(f"parameter schema reference {ref!r} is not under {_DEFINITIONS_PREFIX}")
         return self.originals[ref.removeprefix(_DEFINITIONS_PREFIX)]
 
-    def form_copy(self, node: Any, inlined: tuple[str, ...], is_field: bool = False) -> Any:
+    def form_copy(self, node: Any, inlined: tuple[str, ...]) -> Any:
         """`node` without value constraints, its references inlined (what the form renders, nothing it checks).
 
-        A field (`is_field`) that refers to a definition keeps its own label: the form titles a field by its
-        `title`, else by its name, and a definition's title is its class name (`ModelConfig` for `model`).
+        A field that refers to a definition keeps its own title (`Model`, not the class name `ModelConfig`).
         """
         if not isinstance(node, dict):
             return node
@@ -105,8 +112,6 @@ class _UnionRewriter:
                 raise ValueError(f"parameter schema definition {name!r} refers to itself: "
                                  f"{' -> '.join((*inlined, name))}")
             target = self.form_copy(self._resolve(node["$ref"]), (*inlined, name))
-            if is_field:
-                target.pop("title", None)
             return {**target, **self.form_copy({k: v for k, v in node.items() if k != "$ref"}, inlined)}
         out: dict[str, Any] = {}
         for key, value in node.items():
@@ -115,7 +120,7 @@ class _UnionRewriter:
             if key in _SCHEMA_LISTS:
                 out[key] = [self.form_copy(v, inlined) for v in value]
             elif key in _SCHEMA_MAPS:
-                out[key] = {name: self.form_copy(v, inlined, is_field=True) for name, v in value.items()}
+                out[key] = {name: self.form_copy(v, inlined) for name, v in value.items()}
             elif key in _SCHEMA_VALUES:
                 out[key] = self.form_copy(value, inlined)
             else:

@@ -429,7 +429,14 @@ def test_the_run_form_renders_from_copies_without_checks():
         assert '"$ref"' not in text and '"minimum"' not in text and '"if"' not in text, name
     cherry = selection["anyOf"][members.index("CherrySelection")]
     # a field that is a section keeps its own label ("Scoring"), not its class name ("ScoringConfig")
-    assert "title" not in cherry["properties"]["scoring"] and "description" in cherry["properties"]["scoring"]
+    assert cherry["properties"]["scoring"]["title"] == "Scoring" and "description" in cherry["properties"]["scoring"]
+    # item counts stay: the form offers no third item for the percentile band (Prefect's V2 UI read it)
+    band = cherry["properties"]["pre_experience"]["anyOf"][0]["properties"]["band"]
+    assert (band["minItems"], band["maxItems"]) == (2, 2)
+    # pydantic writes no title on a field that is a section or a union: each gets the one pydantic gives the others
+    pipeline = schema["definitions"]["PipelineConfig"]["properties"]
+    assert "title" not in raw["definitions"]["PipelineConfig"]["properties"]["train"]
+    assert (pipeline["train"]["title"], pipeline["output_format"]["title"]) == ("Train", "Output Format")
     # one `if` per method, each checked against its own definition; anything else is an unknown method
     checked, node = {}, selection
     while "if" in node:
