@@ -77,12 +77,13 @@ class CompareConfig(StrictModel):
 
     def form_defaults(self) -> dict[str, Any]:
         """This config as the Prefect form's default: the methods without the shared budget/share copied into them,
-        so a budget edited in the form applies to every method (with the copies it would clash with them)."""
+        so a budget edited in the form applies to every method (with the copies it would clash with them). They stay
+        as empty fields (None: take the shared one), not removed: the form tells a method by its field names, and a
+        `longest` item holding `method` alone could not be told from a `full` one (`configs/form_schema.py`)."""
         dumped = self.model_dump(mode="json")
         for method, item in zip(self.methods, dumped["methods"]):
             if takes_budget(type(method)):
-                item.pop("budget", None)
-                item.pop("share", None)
+                item["budget"] = item["share"] = None
         return dumped
 
     def labels(self) -> list[str]:

@@ -13,8 +13,15 @@ names neither the field nor the rule. So every union with an object member is re
   a discriminated union, an object for an optional section), then it must match the definition, whose errors
   name the field and the rule ("config.selection.budget: -5 is less than the minimum of 1").
 
-Every field of a definition also gets a title where pydantic writes none (a field that is a section or a union):
-Prefect's V2 UI labelled those "Field" or by the section's class name, V1 by the bare field name.
+The members are also put in an order the UI can read a value back by. Both of Prefect's UIs show an existing value
+(a recipe's defaults) under the first member sharing the most field names with it, so a `longest` value - whose
+fields random's also has, with `seed` besides - showed as `random`, which added its `seed`, and Submit was refused.
+A member therefore comes before every member whose fields include all of its own (`full`, `longest`, `random`).
+
+Every field of a definition also gets a title where pydantic writes none (a field that is a section or a union:
+Prefect's V2 UI labelled those "Field" or by the section's class name, V1 by the bare field name) and its
+`position`, which the forms order fields by: a Prefect server on PostgreSQL keeps the schema as JSONB, which
+reorders an object's keys (shortest first), and the forms listed `data` before `name`, `path` after `limit`.
 
 The UI renders `anyOf` and leaves `if`/`then` out of the schema it validates with while the form is filled in, so
 such a value is refused when the run is created, and the UI shows the server's message (Prefect's V2 UI, at `/v2`,
@@ -45,8 +52,9 @@ def checked_form_schema(schema: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(schema)
     definitions = out.get("definitions", {})
     for definition in definitions.values():
-        for name, field in definition.get("properties", {}).items():
+        for position, (name, field) in enumerate(definition.get("properties", {}).items()):
             field.setdefault("title", name.replace("_", " ").title())  # pydantic's own rule for the others
+            field.setdefault("position", position)
     rewrite = _UnionRewriter(definitions)
     for definition in definitions.values():
         rewrite.walk(definition)
@@ -80,14 +88,16 @@ class _UnionRewriter:
         if not members:
             return
         discriminator = node.get("discriminator") or {}
+        copies = [self.form_copy(m, ()) for m in members]
         if discriminator.get("mapping"):
             check = _discriminated_check(discriminator["propertyName"], discriminator["mapping"])
+            copies = _fewer_fields_first(copies)  # (members of objects only; an optional section's stay in order)
         else:
             objects = [m for m in members if self._is_object(m)]
             if len(objects) != 1:
                 return  # no member to single out: the union stays as it is
             check = {"if": {"type": "object"}, "then": objects[0]}
-        node["anyOf"] = [self.form_copy(m, ()) for m in members]
+        node["anyOf"] = copies
         node.update(check)
 
     def _is_object(self, member: dict[str, Any]) -> bool:
@@ -126,6 +136,17 @@ class _UnionRewriter:
             else:
                 out[key] = value  # defaults, consts, enums, titles: data, not schemas
         return out
+
+
+def _fewer_fields_first(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`members` reordered so that none follows a member whose fields include all of its own (else kept in order)."""
+    fields = [set(m.get("properties", ())) for m in members]
+    ordered: list[int] = []
+    for i in range(len(members)):
+        # before the first placed member whose fields are a strict superset of this one's
+        at = next((k for k, j in enumerate(ordered) if fields[i] < fields[j]), len(ordered))
+        ordered.insert(at, i)
+    return [members[i] for i in ordered]
 
 
 def _discriminated_check(prop: str, mapping: dict[str, str]) -> dict[str, Any]:

@@ -78,8 +78,9 @@ def test_mlflow_ui_shows_the_experiment(scenario, tmp_path):
 
 
 def test_prefect_run_form_shows_the_selection_as_buttons_and_fields(scenario, tmp_path):
-    """The form is rendered from the rewritten schema (`configs.form_schema`): one button per method and fields
-    with their labels, not a JSON editor (the inputs' values are not in the DOM Chromium dumps)."""
+    """The form is rendered from the rewritten schema (`configs.form_schema`): one button per method, the recipe's
+    method shown, fields with their labels in their declared order (the inputs' values are not in the DOM Chromium
+    dumps). The shared stack's Prefect server runs on PostgreSQL where it answers, as in production."""
     with scenario.stack.client() as client:
         deployment = client.read_deployment_by_name(DEPLOYMENT)
     png = tmp_path / "prefect-run-form.png"
@@ -87,9 +88,15 @@ def test_prefect_run_form_shows_the_selection_as_buttons_and_fields(scenario, tm
                    png)
     text = re.sub(r"<[^>]+>", "\n", re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    methods = ["random", "longest", "full", "cherry", "superfilter", "grape", "deita"]
-    start = lines.index("random")
-    assert lines[start:start + len(methods)] == methods  # the selection's buttons, in the union's order
+    methods = ["full", "longest", "random", "cherry", "superfilter", "grape", "deita"]
+    start = lines.index("full")
+    assert lines[start:start + len(methods)] == methods  # the selection's buttons (configs/form_schema.py's order)
+    # the demo's method (random) is the one shown, its fields in their declared order: a Prefect server on
+    # PostgreSQL keeps the schema as JSONB, which sorts keys (shortest first), unless each field has a `position`
+    assert lines[start + len(methods):start + len(methods) + 2] == [
+        "Budget (Optional)", "Keep exactly this many samples (fewer if fewer remain)."]
+    assert lines.index("Name") < lines.index("Data (Optional)") < lines.index("Path") < lines.index(
+        "Format (Optional)") < lines.index("Selection")
     for label in ("Budget (Optional)", "Seed (Optional)", "Data (Optional)", "Path", "Model", "Name Or Path"):
         assert label in lines, label  # a section's label is its field's, and required fields are not "(Optional)"
     assert_not_blank(png)

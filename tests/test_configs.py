@@ -105,7 +105,7 @@ def test_compare_form_defaults_let_the_shared_budget_be_edited():
     from configs.compare import CompareConfig
 
     form = load_recipe(REPO / "configs/recipes/compare_tiny.yaml", CompareConfig).form_defaults()
-    assert all("budget" not in m for m in form["methods"] if m["method"] in ("random", "longest"))
+    assert all(m["budget"] is None and m["share"] is None for m in form["methods"] if m["method"] in ("random", "longest"))
     edited = CompareConfig.model_validate({**form, "budget": 12})
     assert {m.budget for m in edited.methods if isinstance(m, Budget)} == {12}
 
@@ -421,13 +421,17 @@ def test_the_run_form_renders_from_copies_without_checks():
     schema, raw, _ = _deployment_schemas()["pomona-pipeline"]
     selection = schema["definitions"]["PipelineConfig"]["properties"]["selection"]
     members = [ref["$ref"].rsplit("/", 1)[-1] for ref in raw["definitions"]["PipelineConfig"]["properties"]["selection"]["anyOf"]]
-    assert [m["title"] for m in selection["anyOf"]] == [raw["definitions"][m]["title"] for m in members]
-    for member, name in zip(selection["anyOf"], members):
+    titles = {raw["definitions"][m]["title"]: m for m in members}
+    # every member once, those whose fields another's include first (the form reads values back by field names)
+    assert [m["title"] for m in selection["anyOf"]] == ["full", "longest", "random", "cherry", "superfilter", "grape",
+                                                       "deita"]
+    assert sorted(titles) == sorted(m["title"] for m in selection["anyOf"])
+    for member, name in ((m, titles[m["title"]]) for m in selection["anyOf"]):
         assert list(member["properties"]) == list(raw["definitions"][name]["properties"]), name
         assert member.get("required") == raw["definitions"][name].get("required"), name
         text = json.dumps(member)
         assert '"$ref"' not in text and '"minimum"' not in text and '"if"' not in text, name
-    cherry = selection["anyOf"][members.index("CherrySelection")]
+    cherry = next(m for m in selection["anyOf"] if m["title"] == "cherry")
     # a field that is a section keeps its own label ("Scoring"), not its class name ("ScoringConfig")
     assert cherry["properties"]["scoring"]["title"] == "Scoring" and "description" in cherry["properties"]["scoring"]
     # item counts stay: the form offers no third item for the percentile band (Prefect's V2 UI read it)
@@ -473,11 +477,11 @@ def test_checked_form_schema_on_a_small_schema():
     assert checked["properties"]["either"] == schema["properties"]["either"]
     section = checked["properties"]["section"]
     assert section["anyOf"][0] == {"type": "object", "title": "Inner", "required": ["n"],
-                                   "properties": {"n": {"type": "integer", "title": "N"}}}
+                                   "properties": {"n": {"type": "integer", "title": "N", "position": 0}}}
     assert section["if"] == {"type": "object"} and section["then"] == {"$ref": "#/definitions/Inner"}
     # the member's own field refers to a definition: inlined without its class title
     assert checked["properties"]["choice"]["anyOf"][0]["properties"]["inner"]["properties"]["n"] == {
-        "type": "integer", "title": "N"}
+        "type": "integer", "title": "N", "position": 0}
 
     def refusal(value) -> str | None:
         try:
@@ -502,3 +506,39 @@ def test_checked_form_schema_on_a_small_schema():
         "properties": {"head": {"anyOf": [{"$ref": "#/definitions/Node"}, {"type": "null"}]}}}
     with pytest.raises(ValueError, match="'Node' refers to itself: Node -> Node"):
         checked_form_schema(looped)
+
+
+def _form_shows(members: list[dict], value: dict) -> str:
+    """The member under which Prefect's run forms (V1 and V2 alike, read from the UI bundles of Prefect 3.8.8) show an
+    existing value: the first one sharing the most field names with it."""
+    counts = [len(set(value) & set(m.get("properties", ()))) for m in members]
+    return members[counts.index(max(counts))]["title"]
+
+
+def test_the_run_form_shows_every_recipe_method_under_its_own_button():
+    """A `longest` or `full` selection showed as `random` (whose fields include theirs), which added its `seed`, and
+    Submit was refused: `pomona serve --recipe` with such a recipe could not start a run from the form."""
+    from prefect.utilities.callables import parameter_schema
+
+    from configs.form_schema import checked_form_schema
+    from flows.serve import discover_flows, flow_config_type
+
+    flows = {stem: f for stem, f in discover_flows()}
+    seen = set()
+    for stem, union in (("pipeline", lambda d: d["PipelineConfig"]["properties"]["selection"]),
+                        ("compare", lambda d: d["CompareConfig"]["properties"]["methods"]["items"])):
+        schema = checked_form_schema(parameter_schema(flows[stem]).model_dump_for_openapi())
+        members = union(schema["definitions"])["anyOf"]
+        for recipe in sorted((REPO / "configs/recipes").glob("*.yaml")):
+            try:
+                config = load_recipe(recipe, model=flow_config_type(flows[stem])).form_defaults()
+            except ConfigError:
+                continue  # a recipe of another flow
+            for value in config["methods"] if stem == "compare" else [config["selection"]]:
+                assert _form_shows(members, value) == value["method"], (stem, recipe.name, value)
+                seen.add(value["method"])
+        # and each method's own button, as a user clicks it, shows its defaults under itself
+        for member in members:
+            defaults = {name: field.get("default") for name, field in member["properties"].items()}
+            assert _form_shows(members, defaults) == member["title"], (stem, member["title"])
+    assert seen == {"random", "longest", "full", "cherry", "superfilter", "grape", "deita"}
