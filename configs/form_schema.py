@@ -48,7 +48,8 @@ _DEFINITIONS_PREFIX = "#/definitions/"
 
 
 def checked_form_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a Prefect parameter schema with every union of objects rewritten as the module says."""
+    """A copy of a Prefect parameter schema rewritten as the module says: fields titled and positioned, unions of
+    objects as form copies in a readable order plus their definitions' checks."""
     out = copy.deepcopy(schema)
     definitions = out.get("definitions", {})
     for definition in definitions.values():
