@@ -351,14 +351,14 @@ def _refusal(params: dict, schema: dict) -> str | None:
 
 
 def _with(params: dict, path: str, value) -> dict:
+    """A copy of `params` with `path` (`config.methods.0.budget`) set, the way `--set` sets a recipe's field."""
     import copy
+    from pathlib import Path
+
+    from configs.pipeline import _set_dotted
 
     out = copy.deepcopy(params)
-    node = out
-    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
-    for part in parents:
-        node = node[part]
-    node[last] = value
+    _set_dotted(out, path, value, Path("<test parameters>"))
     return out
 
 
